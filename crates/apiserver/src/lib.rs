@@ -1,0 +1,1 @@
+//! rkube-apiserver: see ../shared/DESIGN.md (filled by its issue).

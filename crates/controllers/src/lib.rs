@@ -1,0 +1,1 @@
+//! rkube-controllers: see ../shared/DESIGN.md (filled by its issue).

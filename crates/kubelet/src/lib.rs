@@ -1,0 +1,1 @@
+//! rkube-kubelet: see ../shared/DESIGN.md (filled by its issue).

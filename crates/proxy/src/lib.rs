@@ -1,0 +1,1 @@
+//! rkube-proxy: see ../shared/DESIGN.md (filled by its issue).

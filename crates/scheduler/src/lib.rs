@@ -1,0 +1,1 @@
+//! rkube-scheduler: see ../shared/DESIGN.md (filled by its issue).
