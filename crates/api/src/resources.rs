@@ -56,9 +56,8 @@ impl ResourceInfo {
     }
 }
 
-const RW: &[&str] = &[
-    "create", "delete", "deletecollection", "get", "list", "patch", "update", "watch",
-];
+const RW: &[&str] =
+    &["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"];
 const RW_NO_COLLECTION_DELETE: &[&str] =
     &["create", "delete", "get", "list", "patch", "update", "watch"];
 
@@ -96,9 +95,7 @@ pub static RESOURCES: &[ResourceInfo] = &[
 
 /// The resource served at `group`/`version` under `plural`.
 pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static ResourceInfo> {
-    RESOURCES
-        .iter()
-        .find(|r| r.group == group && r.version == version && r.plural == plural)
+    RESOURCES.iter().find(|r| r.group == group && r.version == version && r.plural == plural)
 }
 
 /// The resource of a `kind` in `group` (any served version).

@@ -1,1 +1,2 @@
 //! rkube-controllers: see ../shared/DESIGN.md (filled by its issue).
+pub mod cli;

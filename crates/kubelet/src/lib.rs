@@ -1,1 +1,2 @@
 //! rkube-kubelet: see ../shared/DESIGN.md (filled by its issue).
+pub mod cli;

@@ -1,11 +1,18 @@
 //! The `rkube` binary: one executable for every Kubernetes component.
 //! `main` stays thin: parse the command line, set up tracing, run the chosen component.
 
+mod bench;
+mod snapshot;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "rkube", version, about = "A Kubernetes control plane and node agent in one binary")]
+#[command(
+    name = "rkube",
+    version,
+    about = "A Kubernetes control plane and node agent in one binary"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -14,23 +21,18 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the API server (HTTPS, default 127.0.0.1:6443) on the embedded store or etcd.
-    Server,
+    Server(rkube_apiserver::cli::Args),
     /// Run the scheduler against an API server.
-    Scheduler,
+    Scheduler(rkube_scheduler::cli::Args),
     /// Run the controller manager against an API server.
-    ControllerManager,
+    ControllerManager(rkube_controllers::cli::Args),
     /// Run the node agent (kubelet) against an API server.
-    Agent,
-    /// Run the service proxy on this node.
-    Proxy,
-    /// Start a whole local cluster in one process.
-    Up,
-    /// Stop a cluster started with `rkube up --detach`.
-    Down,
+    Agent(rkube_kubelet::cli::Args),
     /// Save or restore a snapshot of the embedded store.
-    Snapshot,
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
     /// Measure an area and print its figures (`--json` for one JSON object).
-    Bench,
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -42,16 +44,23 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let name = match cli.command {
-        Command::Server => "server",
-        Command::Scheduler => "scheduler",
-        Command::ControllerManager => "controller-manager",
-        Command::Agent => "agent",
-        Command::Proxy => "proxy",
-        Command::Up => "up",
-        Command::Down => "down",
-        Command::Snapshot => "snapshot",
-        Command::Bench => "bench",
-    };
-    anyhow::bail!("`rkube {name}` is not built yet: see the open issues")
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(run(cli.command))
+}
+
+async fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Server(args) => {
+            rkube_apiserver::cli::run(args).await.map_err(|e| anyhow::anyhow!(e))
+        }
+        Command::Scheduler(args) => {
+            rkube_scheduler::cli::run(args).await.map_err(|e| anyhow::anyhow!(e))
+        }
+        Command::ControllerManager(args) => {
+            rkube_controllers::cli::run(args).await.map_err(|e| anyhow::anyhow!(e))
+        }
+        Command::Agent(args) => rkube_kubelet::cli::run(args).await.map_err(|e| anyhow::anyhow!(e)),
+        Command::Snapshot(cmd) => snapshot::run(cmd).await,
+        Command::Bench(args) => bench::run(args).await,
+    }
 }

@@ -1,1 +1,2 @@
 //! rkube-scheduler: see ../shared/DESIGN.md (filled by its issue).
+pub mod cli;

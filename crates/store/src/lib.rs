@@ -154,9 +154,8 @@ pub mod continue_token {
 
     /// The revision to read at and the key after which the next page starts.
     pub fn decode(token: &str) -> Result<(Revision, String)> {
-        let bytes = URL_SAFE_NO_PAD
-            .decode(token)
-            .map_err(|e| Error::InvalidContinue(e.to_string()))?;
+        let bytes =
+            URL_SAFE_NO_PAD.decode(token).map_err(|e| Error::InvalidContinue(e.to_string()))?;
         let t: Token =
             serde_json::from_slice(&bytes).map_err(|e| Error::InvalidContinue(e.to_string()))?;
         Ok((Revision(t.rev), t.start))

@@ -121,12 +121,7 @@ impl Store for MemoryStore {
         let continue_token = (remaining > 0)
             .then(|| items.last().map(|kv| continue_token::encode(rev, &kv.key)))
             .flatten();
-        Ok(ListPage {
-            items,
-            revision: rev,
-            continue_token,
-            remaining: limit.map(|_| remaining),
-        })
+        Ok(ListPage { items, revision: rev, continue_token, remaining: limit.map(|_| remaining) })
     }
 
     async fn create(&self, key: &str, value: Bytes) -> Result<Revision> {
@@ -136,12 +131,8 @@ impl Store for MemoryStore {
             return Err(Error::AlreadyExists);
         }
         st.rev = st.rev.next();
-        let kv = KeyValue {
-            key: key.to_string(),
-            value,
-            create_revision: st.rev,
-            mod_revision: st.rev,
-        };
+        let kv =
+            KeyValue { key: key.to_string(), value, create_revision: st.rev, mod_revision: st.rev };
         let event = WatchEvent::Put { kv: kv.clone(), prev: None };
         st.record(key, Some(kv), event.clone());
         let _ = self.events.send(event);
@@ -189,7 +180,7 @@ impl Store for MemoryStore {
         if after < st.compacted {
             return Err(Error::Compacted { requested: after, compacted: st.compacted });
         }
-        let mut live = self.events.subscribe();
+        let live = self.events.subscribe();
         let backlog: Vec<WatchEvent> = st
             .log
             .iter()
