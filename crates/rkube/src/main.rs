@@ -3,6 +3,7 @@
 
 mod bench;
 mod snapshot;
+mod up;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -31,6 +32,13 @@ enum Command {
     /// Save or restore a snapshot of the embedded store.
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCommand),
+    /// Stop the cluster that `rkube up --detach` started.
+    Down(up::DownArgs),
+    /// Show the components of a running `rkube up` cluster and their health.
+    Status(up::DataDirArg),
+    /// Crash or restore a node of a running `rkube up` cluster.
+    #[command(subcommand)]
+    Node(up::NodeCommand),
     /// Measure an area and print its figures (`--json` for one JSON object).
     Bench(bench::BenchArgs),
 }
@@ -62,5 +70,8 @@ async fn run(command: Command) -> Result<()> {
         Command::Agent(args) => rkube_kubelet::cli::run(args).await.map_err(|e| anyhow::anyhow!(e)),
         Command::Snapshot(cmd) => snapshot::run(cmd).await,
         Command::Bench(args) => bench::run(args).await,
+        Command::Down(args) => up::down(args).await,
+        Command::Status(args) => up::status(args).await,
+        Command::Node(cmd) => up::node(cmd).await,
     }
 }
