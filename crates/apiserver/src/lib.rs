@@ -1,2 +1,19 @@
-//! rkube-apiserver: see ../shared/DESIGN.md (filled by its issue).
+//! The Kubernetes API server: the hub every component talks to and the only one that touches
+//! the store. Request pipeline: TLS + authentication → discovery/OpenAPI → registry → store.
+
+pub mod certs;
 pub mod cli;
+pub mod discovery;
+mod error;
+pub mod openapi;
+pub mod patch;
+pub mod registry;
+pub mod selector;
+mod server;
+pub mod strategy;
+pub mod table;
+pub mod testing;
+mod tls;
+
+pub use error::{Error, Result};
+pub use server::{ApiServer, Config, User};

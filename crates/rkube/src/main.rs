@@ -3,6 +3,8 @@
 
 mod bench;
 mod snapshot;
+#[allow(dead_code)]
+// `rkube up` itself is wired in once the scheduler, controllers and kubelet run.
 mod up;
 
 use anyhow::Result;

@@ -1,0 +1,666 @@
+//! The generic registry: create/get/list/update/delete/watch of any resource over the `Store`,
+//! with resourceVersion = store revision and optimistic concurrency (guaranteed update).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use rkube_api::resources::{self, ResourceInfo};
+use rkube_store::{ListOptions, ReadAt, Revision, Store, WatchEvent};
+use serde_json::{Value, json};
+
+use crate::selector::{FieldSelector, LabelSelector};
+use crate::strategy;
+use crate::{Error, Result};
+
+pub struct Registry {
+    pub store: Arc<dyn Store>,
+    pub default_toleration_seconds: i64,
+    pub service_cidr: (u32, u8),
+    pub node_port_range: (u16, u16),
+    alloc_lock: tokio::sync::Mutex<()>,
+}
+
+/// `group/resource` as upstream names objects in messages: `pods`, `deployments.apps`.
+pub fn qualified(r: &ResourceInfo) -> String {
+    if r.group.is_empty() { r.plural.to_string() } else { format!("{}.{}", r.plural, r.group) }
+}
+
+pub fn decode(kv_value: &[u8], rev: Revision) -> Result<Value> {
+    let mut v: Value = serde_json::from_slice(kv_value)
+        .map_err(|e| Error::internal(format!("stored object is not JSON: {e}")))?;
+    v["metadata"]["resourceVersion"] = json!(rev.0.to_string());
+    Ok(v)
+}
+
+fn encode(v: &Value) -> Result<Bytes> {
+    let mut v = v.clone();
+    if let Some(m) = v["metadata"].as_object_mut() {
+        m.remove("resourceVersion");
+    }
+    Ok(Bytes::from(serde_json::to_vec(&v).map_err(|e| Error::internal(e.to_string()))?))
+}
+
+#[derive(Default, Clone)]
+pub struct ListParams {
+    pub labels: LabelSelector,
+    pub fields: FieldSelector,
+    pub limit: Option<u32>,
+    pub continue_token: Option<String>,
+    pub resource_version: Option<String>,
+}
+
+pub struct DeleteParams {
+    pub grace_period: Option<i64>,
+    pub propagation: String,
+    pub precondition_uid: Option<String>,
+    pub precondition_rv: Option<String>,
+    pub dry_run: bool,
+}
+
+/// An event for a watcher: ADDED / MODIFIED / DELETED / BOOKMARK / ERROR with its object.
+pub type WatchOut = (&'static str, Value);
+
+impl Registry {
+    pub fn new(store: Arc<dyn Store>, default_toleration_seconds: i64) -> Registry {
+        Registry {
+            store,
+            default_toleration_seconds,
+            service_cidr: (u32::from(std::net::Ipv4Addr::new(10, 96, 0, 0)), 12),
+            node_port_range: (30000, 32767),
+            alloc_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub async fn get(&self, r: &ResourceInfo, ns: Option<&str>, name: &str) -> Result<Value> {
+        let key = r.key(ns, name);
+        match self.store.get(&key, ReadAt::Latest).await? {
+            Some(kv) => decode(&kv.value, kv.mod_revision),
+            None => Err(Error::not_found(&qualified(r), name)),
+        }
+    }
+
+    /// A list page: items and list metadata (resourceVersion, continue, remainingItemCount).
+    pub async fn list(
+        &self,
+        r: &ResourceInfo,
+        ns: Option<&str>,
+        p: &ListParams,
+    ) -> Result<(Vec<Value>, Value)> {
+        let filtered = !p.labels.is_empty() || !p.fields.is_empty();
+        let at = match p.resource_version.as_deref() {
+            Some(rv) if !rv.is_empty() && rv != "0" && p.continue_token.is_none() => {
+                ReadAt::Exact(Revision(parse_rv(rv)?))
+            }
+            _ => ReadAt::Latest,
+        };
+        let prefix = r.key_prefix(ns);
+        let mut items = Vec::new();
+        let mut token = p.continue_token.clone();
+        let mut at = at;
+        let revision;
+        let mut remaining = None;
+        // With a selector, keep reading pages until `limit` matches are found, as upstream does.
+        loop {
+            let page = self
+                .store
+                .list(&prefix, ListOptions { at, limit: p.limit, continue_token: token.clone() })
+                .await
+                .map_err(|e| match e {
+                    rkube_store::Error::Compacted { .. } if p.continue_token.is_some() => Error::gone(
+                        "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter, or use the continue token in this response to retrieve the remainder of the results. Continuing with the provided token results in an inconsistent list - objects that were created, modified, or deleted between the time the first chunk was returned and now may show up in the list.",
+                    ),
+                    other => other.into(),
+                })?;
+            for kv in &page.items {
+                // A namespace-less list of a namespaced resource must not match a longer prefix.
+                let obj = decode(&kv.value, kv.mod_revision)?;
+                if filtered
+                    && !(p.labels.matches(&obj["metadata"]["labels"])
+                        && p.fields.matches(r.group, r.plural, &obj))
+                {
+                    continue;
+                }
+                items.push(obj);
+            }
+            at = ReadAt::Exact(page.revision);
+            token = page.continue_token.clone();
+            if !filtered || token.is_none() || p.limit.is_some_and(|l| items.len() as u32 >= l) {
+                revision = page.revision;
+                if !filtered {
+                    remaining = page.remaining;
+                }
+                break;
+            }
+        }
+        let mut meta = json!({"resourceVersion": revision.0.to_string()});
+        if let Some(t) = token {
+            meta["continue"] = json!(t);
+            if let Some(n) = remaining.filter(|n| *n > 0) {
+                meta["remainingItemCount"] = json!(n);
+            }
+        }
+        Ok((items, meta))
+    }
+
+    pub async fn create(
+        &self,
+        r: &ResourceInfo,
+        ns: Option<&str>,
+        mut obj: Value,
+        dry_run: bool,
+    ) -> Result<Value> {
+        if !obj.is_object() {
+            return Err(Error::bad_request("the body of the request was not a JSON object"));
+        }
+        if !obj["metadata"].is_object() {
+            obj["metadata"] = json!({});
+        }
+        if let Some(ns) = ns {
+            match obj["metadata"]["namespace"].as_str() {
+                Some(n) if !n.is_empty() && n != ns => {
+                    return Err(Error::bad_request(
+                        "the namespace of the provided object does not match the namespace sent on the request",
+                    ));
+                }
+                _ => obj["metadata"]["namespace"] = json!(ns),
+            }
+            self.require_namespace(ns).await?;
+        } else if let Some(m) = obj["metadata"].as_object_mut() {
+            m.remove("namespace");
+        }
+        obj["apiVersion"] = json!(r.api_version());
+        obj["kind"] = json!(r.kind);
+        let generated = obj["metadata"]["name"].as_str().is_none_or(str::is_empty)
+            && obj["metadata"]["generateName"].as_str().is_some_and(|g| !g.is_empty());
+        for attempt in 0..8 {
+            let mut o = obj.clone();
+            if generated {
+                o["metadata"]["name"] = json!(format!(
+                    "{}{}",
+                    o["metadata"]["generateName"].as_str().unwrap_or(""),
+                    random_suffix()
+                ));
+            }
+            strategy::prepare_create(r, &mut o, self.default_toleration_seconds);
+            if r.plural == "pods" {
+                self.admit_pod_priority(&mut o).await?;
+            }
+            strategy::validate(r, &o)?;
+            let name = o["metadata"]["name"].as_str().unwrap_or("").to_string();
+            let key = r.key(ns, &name);
+            let _guard =
+                if r.plural == "services" { Some(self.alloc_lock.lock().await) } else { None };
+            if r.plural == "services" {
+                self.allocate_service(&mut o).await?;
+            }
+            if dry_run {
+                if self.store.get(&key, ReadAt::Latest).await?.is_some() {
+                    return Err(Error::already_exists(&qualified(r), &name));
+                }
+                return Ok(o);
+            }
+            match self.store.create(&key, encode(&o)?).await {
+                Ok(rev) => {
+                    o["metadata"]["resourceVersion"] = json!(rev.0.to_string());
+                    return Ok(o);
+                }
+                Err(rkube_store::Error::AlreadyExists) if generated && attempt < 7 => continue,
+                Err(rkube_store::Error::AlreadyExists) => {
+                    return Err(Error::already_exists(&qualified(r), &name));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::internal("could not generate a unique name"))
+    }
+
+    async fn require_namespace(&self, ns: &str) -> Result<()> {
+        let nsr = resources::find("", "v1", "namespaces")
+            .ok_or_else(|| Error::internal("no namespaces"))?;
+        match self.store.get(&nsr.key(None, ns), ReadAt::Latest).await? {
+            None => Err(Error::not_found("namespaces", ns)),
+            Some(kv) => {
+                let o = decode(&kv.value, kv.mod_revision)?;
+                if o["status"]["phase"] == "Terminating" {
+                    return Err(Error::Status {
+                        code: 403,
+                        reason: "Forbidden",
+                        message: format!(
+                            "unable to create new content in namespace {ns} because it is being terminated"
+                        ),
+                        details: None,
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Priority admission: `spec.priority` from `priorityClassName` (or the global default).
+    async fn admit_pod_priority(&self, o: &mut Value) -> Result<()> {
+        let pcr = resources::find("scheduling.k8s.io", "v1", "priorityclasses")
+            .ok_or_else(|| Error::internal("no priorityclasses"))?;
+        match o["spec"]["priorityClassName"].as_str().filter(|s| !s.is_empty()) {
+            Some(name) => {
+                let Some(kv) = self.store.get(&pcr.key(None, name), ReadAt::Latest).await? else {
+                    return Err(Error::Status {
+                        code: 403,
+                        reason: "Forbidden",
+                        message: format!(
+                            "pods \"{}\" is forbidden: no PriorityClass with name {name} was found",
+                            o["metadata"]["name"].as_str().unwrap_or("")
+                        ),
+                        details: None,
+                    });
+                };
+                let pc: Value = decode(&kv.value, kv.mod_revision)?;
+                o["spec"]["priority"] = pc["value"].clone();
+                if o["spec"]["preemptionPolicy"].is_null() {
+                    o["spec"]["preemptionPolicy"] = pc["preemptionPolicy"].clone();
+                }
+            }
+            None => {
+                if o["spec"]["priority"].is_null() {
+                    o["spec"]["priority"] = json!(0);
+                }
+                if o["spec"]["preemptionPolicy"].is_null() {
+                    o["spec"]["preemptionPolicy"] = json!("PreemptLowerPriority");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// ClusterIP and NodePort allocation, unique among existing Services.
+    async fn allocate_service(&self, o: &mut Value) -> Result<()> {
+        let svc =
+            resources::find("", "v1", "services").ok_or_else(|| Error::internal("no services"))?;
+        let page = self.store.list(&svc.key_prefix(None), ListOptions::default()).await?;
+        let mut used_ips = std::collections::HashSet::new();
+        let mut used_ports = std::collections::HashSet::new();
+        for kv in &page.items {
+            let s: Value = serde_json::from_slice(&kv.value).unwrap_or_default();
+            if let Some(ip) = s["spec"]["clusterIP"].as_str() {
+                used_ips.insert(ip.to_string());
+            }
+            for p in s["spec"]["ports"].as_array().into_iter().flatten() {
+                if let Some(np) = p["nodePort"].as_i64() {
+                    used_ports.insert(np);
+                }
+            }
+        }
+        let name = o["metadata"]["name"].as_str().unwrap_or("").to_string();
+        let ty = o["spec"]["type"].as_str().unwrap_or("ClusterIP").to_string();
+        if ty != "ExternalName" {
+            match o["spec"]["clusterIP"].as_str() {
+                Some("None") => o["spec"]["clusterIPs"] = json!(["None"]),
+                Some(ip) if !ip.is_empty() => {
+                    if used_ips.contains(ip) {
+                        return Err(Error::invalid(
+                            "Service",
+                            &name,
+                            vec![(
+                                "spec.clusterIPs".into(),
+                                format!(
+                                    "Invalid value: []string{{\"{ip}\"}}: failed to allocate IP {ip}: provided IP is already allocated"
+                                ),
+                            )],
+                        ));
+                    }
+                    o["spec"]["clusterIPs"] = json!([ip]);
+                }
+                _ => {
+                    let (base, bits) = self.service_cidr;
+                    let size = 1u32 << (32 - bits);
+                    let first_pick = (o["metadata"]["namespace"] == "default"
+                        && name == "kubernetes")
+                        .then_some(1u32);
+                    let mut chosen = None;
+                    let start = first_pick.unwrap_or_else(|| rand::random_range(10..size - 1));
+                    for i in 0..size - 2 {
+                        let off = 1 + (start - 1 + i) % (size - 2);
+                        let ip = std::net::Ipv4Addr::from(base + off).to_string();
+                        if !used_ips.contains(&ip) {
+                            chosen = Some(ip);
+                            break;
+                        }
+                    }
+                    let ip = chosen
+                        .ok_or_else(|| Error::internal("no ClusterIP left in the service range"))?;
+                    o["spec"]["clusterIP"] = json!(ip);
+                    o["spec"]["clusterIPs"] = json!([ip]);
+                }
+            }
+        }
+        if matches!(ty.as_str(), "NodePort" | "LoadBalancer") {
+            let (lo, hi) = self.node_port_range;
+            if let Some(ports) = o["spec"]["ports"].as_array_mut() {
+                for p in ports {
+                    match p["nodePort"].as_i64() {
+                        Some(np) if np != 0 => {
+                            if used_ports.contains(&np) {
+                                return Err(Error::invalid(
+                                    "Service",
+                                    &name,
+                                    vec![(
+                                        "spec.ports[0].nodePort".into(),
+                                        format!(
+                                            "Invalid value: {np}: provided port is already allocated"
+                                        ),
+                                    )],
+                                ));
+                            }
+                            used_ports.insert(np);
+                        }
+                        _ => {
+                            let span = (hi - lo + 1) as i64;
+                            let start = rand::random_range(0..span);
+                            let np = (0..span)
+                                .map(|i| lo as i64 + (start + i) % span)
+                                .find(|np| !used_ports.contains(np))
+                                .ok_or_else(|| Error::internal("no NodePort left"))?;
+                            used_ports.insert(np);
+                            p["nodePort"] = json!(np);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces an object (PUT): optimistic concurrency on `metadata.resourceVersion` if given.
+    pub async fn update(
+        &self,
+        r: &ResourceInfo,
+        ns: Option<&str>,
+        name: &str,
+        mut obj: Value,
+        sub: Option<&str>,
+        dry_run: bool,
+    ) -> Result<Value> {
+        if !obj.is_object() {
+            return Err(Error::bad_request("the body of the request was not a JSON object"));
+        }
+        if obj["metadata"]["name"].as_str().is_some_and(|n| n != name) {
+            return Err(Error::bad_request(format!(
+                "the name of the object ({}) does not match the name on the URL ({name})",
+                obj["metadata"]["name"].as_str().unwrap_or("")
+            )));
+        }
+        if let Some(ns) = ns
+            && obj["metadata"]["namespace"].as_str().is_some_and(|n| !n.is_empty() && n != ns)
+        {
+            return Err(Error::bad_request(
+                "the namespace of the provided object does not match the namespace sent on the request",
+            ));
+        }
+        let expected = match obj["metadata"]["resourceVersion"].as_str() {
+            Some(rv) if !rv.is_empty() => Some(parse_rv(rv)?),
+            _ => None,
+        };
+        obj["metadata"]["name"] = json!(name);
+        self.guaranteed_update(
+            r,
+            ns,
+            name,
+            dry_run,
+            |old| {
+                if let Some(want) = expected
+                    && old["metadata"]["resourceVersion"].as_str() != Some(&want.to_string())
+                {
+                    return Err(Error::conflict(&qualified(r), name));
+                }
+                Ok(obj.clone())
+            },
+            sub,
+        )
+        .await
+    }
+
+    /// Read–mutate–CAS loop: `mutate` gets the current object and returns the desired one.
+    pub async fn guaranteed_update<F>(
+        &self,
+        r: &ResourceInfo,
+        ns: Option<&str>,
+        name: &str,
+        dry_run: bool,
+        mut mutate: F,
+        sub: Option<&str>,
+    ) -> Result<Value>
+    where
+        F: FnMut(&Value) -> Result<Value>,
+    {
+        let key = r.key(ns, name);
+        for _ in 0..16 {
+            let Some(kv) = self.store.get(&key, ReadAt::Latest).await? else {
+                return Err(Error::not_found(&qualified(r), name));
+            };
+            let old = decode(&kv.value, kv.mod_revision)?;
+            let mut new = mutate(&old)?;
+            new["apiVersion"] = json!(r.api_version());
+            new["kind"] = json!(r.kind);
+            new["metadata"]["name"] = json!(name);
+            if let Some(ns) = ns {
+                new["metadata"]["namespace"] = json!(ns);
+            }
+            match sub {
+                Some("status") => strategy::prepare_status_update(&mut new, &old),
+                _ => strategy::prepare_update(r, &mut new, &old)?,
+            }
+            strategy::validate(r, &new)?;
+            let mut cmp_new = new.clone();
+            let mut cmp_old = old.clone();
+            cmp_new["metadata"]["resourceVersion"] = Value::Null;
+            cmp_old["metadata"]["resourceVersion"] = Value::Null;
+            if cmp_new == cmp_old || dry_run {
+                // No-op updates do not write (and do not bump resourceVersion), as upstream.
+                return Ok(if dry_run { new } else { old });
+            }
+            // Removing the last finalizer of an object being deleted finishes the deletion.
+            let finalizers_empty =
+                new["metadata"]["finalizers"].as_array().is_none_or(|f| f.is_empty());
+            if new["metadata"]["deletionTimestamp"].is_string()
+                && finalizers_empty
+                && !(r.plural == "pods"
+                    && new["metadata"]["deletionGracePeriodSeconds"].as_i64().unwrap_or(0) > 0)
+                && r.plural != "namespaces"
+            {
+                match self.store.delete(&key, Some(kv.mod_revision)).await {
+                    Ok((rev, _)) => {
+                        new["metadata"]["resourceVersion"] = json!(rev.0.to_string());
+                        return Ok(new);
+                    }
+                    Err(rkube_store::Error::Conflict { .. }) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            match self.store.update(&key, encode(&new)?, kv.mod_revision).await {
+                Ok(rev) => {
+                    new["metadata"]["resourceVersion"] = json!(rev.0.to_string());
+                    return Ok(new);
+                }
+                Err(rkube_store::Error::Conflict { .. }) => continue,
+                Err(rkube_store::Error::NotFound) => {
+                    return Err(Error::not_found(&qualified(r), name));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::conflict(&qualified(r), name))
+    }
+
+    /// Deletes an object, honouring finalizers and graceful pod termination. Returns the object
+    /// as it is after the call and whether it is gone from the store.
+    pub async fn delete(
+        &self,
+        r: &ResourceInfo,
+        ns: Option<&str>,
+        name: &str,
+        p: &DeleteParams,
+    ) -> Result<(Value, bool)> {
+        let key = r.key(ns, name);
+        for _ in 0..16 {
+            let Some(kv) = self.store.get(&key, ReadAt::Latest).await? else {
+                return Err(Error::not_found(&qualified(r), name));
+            };
+            let mut obj = decode(&kv.value, kv.mod_revision)?;
+            if let Some(uid) = &p.precondition_uid
+                && obj["metadata"]["uid"].as_str() != Some(uid)
+            {
+                return Err(Error::conflict_msg(
+                    &qualified(r),
+                    name,
+                    &format!(
+                        "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                        obj["metadata"]["uid"].as_str().unwrap_or("")
+                    ),
+                ));
+            }
+            if let Some(rv) = &p.precondition_rv
+                && obj["metadata"]["resourceVersion"].as_str() != Some(rv)
+            {
+                return Err(Error::conflict_msg(
+                    &qualified(r),
+                    name,
+                    &format!(
+                        "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}",
+                        obj["metadata"]["resourceVersion"].as_str().unwrap_or("")
+                    ),
+                ));
+            }
+            let has_finalizers =
+                obj["metadata"]["finalizers"].as_array().is_some_and(|f| !f.is_empty());
+            // Graceful pod deletion: a pod on a node gets time to stop; the kubelet finishes it.
+            let graceful = r.plural == "pods" && {
+                let bound = obj["spec"]["nodeName"].as_str().is_some_and(|n| !n.is_empty());
+                let terminal =
+                    matches!(obj["status"]["phase"].as_str(), Some("Succeeded" | "Failed"));
+                let grace = p
+                    .grace_period
+                    .or(obj["spec"]["terminationGracePeriodSeconds"].as_i64())
+                    .unwrap_or(30);
+                bound && !terminal && grace > 0
+            };
+            if r.plural == "namespaces" {
+                if obj["status"]["phase"] == "Terminating" {
+                    return Ok((obj, false));
+                }
+                obj["metadata"]["deletionTimestamp"] = json!(strategy::now_rfc3339());
+                obj["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+                obj["status"]["phase"] = json!("Terminating");
+            } else if graceful {
+                let grace = p
+                    .grace_period
+                    .or(obj["spec"]["terminationGracePeriodSeconds"].as_i64())
+                    .unwrap_or(30);
+                let current = obj["metadata"]["deletionGracePeriodSeconds"].as_i64();
+                if current.is_some_and(|c| c <= grace) {
+                    return Ok((obj, false));
+                }
+                let when = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(grace);
+                obj["metadata"]["deletionTimestamp"] =
+                    json!(when.strftime("%Y-%m-%dT%H:%M:%SZ").to_string());
+                obj["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
+            } else if has_finalizers {
+                if obj["metadata"]["deletionTimestamp"].is_string() {
+                    return Ok((obj, false));
+                }
+                obj["metadata"]["deletionTimestamp"] = json!(strategy::now_rfc3339());
+                obj["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+            } else {
+                if p.dry_run {
+                    return Ok((obj, true));
+                }
+                match self.store.delete(&key, Some(kv.mod_revision)).await {
+                    Ok(_) => return Ok((obj, true)),
+                    Err(rkube_store::Error::Conflict { .. }) => continue,
+                    Err(rkube_store::Error::NotFound) => {
+                        return Err(Error::not_found(&qualified(r), name));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if p.dry_run {
+                return Ok((obj, false));
+            }
+            match self.store.update(&key, encode(&obj)?, kv.mod_revision).await {
+                Ok(rev) => {
+                    obj["metadata"]["resourceVersion"] = json!(rev.0.to_string());
+                    return Ok((obj, false));
+                }
+                Err(rkube_store::Error::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::conflict(&qualified(r), name))
+    }
+
+    /// Watches a resource from `from` (exclusive). Events are filtered by the selectors, with
+    /// upstream's transitions: an object leaving the selection is DELETED, entering it ADDED.
+    pub async fn watch(
+        &self,
+        r: &'static ResourceInfo,
+        ns: Option<String>,
+        p: ListParams,
+        from: Revision,
+    ) -> Result<BoxStream<'static, WatchOut>> {
+        let prefix = r.key_prefix(ns.as_deref());
+        let stream = self.store.watch(&prefix, from).await?;
+        let matches = move |o: &Value| {
+            p.labels.matches(&o["metadata"]["labels"]) && p.fields.matches(r.group, r.plural, o)
+        };
+        let out = stream.filter_map(move |ev| {
+            let res: Option<WatchOut> = match ev {
+                Ok(WatchEvent::Put { kv, prev }) => {
+                    let Ok(new) = decode(&kv.value, kv.mod_revision) else {
+                        return futures::future::ready(None);
+                    };
+                    let old = prev.and_then(|p| decode(&p.value, p.mod_revision).ok());
+                    let now = matches(&new);
+                    let before = old.as_ref().is_some_and(&matches);
+                    match (old.is_some(), before, now) {
+                        (false, _, true) => Some(("ADDED", new)),
+                        (true, true, true) => Some(("MODIFIED", new)),
+                        (true, false, true) => Some(("ADDED", new)),
+                        (true, true, false) => Some(("DELETED", new)),
+                        _ => None,
+                    }
+                }
+                Ok(WatchEvent::Delete { revision, prev }) => match decode(&prev.value, revision) {
+                    Ok(old) if matches(&old) => Some(("DELETED", old)),
+                    _ => None,
+                },
+                Ok(WatchEvent::Progress { revision }) => Some((
+                    "BOOKMARK",
+                    json!({
+                        "kind": r.kind,
+                        "apiVersion": r.api_version(),
+                        "metadata": {"resourceVersion": revision.0.to_string()},
+                    }),
+                )),
+                Err(rkube_store::Error::Compacted { .. }) => Some(("ERROR", gone_status())),
+                Err(e) => Some(("ERROR", Error::from(e).to_status().1)),
+            };
+            futures::future::ready(res)
+        });
+        Ok(out.boxed())
+    }
+}
+
+pub fn gone_status() -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": "too old resource version", "reason": "Expired", "code": 410})
+}
+
+pub fn parse_rv(rv: &str) -> Result<u64> {
+    rv.parse::<u64>().map_err(|_| Error::bad_request(format!("invalid resource version: {rv}")))
+}
+
+/// Five characters from upstream's generateName alphabet (no vowels, no confusable digits).
+pub fn random_suffix() -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    (0..5).map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char).collect()
+}
