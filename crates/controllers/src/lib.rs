@@ -1,2 +1,96 @@
-//! rkube-controllers: see ../shared/DESIGN.md (filled by its issue).
+//! The controller manager: level-triggered reconciliation loops that compare desired state with
+//! what the cluster reports and act — ReplicaSets, Deployments and node lifecycle.
+
 pub mod cli;
+mod deployment;
+mod informer;
+mod nodes;
+mod replicaset;
+mod util;
+
+use std::time::Duration;
+
+use kube::Client;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// A node whose heartbeats stop for this long is marked NotReady/Unknown (upstream: 50 s).
+    pub node_monitor_grace_period: Duration,
+    /// How often node health is checked (upstream: 5 s; rkube checks every second).
+    pub node_monitor_period: Duration,
+    pub identity: String,
+    pub lease_duration: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_monitor_grace_period: Duration::from_secs(50),
+            node_monitor_period: Duration::from_secs(1),
+            identity: format!(
+                "rkube-controller-manager_{:x}",
+                jiff::Timestamp::now().as_nanosecond() as u64
+            ),
+            lease_duration: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Runs every controller until `shutdown`.
+pub async fn run_with_client(
+    client: Client,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    rkube_client::lease::lead(
+        client.clone(),
+        "kube-controller-manager",
+        &config.identity,
+        config.lease_duration,
+        shutdown.clone(),
+    )
+    .await;
+    if shutdown.is_cancelled() {
+        return Ok(());
+    }
+    let informers = informer::Informers::start(client.clone(), shutdown.clone());
+    informers.wait_ready().await;
+    let recorder =
+        rkube_client::events::Recorder::new(client.clone(), "replicaset-controller", None);
+    let rs = tokio::spawn(replicaset::run(
+        client.clone(),
+        informers.clone(),
+        recorder,
+        shutdown.clone(),
+    ));
+    let recorder =
+        rkube_client::events::Recorder::new(client.clone(), "deployment-controller", None);
+    let dep = tokio::spawn(deployment::run(
+        client.clone(),
+        informers.clone(),
+        recorder,
+        shutdown.clone(),
+    ));
+    let recorder = rkube_client::events::Recorder::new(client.clone(), "node-controller", None);
+    let nodes = tokio::spawn(nodes::run(
+        client.clone(),
+        informers.clone(),
+        recorder,
+        config.clone(),
+        shutdown.clone(),
+    ));
+    shutdown.cancelled().await;
+    for t in [rs, dep, nodes] {
+        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+    }
+    Ok(())
+}

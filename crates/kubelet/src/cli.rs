@@ -1,10 +1,102 @@
-//! Command-line entry of the node agent: `rkube` parses these arguments and calls [`run`].
+//! `rkube agent --kubeconfig … --node-name …`: the node agent as its own process.
 
-/// Arguments of the node agent (filled by issue 6).
-#[derive(Debug, Clone, clap::Args)]
-pub struct Args {}
+use std::path::PathBuf;
 
-/// Runs the node agent until it fails or is stopped.
-pub async fn run(_args: Args) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    Err("the node agent is not built yet (issue 6)".into())
+use k8s_openapi::api::core::v1::Taint;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Config, RuntimeKind};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Kubeconfig of the API server to join.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Name of the Node object (default: the host name).
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// Where pod logs and working directories live.
+    #[arg(long, default_value = "rkube-kubelet")]
+    pub data_dir: PathBuf,
+    #[arg(long, value_enum, default_value_t = RuntimeKind::Process)]
+    pub runtime: RuntimeKind,
+    /// An extended resource the node offers, e.g. `nvidia.com/gpu=2` (repeatable).
+    #[arg(long = "extended-resource")]
+    pub extended_resources: Vec<String>,
+    /// Labels added to the node: `key=value,key2=value2`.
+    #[arg(long, value_delimiter = ',')]
+    pub node_labels: Vec<String>,
+    /// Taints the node registers with: `key=value:Effect` (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    pub register_with_taints: Vec<String>,
+    /// Lease duration in seconds (renewed every quarter of it).
+    #[arg(long, default_value_t = 40)]
+    pub node_lease_duration_seconds: u64,
+}
+
+fn kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .ok_or_else(|| format!("expected key=value, got {s}"))
+}
+
+pub fn parse_taint(s: &str) -> Result<Taint, String> {
+    let (kv_part, effect) =
+        s.rsplit_once(':').ok_or_else(|| format!("taint {s}: expected key[=value]:Effect"))?;
+    if !matches!(effect, "NoSchedule" | "PreferNoSchedule" | "NoExecute") {
+        return Err(format!("taint {s}: effect must be NoSchedule, PreferNoSchedule or NoExecute"));
+    }
+    let (key, value) = match kv_part.split_once('=') {
+        Some((k, v)) => (k.to_string(), Some(v.to_string())),
+        None => (kv_part.to_string(), None),
+    };
+    Ok(Taint { key, value, effect: effect.to_string(), time_added: None })
+}
+
+impl Args {
+    pub fn config(&self) -> Result<Config, String> {
+        let mut c =
+            Config { data_dir: self.data_dir.clone(), runtime: self.runtime, ..Config::default() };
+        if let Some(n) = &self.node_name {
+            c.node_name = n.clone();
+        }
+        for e in &self.extended_resources {
+            c.extended_resources.push(kv(e)?);
+        }
+        for l in self.node_labels.iter().filter(|l| !l.is_empty()) {
+            let (k, v) = kv(l)?;
+            c.labels.insert(k, v);
+        }
+        for t in self.register_with_taints.iter().filter(|t| !t.is_empty()) {
+            c.taints.push(parse_taint(t)?);
+        }
+        c.lease_duration = std::time::Duration::from_secs(self.node_lease_duration_seconds.max(4));
+        Ok(c)
+    }
+}
+
+pub async fn run(args: Args) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let config = args.config()?;
+    let client = match &args.kubeconfig {
+        Some(p) => {
+            let kc = kube::config::Kubeconfig::read_from(p)?;
+            kube::Client::try_from(
+                kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?,
+            )?
+        }
+        None => kube::Client::try_default().await?,
+    };
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+        }
+        stop.cancel();
+    });
+    crate::run_with_client(client, config, shutdown).await?;
+    Ok(())
 }

@@ -1,2 +1,90 @@
-//! rkube-kubelet: see ../shared/DESIGN.md (filled by its issue).
+//! The kubelet: registers its Node, renews its Lease, runs the pods bound to it through a
+//! runtime (`process`: real host processes; `simulated`: hollow pods) and reports their lives.
+
 pub mod cli;
+mod node;
+mod pods;
+pub mod runtime;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Taint;
+use kube::Client;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Config(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RuntimeKind {
+    /// Containers are host processes running the container's command.
+    Process,
+    /// Hollow pods: reported Running without running anything (kwok-style).
+    Simulated,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub node_name: String,
+    pub data_dir: PathBuf,
+    pub runtime: RuntimeKind,
+    /// Extended resources advertised by the node, e.g. ("nvidia.com/gpu", "2").
+    pub extended_resources: Vec<(String, String)>,
+    pub labels: BTreeMap<String, String>,
+    pub taints: Vec<Taint>,
+    pub node_ip: String,
+    /// The Lease's duration; it is renewed every quarter of it (upstream: 40 s, renewed every 10 s).
+    pub lease_duration: Duration,
+    /// NodeStatus is re-posted at least this often even without a change (upstream: 5 min).
+    pub status_report_frequency: Duration,
+    pub reserved_cpu_milli: i64,
+    pub reserved_memory_bytes: i64,
+    pub max_pods: i64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_name: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "rkube-node".into()),
+            data_dir: PathBuf::from("rkube-kubelet"),
+            runtime: RuntimeKind::Process,
+            extended_resources: Vec::new(),
+            labels: BTreeMap::new(),
+            taints: Vec::new(),
+            node_ip: "127.0.0.1".into(),
+            lease_duration: Duration::from_secs(40),
+            status_report_frequency: Duration::from_secs(300),
+            reserved_cpu_milli: 0,
+            reserved_memory_bytes: 0,
+            max_pods: 110,
+        }
+    }
+}
+
+/// Runs the node agent until `shutdown`; on the way out every pod process is stopped.
+pub async fn run_with_client(
+    client: Client,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    std::fs::create_dir_all(&config.data_dir)?;
+    node::register(&client, &config).await?;
+    let heartbeat = tokio::spawn(node::heartbeat(client.clone(), config.clone(), shutdown.clone()));
+    let result = pods::run(client, config, shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = heartbeat.await;
+    result
+}

@@ -3,8 +3,6 @@
 
 mod bench;
 mod snapshot;
-#[allow(dead_code)]
-// `rkube up` itself is wired in once the scheduler, controllers and kubelet run.
 mod up;
 
 use anyhow::Result;
@@ -21,10 +19,22 @@ struct Cli {
     command: Command,
 }
 
+#[derive(clap::Args)]
+struct ServerArgs {
+    #[command(flatten)]
+    server: rkube_apiserver::cli::Args,
+    /// Run only the API server (no in-process scheduler and controller manager).
+    #[arg(long)]
+    disable_controllers: bool,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Run the API server (HTTPS, default 127.0.0.1:6443) on the embedded store or etcd.
-    Server(rkube_apiserver::cli::Args),
+    /// Start a whole cluster in one process: control plane, a control-plane node and workers.
+    Up(up::UpArgs),
+    /// Run the control plane: API server (HTTPS, default 127.0.0.1:6443), scheduler and
+    /// controller manager.
+    Server(ServerArgs),
     /// Run the scheduler against an API server.
     Scheduler(rkube_scheduler::cli::Args),
     /// Run the controller manager against an API server.
@@ -60,9 +70,8 @@ fn main() -> Result<()> {
 
 async fn run(command: Command) -> Result<()> {
     match command {
-        Command::Server(args) => {
-            rkube_apiserver::cli::run(args).await.map_err(|e| anyhow::anyhow!(e))
-        }
+        Command::Up(args) => up::cluster::up(args).await,
+        Command::Server(args) => up::cluster::server(args.server, !args.disable_controllers).await,
         Command::Scheduler(args) => {
             rkube_scheduler::cli::run(args).await.map_err(|e| anyhow::anyhow!(e))
         }

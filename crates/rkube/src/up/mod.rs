@@ -1,6 +1,7 @@
 //! `rkube up` and its companions (`down`, `status`, `node crash|restore`): a whole cluster in one
 //! process for a newcomer's machine, driven through a control socket in its data directory.
 
+pub mod cluster;
 pub mod control;
 pub mod events;
 pub mod kubeconfig;

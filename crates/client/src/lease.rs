@@ -1,0 +1,107 @@
+//! Leader leases in kube-system: whoever renews `kube-scheduler` / `kube-controller-manager`
+//! leads, and `kubectl get componentstatuses` reads those leases to report health.
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use tokio_util::sync::CancellationToken;
+
+/// Acquires (waiting while another live holder owns it) and then renews the lease every
+/// `duration / 5` until `shutdown`. Returns once leadership is held; renewal runs in the background.
+pub async fn lead(
+    client: Client,
+    name: &str,
+    identity: &str,
+    duration: Duration,
+    shutdown: CancellationToken,
+) {
+    let api: Api<Lease> = Api::namespaced(client, "kube-system");
+    let secs = duration.as_secs().max(1) as i32;
+    loop {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        match try_acquire(&api, name, identity, secs).await {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(e) => tracing::debug!("lease {name}: {e}"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(duration / 5) => {}
+        }
+    }
+    let name = name.to_string();
+    let identity = identity.to_string();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(duration / 5) => {}
+            }
+            if let Err(e) = try_acquire(&api, &name, &identity, secs).await {
+                tracing::debug!("renewing lease {name}: {e}");
+            }
+        }
+    });
+}
+
+async fn try_acquire(
+    api: &Api<Lease>,
+    name: &str,
+    identity: &str,
+    secs: i32,
+) -> Result<bool, kube::Error> {
+    let now = crate::now_micro();
+    match api.get_opt(name).await? {
+        None => {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(name.into()),
+                    namespace: Some("kube-system".into()),
+                    ..Default::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(identity.into()),
+                    lease_duration_seconds: Some(secs),
+                    acquire_time: Some(now.clone()),
+                    renew_time: Some(now),
+                    lease_transitions: Some(0),
+                    ..Default::default()
+                }),
+            };
+            match api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+                Err(e) => Err(e),
+            }
+        }
+        Some(l) => {
+            let spec = l.spec.clone().unwrap_or_default();
+            let holder = spec.holder_identity.clone().unwrap_or_default();
+            let expired = spec.renew_time.as_ref().is_none_or(|t| {
+                jiff::Timestamp::now().as_second() - t.0.as_second()
+                    > spec.lease_duration_seconds.unwrap_or(secs) as i64
+            });
+            if holder != identity && !expired {
+                return Ok(false);
+            }
+            let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(holder != identity);
+            let mut patch = serde_json::json!({
+                "metadata": {"resourceVersion": l.metadata.resource_version},
+                "spec": {"holderIdentity": identity, "leaseDurationSeconds": secs, "renewTime": now, "leaseTransitions": transitions},
+            });
+            if holder != identity {
+                patch["spec"]["acquireTime"] = serde_json::json!(now);
+            }
+            match api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+                Err(e) => Err(e),
+            }
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! Shared informers: one watch per resource kind feeding an in-memory store, and a change
+//! counter each controller waits on, so loops react to events instead of polling.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone)]
+pub struct Informers {
+    pub pods: Store<Pod>,
+    pub replicasets: Store<ReplicaSet>,
+    pub deployments: Store<Deployment>,
+    pub nodes: Store<Node>,
+    pub leases: Store<Lease>,
+    pub changed: watch::Receiver<u64>,
+}
+
+fn start<K>(api: Api<K>, tx: watch::Sender<u64>, shutdown: CancellationToken) -> Store<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    tokio::spawn(async move {
+        let mut s = reflector::reflector(
+            writer,
+            watcher(api, watcher::Config::default()).default_backoff(),
+        )
+        .boxed();
+        loop {
+            let ev = tokio::select! { _ = shutdown.cancelled() => return, e = s.next() => e };
+            match ev {
+                Some(Ok(_)) => {
+                    tx.send_modify(|n| *n += 1);
+                }
+                Some(Err(e)) => {
+                    tracing::debug!("informer: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                None => return,
+            }
+        }
+    });
+    reader
+}
+
+impl Informers {
+    pub fn start(client: Client, shutdown: CancellationToken) -> Informers {
+        let (tx, rx) = watch::channel(0u64);
+        Informers {
+            pods: start(Api::<Pod>::all(client.clone()), tx.clone(), shutdown.clone()),
+            replicasets: start(
+                Api::<ReplicaSet>::all(client.clone()),
+                tx.clone(),
+                shutdown.clone(),
+            ),
+            deployments: start(
+                Api::<Deployment>::all(client.clone()),
+                tx.clone(),
+                shutdown.clone(),
+            ),
+            nodes: start(Api::<Node>::all(client.clone()), tx.clone(), shutdown.clone()),
+            leases: start(Api::<Lease>::namespaced(client, "kube-node-lease"), tx, shutdown),
+            changed: rx,
+        }
+    }
+
+    pub async fn wait_ready(&self) {
+        let _ = self.pods.wait_until_ready().await;
+        let _ = self.replicasets.wait_until_ready().await;
+        let _ = self.deployments.wait_until_ready().await;
+        let _ = self.nodes.wait_until_ready().await;
+        let _ = self.leases.wait_until_ready().await;
+    }
+}
+
+/// Waits for the next change (debounced a little, so a burst of events means one pass) or
+/// `resync`, whichever comes first; `false` on shutdown.
+pub async fn next_pass(
+    changed: &mut watch::Receiver<u64>,
+    resync: Duration,
+    shutdown: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => return false,
+        r = changed.changed() => { if r.is_err() { return false; } }
+        _ = tokio::time::sleep(resync) => {}
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    changed.borrow_and_update();
+    !shutdown.is_cancelled()
+}

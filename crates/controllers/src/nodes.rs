@@ -1,0 +1,313 @@
+//! Node lifecycle: a node whose Lease and status stop being renewed for the grace period is
+//! marked Unknown and tainted unreachable (NotReady → not-ready); pods that do not tolerate the
+//! taint long enough are evicted (TaintManagerEviction); taints go when heartbeats come back.
+//! Timer-driven every `node_monitor_period`, so a node is declared lost within grace + 1 s.
+
+use std::collections::{HashMap, HashSet};
+
+use k8s_openapi::api::core::v1::{Node, Pod, Taint};
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::{Api, Client, ResourceExt};
+use rkube_client::events::{Recorder, reference};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::Config;
+use crate::informer::Informers;
+
+const UNREACHABLE: &str = "node.kubernetes.io/unreachable";
+const NOT_READY: &str = "node.kubernetes.io/not-ready";
+
+fn ts(s: &jiff::Timestamp) -> i64 {
+    s.as_second()
+}
+
+/// When the node last proved it was alive: its Lease renewal or Ready heartbeat.
+fn last_heartbeat(inf: &Informers, node: &Node) -> Option<i64> {
+    let name = node.name_any();
+    let lease = inf
+        .leases
+        .state()
+        .into_iter()
+        .find(|l| l.name_any() == name)
+        .and_then(|l| l.spec.as_ref().and_then(|s| s.renew_time.as_ref()).map(|t| ts(&t.0)));
+    let ready = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready").cloned())
+        .and_then(|c| c.last_heartbeat_time.map(|t| ts(&t.0)));
+    lease.max(ready).or(node.metadata.creation_timestamp.as_ref().map(|t| ts(&t.0)))
+}
+
+fn ready_status(node: &Node) -> String {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready").map(|c| c.status.clone()))
+        .unwrap_or_else(|| "Unknown".into())
+}
+
+pub async fn run(
+    client: Client,
+    inf: Informers,
+    recorder: Recorder,
+    config: Config,
+    shutdown: CancellationToken,
+) {
+    let nodes_api: Api<Node> = Api::all(client.clone());
+    // Nodes this controller has already reported lost (so events fire once per transition).
+    let mut lost: HashSet<String> = HashSet::new();
+    let mut known: HashSet<String> = HashSet::new();
+    let mut evicted: HashMap<String, ()> = HashMap::new();
+    let grace = config.node_monitor_grace_period.as_secs() as i64;
+    loop {
+        let now = jiff::Timestamp::now().as_second();
+        let nodes = inf.nodes.state();
+        for node in &nodes {
+            let name = node.name_any();
+            if known.insert(name.clone()) {
+                recorder
+                    .record(
+                        &reference(node.as_ref()),
+                        "Normal",
+                        "RegisteredNode",
+                        &format!("Node {name} event: Registered Node {name} in Controller"),
+                    )
+                    .await;
+            }
+            let hb = last_heartbeat(&inf, node).unwrap_or(now);
+            let silent = now - hb > grace;
+            let ready = ready_status(node);
+            if silent && ready != "Unknown" {
+                mark_unknown(&nodes_api, node).await;
+                recorder
+                    .record(
+                        &reference(node.as_ref()),
+                        "Normal",
+                        "NodeNotReady",
+                        &format!("Node {name} status is now: NodeNotReady"),
+                    )
+                    .await;
+                mark_pods_not_ready(&client, &inf, &recorder, &name).await;
+                lost.insert(name.clone());
+            }
+            let want_taint = if silent || ready == "Unknown" {
+                Some(UNREACHABLE)
+            } else if ready == "False" {
+                Some(NOT_READY)
+            } else {
+                None
+            };
+            if !silent && ready == "True" && lost.remove(&name) {
+                recorder
+                    .record(
+                        &reference(node.as_ref()),
+                        "Normal",
+                        "NodeReady",
+                        &format!("Node {name} status is now: NodeReady"),
+                    )
+                    .await;
+            }
+            set_taints(&nodes_api, node, want_taint).await;
+        }
+        known.retain(|n| nodes.iter().any(|x| x.name_any() == *n));
+        // Taint-based eviction, paused when every node is down (full disruption), as upstream.
+        let all_down = !nodes.is_empty() && nodes.iter().all(|n| ready_status(n) != "True");
+        if !all_down {
+            for node in &nodes {
+                let taints: Vec<Taint> = node
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.taints.clone())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|t| t.effect == "NoExecute")
+                    .collect();
+                if taints.is_empty() {
+                    continue;
+                }
+                for pod in inf.pods.state().iter().filter(|p| {
+                    p.spec.as_ref().and_then(|s| s.node_name.as_deref())
+                        == Some(node.name_any().as_str())
+                }) {
+                    if pod.metadata.deletion_timestamp.is_some() {
+                        continue;
+                    }
+                    let uid = pod.uid().unwrap_or_default();
+                    if evicted.contains_key(&uid) {
+                        continue;
+                    }
+                    if let Some(due) = eviction_due(pod, &taints, now)
+                        && due <= now
+                    {
+                        evict(&client, &recorder, pod).await;
+                        evicted.insert(uid, ());
+                    }
+                }
+            }
+        }
+        if evicted.len() > 100_000 {
+            evicted.clear();
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(config.node_monitor_period) => {}
+        }
+    }
+}
+
+/// When a pod must leave a node with these NoExecute taints: now if some taint is not tolerated,
+/// else when the shortest tolerationSeconds runs out; `None` if it tolerates them forever.
+fn eviction_due(pod: &Pod, taints: &[Taint], now: i64) -> Option<i64> {
+    let tols = pod.spec.as_ref().and_then(|s| s.tolerations.clone()).unwrap_or_default();
+    let mut due: Option<i64> = None;
+    for t in taints {
+        let added = t.time_added.as_ref().map(|x| ts(&x.0)).unwrap_or(now);
+        let matching: Vec<_> = tols
+            .iter()
+            .filter(|tol| {
+                let key_ok = match tol.key.as_deref() {
+                    None | Some("") => tol.operator.as_deref() == Some("Exists"),
+                    Some(k) => k == t.key,
+                };
+                let effect_ok =
+                    tol.effect.as_deref().is_none_or(|e| e.is_empty() || e == "NoExecute");
+                let value_ok = tol.operator.as_deref() == Some("Exists")
+                    || tol.value.as_deref().unwrap_or("") == t.value.as_deref().unwrap_or("");
+                key_ok && effect_ok && value_ok
+            })
+            .collect();
+        if matching.is_empty() {
+            return Some(now);
+        }
+        if let Some(secs) = matching.iter().filter_map(|tol| tol.toleration_seconds).min() {
+            let d = added + secs.max(0);
+            due = Some(due.map_or(d, |x: i64| x.min(d)));
+        }
+    }
+    due
+}
+
+async fn evict(client: &Client, recorder: &Recorder, pod: &Pod) {
+    let ns = pod.namespace().unwrap_or_default();
+    recorder
+        .record(
+            &reference(pod),
+            "Normal",
+            "TaintManagerEviction",
+            &format!("Marking for deletion Pod {ns}/{}", pod.name_any()),
+        )
+        .await;
+    let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let _ = api.delete(&pod.name_any(), &DeleteParams::default()).await;
+}
+
+async fn mark_unknown(api: &Api<Node>, node: &Node) {
+    let now = crate::util::now();
+    let mut conds = Vec::new();
+    for c in node.status.as_ref().and_then(|s| s.conditions.clone()).unwrap_or_default() {
+        let mut c = serde_json::to_value(&c).unwrap_or_default();
+        c["status"] = json!("Unknown");
+        c["reason"] = json!("NodeStatusUnknown");
+        c["message"] = json!("Kubelet stopped posting node status.");
+        c["lastTransitionTime"] = json!(now);
+        conds.push(c);
+    }
+    let patch = json!({"status": {"conditions": conds}});
+    if let Err(e) =
+        api.patch_status(&node.name_any(), &PatchParams::default(), &Patch::Strategic(&patch)).await
+    {
+        tracing::debug!("marking {} unknown: {e}", node.name_any());
+    }
+}
+
+/// Keeps exactly the wanted lifecycle taint (NoExecute, plus NoSchedule) on the node.
+async fn set_taints(api: &Api<Node>, node: &Node, want: Option<&str>) {
+    let taints = node.spec.as_ref().and_then(|s| s.taints.clone()).unwrap_or_default();
+    let ours = |t: &Taint| t.key == UNREACHABLE || t.key == NOT_READY;
+    let have: Vec<&Taint> = taints.iter().filter(|t| ours(t)).collect();
+    let ok = match want {
+        None => have.is_empty(),
+        Some(k) => have.len() == 2 && have.iter().all(|t| t.key == k),
+    };
+    if ok {
+        return;
+    }
+    let mut next: Vec<serde_json::Value> = taints
+        .iter()
+        .filter(|t| !ours(t))
+        .map(|t| serde_json::to_value(t).unwrap_or_default())
+        .collect();
+    if let Some(k) = want {
+        let now = crate::util::now();
+        next.push(json!({"key": k, "effect": "NoSchedule", "timeAdded": now}));
+        next.push(json!({"key": k, "effect": "NoExecute", "timeAdded": now}));
+    }
+    let patch = json!({"metadata": {"resourceVersion": node.resource_version()}, "spec": {"taints": if next.is_empty() { serde_json::Value::Null } else { json!(next) }}});
+    if let Err(e) =
+        api.patch(&node.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await
+    {
+        tracing::debug!("tainting {}: {e}", node.name_any());
+    }
+}
+
+async fn mark_pods_not_ready(client: &Client, inf: &Informers, recorder: &Recorder, node: &str) {
+    for pod in inf
+        .pods
+        .state()
+        .iter()
+        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+    {
+        let api: Api<Pod> = Api::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
+        let patch = json!({"status": {"conditions": [{"type": "Ready", "status": "False", "lastTransitionTime": crate::util::now(), "lastProbeTime": null}]}});
+        let _ = api
+            .patch_status(&pod.name_any(), &PatchParams::default(), &Patch::Strategic(&patch))
+            .await;
+        recorder
+            .record(&reference(pod.as_ref()), "Warning", "NodeNotReady", "Node is not ready")
+            .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{PodSpec, Toleration};
+
+    fn pod(tols: Vec<Toleration>) -> Pod {
+        Pod {
+            spec: Some(PodSpec { tolerations: Some(tols), ..Default::default() }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn eviction_waits_for_the_toleration_and_is_immediate_without_one() {
+        let taint = Taint {
+            key: UNREACHABLE.into(),
+            effect: "NoExecute".into(),
+            value: None,
+            time_added: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                jiff::Timestamp::from_second(1000).unwrap(),
+            )),
+        };
+        assert_eq!(eviction_due(&pod(vec![]), std::slice::from_ref(&taint), 1005), Some(1005));
+        let tol = Toleration {
+            key: Some(UNREACHABLE.into()),
+            operator: Some("Exists".into()),
+            effect: Some("NoExecute".into()),
+            toleration_seconds: Some(5),
+            value: None,
+        };
+        assert_eq!(eviction_due(&pod(vec![tol]), std::slice::from_ref(&taint), 1001), Some(1005));
+        let forever = Toleration {
+            key: Some(UNREACHABLE.into()),
+            operator: Some("Exists".into()),
+            effect: None,
+            toleration_seconds: None,
+            value: None,
+        };
+        assert_eq!(eviction_due(&pod(vec![forever]), &[taint], 1001), None);
+    }
+}

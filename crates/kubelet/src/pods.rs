@@ -1,0 +1,661 @@
+//! Pod workers: one task per pod bound to this node. Each runs init containers in order, then the
+//! app containers, restarts them per restartPolicy with CrashLoopBackOff, stops them gracefully
+//! on delete, and patches the pod's status whenever what it reports changes.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Container, Pod};
+use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use nix::sys::signal::Signal;
+use rkube_client::events::{Recorder, reference};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::runtime::{self, ContainerSpec, Exit, Handle};
+use crate::{Config, Result, RuntimeKind};
+
+const BACKOFF_START: Duration = Duration::from_secs(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(600);
+
+fn now() -> String {
+    jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+pub async fn run(client: Client, config: Config, shutdown: CancellationToken) -> Result<()> {
+    let api: Api<Pod> = Api::all(client.clone());
+    let recorder = Recorder::new(client.clone(), "kubelet", Some(&config.node_name));
+    let wc = watcher::Config::default().fields(&format!("spec.nodeName={}", config.node_name));
+    let mut stream = watcher(api, wc).boxed();
+    let mut workers: HashMap<String, (watch::Sender<Option<Pod>>, tokio::task::JoinHandle<()>)> =
+        HashMap::new();
+    let mut seen_in_init: Vec<String> = Vec::new();
+    loop {
+        let ev = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            e = stream.next() => e,
+        };
+        match ev {
+            Some(Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p))) => {
+                let uid = p.metadata.uid.clone().unwrap_or_default();
+                if let Some(u) = seen_in_init.iter().position(|x| *x == uid) {
+                    seen_in_init.remove(u);
+                }
+                match workers.get(&uid) {
+                    Some((tx, _)) => {
+                        let _ = tx.send(Some(p));
+                    }
+                    None => {
+                        let (tx, rx) = watch::channel(Some(p));
+                        let task = tokio::spawn(worker(
+                            client.clone(),
+                            config.clone(),
+                            recorder.clone(),
+                            rx,
+                            shutdown.clone(),
+                        ));
+                        workers.insert(uid.clone(), (tx, task));
+                    }
+                }
+            }
+            Some(Ok(watcher::Event::Delete(p))) => {
+                let uid = p.metadata.uid.clone().unwrap_or_default();
+                if let Some((tx, _)) = workers.get(&uid) {
+                    let _ = tx.send(None);
+                }
+            }
+            Some(Ok(watcher::Event::Init)) => {
+                seen_in_init = workers.keys().cloned().collect();
+            }
+            Some(Ok(watcher::Event::InitDone)) => {
+                // Pods that vanished while the watch was re-listing are gone.
+                for uid in seen_in_init.drain(..) {
+                    if let Some((tx, _)) = workers.get(&uid) {
+                        let _ = tx.send(None);
+                    }
+                }
+            }
+            Some(Err(e)) => {
+                tracing::debug!("{}: pod watch: {e}", config.node_name);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            None => break,
+        }
+        workers.retain(|_, (_, t)| !t.is_finished());
+    }
+    // Shutting down (or powered off): every worker stops its containers.
+    for (_, (_, task)) in workers.drain() {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+    Ok(())
+}
+
+/// What the kubelet knows about one container.
+#[derive(Default)]
+struct Ctr {
+    running: bool,
+    pid: Option<i32>,
+    sim_stop: Option<watch::Sender<bool>>,
+    generation: u64,
+    started_at: Option<String>,
+    started_instant: Option<Instant>,
+    restart_count: i32,
+    terminated: Option<Value>,
+    last_terminated: Option<Value>,
+    waiting: Option<(String, String)>,
+    backoff_until: Option<Instant>,
+    backoff: Duration,
+    id: String,
+}
+
+struct Worker {
+    client: Client,
+    config: Config,
+    recorder: Recorder,
+    ctrs: HashMap<String, Ctr>,
+    exits: mpsc::Sender<(String, u64, Exit)>,
+    last_status: Value,
+    start_time: String,
+    pod_dir: PathBuf,
+}
+
+async fn worker(
+    client: Client,
+    config: Config,
+    recorder: Recorder,
+    mut rx: watch::Receiver<Option<Pod>>,
+    shutdown: CancellationToken,
+) {
+    let (exits_tx, mut exits_rx) = mpsc::channel(64);
+    let uid = rx.borrow().as_ref().and_then(|p| p.metadata.uid.clone()).unwrap_or_default();
+    let mut w = Worker {
+        pod_dir: config.data_dir.join("pods").join(&uid),
+        client,
+        config,
+        recorder,
+        ctrs: HashMap::new(),
+        exits: exits_tx,
+        last_status: Value::Null,
+        start_time: now(),
+    };
+    loop {
+        let pod = rx.borrow_and_update().clone();
+        let Some(pod) = pod else {
+            // The pod is gone from the API: stop everything at once.
+            w.stop_all(Duration::from_secs(0), &mut exits_rx).await;
+            return;
+        };
+        if shutdown.is_cancelled() {
+            w.stop_all(Duration::from_secs(0), &mut exits_rx).await;
+            return;
+        }
+        if pod.metadata.deletion_timestamp.is_some() {
+            let grace = pod.metadata.deletion_grace_period_seconds.unwrap_or(30).max(0) as u64;
+            for c in pod_containers(&pod) {
+                if w.ctrs.get(&c.name).is_some_and(|x| x.running) {
+                    w.recorder
+                        .record(
+                            &container_ref(&pod, &c.name),
+                            "Normal",
+                            "Killing",
+                            &format!("Stopping container {}", c.name),
+                        )
+                        .await;
+                }
+            }
+            w.stop_all(Duration::from_secs(grace), &mut exits_rx).await;
+            let _ = w.report(&pod).await;
+            let api: Api<Pod> = Api::namespaced(
+                w.client.clone(),
+                pod.metadata.namespace.as_deref().unwrap_or("default"),
+            );
+            let dp = DeleteParams {
+                grace_period_seconds: Some(0),
+                preconditions: Some(Preconditions {
+                    uid: pod.metadata.uid.clone(),
+                    resource_version: None,
+                }),
+                ..Default::default()
+            };
+            let _ = api.delete(pod.metadata.name.as_deref().unwrap_or(""), &dp).await;
+            let _ = std::fs::remove_dir_all(&w.pod_dir);
+            return;
+        }
+        w.sync(&pod).await;
+        let _ = w.report(&pod).await;
+        // Sleep until something happens: a container exits, the pod changes, a back-off ends.
+        let wake = w.ctrs.values().filter_map(|c| c.backoff_until).min();
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            changed = rx.changed() => { if changed.is_err() { w.stop_all(Duration::from_secs(0), &mut exits_rx).await; return; } }
+            Some((name, generation, exit)) = exits_rx.recv() => w.on_exit(&pod, &name, generation, exit).await,
+            _ = async { match wake { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {}
+        }
+    }
+}
+
+fn pod_containers(pod: &Pod) -> Vec<Container> {
+    pod.spec.as_ref().map(|s| s.containers.clone()).unwrap_or_default()
+}
+
+fn init_containers(pod: &Pod) -> Vec<Container> {
+    pod.spec.as_ref().and_then(|s| s.init_containers.clone()).unwrap_or_default()
+}
+
+fn container_ref(pod: &Pod, name: &str) -> k8s_openapi::api::core::v1::ObjectReference {
+    let mut r = reference(pod);
+    r.field_path = Some(format!("spec.containers{{{name}}}"));
+    r
+}
+
+fn restart_policy(pod: &Pod) -> String {
+    pod.spec.as_ref().and_then(|s| s.restart_policy.clone()).unwrap_or_else(|| "Always".into())
+}
+
+/// The environment of a container: pod-level basics plus `env` (values and downward API fields).
+fn env_of(pod: &Pod, c: &Container, config: &Config) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("HOSTNAME".to_string(), pod.metadata.name.clone().unwrap_or_default()),
+        ("KUBERNETES_SERVICE_HOST".to_string(), "10.96.0.1".to_string()),
+        ("KUBERNETES_SERVICE_PORT".to_string(), "443".to_string()),
+    ];
+    for e in c.env.iter().flatten() {
+        let value = match (&e.value, &e.value_from) {
+            (Some(v), _) => v.clone(),
+            (None, Some(from)) => match from.field_ref.as_ref().map(|f| f.field_path.as_str()) {
+                Some("metadata.name") => pod.metadata.name.clone().unwrap_or_default(),
+                Some("metadata.namespace") => pod.metadata.namespace.clone().unwrap_or_default(),
+                Some("metadata.uid") => pod.metadata.uid.clone().unwrap_or_default(),
+                Some("spec.nodeName") => config.node_name.clone(),
+                Some("status.hostIP") | Some("status.podIP") => config.node_ip.clone(),
+                Some("spec.serviceAccountName") => pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.service_account_name.clone())
+                    .unwrap_or_default(),
+                _ => String::new(),
+            },
+            _ => String::new(),
+        };
+        env.push((e.name.clone(), expand(&value, &env)));
+    }
+    env
+}
+
+/// `$(VAR)` references to earlier variables, as upstream expands them.
+fn expand(s: &str, env: &[(String, String)]) -> String {
+    let mut out = s.to_string();
+    for (k, v) in env {
+        out = out.replace(&format!("$({k})"), v);
+    }
+    out
+}
+
+impl Worker {
+    fn ctr(&mut self, name: &str) -> &mut Ctr {
+        self.ctrs.entry(name.to_string()).or_default()
+    }
+
+    /// Starts what should run now: the next init container, or every app container.
+    async fn sync(&mut self, pod: &Pod) {
+        let policy = restart_policy(pod);
+        for c in init_containers(pod) {
+            let sidecar = c.restart_policy.as_deref() == Some("Always");
+            let done = self
+                .ctrs
+                .get(&c.name)
+                .and_then(|x| x.terminated.as_ref())
+                .is_some_and(|t| t["exitCode"] == 0);
+            if done && !sidecar {
+                continue;
+            }
+            let state = self.ctrs.get(&c.name);
+            let running = state.is_some_and(|x| x.running);
+            if running && sidecar {
+                continue;
+            }
+            if !running {
+                let failed = state.and_then(|x| x.terminated.as_ref()).is_some();
+                if failed && policy == "Never" && !sidecar {
+                    return;
+                }
+                self.maybe_start(pod, &c, true).await;
+            }
+            return;
+        }
+        for c in pod_containers(pod) {
+            let state = self.ctrs.get(&c.name);
+            if state.is_some_and(|x| x.running) {
+                continue;
+            }
+            if let Some(t) = state.and_then(|x| x.terminated.as_ref()) {
+                let ok = t["exitCode"] == 0;
+                let restart = match policy.as_str() {
+                    "Never" => false,
+                    "OnFailure" => !ok,
+                    _ => true,
+                };
+                if !restart {
+                    continue;
+                }
+            }
+            self.maybe_start(pod, &c, false).await;
+        }
+    }
+
+    async fn maybe_start(&mut self, pod: &Pod, c: &Container, _init: bool) {
+        let now_i = Instant::now();
+        if let Some(until) = self.ctrs.get(&c.name).and_then(|x| x.backoff_until)
+            && until > now_i
+        {
+            let delay = self.ctrs.get(&c.name).map(|x| x.backoff).unwrap_or(BACKOFF_START);
+            let msg = format!(
+                "back-off {}s restarting failed container={} pod={}_{}({})",
+                delay.as_secs(),
+                c.name,
+                pod.metadata.name.as_deref().unwrap_or(""),
+                pod.metadata.namespace.as_deref().unwrap_or(""),
+                pod.metadata.uid.as_deref().unwrap_or("")
+            );
+            self.ctr(&c.name).waiting = Some(("CrashLoopBackOff".into(), msg));
+            return;
+        }
+        let mut argv: Vec<String> = c.command.clone().unwrap_or_default();
+        argv.extend(c.args.clone().unwrap_or_default());
+        let env = env_of(pod, c, &self.config);
+        let argv: Vec<String> = argv.iter().map(|a| expand(a, &env)).collect();
+        let handle = match self.config.runtime {
+            RuntimeKind::Simulated => {
+                let (tx, rx) = watch::channel(false);
+                self.ctr(&c.name).sim_stop = Some(tx);
+                Ok(Handle::Simulated { stop: rx, exit_after: None })
+            }
+            RuntimeKind::Process => {
+                if argv.is_empty() {
+                    let image = c.image.clone().unwrap_or_default();
+                    self.ctr(&c.name).waiting = Some((
+                        "CreateContainerConfigError".into(),
+                        format!(
+                            "the process runtime runs a container's command on the host and cannot run image {image} by itself: set `command`"
+                        ),
+                    ));
+                    return;
+                }
+                let spec = ContainerSpec {
+                    name: c.name.clone(),
+                    argv,
+                    env,
+                    workdir: self.pod_dir.join("work"),
+                    log_path: self.pod_dir.join("logs").join(format!("{}.log", c.name)),
+                };
+                runtime::start_process(&spec)
+            }
+        };
+        match handle {
+            Ok(mut h) => {
+                let id = h.id();
+                let pid = match &h {
+                    Handle::Process { pid, .. } => Some(*pid),
+                    _ => None,
+                };
+                let first = self
+                    .ctrs
+                    .get(&c.name)
+                    .is_none_or(|x| x.started_at.is_none() && x.terminated.is_none());
+                let x = self.ctr(&c.name);
+                x.generation += 1;
+                let generation = x.generation;
+                if x.terminated.is_some() {
+                    x.restart_count += 1;
+                    x.last_terminated = x.terminated.take();
+                }
+                x.running = true;
+                x.pid = pid;
+                x.id = id;
+                x.waiting = None;
+                x.started_at = Some(now());
+                x.started_instant = Some(Instant::now());
+                x.backoff_until = None;
+                let tx = self.exits.clone();
+                let name = c.name.clone();
+                tokio::spawn(async move {
+                    let exit = h.wait().await;
+                    let _ = tx.send((name, generation, exit)).await;
+                });
+                let cref = container_ref(pod, &c.name);
+                if first {
+                    self.recorder
+                        .record(
+                            &cref,
+                            "Normal",
+                            "Pulled",
+                            &format!(
+                                "Container image \"{}\" already present on machine",
+                                c.image.clone().unwrap_or_default()
+                            ),
+                        )
+                        .await;
+                }
+                self.recorder
+                    .record(&cref, "Normal", "Created", &format!("Created container: {}", c.name))
+                    .await;
+                self.recorder
+                    .record(&cref, "Normal", "Started", &format!("Started container {}", c.name))
+                    .await;
+            }
+            Err(e) => {
+                self.ctr(&c.name).waiting = Some((
+                    "RunContainerError".into(),
+                    format!("failed to start container {}: {e}", c.name),
+                ));
+                let cref = container_ref(pod, &c.name);
+                self.recorder
+                    .record(
+                        &cref,
+                        "Warning",
+                        "Failed",
+                        &format!("Error: failed to start container {}: {e}", c.name),
+                    )
+                    .await;
+                self.schedule_backoff(&c.name);
+            }
+        }
+    }
+
+    fn schedule_backoff(&mut self, name: &str) {
+        let x = self.ctr(name);
+        let ran_long = x.started_instant.is_some_and(|t| t.elapsed() >= BACKOFF_RESET_AFTER);
+        x.backoff = if ran_long || x.backoff.is_zero() {
+            BACKOFF_START
+        } else {
+            (x.backoff * 2).min(BACKOFF_MAX)
+        };
+        x.backoff_until = Some(Instant::now() + x.backoff);
+    }
+
+    async fn on_exit(&mut self, pod: &Pod, name: &str, generation: u64, exit: Exit) {
+        let policy = restart_policy(pod);
+        let Some(x) = self.ctrs.get_mut(name) else { return };
+        if x.generation != generation {
+            return;
+        }
+        x.running = false;
+        x.pid = None;
+        let reason = if exit.code == 0 { "Completed" } else { "Error" };
+        let mut t = json!({
+            "exitCode": exit.code, "reason": reason,
+            "startedAt": x.started_at.clone(), "finishedAt": now(), "containerID": x.id.clone(),
+        });
+        if let Some(sig) = exit.signal {
+            t["signal"] = json!(sig);
+        }
+        x.terminated = Some(t);
+        let is_init = init_containers(pod)
+            .iter()
+            .any(|c| c.name == name && c.restart_policy.as_deref() != Some("Always"));
+        let restarts = match policy.as_str() {
+            "Never" => false,
+            "OnFailure" => exit.code != 0,
+            _ => !is_init || exit.code != 0,
+        };
+        if restarts {
+            self.schedule_backoff(name);
+            let cref = container_ref(pod, name);
+            if exit.code != 0 {
+                self.recorder
+                    .record(
+                        &cref,
+                        "Warning",
+                        "BackOff",
+                        &format!(
+                            "Back-off restarting failed container {name} in pod {}_{}({})",
+                            pod.metadata.name.as_deref().unwrap_or(""),
+                            pod.metadata.namespace.as_deref().unwrap_or(""),
+                            pod.metadata.uid.as_deref().unwrap_or("")
+                        ),
+                    )
+                    .await;
+            }
+        }
+    }
+
+    /// SIGTERM to every container, SIGKILL after `grace`.
+    async fn stop_all(&mut self, grace: Duration, exits: &mut mpsc::Receiver<(String, u64, Exit)>) {
+        for x in self.ctrs.values() {
+            if let Some(pid) = x.pid {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    if grace.is_zero() { Signal::SIGKILL } else { Signal::SIGTERM },
+                );
+            }
+            if let Some(s) = &x.sim_stop {
+                let _ = s.send(true);
+            }
+        }
+        let deadline = Instant::now() + grace;
+        while self.ctrs.values().any(|x| x.running) {
+            tokio::select! {
+                Some((name, generation, exit)) = exits.recv() => {
+                    if let Some(x) = self.ctrs.get_mut(&name) && x.generation == generation {
+                        x.running = false;
+                        x.pid = None;
+                        x.terminated = Some(json!({"exitCode": exit.code, "reason": if exit.code == 0 { "Completed" } else { "Error" }, "startedAt": x.started_at.clone(), "finishedAt": now(), "containerID": x.id.clone()}));
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    for x in self.ctrs.values() {
+                        if let Some(pid) = x.pid {
+                            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+                        }
+                    }
+                    // Give the kill a moment to be reaped, then stop waiting.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                        while let Some((name, _, _)) = exits.recv().await {
+                            if let Some(x) = self.ctrs.get_mut(&name) { x.running = false; x.pid = None; }
+                            if !self.ctrs.values().any(|x| x.running) { break; }
+                        }
+                    }).await;
+                    break;
+                }
+            }
+        }
+    }
+
+    fn container_status(&self, c: &Container, init: bool) -> Value {
+        let x = self.ctrs.get(&c.name);
+        let state = match x {
+            Some(x) if x.running => json!({"running": {"startedAt": x.started_at}}),
+            Some(x) if x.waiting.is_some() => {
+                let (r, m) = x.waiting.clone().unwrap_or_default();
+                json!({"waiting": {"reason": r, "message": m}})
+            }
+            Some(x) if x.terminated.is_some() => json!({"terminated": x.terminated}),
+            _ => {
+                json!({"waiting": {"reason": if init { "PodInitializing" } else { "ContainerCreating" }}})
+            }
+        };
+        let running = x.is_some_and(|x| x.running);
+        let mut s = json!({
+            "name": c.name, "image": c.image, "imageID": "",
+            "ready": running, "started": running,
+            "restartCount": x.map(|x| x.restart_count).unwrap_or(0),
+            "state": state,
+            "lastState": x.and_then(|x| x.last_terminated.clone()).map(|t| json!({"terminated": t})).unwrap_or(json!({})),
+        });
+        if let Some(x) = x.filter(|x| !x.id.is_empty()) {
+            s["containerID"] = json!(x.id);
+        }
+        if init && !running {
+            s["ready"] =
+                json!(x.and_then(|x| x.terminated.as_ref()).is_some_and(|t| t["exitCode"] == 0));
+        }
+        s
+    }
+
+    /// Computes the pod status and patches it when it changed.
+    async fn report(&mut self, pod: &Pod) -> Result<()> {
+        let inits = init_containers(pod);
+        let apps = pod_containers(pod);
+        let init_statuses: Vec<Value> =
+            inits.iter().map(|c| self.container_status(c, true)).collect();
+        let statuses: Vec<Value> = apps.iter().map(|c| self.container_status(c, false)).collect();
+        let initialized = inits.iter().all(|c| {
+            let x = self.ctrs.get(&c.name);
+            c.restart_policy.as_deref() == Some("Always") && x.is_some_and(|x| x.running)
+                || x.and_then(|x| x.terminated.as_ref()).is_some_and(|t| t["exitCode"] == 0)
+        });
+        let all_running = apps.iter().all(|c| self.ctrs.get(&c.name).is_some_and(|x| x.running));
+        let policy = restart_policy(pod);
+        let all_done = apps
+            .iter()
+            .all(|c| self.ctrs.get(&c.name).is_some_and(|x| !x.running && x.terminated.is_some()));
+        let all_ok = apps.iter().all(|c| {
+            self.ctrs
+                .get(&c.name)
+                .and_then(|x| x.terminated.as_ref())
+                .is_some_and(|t| t["exitCode"] == 0)
+        });
+        let init_failed_never = policy == "Never"
+            && inits.iter().any(|c| {
+                self.ctrs
+                    .get(&c.name)
+                    .and_then(|x| x.terminated.as_ref())
+                    .is_some_and(|t| t["exitCode"] != 0)
+            });
+        let any_started =
+            apps.iter().any(|c| self.ctrs.get(&c.name).is_some_and(|x| x.started_at.is_some()));
+        let phase = if init_failed_never {
+            "Failed"
+        } else if all_done && (policy == "Never" || (policy == "OnFailure" && all_ok)) {
+            if all_ok { "Succeeded" } else { "Failed" }
+        } else if initialized && any_started {
+            "Running"
+        } else {
+            "Pending"
+        };
+        let ready = all_running && initialized && phase == "Running";
+        let t = now();
+        let prev_conds: Vec<Value> =
+            self.last_status["conditions"].as_array().cloned().unwrap_or_default();
+        let cond = |ty: &str, ok: bool, reason: Option<&str>| {
+            let status = if ok { "True" } else { "False" };
+            let since = prev_conds
+                .iter()
+                .find(|c| c["type"] == ty && c["status"] == status)
+                .and_then(|c| c["lastTransitionTime"].as_str().map(String::from))
+                .unwrap_or_else(|| t.clone());
+            let mut c = json!({"type": ty, "status": status, "lastProbeTime": null, "lastTransitionTime": since});
+            if let (false, Some(r)) = (ok, reason) {
+                c["reason"] = json!(r);
+            }
+            c
+        };
+        let not_ready_reason = if phase == "Succeeded" || phase == "Failed" {
+            "PodCompleted"
+        } else {
+            "ContainersNotReady"
+        };
+        let conditions = vec![
+            cond("PodReadyToStartContainers", true, None),
+            cond("Initialized", initialized, Some("ContainersNotInitialized")),
+            cond("Ready", ready, Some(not_ready_reason)),
+            cond("ContainersReady", ready, Some(not_ready_reason)),
+            cond("PodScheduled", true, None),
+        ];
+        let mut status = json!({
+            "phase": phase,
+            "conditions": conditions,
+            "hostIP": self.config.node_ip, "hostIPs": [{"ip": self.config.node_ip}],
+            "podIP": self.config.node_ip, "podIPs": [{"ip": self.config.node_ip}],
+            "startTime": self.start_time,
+            "containerStatuses": statuses,
+            "qosClass": pod.status.as_ref().and_then(|s| s.qos_class.clone()).unwrap_or_else(|| "BestEffort".into()),
+        });
+        if !init_statuses.is_empty() {
+            status["initContainerStatuses"] = json!(init_statuses);
+        }
+        if status == self.last_status {
+            return Ok(());
+        }
+        let api: Api<Pod> = Api::namespaced(
+            self.client.clone(),
+            pod.metadata.namespace.as_deref().unwrap_or("default"),
+        );
+        let patch = json!({"status": status});
+        api.patch_status(
+            pod.metadata.name.as_deref().unwrap_or(""),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+        self.last_status = status;
+        Ok(())
+    }
+}

@@ -1,0 +1,97 @@
+//! Container runtimes behind one small interface: `process` runs the container's command as a
+//! host process in its own process group (logs to a file); `simulated` runs nothing.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+/// How one container is started.
+#[derive(Clone, Debug)]
+pub struct ContainerSpec {
+    pub name: String,
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub workdir: PathBuf,
+    pub log_path: PathBuf,
+}
+
+/// A started container.
+pub enum Handle {
+    Process { child: tokio::process::Child, pid: i32 },
+    Simulated { stop: tokio::sync::watch::Receiver<bool>, exit_after: Option<Duration> },
+}
+
+#[derive(Debug)]
+pub struct Exit {
+    pub code: i32,
+    pub signal: Option<i32>,
+}
+
+impl Handle {
+    pub fn id(&self) -> String {
+        match self {
+            Handle::Process { pid, .. } => format!("process://{pid}"),
+            Handle::Simulated { .. } => "simulated://0".into(),
+        }
+    }
+
+    /// Waits for the container to end.
+    pub async fn wait(&mut self) -> Exit {
+        match self {
+            Handle::Process { child, .. } => match child.wait().await {
+                Ok(status) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    Exit {
+                        code: status.code().unwrap_or(128 + status.signal().unwrap_or(9)),
+                        signal: status.signal(),
+                    }
+                }
+                Err(_) => Exit { code: 128, signal: None },
+            },
+            Handle::Simulated { stop, exit_after } => {
+                let after = *exit_after;
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => Exit { code: 137, signal: Some(9) },
+                    _ = async move { match after { Some(d) => tokio::time::sleep(d).await, None => std::future::pending().await } } => Exit { code: 0, signal: None },
+                }
+            }
+        }
+    }
+
+    /// Sends a signal to the whole process group of the container.
+    pub fn signal(&self, sig: Signal) {
+        if let Handle::Process { pid, .. } = self {
+            let _ = nix::sys::signal::killpg(Pid::from_raw(*pid), sig);
+        }
+    }
+}
+
+/// Starts a process container in its own process group; stdout and stderr are appended to
+/// `log_path`, which `kubectl logs` reads through the kubelet.
+pub fn start_process(spec: &ContainerSpec) -> std::io::Result<Handle> {
+    let Some((program, args)) = spec.argv.split_first() else {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no command"));
+    };
+    std::fs::create_dir_all(&spec.workdir)?;
+    if let Some(dir) = spec.log_path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&spec.log_path)?;
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .current_dir(&spec.workdir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        .process_group(0)
+        .kill_on_drop(true);
+    let child = cmd.spawn()?;
+    let pid = child.id().map(|p| p as i32).unwrap_or(0);
+    Ok(Handle::Process { child, pid })
+}

@@ -1,0 +1,599 @@
+//! The cluster `rkube up` runs in one process: store, API server, scheduler, controller manager
+//! and one kubelet per node, each kubelet behind its own "cable" so a node can be crashed and
+//! restored on demand. Also `rkube server`, the control plane without nodes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use k8s_openapi::api::core::v1::{Node, Taint};
+use kube::Api;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use super::control::{self, Answer, ComponentStatus, Request, Status};
+use super::switch::Cable;
+use super::{Paths, RuntimeChoice, UpArgs, kubeconfig};
+
+/// Failure detection: how fast a dead node is noticed and its pods replaced.
+#[derive(Clone, Copy, Debug)]
+pub struct Timings {
+    pub grace: Duration,
+    pub toleration_seconds: i64,
+    pub lease: Duration,
+}
+
+impl Timings {
+    pub fn fast() -> Timings {
+        Timings {
+            grace: Duration::from_secs(10),
+            toleration_seconds: 5,
+            lease: Duration::from_secs(8),
+        }
+    }
+    pub fn upstream() -> Timings {
+        Timings {
+            grace: Duration::from_secs(50),
+            toleration_seconds: 300,
+            lease: Duration::from_secs(40),
+        }
+    }
+}
+
+/// A kube client from a kubeconfig file, optionally behind a node's cable.
+pub async fn client_from(path: &Path, cable: Option<&Cable>) -> Result<kube::Client> {
+    let kc = kube::config::Kubeconfig::read_from(path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+    let builder = kube::client::ClientBuilder::try_from(cfg)?;
+    Ok(match cable {
+        Some(c) => builder.with_layer(c).build(),
+        None => builder.build(),
+    })
+}
+
+struct NodeHandle {
+    config: rkube_kubelet::Config,
+    cable: Cable,
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+    crashed: bool,
+}
+
+struct Cluster {
+    kubeconfig: PathBuf,
+    server_url: String,
+    data_dir: PathBuf,
+    runtime: RuntimeChoice,
+    nodes: Mutex<BTreeMap<String, NodeHandle>>,
+    ready: std::sync::atomic::AtomicBool,
+    stop: CancellationToken,
+}
+
+fn spawn_kubelet(
+    client: kube::Client,
+    config: rkube_kubelet::Config,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let name = config.node_name.clone();
+        // A kubelet whose API server is briefly unreachable retries instead of dying.
+        loop {
+            match rkube_kubelet::run_with_client(client.clone(), config.clone(), stop.clone()).await
+            {
+                Ok(()) => return,
+                Err(e) => {
+                    if stop.is_cancelled() {
+                        return;
+                    }
+                    tracing::warn!("kubelet {name}: {e}; retrying");
+                    tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(Duration::from_secs(1)) => {} }
+                }
+            }
+        }
+    })
+}
+
+impl Cluster {
+    async fn start_node(&self, name: &str) -> Result<()> {
+        let mut nodes = self.nodes.lock().await;
+        let h = nodes.get_mut(name).with_context(|| format!("no node named {name}"))?;
+        let client = client_from(&self.kubeconfig, Some(&h.cable)).await?;
+        h.cable.set(true);
+        h.stop = self.stop.child_token();
+        h.task = Some(spawn_kubelet(client, h.config.clone(), h.stop.clone()));
+        h.crashed = false;
+        Ok(())
+    }
+
+    async fn crash(&self, name: &str) -> Answer {
+        let mut nodes = self.nodes.lock().await;
+        let Some(h) = nodes.get_mut(name) else {
+            return Answer::err(format!(
+                "no node named {name}; nodes: {}",
+                nodes.keys().cloned().collect::<Vec<_>>().join(", ")
+            ));
+        };
+        if h.crashed {
+            return Answer::err(format!("node {name} is already crashed"));
+        }
+        // Power loss: the link goes first, so nothing more reaches the API server, then the
+        // kubelet and every process it runs die.
+        h.cable.set(false);
+        h.stop.cancel();
+        if let Some(t) = h.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+        h.crashed = true;
+        Answer::ok(format!("node {name} crashed: heartbeats stopped and its pods were killed"))
+    }
+
+    async fn restore(&self, name: &str) -> Answer {
+        {
+            let nodes = self.nodes.lock().await;
+            match nodes.get(name) {
+                None => return Answer::err(format!("no node named {name}")),
+                Some(h) if !h.crashed => return Answer::err(format!("node {name} is running")),
+                _ => {}
+            }
+        }
+        match self.start_node(name).await {
+            Ok(()) => Answer::ok(format!("node {name} restored")),
+            Err(e) => Answer::err(format!("restoring {name}: {e:#}")),
+        }
+    }
+
+    async fn status(&self) -> Status {
+        let mut components = Vec::new();
+        components.push(ComponentStatus {
+            name: "apiserver".into(),
+            healthy: true,
+            detail: self.server_url.clone(),
+        });
+        if let Ok(client) = client_from(&self.kubeconfig, None).await {
+            let cs: Api<k8s_openapi::api::core::v1::ComponentStatus> = Api::all(client.clone());
+            match cs.list(&Default::default()).await {
+                Ok(list) => {
+                    for c in list.items {
+                        let cond = c.conditions.unwrap_or_default().into_iter().next();
+                        let healthy = cond.as_ref().is_some_and(|c| c.status == "True");
+                        let detail = cond
+                            .map(|c| c.message.or(c.error).unwrap_or_default())
+                            .unwrap_or_default();
+                        let name = match c.metadata.name.as_deref() {
+                            Some("etcd-0") => "store (etcd-0)".to_string(),
+                            Some(n) => n.to_string(),
+                            None => String::new(),
+                        };
+                        components.push(ComponentStatus { name, healthy, detail });
+                    }
+                }
+                Err(e) => components.push(ComponentStatus {
+                    name: "componentstatuses".into(),
+                    healthy: false,
+                    detail: e.to_string(),
+                }),
+            }
+            let nodes_api: Api<Node> = Api::all(client);
+            let crashed: Vec<String> = self
+                .nodes
+                .lock()
+                .await
+                .iter()
+                .filter(|(_, h)| h.crashed)
+                .map(|(n, _)| n.clone())
+                .collect();
+            if let Ok(list) = nodes_api.list(&Default::default()).await {
+                for n in list.items {
+                    let name = n.metadata.name.clone().unwrap_or_default();
+                    let ready = n
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .and_then(|c| {
+                            c.iter().find(|c| c.type_ == "Ready").map(|c| c.status.clone())
+                        })
+                        .unwrap_or_default();
+                    let detail = if crashed.contains(&name) {
+                        format!("Ready={ready} (crashed: rkube node restore {name})")
+                    } else {
+                        format!("Ready={ready}")
+                    };
+                    components.push(ComponentStatus {
+                        name: format!("node/{name}"),
+                        healthy: ready == "True",
+                        detail,
+                    });
+                }
+            }
+        }
+        Status {
+            ready: self.ready.load(std::sync::atomic::Ordering::SeqCst),
+            server: self.server_url.clone(),
+            data_dir: self.data_dir.display().to_string(),
+            runtime: self.runtime.as_str().into(),
+            pid: std::process::id(),
+            components,
+        }
+    }
+}
+
+fn spinner(mp: &MultiProgress, what: &str) -> ProgressBar {
+    let pb = mp.add(ProgressBar::new_spinner());
+    pb.set_style(
+        ProgressStyle::with_template("  {spinner} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    pb.set_message(what.to_string());
+    pb.enable_steady_tick(Duration::from_millis(80));
+    pb
+}
+
+fn done(pb: &ProgressBar, what: &str, t: Instant) {
+    pb.set_style(
+        ProgressStyle::with_template("  ✓ {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    pb.finish_with_message(format!("{what} ({:.1} s)", t.elapsed().as_secs_f64()));
+}
+
+/// The runtime this machine allows, or the one asked for.
+fn pick_runtime(asked: Option<RuntimeChoice>) -> Result<(RuntimeChoice, String)> {
+    match asked {
+        Some(RuntimeChoice::Oci) => bail!(
+            "the oci runtime (real images with runc) is not built into this rkube yet; use --runtime process or --runtime simulated"
+        ),
+        Some(r) => Ok((r, "chosen with --runtime".into())),
+        None => Ok((
+            RuntimeChoice::Process,
+            "pods run their `command` as host processes; the oci runtime is not built yet".into(),
+        )),
+    }
+}
+
+pub async fn up(args: UpArgs) -> Result<()> {
+    let started = Instant::now();
+    let paths = Paths::new(args.data_dir.as_deref())?;
+    std::fs::create_dir_all(&paths.root)
+        .with_context(|| format!("creating {}", paths.root.display()))?;
+    if args.detach && !args.detached_child {
+        return detach(&args, &paths).await;
+    }
+    let listener = control::bind(&paths.socket()).await?;
+    std::fs::write(paths.pid_file(), std::process::id().to_string())?;
+    let result = run_cluster(&args, &paths, listener, started).await;
+    let _ = std::fs::remove_file(paths.socket());
+    let _ = std::fs::remove_file(paths.pid_file());
+    result
+}
+
+async fn run_cluster(
+    args: &UpArgs,
+    paths: &Paths,
+    listener: tokio::net::UnixListener,
+    started: Instant,
+) -> Result<()> {
+    let (runtime, why) = pick_runtime(args.runtime)?;
+    let timings = if args.upstream_timings { Timings::upstream() } else { Timings::fast() };
+    println!("Starting rkube cluster in {}", paths.root.display());
+    println!("  runtime: {} ({why})", runtime.as_str());
+    println!(
+        "  failure detection: node-monitor-grace-period {}s, unreachable toleration {}s{}",
+        timings.grace.as_secs(),
+        timings.toleration_seconds,
+        if args.upstream_timings {
+            " (upstream timings)"
+        } else {
+            " (fast profile; --upstream-timings for 50s/300s)"
+        }
+    );
+    let mp = MultiProgress::new();
+    let stop = CancellationToken::new();
+
+    let t = Instant::now();
+    let pb = spinner(&mp, "store");
+    let server_args = server_args(paths, args.secure_port, timings.toleration_seconds);
+    let store = rkube_apiserver::cli::open_store(&server_args).map_err(|e| anyhow::anyhow!(e))?;
+    done(&pb, "store: embedded", t);
+
+    let t = Instant::now();
+    let pb = spinner(&mp, "API server");
+    let (_server, admin_kubeconfig, server_task) =
+        rkube_apiserver::cli::start(&server_args, store, stop.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+    let server_url = format!("https://127.0.0.1:{}", args.secure_port);
+    done(&pb, &format!("API server: {server_url}"), t);
+
+    let user_kubeconfig = kubeconfig::default_path(args.kubeconfig.as_deref())?;
+    kubeconfig::merge(&admin_kubeconfig, &user_kubeconfig)?;
+    let client = client_from(&admin_kubeconfig, None).await?;
+
+    let t = Instant::now();
+    let pb = spinner(&mp, "scheduler");
+    let sched = tokio::spawn(rkube_scheduler::run_with_client(
+        client.clone(),
+        rkube_scheduler::Config::default(),
+        stop.clone(),
+    ));
+    done(&pb, "scheduler", t);
+    let t = Instant::now();
+    let pb = spinner(&mp, "controller manager");
+    let cm_config = rkube_controllers::Config {
+        node_monitor_grace_period: timings.grace,
+        ..Default::default()
+    };
+    let cm =
+        tokio::spawn(rkube_controllers::run_with_client(client.clone(), cm_config, stop.clone()));
+    done(&pb, "controller manager", t);
+
+    let cluster = Arc::new(Cluster {
+        kubeconfig: admin_kubeconfig.clone(),
+        server_url: server_url.clone(),
+        data_dir: paths.root.clone(),
+        runtime,
+        nodes: Mutex::new(BTreeMap::new()),
+        ready: std::sync::atomic::AtomicBool::new(false),
+        stop: stop.clone(),
+    });
+    let kind = match runtime {
+        RuntimeChoice::Simulated => rkube_kubelet::RuntimeKind::Simulated,
+        _ => rkube_kubelet::RuntimeKind::Process,
+    };
+    let mut names = vec!["rkube-control-plane".to_string()];
+    names.extend((1..=args.workers).map(|i| format!("rkube-worker-{i}")));
+    for name in &names {
+        let mut labels = BTreeMap::new();
+        let mut taints = Vec::new();
+        if name == "rkube-control-plane" {
+            labels.insert("node-role.kubernetes.io/control-plane".to_string(), String::new());
+            taints.push(Taint {
+                key: "node-role.kubernetes.io/control-plane".into(),
+                effect: "NoSchedule".into(),
+                value: None,
+                time_added: None,
+            });
+        } else {
+            labels.insert("node-role.kubernetes.io/worker".to_string(), String::new());
+        }
+        let config = rkube_kubelet::Config {
+            node_name: name.clone(),
+            data_dir: paths.node_dir(name),
+            runtime: kind,
+            labels,
+            taints,
+            lease_duration: timings.lease,
+            ..Default::default()
+        };
+        cluster.nodes.lock().await.insert(
+            name.clone(),
+            NodeHandle {
+                config,
+                cable: Cable::plugged(),
+                stop: stop.child_token(),
+                task: None,
+                crashed: false,
+            },
+        );
+    }
+    let t = Instant::now();
+    let pb = spinner(&mp, &format!("{} nodes", names.len()));
+    for name in &names {
+        cluster.start_node(name).await?;
+    }
+    let nodes_api: Api<Node> = Api::all(client.clone());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let ready = nodes_api
+            .list(&Default::default())
+            .await
+            .map(|l| {
+                l.items
+                    .iter()
+                    .filter(|n| names.contains(n.metadata.name.as_ref().unwrap_or(&String::new())))
+                    .filter(|n| {
+                        n.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| {
+                            c.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                        })
+                    })
+                    .count()
+            })
+            .unwrap_or(0);
+        pb.set_message(format!("nodes: {ready}/{} Ready", names.len()));
+        if ready == names.len() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("nodes did not become Ready within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    done(
+        &pb,
+        &format!("nodes: {} Ready (1 control-plane, {} workers)", names.len(), args.workers),
+        t,
+    );
+    cluster.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+    println!("\ncluster ready in {:.1} s", started.elapsed().as_secs_f64());
+    println!(
+        "kubeconfig: context \"rkube\" merged into {} and made current",
+        user_kubeconfig.display()
+    );
+    println!("\nTry:");
+    println!("  kubectl get nodes -o wide");
+    println!("  kubectl get componentstatuses");
+    println!("  kubectl create deployment web --image=busybox --replicas=3 -- sleep 3600");
+    println!("  rkube node crash rkube-worker-1     # then watch: kubectl get pods -o wide -w");
+    if !args.quiet {
+        println!("\nReconciliation log (Ctrl-C stops the cluster):");
+        tokio::spawn(super::events::stream(client.clone(), jiff::Timestamp::now(), stop.clone()));
+    }
+
+    // Serve the control socket until asked to stop.
+    let serve = {
+        let cluster = cluster.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let accepted =
+                    tokio::select! { _ = stop.cancelled() => return, a = listener.accept() => a };
+                let Ok((conn, _)) = accepted else { continue };
+                let cluster = cluster.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let _ = control::serve_one(conn, |req| async move {
+                        match req {
+                            Request::Status => Answer {
+                                ok: true,
+                                message: String::new(),
+                                status: Some(cluster.status().await),
+                            },
+                            Request::Crash { node } => cluster.crash(&node).await,
+                            Request::Restore { node } => cluster.restore(&node).await,
+                            Request::Stop => {
+                                stop.cancel();
+                                Answer::ok("stopping")
+                            }
+                        }
+                    })
+                    .await;
+                });
+            }
+        })
+    };
+    tokio::select! {
+        _ = rkube_apiserver::cli::wait_for_signal() => {}
+        _ = stop.cancelled() => {}
+    }
+    println!("\nstopping the cluster…");
+    stop.cancel();
+    let tasks: Vec<tokio::task::JoinHandle<()>> =
+        cluster.nodes.lock().await.values_mut().filter_map(|h| h.task.take()).collect();
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), sched).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), cm).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), server_task).await;
+    serve.abort();
+    println!("cluster stopped (data kept in {})", paths.root.display());
+    Ok(())
+}
+
+fn server_args(paths: &Paths, port: u16, toleration: i64) -> rkube_apiserver::cli::Args {
+    rkube_apiserver::cli::Args {
+        secure_port: port,
+        bind_address: std::net::IpAddr::from([127, 0, 0, 1]),
+        data_dir: paths.server_dir(),
+        tls_san: Vec::new(),
+        token_auth_file: None,
+        service_cluster_ip_range: "10.96.0.0/12".into(),
+        service_node_port_range: "30000-32767".into(),
+        default_not_ready_toleration_seconds: toleration,
+        in_memory: false,
+    }
+}
+
+/// `--detach`: start the same command in the background and wait until the cluster is ready.
+async fn detach(args: &UpArgs, paths: &Paths) -> Result<()> {
+    if let Ok(a) = control::call(&paths.socket(), &Request::Status).await
+        && a.status.is_some()
+    {
+        bail!(
+            "an rkube cluster is already running from {} (rkube down stops it)",
+            paths.root.display()
+        );
+    }
+    let started = Instant::now();
+    let exe = std::env::current_exe()?;
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(paths.log_file())?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("up")
+        .arg("--data-dir")
+        .arg(&paths.root)
+        .arg("--workers")
+        .arg(args.workers.to_string())
+        .arg("--secure-port")
+        .arg(args.secure_port.to_string())
+        .arg("--kubeconfig")
+        .arg(kubeconfig::default_path(args.kubeconfig.as_deref())?)
+        .arg("--detached-child");
+    if let Some(r) = args.runtime {
+        cmd.arg("--runtime").arg(r.as_str());
+    }
+    if args.upstream_timings {
+        cmd.arg("--upstream-timings");
+    }
+    if args.quiet {
+        cmd.arg("--quiet");
+    }
+    use std::os::unix::process::CommandExt;
+    cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0);
+    let mut child = cmd.spawn().context("starting the cluster process")?;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let log = std::fs::read_to_string(paths.log_file()).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            bail!(
+                "the cluster process exited ({status}):\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        if let Ok(a) = control::call(&paths.socket(), &Request::Status).await
+            && a.status.as_ref().is_some_and(|s| s.ready)
+        {
+            let st = a.status.unwrap_or_default();
+            println!("cluster ready in {:.1} s", started.elapsed().as_secs_f64());
+            println!("  API server {} (pid {}, runtime {})", st.server, st.pid, st.runtime);
+            println!("  log: {}", paths.log_file().display());
+            println!("  kubectl context \"rkube\" is current; `rkube down` stops the cluster");
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the cluster was not ready within 180 s; see {}", paths.log_file().display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `rkube server`: the API server plus, unless disabled, scheduler and controller manager.
+pub async fn server(args: rkube_apiserver::cli::Args, with_controllers: bool) -> Result<()> {
+    let store = rkube_apiserver::cli::open_store(&args).map_err(|e| anyhow::anyhow!(e))?;
+    let stop = CancellationToken::new();
+    let (_server, kubeconfig, task) = rkube_apiserver::cli::start(&args, store, stop.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    eprintln!(
+        "rkube API server on https://{}:{}; admin kubeconfig: {}",
+        args.bind_address,
+        args.secure_port,
+        kubeconfig.display()
+    );
+    let mut tasks = Vec::new();
+    if with_controllers {
+        let client = client_from(&kubeconfig, None).await?;
+        tasks.push(tokio::spawn({
+            let (c, s) = (client.clone(), stop.clone());
+            async move {
+                let _ = rkube_scheduler::run_with_client(c, Default::default(), s).await;
+            }
+        }));
+        tasks.push(tokio::spawn({
+            let (c, s) = (client, stop.clone());
+            async move {
+                let _ = rkube_controllers::run_with_client(c, Default::default(), s).await;
+            }
+        }));
+    }
+    rkube_apiserver::cli::wait_for_signal().await;
+    stop.cancel();
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
+    let _ = task.await;
+    Ok(())
+}

@@ -1,0 +1,411 @@
+//! The scheduling plugins: filters that explain every refusal with upstream's reason text, and
+//! scores (0..=100, weighted) that pick the best of the nodes that fit.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Node, Pod, Taint, Toleration};
+use rkube_client::quantity::{parse_milli, parse_units};
+
+/// Requests of a pod per resource, in milli-units for cpu and units for everything else.
+pub type Resources = BTreeMap<String, i128>;
+
+pub fn pod_requests(pod: &Pod) -> Resources {
+    let mut total = Resources::new();
+    let Some(spec) = &pod.spec else { return total };
+    let add = |acc: &mut Resources, c: &k8s_openapi::api::core::v1::Container| {
+        let req = c.resources.as_ref().and_then(|r| r.requests.clone()).unwrap_or_default();
+        let lim = c.resources.as_ref().and_then(|r| r.limits.clone()).unwrap_or_default();
+        let mut merged = lim;
+        merged.extend(req);
+        let mut out = Resources::new();
+        for (k, q) in merged {
+            let v = if k == "cpu" { parse_milli(&q.0) } else { parse_units(&q.0) };
+            if let Some(v) = v {
+                *out.entry(k).or_default() += v;
+            }
+        }
+        for (k, v) in out {
+            *acc.entry(k).or_default() += v;
+        }
+    };
+    for c in &spec.containers {
+        add(&mut total, c);
+    }
+    // Init containers run one at a time: the pod needs the largest of them, if it is larger.
+    for c in spec.init_containers.iter().flatten() {
+        let mut one = Resources::new();
+        add(&mut one, c);
+        for (k, v) in one {
+            let e = total.entry(k).or_default();
+            if v > *e {
+                *e = v;
+            }
+        }
+    }
+    if let Some(overhead) = &spec.overhead {
+        for (k, q) in overhead {
+            let v = if k == "cpu" { parse_milli(&q.0) } else { parse_units(&q.0) };
+            *total.entry(k.clone()).or_default() += v.unwrap_or(0);
+        }
+    }
+    total
+}
+
+pub fn node_allocatable(node: &Node) -> Resources {
+    let mut out = Resources::new();
+    let status = node.status.as_ref();
+    let alloc =
+        status.and_then(|s| s.allocatable.clone().or(s.capacity.clone())).unwrap_or_default();
+    for (k, q) in alloc {
+        let v = if k == "cpu" { parse_milli(&q.0) } else { parse_units(&q.0) };
+        if let Some(v) = v {
+            out.insert(k, v);
+        }
+    }
+    out
+}
+
+/// What one node already carries.
+#[derive(Default, Clone, Debug)]
+pub struct NodeUsage {
+    pub requested: Resources,
+    pub pods: usize,
+    pub host_ports: Vec<(String, i32)>,
+}
+
+impl NodeUsage {
+    pub fn add(&mut self, pod: &Pod) {
+        for (k, v) in pod_requests(pod) {
+            *self.requested.entry(k).or_default() += v;
+        }
+        self.pods += 1;
+        self.host_ports.extend(host_ports(pod));
+    }
+}
+
+pub fn host_ports(pod: &Pod) -> Vec<(String, i32)> {
+    let mut out = Vec::new();
+    for c in pod.spec.iter().flat_map(|s| s.containers.iter()) {
+        for p in c.ports.iter().flatten() {
+            if let Some(hp) = p.host_port.filter(|h| *h > 0) {
+                out.push((p.protocol.clone().unwrap_or_else(|| "TCP".into()), hp));
+            }
+        }
+    }
+    out
+}
+
+/// Why a node was refused, and whether preempting pods could ever change that.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub reasons: Vec<String>,
+    pub resolvable: bool,
+}
+
+fn refuse(reason: impl Into<String>, resolvable: bool) -> Refusal {
+    Refusal { reasons: vec![reason.into()], resolvable }
+}
+
+pub fn tolerates(tols: &[Toleration], taint: &Taint) -> bool {
+    tols.iter().any(|t| {
+        let effect_ok = t.effect.as_deref().is_none_or(|e| e.is_empty() || e == taint.effect);
+        let key_ok = match t.key.as_deref() {
+            None | Some("") => t.operator.as_deref() == Some("Exists"),
+            Some(k) => k == taint.key,
+        };
+        let value_ok = match t.operator.as_deref() {
+            Some("Exists") => true,
+            _ => t.value.as_deref().unwrap_or("") == taint.value.as_deref().unwrap_or(""),
+        };
+        effect_ok && key_ok && value_ok
+    })
+}
+
+fn labels_of(node: &Node) -> BTreeMap<String, String> {
+    node.metadata.labels.clone().unwrap_or_default()
+}
+
+fn match_expr(labels: &BTreeMap<String, String>, key: &str, op: &str, values: &[String]) -> bool {
+    let v = labels.get(key);
+    match op {
+        "In" => v.is_some_and(|v| values.contains(v)),
+        "NotIn" => v.is_none_or(|v| !values.contains(v)),
+        "Exists" => v.is_some(),
+        "DoesNotExist" => v.is_none(),
+        "Gt" | "Lt" => {
+            let (Some(have), Some(want)) = (
+                v.and_then(|v| v.parse::<i64>().ok()),
+                values.first().and_then(|w| w.parse::<i64>().ok()),
+            ) else {
+                return false;
+            };
+            if op == "Gt" { have > want } else { have < want }
+        }
+        _ => false,
+    }
+}
+
+fn term_matches(node: &Node, term: &k8s_openapi::api::core::v1::NodeSelectorTerm) -> bool {
+    let labels = labels_of(node);
+    let exprs_ok = term
+        .match_expressions
+        .iter()
+        .flatten()
+        .all(|e| match_expr(&labels, &e.key, &e.operator, e.values.as_deref().unwrap_or(&[])));
+    let fields_ok = term.match_fields.iter().flatten().all(|e| {
+        let mut f = BTreeMap::new();
+        if let Some(n) = &node.metadata.name {
+            f.insert("metadata.name".to_string(), n.clone());
+        }
+        match_expr(&f, &e.key, &e.operator, e.values.as_deref().unwrap_or(&[]))
+    });
+    let empty = term.match_expressions.as_ref().is_none_or(|v| v.is_empty())
+        && term.match_fields.as_ref().is_none_or(|v| v.is_empty());
+    !empty && exprs_ok && fields_ok
+}
+
+/// Every filter plugin, in upstream's order; `Ok` when the pod fits the node.
+pub fn filter(pod: &Pod, node: &Node, usage: &NodeUsage) -> Result<(), Refusal> {
+    let spec = pod.spec.clone().unwrap_or_default();
+    let node_name = node.metadata.name.clone().unwrap_or_default();
+    let tols = spec.tolerations.clone().unwrap_or_default();
+    let nspec = node.spec.clone().unwrap_or_default();
+    // NodeUnschedulable
+    if nspec.unschedulable == Some(true) {
+        let t = Taint {
+            key: "node.kubernetes.io/unschedulable".into(),
+            effect: "NoSchedule".into(),
+            ..Default::default()
+        };
+        if !tolerates(&tols, &t) {
+            return Err(refuse("node(s) were unschedulable", false));
+        }
+    }
+    // NodeName
+    if let Some(want) = spec.node_name.as_deref().filter(|n| !n.is_empty())
+        && want != node_name
+    {
+        return Err(refuse("node(s) didn't match the requested node name", false));
+    }
+    // TaintToleration
+    for taint in nspec.taints.iter().flatten() {
+        if (taint.effect == "NoSchedule" || taint.effect == "NoExecute") && !tolerates(&tols, taint)
+        {
+            return Err(refuse("node(s) had untolerated taint(s)", false));
+        }
+    }
+    // NodeAffinity (nodeSelector + required affinity)
+    let labels = labels_of(node);
+    let selector_ok = spec.node_selector.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
+    let affinity_ok = spec
+        .affinity
+        .as_ref()
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|na| na.required_during_scheduling_ignored_during_execution.as_ref())
+        .is_none_or(|req| req.node_selector_terms.iter().any(|t| term_matches(node, t)));
+    if !selector_ok || !affinity_ok {
+        return Err(refuse("node(s) didn't match Pod's node affinity/selector", false));
+    }
+    // NodePorts
+    let wanted = host_ports(pod);
+    if wanted.iter().any(|w| usage.host_ports.contains(w)) {
+        return Err(refuse("node(s) didn't have free ports for the requested pod ports", true));
+    }
+    // NodeResourcesFit
+    let alloc = node_allocatable(node);
+    let mut reasons = Vec::new();
+    let max_pods = alloc.get("pods").copied().unwrap_or(110);
+    if usage.pods as i128 + 1 > max_pods {
+        reasons.push("Too many pods".to_string());
+    }
+    for (res, want) in pod_requests(pod) {
+        if want <= 0 {
+            continue;
+        }
+        let have = alloc.get(&res).copied().unwrap_or(0);
+        let used = usage.requested.get(&res).copied().unwrap_or(0);
+        if used + want > have {
+            reasons.push(format!("Insufficient {res}"));
+        }
+    }
+    if !reasons.is_empty() {
+        return Err(Refusal { reasons, resolvable: true });
+    }
+    Ok(())
+}
+
+/// Weighted score of a feasible node (higher is better): LeastAllocated, BalancedAllocation,
+/// TaintToleration (PreferNoSchedule) and preferred NodeAffinity.
+pub fn score(pod: &Pod, node: &Node, usage: &NodeUsage) -> i64 {
+    let alloc = node_allocatable(node);
+    let mut req = pod_requests(pod);
+    // Upstream scores a pod without requests as if it asked for 100m CPU and 200Mi memory.
+    req.entry("cpu".into())
+        .and_modify(|v| {
+            if *v == 0 {
+                *v = 100
+            }
+        })
+        .or_insert(100);
+    req.entry("memory".into())
+        .and_modify(|v| {
+            if *v == 0 {
+                *v = 200 << 20
+            }
+        })
+        .or_insert(200 << 20);
+    let frac = |res: &str| {
+        let cap = alloc.get(res).copied().unwrap_or(0);
+        if cap <= 0 {
+            return 1.0;
+        }
+        let used =
+            usage.requested.get(res).copied().unwrap_or(0) + req.get(res).copied().unwrap_or(0);
+        (used as f64 / cap as f64).min(1.0)
+    };
+    let (cpu, mem) = (frac("cpu"), frac("memory"));
+    let least = (((1.0 - cpu) + (1.0 - mem)) / 2.0 * 100.0) as i64;
+    let balanced = ((1.0 - (cpu - mem).abs()) * 100.0) as i64;
+    let tols = pod.spec.as_ref().and_then(|s| s.tolerations.clone()).unwrap_or_default();
+    let prefer_no = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.clone())
+        .unwrap_or_default()
+        .iter()
+        .filter(|t| t.effect == "PreferNoSchedule" && !tolerates(&tols, t))
+        .count() as i64;
+    let taint_score = (100 - prefer_no * 25).max(0);
+    let preferred: i64 = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.affinity.as_ref())
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|na| na.preferred_during_scheduling_ignored_during_execution.as_ref())
+        .map(|terms| {
+            terms
+                .iter()
+                .filter(|t| term_matches(node, &t.preference))
+                .map(|t| t.weight as i64)
+                .sum()
+        })
+        .unwrap_or(0);
+    least + balanced + taint_score * 3 + preferred.min(100) * 2
+}
+
+/// `0/3 nodes are available: 1 node(s) had untolerated taint(s), 2 Insufficient nvidia.com/gpu.`
+/// followed by the preemption summary, as upstream prints FailedScheduling.
+pub fn failure_message(
+    total: usize,
+    refusals: &[Refusal],
+    preemption: &BTreeMap<String, usize>,
+) -> String {
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for r in refusals {
+        for reason in &r.reasons {
+            *counts.entry(reason.clone()).or_default() += 1;
+        }
+    }
+    let mut parts: Vec<String> = counts.iter().map(|(r, n)| format!("{n} {r}")).collect();
+    parts.sort();
+    let mut msg = format!("0/{total} nodes are available: {}.", parts.join(", "));
+    if total == 0 {
+        msg = "no nodes available to schedule pods".to_string();
+        return msg;
+    }
+    let mut pparts: Vec<String> = preemption.iter().map(|(r, n)| format!("{n} {r}")).collect();
+    pparts.sort();
+    msg.push_str(&format!(" preemption: 0/{total} nodes are available: {}.", pparts.join(", ")));
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{
+        Container, NodeSpec, NodeStatus, PodSpec, ResourceRequirements,
+    };
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+    fn node(name: &str, cpu: &str, gpu: Option<&str>) -> Node {
+        let mut alloc = BTreeMap::new();
+        alloc.insert("cpu".to_string(), Quantity(cpu.into()));
+        alloc.insert("memory".to_string(), Quantity("8Gi".into()));
+        alloc.insert("pods".to_string(), Quantity("110".into()));
+        if let Some(g) = gpu {
+            alloc.insert("nvidia.com/gpu".to_string(), Quantity(g.into()));
+        }
+        Node {
+            metadata: kube::api::ObjectMeta { name: Some(name.into()), ..Default::default() },
+            spec: Some(NodeSpec::default()),
+            status: Some(NodeStatus { allocatable: Some(alloc), ..Default::default() }),
+        }
+    }
+
+    fn pod_with(res: &[(&str, &str)]) -> Pod {
+        let req: BTreeMap<String, Quantity> =
+            res.iter().map(|(k, v)| (k.to_string(), Quantity(v.to_string()))).collect();
+        Pod {
+            spec: Some(PodSpec {
+                containers: vec![Container {
+                    name: "c".into(),
+                    resources: Some(ResourceRequirements {
+                        limits: Some(req),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_gpu_pod_is_refused_by_nodes_without_gpus_with_upstreams_message() {
+        let pod = pod_with(&[("nvidia.com/gpu", "1")]);
+        let nodes: Vec<Node> = (0..10).map(|i| node(&format!("n{i}"), "4", None)).collect();
+        let refusals: Vec<Refusal> =
+            nodes.iter().map(|n| filter(&pod, n, &NodeUsage::default()).unwrap_err()).collect();
+        let mut pre = BTreeMap::new();
+        pre.insert("No preemption victims found for incoming pod".to_string(), 10);
+        assert_eq!(
+            failure_message(10, &refusals, &pre),
+            "0/10 nodes are available: 10 Insufficient nvidia.com/gpu. preemption: 0/10 nodes are available: 10 No preemption victims found for incoming pod."
+        );
+        assert!(filter(&pod, &node("g", "4", Some("1")), &NodeUsage::default()).is_ok());
+    }
+
+    #[test]
+    fn untolerated_no_schedule_taints_refuse_the_node() {
+        let mut n = node("cp", "4", None);
+        n.spec = Some(NodeSpec {
+            taints: Some(vec![Taint {
+                key: "node-role.kubernetes.io/control-plane".into(),
+                effect: "NoSchedule".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        let pod = pod_with(&[]);
+        let r = filter(&pod, &n, &NodeUsage::default()).unwrap_err();
+        assert_eq!(r.reasons, vec!["node(s) had untolerated taint(s)".to_string()]);
+        assert!(!r.resolvable);
+    }
+
+    #[test]
+    fn reasons_are_sorted_as_strings() {
+        let r = vec![
+            Refusal { reasons: vec!["node(s) had untolerated taint(s)".into()], resolvable: false },
+            Refusal { reasons: vec!["Insufficient cpu".into()], resolvable: true },
+            Refusal { reasons: vec!["Insufficient cpu".into()], resolvable: true },
+        ];
+        let m = failure_message(3, &r, &BTreeMap::new());
+        assert!(
+            m.starts_with(
+                "0/3 nodes are available: 1 node(s) had untolerated taint(s), 2 Insufficient cpu."
+            ),
+            "{m}"
+        );
+    }
+}
