@@ -109,7 +109,11 @@ pub fn open_store(
     if args.in_memory {
         return Ok(Arc::new(rkube_store::memory::MemoryStore::new()));
     }
-    Ok(Arc::new(rkube_store::memory::MemoryStore::new()))
+    std::fs::create_dir_all(&args.data_dir)?;
+    let path = args.data_dir.join("store.redb");
+    Ok(Arc::new(rkube_store::embedded::EmbeddedStore::open(rkube_store::embedded::Config::new(
+        path,
+    ))?))
 }
 
 /// Ctrl-C or SIGTERM.

@@ -43,6 +43,57 @@ impl MemoryStore {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// The latest value of `key`, if it exists.
+    pub(crate) fn latest_kv(&self, key: &str) -> Option<KeyValue> {
+        self.lock().latest(key).cloned()
+    }
+
+    /// Records events a durable backend has already committed (revisions assigned by it), in
+    /// order, and broadcasts them to watchers.
+    pub(crate) fn apply_committed(&self, events: &[WatchEvent]) {
+        let mut st = self.lock();
+        for e in events {
+            st.rev = e.revision();
+            match e {
+                WatchEvent::Put { kv, .. } => {
+                    st.record(&kv.key.clone(), Some(kv.clone()), e.clone())
+                }
+                WatchEvent::Delete { prev, .. } => st.record(&prev.key.clone(), None, e.clone()),
+                WatchEvent::Progress { .. } => {}
+            }
+        }
+        for e in events {
+            let _ = self.events.send(e.clone());
+        }
+    }
+
+    /// Rebuilds the model from a durable backend at open: `base` holds the values that were
+    /// current at the compaction point, `history` every later event in revision order.
+    pub(crate) fn restore(
+        &self,
+        rev: Revision,
+        compacted: Revision,
+        base: Vec<KeyValue>,
+        history: Vec<WatchEvent>,
+    ) {
+        let mut st = self.lock();
+        st.compacted = compacted;
+        for kv in base {
+            st.versions.entry(kv.key.clone()).or_default().push((kv.mod_revision, Some(kv)));
+        }
+        for e in history {
+            st.rev = e.revision();
+            match &e {
+                WatchEvent::Put { kv, .. } => {
+                    st.record(&kv.key.clone(), Some(kv.clone()), e.clone())
+                }
+                WatchEvent::Delete { prev, .. } => st.record(&prev.key.clone(), None, e.clone()),
+                WatchEvent::Progress { .. } => {}
+            }
+        }
+        st.rev = rev.max(st.rev);
+    }
 }
 
 impl State {
