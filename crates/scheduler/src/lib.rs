@@ -237,9 +237,10 @@ pub async fn run_with_client(
             queue.forget(&k).await;
             continue;
         }
+        let seq = queue.move_seq().await;
         match schedule_one(&client, &cache, &recorder, &pod).await {
             Ok(true) => queue.forget(&k).await,
-            Ok(false) => queue.unschedulable(&k).await,
+            Ok(false) => queue.unschedulable(&k, seq).await,
             Err(e) => {
                 tracing::debug!("scheduling {k}: {e}");
                 queue.backoff(&k).await;

@@ -15,6 +15,8 @@ struct State {
     info: HashMap<String, (i64, i64)>,
     unschedulable: HashMap<String, Instant>,
     backoff: HashMap<String, (Instant, u32)>,
+    /// Bumped by every move request; a pod whose cycle overlapped one is retried, not parked.
+    move_seq: u64,
 }
 
 pub struct Queue {
@@ -58,9 +60,24 @@ impl Queue {
         st.info.remove(k);
     }
 
-    pub async fn unschedulable(&self, k: &str) {
+    /// Parks a pod that fits nowhere until the cluster changes. `seen` is the move sequence at
+    /// the start of its cycle: if something changed meanwhile, it goes straight back to active.
+    pub async fn unschedulable(&self, k: &str, seen: u64) {
         let mut st = self.state.lock().await;
+        if st.move_seq != seen {
+            if let Some((p, c)) = st.info.get(k).copied() {
+                st.active.insert((-p, c, k.to_string()));
+            }
+            drop(st);
+            self.notify.notify_one();
+            return;
+        }
         st.unschedulable.insert(k.to_string(), Instant::now());
+    }
+
+    /// The current move sequence (taken when a scheduling cycle starts).
+    pub async fn move_seq(&self) -> u64 {
+        self.state.lock().await.move_seq
     }
 
     pub async fn backoff(&self, k: &str) {
@@ -74,6 +91,7 @@ impl Queue {
     /// unschedulable pod goes back to the active queue.
     pub async fn move_all_to_active(&self) {
         let mut st = self.state.lock().await;
+        st.move_seq += 1;
         let keys: Vec<String> = st.unschedulable.drain().map(|(k, _)| k).collect();
         for k in keys {
             if let Some((p, c)) = st.info.get(&k).copied() {
@@ -133,5 +151,52 @@ impl Queue {
 impl Default for Queue {
     fn default() -> Self {
         Queue::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::api::ObjectMeta;
+
+    fn pod(name: &str, prio: i32) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("d".into()),
+                ..Default::default()
+            },
+            spec: Some(k8s_openapi::api::core::v1::PodSpec {
+                priority: Some(prio),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn higher_priority_pods_pop_first() {
+        let q = Queue::new();
+        q.add(&pod("low", 0)).await;
+        q.add(&pod("high", 100)).await;
+        assert_eq!(q.pop().await.as_deref(), Some("d/high"));
+        assert_eq!(q.pop().await.as_deref(), Some("d/low"));
+    }
+
+    #[tokio::test]
+    async fn a_cluster_change_during_a_cycle_retries_the_pod_instead_of_parking_it() {
+        let q = Queue::new();
+        q.add(&pod("gpu", 0)).await;
+        let k = q.pop().await.unwrap();
+        let seen = q.move_seq().await;
+        q.move_all_to_active().await; // a node joined while the cycle ran
+        q.unschedulable(&k, seen).await;
+        assert_eq!(q.pop().await.as_deref(), Some("d/gpu"));
+        // Without a change in between it is parked until the next move.
+        let seen = q.move_seq().await;
+        q.unschedulable(&k, seen).await;
+        assert!(tokio::time::timeout(Duration::from_millis(700), q.pop()).await.is_err());
+        q.move_all_to_active().await;
+        assert_eq!(q.pop().await.as_deref(), Some("d/gpu"));
     }
 }

@@ -146,6 +146,55 @@ impl Cluster {
         }
     }
 
+    async fn add(
+        &self,
+        name: &str,
+        extended: &[String],
+        kind: rkube_kubelet::RuntimeKind,
+        lease: Duration,
+    ) -> Answer {
+        let mut resources = Vec::new();
+        for e in extended {
+            match e.split_once('=') {
+                Some((k, v)) if !k.is_empty() && !v.is_empty() => {
+                    resources.push((k.to_string(), v.to_string()))
+                }
+                _ => return Answer::err(format!("--extended-resource {e}: expected name=count")),
+            }
+        }
+        {
+            let mut nodes = self.nodes.lock().await;
+            if nodes.contains_key(name) {
+                return Answer::err(format!("node {name} already exists"));
+            }
+            let mut labels = BTreeMap::new();
+            labels.insert("node-role.kubernetes.io/worker".to_string(), String::new());
+            let config = rkube_kubelet::Config {
+                node_name: name.to_string(),
+                data_dir: self.data_dir.join("nodes").join(name),
+                runtime: kind,
+                labels,
+                extended_resources: resources,
+                lease_duration: lease,
+                ..Default::default()
+            };
+            nodes.insert(
+                name.to_string(),
+                NodeHandle {
+                    config,
+                    cable: Cable::plugged(),
+                    stop: self.stop.child_token(),
+                    task: None,
+                    crashed: false,
+                },
+            );
+        }
+        match self.start_node(name).await {
+            Ok(()) => Answer::ok(format!("node {name} joined")),
+            Err(e) => Answer::err(format!("starting {name}: {e:#}")),
+        }
+    }
+
     async fn status(&self) -> Status {
         let mut components = Vec::new();
         components.push(ComponentStatus {
@@ -453,6 +502,9 @@ async fn run_cluster(
                             },
                             Request::Crash { node } => cluster.crash(&node).await,
                             Request::Restore { node } => cluster.restore(&node).await,
+                            Request::Add { node, extended_resources } => {
+                                cluster.add(&node, &extended_resources, kind, timings.lease).await
+                            }
                             Request::Stop => {
                                 stop.cancel();
                                 Answer::ok("stopping")

@@ -15,6 +15,7 @@ pub enum Request {
     Status,
     Crash { node: String },
     Restore { node: String },
+    Add { node: String, extended_resources: Vec<String> },
     Stop,
 }
 

@@ -92,6 +92,15 @@ pub enum NodeCommand {
         #[command(flatten)]
         dir: DataDirArg,
     },
+    /// Join a new worker node to the running cluster.
+    Add {
+        name: String,
+        /// An extended resource the node offers, e.g. `nvidia.com/gpu=1` (repeatable).
+        #[arg(long = "extended-resource")]
+        extended_resources: Vec<String>,
+        #[command(flatten)]
+        dir: DataDirArg,
+    },
     /// Power a crashed node back on.
     Restore {
         name: String,
@@ -217,6 +226,9 @@ pub async fn node(cmd: NodeCommand) -> Result<()> {
     let (request, dir) = match cmd {
         NodeCommand::Crash { name, dir } => (Request::Crash { node: name }, dir),
         NodeCommand::Restore { name, dir } => (Request::Restore { node: name }, dir),
+        NodeCommand::Add { name, extended_resources, dir } => {
+            (Request::Add { node: name, extended_resources }, dir)
+        }
     };
     let paths = Paths::new(dir.data_dir.as_deref())?;
     let answer: Answer = control::call(&paths.socket(), &request).await?;
