@@ -474,7 +474,7 @@ async fn run_cluster(
     println!("\nTry:");
     println!("  kubectl get nodes -o wide");
     println!("  kubectl get componentstatuses");
-    println!("  kubectl create deployment web --image=busybox --replicas=3 -- sleep 3600");
+    println!("  kubectl run hello --image=busybox -- sh -c 'echo hello; sleep 3600'");
     println!("  rkube node crash rkube-worker-1     # then watch: kubectl get pods -o wide -w");
     if !args.quiet {
         println!("\nReconciliation log (Ctrl-C stops the cluster):");
