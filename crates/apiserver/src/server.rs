@@ -398,7 +398,7 @@ fn unescape(s: &str) -> String {
     while i < bytes.len() {
         match bytes[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() && i + 2 < bytes.len() => {
+            b'%' if i + 2 < bytes.len() => {
                 match u8::from_str_radix(
                     std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
                     16,
@@ -620,6 +620,21 @@ fn strict_unknown_fields(q: &HashMap<String, String>) -> bool {
 }
 
 async fn handle(st: Arc<Inner>, user: User, req: Request) -> Result<Response> {
+    // exec/attach need the whole request (the WebSocket upgrade), so they go first.
+    {
+        let segs: Vec<&str> = req.uri().path().trim_matches('/').split('/').collect();
+        if let ["api", "v1", "namespaces", ns, "pods", name, sub @ ("exec" | "attach")] =
+            segs.as_slice()
+        {
+            let (ns, name, sub) = (ns.to_string(), name.to_string(), sub.to_string());
+            let raw = req.uri().query().unwrap_or("").to_string();
+            let q = parse_query(Some(&raw));
+            if sub == "attach" {
+                return Ok(crate::proxy::unsupported("attach"));
+            }
+            return crate::proxy::exec(&st.registry, &ns, &name, &sub, req, &raw, &q).await;
+        }
+    }
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     let q = parse_query(parts.uri.query());
@@ -990,17 +1005,12 @@ async fn handle(st: Arc<Inner>, user: User, req: Request) -> Result<Response> {
                 &json!({"kind": format!("{}List", r.kind), "apiVersion": r.api_version(), "metadata": meta, "items": out}),
             ))
         }
-        (_, Some(_), Some(sub))
-            if matches!(sub, "log" | "exec" | "attach" | "portforward" | "proxy") =>
-        {
-            Err(Error::Status {
-                code: 503,
-                reason: "ServiceUnavailable",
-                message: format!(
-                    "the {sub} subresource needs a kubelet connection, which this server does not proxy yet"
-                ),
-                details: None,
-            })
+        (&Method::GET, Some(name), Some("log")) if r.plural == "pods" => {
+            let raw = parts.uri.query().unwrap_or("");
+            crate::proxy::logs(reg, ns.unwrap_or("default"), name, &q, raw).await
+        }
+        (_, Some(_), Some(sub)) if matches!(sub, "portforward" | "proxy") => {
+            Ok(crate::proxy::unsupported(sub))
         }
         _ => Err(Error::method_not_supported(
             "the server does not allow this method on the requested resource",

@@ -5,6 +5,7 @@ pub mod cli;
 mod node;
 mod pods;
 pub mod runtime;
+mod server;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -81,8 +82,10 @@ pub async fn run_with_client(
     shutdown: CancellationToken,
 ) -> Result<()> {
     std::fs::create_dir_all(&config.data_dir)?;
-    node::register(&client, &config).await?;
-    let heartbeat = tokio::spawn(node::heartbeat(client.clone(), config.clone(), shutdown.clone()));
+    let port = server::start(client.clone(), config.clone(), shutdown.clone()).await?;
+    node::register(&client, &config, port).await?;
+    let heartbeat =
+        tokio::spawn(node::heartbeat(client.clone(), config.clone(), port, shutdown.clone()));
     let result = pods::run(client, config, shutdown.clone()).await;
     shutdown.cancel();
     let _ = heartbeat.await;

@@ -112,7 +112,7 @@ fn now() -> String {
 }
 
 /// Creates the Node, or brings an existing one (a restart) up to date.
-pub async fn register(client: &Client, config: &Config) -> Result<()> {
+pub async fn register(client: &Client, config: &Config, port: u16) -> Result<()> {
     let api: Api<Node> = Api::all(client.clone());
     let mut labels: BTreeMap<String, String> = BTreeMap::new();
     labels.insert("kubernetes.io/hostname".into(), config.node_name.clone());
@@ -142,7 +142,7 @@ pub async fn register(client: &Client, config: &Config) -> Result<()> {
         "capacity": cap, "allocatable": alloc,
         "conditions": conditions(&t, &t),
         "addresses": [{"type": "InternalIP", "address": config.node_ip}, {"type": "Hostname", "address": config.node_name}],
-        "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": port}},
         "nodeInfo": node_info(config),
     }});
     api.patch_status(&config.node_name, &PatchParams::default(), &Patch::Merge(&status)).await?;
@@ -151,7 +151,7 @@ pub async fn register(client: &Client, config: &Config) -> Result<()> {
 
 /// Renews the Lease every quarter of its duration and re-posts NodeStatus when it is due or the
 /// node had been marked not ready by the control plane.
-pub async fn heartbeat(client: Client, config: Config, shutdown: CancellationToken) {
+pub async fn heartbeat(client: Client, config: Config, port: u16, shutdown: CancellationToken) {
     let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
     let nodes: Api<Node> = Api::all(client.clone());
     let interval = config.lease_duration / 4;
@@ -171,7 +171,7 @@ pub async fn heartbeat(client: Client, config: Config, shutdown: CancellationTok
                 .any(|c| c.type_ == "Ready" && c.status != "True"),
             Ok(None) => {
                 // Deleted while we run: register again, as upstream's kubelet does.
-                let _ = register(&client, &config).await;
+                let _ = register(&client, &config, port).await;
                 false
             }
             Err(_) => false,

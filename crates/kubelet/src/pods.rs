@@ -220,7 +220,7 @@ fn restart_policy(pod: &Pod) -> String {
 }
 
 /// The environment of a container: pod-level basics plus `env` (values and downward API fields).
-fn env_of(pod: &Pod, c: &Container, config: &Config) -> Vec<(String, String)> {
+pub(crate) fn env_of(pod: &Pod, c: &Container, config: &Config) -> Vec<(String, String)> {
     let mut env = vec![
         ("HOSTNAME".to_string(), pod.metadata.name.clone().unwrap_or_default()),
         ("KUBERNETES_SERVICE_HOST".to_string(), "10.96.0.1".to_string()),

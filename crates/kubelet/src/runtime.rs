@@ -79,7 +79,12 @@ pub fn start_process(spec: &ContainerSpec) -> std::io::Result<Handle> {
     if let Some(dir) = spec.log_path.parent() {
         std::fs::create_dir_all(dir)?;
     }
+    // A restarted container keeps its previous log for `kubectl logs --previous`.
+    if spec.log_path.exists() {
+        let _ = std::fs::rename(&spec.log_path, spec.log_path.with_extension("log.1"));
+    }
     let log = std::fs::OpenOptions::new().create(true).append(true).open(&spec.log_path)?;
+    let log = std::sync::Arc::new(std::sync::Mutex::new(log));
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
         .env_clear()
@@ -87,11 +92,33 @@ pub fn start_process(spec: &ContainerSpec) -> std::io::Result<Handle> {
         .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .current_dir(&spec.workdir)
         .stdin(Stdio::null())
-        .stdout(Stdio::from(log.try_clone()?))
-        .stderr(Stdio::from(log))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let child = cmd.spawn()?;
+    let mut child = cmd.spawn()?;
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(copy_lines(out, "stdout", log.clone()));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(copy_lines(err, "stderr", log));
+    }
     let pid = child.id().map(|p| p as i32).unwrap_or(0);
     Ok(Handle::Process { child, pid })
+}
+
+/// Writes each line as CRI logs do: `<RFC 3339 nano time> <stream> F <line>`.
+async fn copy_lines<R: tokio::io::AsyncRead + Unpin>(
+    r: R,
+    stream: &'static str,
+    log: std::sync::Arc<std::sync::Mutex<std::fs::File>>,
+) {
+    use std::io::Write;
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(r).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let ts = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S.%fZ").to_string();
+        let mut f = log.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = writeln!(f, "{ts} {stream} F {line}");
+    }
 }

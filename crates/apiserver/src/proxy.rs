@@ -1,0 +1,201 @@
+//! The API server's side of `kubectl logs` and `kubectl exec`: find the pod's node, then relay
+//! the request to that node's kubelet (an HTTP stream for logs, a WebSocket for exec).
+
+use std::collections::HashMap;
+
+use axum::body::Body;
+use axum::extract::FromRequestParts;
+use axum::extract::ws::{Message, WebSocketUpgrade};
+use axum::response::{IntoResponse, Response};
+use futures::{SinkExt, StreamExt};
+use http::StatusCode;
+use rkube_api::resources;
+use serde_json::Value;
+use tokio_tungstenite::tungstenite;
+
+use crate::registry::Registry;
+use crate::{Error, Result};
+
+/// `http://<InternalIP>:<kubelet port>` of the node running `pod`, and the pod itself.
+async fn kubelet_of(reg: &Registry, ns: &str, pod: &str) -> Result<(String, Value)> {
+    let pods =
+        resources::find("", "v1", "pods").ok_or_else(|| Error::internal("no pods resource"))?;
+    let nodes =
+        resources::find("", "v1", "nodes").ok_or_else(|| Error::internal("no nodes resource"))?;
+    let p = reg.get(pods, Some(ns), pod).await?;
+    let Some(node_name) = p["spec"]["nodeName"].as_str().filter(|n| !n.is_empty()) else {
+        return Err(Error::bad_request(format!("pod {pod} does not have a host assigned")));
+    };
+    let node = reg.get(nodes, None, node_name).await?;
+    let port = node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"].as_u64().unwrap_or(0);
+    let ip = node["status"]["addresses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|a| a["type"] == "InternalIP")
+        .and_then(|a| a["address"].as_str())
+        .unwrap_or("127.0.0.1")
+        .to_string();
+    if port == 0 {
+        return Err(Error::status(
+            503,
+            "ServiceUnavailable",
+            format!("the kubelet of node {node_name} does not serve logs or exec"),
+        ));
+    }
+    let host = if ip.contains(':') { format!("[{ip}]") } else { ip };
+    Ok((format!("{host}:{port}"), p))
+}
+
+fn default_container(p: &Value, q: &HashMap<String, String>) -> Result<String> {
+    if let Some(c) = q.get("container").filter(|c| !c.is_empty()) {
+        return Ok(c.clone());
+    }
+    let cs: Vec<&str> = p["spec"]["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    match cs.as_slice() {
+        [one] => Ok(one.to_string()),
+        _ => Err(Error::bad_request(format!(
+            "a container name must be specified for pod {}, choose one of: [{}]",
+            p["metadata"]["name"].as_str().unwrap_or(""),
+            cs.join(" ")
+        ))),
+    }
+}
+
+pub async fn logs(
+    reg: &Registry,
+    ns: &str,
+    pod: &str,
+    q: &HashMap<String, String>,
+    raw_query: &str,
+) -> Result<Response> {
+    let (addr, p) = kubelet_of(reg, ns, pod).await?;
+    let container = default_container(&p, q)?;
+    let uri = format!("http://{addr}/containerLogs/{ns}/{pod}/{container}?{raw_query}");
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Body>();
+    let req =
+        http::Request::get(&uri).body(Body::empty()).map_err(|e| Error::internal(e.to_string()))?;
+    let resp = client.request(req).await.map_err(|e| {
+        Error::status(
+            503,
+            "ServiceUnavailable",
+            format!("connecting to the kubelet at {addr}: {e}"),
+        )
+    })?;
+    let (parts, body) = resp.into_parts();
+    let mut out = Response::new(Body::new(body));
+    *out.status_mut() = parts.status;
+    let ct = if parts.status.is_success() { "text/plain" } else { "application/json" };
+    out.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(ct));
+    Ok(out)
+}
+
+/// Upgrades the client's request to a WebSocket and relays frames to and from the kubelet.
+pub async fn exec(
+    reg: &Registry,
+    ns: &str,
+    pod: &str,
+    sub: &str,
+    req: http::Request<Body>,
+    raw_query: &str,
+    q: &HashMap<String, String>,
+) -> Result<Response> {
+    let (mut parts, _body) = req.into_parts();
+    let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+        Ok(ws) => ws,
+        Err(_) => {
+            return Err(Error::Status {
+                code: 400,
+                reason: "BadRequest",
+                message: format!(
+                    "{sub} needs a WebSocket upgrade (v5.channel.k8s.io or v4.channel.k8s.io); SPDY is not supported"
+                ),
+                details: None,
+            });
+        }
+    };
+    let (addr, p) = kubelet_of(reg, ns, pod).await?;
+    let container = default_container(&p, q)?;
+    let ws = ws.protocols([
+        "v5.channel.k8s.io",
+        "v4.channel.k8s.io",
+        "v3.channel.k8s.io",
+        "v2.channel.k8s.io",
+        "channel.k8s.io",
+    ]);
+    let protocol = ws
+        .selected_protocol()
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("v4.channel.k8s.io")
+        .to_string();
+    let url = format!("ws://{addr}/exec/{ns}/{pod}/{container}?{raw_query}");
+    let mut request = tungstenite::client::IntoClientRequest::into_client_request(url.as_str())
+        .map_err(|e| Error::internal(e.to_string()))?;
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        http::HeaderValue::from_str(&protocol).map_err(|e| Error::internal(e.to_string()))?,
+    );
+    let (upstream, _) = tokio_tungstenite::connect_async(request).await.map_err(|e| {
+        Error::status(
+            503,
+            "ServiceUnavailable",
+            format!("connecting to the kubelet at {addr}: {e}"),
+        )
+    })?;
+    Ok(ws
+        .on_upgrade(move |client| async move {
+            let (mut up_tx, mut up_rx) = upstream.split();
+            let (mut cl_tx, mut cl_rx) = client.split();
+            let to_kubelet = async {
+                while let Some(Ok(m)) = cl_rx.next().await {
+                    let m = match m {
+                        Message::Binary(b) => tungstenite::Message::Binary(b.to_vec().into()),
+                        Message::Text(t) => {
+                            tungstenite::Message::Text(t.as_str().to_string().into())
+                        }
+                        Message::Close(_) => break,
+                        _ => continue,
+                    };
+                    if up_tx.send(m).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = up_tx.close().await;
+            };
+            let to_client = async {
+                while let Some(Ok(m)) = up_rx.next().await {
+                    let m = match m {
+                        tungstenite::Message::Binary(b) => Message::Binary(b.to_vec().into()),
+                        tungstenite::Message::Text(t) => {
+                            Message::Text(t.as_str().to_string().into())
+                        }
+                        tungstenite::Message::Close(_) => break,
+                        _ => continue,
+                    };
+                    if cl_tx.send(m).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = cl_tx
+                    .send(Message::Close(Some(axum::extract::ws::CloseFrame {
+                        code: 1000,
+                        reason: "".into(),
+                    })))
+                    .await;
+            };
+            tokio::select! { _ = to_kubelet => {}, _ = to_client => {} }
+        })
+        .into_response())
+}
+
+pub fn unsupported(sub: &str) -> Response {
+    let body = serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": format!("the {sub} subresource is not supported by rkube yet"), "reason": "MethodNotAllowed", "code": 405});
+    (StatusCode::METHOD_NOT_ALLOWED, axum::Json(body)).into_response()
+}

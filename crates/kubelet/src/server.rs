@@ -1,0 +1,349 @@
+//! The kubelet's own HTTP endpoint, which the API server proxies `kubectl logs` and
+//! `kubectl exec` to: container logs (follow, tail, since, timestamps, previous) and exec over
+//! the Kubernetes WebSocket channel protocol (v4/v5.channel.k8s.io). Served on loopback.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use bytes::Bytes;
+use k8s_openapi::api::core::v1::Pod;
+use kube::{Api, Client};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::Config;
+
+#[derive(Clone)]
+struct Ctx {
+    client: Client,
+    config: Config,
+}
+
+/// Binds 127.0.0.1:0 and serves until `shutdown`; returns the port.
+pub async fn start(
+    client: Client,
+    config: Config,
+    shutdown: CancellationToken,
+) -> std::io::Result<u16> {
+    let listener = tokio::net::TcpListener::bind((config.node_ip.as_str(), 0)).await?;
+    let port = listener.local_addr()?.port();
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/containerLogs/{ns}/{pod}/{container}", get(logs))
+        .route("/exec/{ns}/{pod}/{container}", get(exec).post(exec))
+        .with_state(Ctx { client, config });
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+    });
+    Ok(port)
+}
+
+fn status(code: StatusCode, reason: &str, message: String) -> Response {
+    let body = serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message, "reason": reason, "code": code.as_u16()});
+    (code, axum::Json(body)).into_response()
+}
+
+async fn pod_dir(ctx: &Ctx, ns: &str, pod: &str) -> Result<(Pod, PathBuf), Response> {
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let p = api.get(pod).await.map_err(|e| {
+        status(StatusCode::NOT_FOUND, "NotFound", format!("pods \"{pod}\" not found: {e}"))
+    })?;
+    let uid = p.metadata.uid.clone().unwrap_or_default();
+    Ok((p, ctx.config.data_dir.join("pods").join(uid)))
+}
+
+/// One CRI log line split into (timestamp, message).
+fn parse_line(line: &str) -> (&str, &str) {
+    let mut parts = line.splitn(4, ' ');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(ts), Some(_stream), Some(_tag), Some(msg)) => (ts, msg),
+        (Some(ts), Some(_), Some(_), None) => (ts, ""),
+        _ => ("", line),
+    }
+}
+
+fn render(line: &str, timestamps: bool, since: Option<jiff::Timestamp>) -> Option<String> {
+    let (ts, msg) = parse_line(line);
+    if let Some(since) = since
+        && ts.parse::<jiff::Timestamp>().is_ok_and(|t| t < since)
+    {
+        return None;
+    }
+    Some(if timestamps { format!("{ts} {msg}\n") } else { format!("{msg}\n") })
+}
+
+async fn logs(
+    State(ctx): State<Ctx>,
+    Path((ns, pod, container)): Path<(String, String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let (p, dir) = match pod_dir(&ctx, &ns, &pod).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let known = p.spec.as_ref().is_some_and(|s| {
+        s.containers.iter().chain(s.init_containers.iter().flatten()).any(|c| c.name == container)
+    });
+    if !known {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            format!("container {container} is not valid for pod {pod}"),
+        );
+    }
+    let truthy = |k: &str| q.get(k).is_some_and(|v| v == "true" || v == "1");
+    let previous = truthy("previous");
+    let path = dir.join("logs").join(if previous {
+        format!("{container}.log.1")
+    } else {
+        format!("{container}.log")
+    });
+    let text = match tokio::fs::read_to_string(&path).await {
+        Ok(t) => t,
+        Err(_) if previous => {
+            return status(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                format!("previous terminated container \"{container}\" in pod \"{pod}\" not found"),
+            );
+        }
+        Err(_) => {
+            return status(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                format!(
+                    "container \"{container}\" in pod \"{pod}\" is waiting to start: ContainerCreating"
+                ),
+            );
+        }
+    };
+    let timestamps = truthy("timestamps");
+    let since = q
+        .get("sinceSeconds")
+        .and_then(|s| s.parse::<i64>().ok())
+        .map(|s| jiff::Timestamp::now() - jiff::SignedDuration::from_secs(s))
+        .or_else(|| q.get("sinceTime").and_then(|t| t.parse().ok()));
+    let mut lines: Vec<&str> = text.lines().collect();
+    if let Some(n) = q.get("tailLines").and_then(|t| t.parse::<usize>().ok()) {
+        lines = lines.split_off(lines.len().saturating_sub(n));
+    }
+    let mut out = String::new();
+    for l in lines {
+        if let Some(r) = render(l, timestamps, since) {
+            out.push_str(&r);
+        }
+    }
+    if let Some(limit) = q.get("limitBytes").and_then(|l| l.parse::<usize>().ok()) {
+        out.truncate(limit);
+    }
+    if !truthy("follow") || previous {
+        return (StatusCode::OK, out).into_response();
+    }
+    // Follow: stream what is there, then new lines as the file grows.
+    let start = text.len() as u64;
+    let stream = futures::stream::unfold(
+        (Some(out), start, path, String::new()),
+        move |(first, mut pos, path, mut partial)| async move {
+            if let Some(f) = first {
+                return Some((
+                    Ok::<Bytes, std::io::Error>(Bytes::from(f)),
+                    (None, pos, path, partial),
+                ));
+            }
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let Ok(mut f) = tokio::fs::File::open(&path).await else { return None };
+                let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+                if len < pos {
+                    return None; // rotated: the container restarted
+                }
+                if len == pos {
+                    continue;
+                }
+                use tokio::io::AsyncSeekExt;
+                if f.seek(std::io::SeekFrom::Start(pos)).await.is_err() {
+                    return None;
+                }
+                let mut buf = String::new();
+                if f.read_to_string(&mut buf).await.is_err() {
+                    return None;
+                }
+                pos = len;
+                partial.push_str(&buf);
+                let mut out = String::new();
+                while let Some(i) = partial.find('\n') {
+                    let line: String = partial.drain(..=i).collect();
+                    if let Some(r) = render(line.trim_end_matches('\n'), timestamps, None) {
+                        out.push_str(&r);
+                    }
+                }
+                if !out.is_empty() {
+                    return Some((Ok(Bytes::from(out)), (None, pos, path, partial)));
+                }
+            }
+        },
+    );
+    Response::new(Body::from_stream(stream))
+}
+
+async fn exec(
+    State(ctx): State<Ctx>,
+    Path((ns, pod, container)): Path<(String, String, String)>,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let (p, dir) = match pod_dir(&ctx, &ns, &pod).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let Some(c) =
+        p.spec.as_ref().and_then(|s| s.containers.iter().find(|c| c.name == container).cloned())
+    else {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            format!("container {container} is not valid for pod {pod}"),
+        );
+    };
+    // `command` repeats: command=sh&command=-c&command=echo ok.
+    let mut command = Vec::new();
+    let mut stdin = false;
+    for pair in raw.unwrap_or_default().split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_decode(v);
+        match k {
+            "command" => command.push(v),
+            "stdin" | "input" => stdin = v == "true" || v == "1",
+            _ => {}
+        }
+    }
+    if command.is_empty() {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "you must specify at least 1 command".into(),
+        );
+    }
+    let env = crate::pods::env_of(&p, &c, &ctx.config);
+    let workdir = dir.join("work");
+    ws.protocols(["v5.channel.k8s.io", "v4.channel.k8s.io", "channel.k8s.io"])
+        .on_upgrade(move |socket| run_exec(socket, command, env, workdir, stdin))
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(x) =
+                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+        {
+            out.push(x);
+            i += 3;
+            continue;
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn run_exec(
+    mut socket: WebSocket,
+    command: Vec<String>,
+    env: Vec<(String, String)>,
+    workdir: PathBuf,
+    want_stdin: bool,
+) {
+    let _ = std::fs::create_dir_all(&workdir);
+    let mut cmd = tokio::process::Command::new(&command[0]);
+    cmd.args(&command[1..])
+        .env_clear()
+        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .envs(env)
+        .current_dir(&workdir)
+        .stdin(if want_stdin { std::process::Stdio::piped() } else { std::process::Stdio::null() })
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let st = serde_json::json!({"metadata": {}, "status": "Failure", "message": format!("failed to exec in container: exec: \"{}\": {e}", command[0]), "reason": "InternalError"});
+            let mut frame = vec![3u8];
+            frame.extend_from_slice(st.to_string().as_bytes());
+            let _ = socket.send(Message::Binary(frame.into())).await;
+            let _ = socket
+                .send(Message::Close(Some(axum::extract::ws::CloseFrame {
+                    code: 1000,
+                    reason: "".into(),
+                })))
+                .await;
+            return;
+        }
+    };
+    let mut stdin = child.stdin.take();
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let mut out_buf = vec![0u8; 8192];
+    let mut err_buf = vec![0u8; 8192];
+    let mut out_open = stdout.is_some();
+    let mut err_open = stderr.is_some();
+    let exit = loop {
+        tokio::select! {
+            n = async { match stdout.as_mut() { Some(s) => s.read(&mut out_buf).await, None => std::future::pending().await } }, if out_open => {
+                match n {
+                    Ok(0) | Err(_) => { out_open = false; }
+                    Ok(n) => { let mut f = vec![1u8]; f.extend_from_slice(&out_buf[..n]); if socket.send(Message::Binary(f.into())).await.is_err() { break None; } }
+                }
+            }
+            n = async { match stderr.as_mut() { Some(s) => s.read(&mut err_buf).await, None => std::future::pending().await } }, if err_open => {
+                match n {
+                    Ok(0) | Err(_) => { err_open = false; }
+                    Ok(n) => { let mut f = vec![2u8]; f.extend_from_slice(&err_buf[..n]); if socket.send(Message::Binary(f.into())).await.is_err() { break None; } }
+                }
+            }
+            msg = socket.recv() => {
+                match msg {
+                    Some(Ok(Message::Binary(b))) if !b.is_empty() => match b[0] {
+                        0 => { if let Some(s) = stdin.as_mut() && s.write_all(&b[1..]).await.is_err() { stdin = None; } }
+                        255 if b.get(1) == Some(&0) => { stdin = None; }
+                        _ => {}
+                    },
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break None,
+                    _ => {}
+                }
+            }
+            st = child.wait(), if !out_open && !err_open => break st.ok(),
+        }
+    };
+    let st = match exit {
+        Some(s) if s.success() => serde_json::json!({"metadata": {}, "status": "Success"}),
+        Some(s) => {
+            let code = s.code().unwrap_or(137);
+            serde_json::json!({"metadata": {}, "status": "Failure", "message": format!("command terminated with non-zero exit code: error executing command {command:?}, exit code {code}"), "reason": "NonZeroExitCode", "details": {"causes": [{"reason": "ExitCode", "message": code.to_string()}]}})
+        }
+        None => {
+            let _ = child.kill().await;
+            return;
+        }
+    };
+    let mut frame = vec![3u8];
+    frame.extend_from_slice(st.to_string().as_bytes());
+    let _ = socket.send(Message::Binary(frame.into())).await;
+    let _ = socket
+        .send(Message::Close(Some(axum::extract::ws::CloseFrame { code: 1000, reason: "".into() })))
+        .await;
+}
