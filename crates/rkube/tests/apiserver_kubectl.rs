@@ -1,0 +1,261 @@
+//! The API server as the real kubectl sees it: discovery, CRUD, Table columns, describe with
+//! events, logs, exec, watch, optimistic concurrency, errors as Status, and older kubectls.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Server, available};
+
+const POD: &str = "apiVersion: v1
+kind: Pod
+metadata:
+  name: production-payment-pod
+  namespace: lab
+  labels:
+    app: payment-gateway
+spec:
+  terminationGracePeriodSeconds: 2
+  containers:
+  - name: payment-container
+    image: nginx:1.26-alpine
+    command: [\"sh\", \"-c\", \"echo payment service up; trap 'echo got SIGTERM; exit 0' TERM; while true; do sleep 0.2; done\"]
+    ports:
+    - containerPort: 80
+";
+
+#[test]
+fn kubectl_drives_the_core_api_end_to_end() {
+    if !available("kubectl", &["version", "--client"]) {
+        return;
+    }
+    let mut s = Server::start();
+    s.agent("node-1", &[]);
+    assert_eq!(s.ok(&["get", "--raw", "/readyz"]).trim(), "ok");
+    let verbose = s.ok(&["get", "--raw", "/readyz?verbose"]);
+    assert!(verbose.contains("[+]etcd ok") && verbose.contains("readyz check passed"), "{verbose}");
+
+    let resources = s.ok(&["api-resources"]);
+    for line in [
+        ["deployments", "deploy", "apps/v1", "true", "Deployment"],
+        ["pods", "po", "v1", "true", "Pod"],
+        ["nodes", "no", "v1", "false", "Node"],
+        ["componentstatuses", "cs", "v1", "false", "ComponentStatus"],
+    ] {
+        assert!(
+            resources.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == line),
+            "{line:?} missing:\n{resources}"
+        );
+    }
+
+    assert_eq!(
+        s.ok_stdin(
+            &["apply", "-f", "-"],
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: lab\n"
+        )
+        .trim(),
+        "namespace/lab created"
+    );
+    assert_eq!(s.ok_stdin(&["apply", "-f", "-"], POD).trim(), "pod/production-payment-pod created");
+    assert_eq!(
+        s.ok_stdin(&["apply", "-f", "-"], POD).trim(),
+        "pod/production-payment-pod unchanged"
+    );
+    let wide = s.wait("the pod Running on node-1", Duration::from_secs(30), || {
+        let out = s.ok(&["get", "pods", "-n", "lab", "-o", "wide"]);
+        (out.contains("Running") && out.contains("node-1")).then_some(out)
+    });
+    let header: Vec<&str> = wide.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "READY",
+            "STATUS",
+            "RESTARTS",
+            "AGE",
+            "IP",
+            "NODE",
+            "NOMINATED",
+            "NODE",
+            "READINESS",
+            "GATES"
+        ]
+    );
+    assert!(
+        wide.lines().nth(1).unwrap().starts_with("production-payment-pod   1/1     Running   0"),
+        "{wide}"
+    );
+
+    let yaml = s.ok(&["get", "pod", "production-payment-pod", "-n", "lab", "-o", "yaml"]);
+    assert!(
+        yaml.contains("resourceVersion:")
+            && yaml.contains("uid:")
+            && yaml.contains("phase: Running"),
+        "{yaml}"
+    );
+
+    let described = s.ok(&["describe", "pod", "production-payment-pod", "-n", "lab"]);
+    for want in [
+        "Node:         node-1/127.0.0.1",
+        "Status:       Running",
+        "Events:",
+        "Scheduled",
+        "Successfully assigned lab/production-payment-pod to node-1",
+        "Started",
+    ] {
+        assert!(described.contains(want), "{want} missing:\n{described}");
+    }
+
+    assert_eq!(
+        s.ok(&["label", "pod", "production-payment-pod", "-n", "lab", "tier=web"]).trim(),
+        "pod/production-payment-pod labeled"
+    );
+    assert_eq!(
+        s.ok(&["annotate", "pod", "production-payment-pod", "-n", "lab", "owner=payments"]).trim(),
+        "pod/production-payment-pod annotated"
+    );
+    let by_label = s.ok(&["get", "pods", "-n", "lab", "-l", "tier=web", "-o", "name"]);
+    assert_eq!(by_label.trim(), "pod/production-payment-pod");
+    assert_eq!(s.ok(&["get", "pods", "-n", "lab", "-l", "tier=db", "-o", "name"]).trim(), "");
+
+    let logs = s.ok(&["logs", "production-payment-pod", "-n", "lab"]);
+    assert_eq!(logs.trim(), "payment service up");
+    assert_eq!(
+        s.ok(&["exec", "production-payment-pod", "-n", "lab", "--", "echo", "ok"]).trim(),
+        "ok"
+    );
+    let failed =
+        s.kubectl(&["exec", "production-payment-pod", "-n", "lab", "--", "sh", "-c", "exit 3"]);
+    assert_eq!(failed.status.code(), Some(3));
+
+    // Optimistic concurrency: replacing with a stale resourceVersion is a 409 Conflict.
+    let stale = s.ok(&["get", "pod", "production-payment-pod", "-n", "lab", "-o", "json"]);
+    s.ok(&["label", "pod", "production-payment-pod", "-n", "lab", "tier=api", "--overwrite"]);
+    let conflict = s.kubectl_with("kubectl", &["replace", "-f", "-"], Some(&stale));
+    assert!(!conflict.status.success());
+    let err = String::from_utf8_lossy(&conflict.stderr);
+    assert!(err.contains("the object has been modified; please apply your changes to the latest version and try again"), "{err}");
+
+    // Errors are Kubernetes Status objects that kubectl prints as upstream does.
+    let missing = s.kubectl(&["get", "pod", "nope", "-n", "lab"]);
+    assert_eq!(
+        String::from_utf8_lossy(&missing.stderr).trim(),
+        "Error from server (NotFound): pods \"nope\" not found"
+    );
+    let bad = s.kubectl_with(
+        "kubectl",
+        &["create", "--raw", "/api/v1/namespaces/lab/configmaps", "-f", "-"],
+        Some("{not json"),
+    );
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("BadRequest"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+
+    let cs = s.kubectl(&["get", "componentstatuses"]);
+    assert!(
+        String::from_utf8_lossy(&cs.stderr)
+            .contains("Warning: v1 ComponentStatus is deprecated in v1.19+")
+    );
+    let cs_out = String::from_utf8_lossy(&cs.stdout);
+    assert!(cs_out.lines().any(|l| l.starts_with("etcd-0") && l.contains("Healthy")), "{cs_out}");
+    assert!(s.ok(&["auth", "whoami"]).contains("kubernetes-admin"));
+
+    // A watch sees the graceful delete: the kubelet sends SIGTERM, then removes the pod.
+    let watch = std::thread::scope(|scope| {
+        let w = scope
+            .spawn(|| s.kubectl(&["get", "pods", "-n", "lab", "--watch", "--request-timeout=6s"]));
+        std::thread::sleep(Duration::from_millis(800));
+        assert_eq!(
+            s.ok(&["delete", "pod", "production-payment-pod", "-n", "lab"]).trim(),
+            "pod \"production-payment-pod\" deleted"
+        );
+        w.join().unwrap()
+    });
+    let watched = String::from_utf8_lossy(&watch.stdout);
+    assert!(watched.contains("Terminating"), "{watched}");
+    assert!(s.ok(&["get", "pods", "-n", "lab", "-o", "name"]).trim().is_empty());
+
+    // Events by field selector, as `describe` asks for them.
+    let evs = s.ok(&[
+        "get",
+        "events",
+        "-n",
+        "lab",
+        "--field-selector",
+        "involvedObject.name=production-payment-pod",
+        "-o",
+        "custom-columns=REASON:.reason",
+        "--no-headers",
+    ]);
+    assert!(evs.lines().any(|l| l.trim() == "Killing"), "{evs}");
+
+    // An old kubectl negotiates aggregated discovery v2beta1 and works too.
+    if let Some(k127) = common::versioned_kubectl(27) {
+        let out = s.kubectl_with(k127.to_str().unwrap(), &["api-resources"], None);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("deployments"));
+        let nodes = s.kubectl_with(k127.to_str().unwrap(), &["get", "nodes"], None);
+        assert!(String::from_utf8_lossy(&nodes.stdout).contains("node-1"));
+    }
+}
+
+#[test]
+fn a_deployment_scales_and_rolls_out() {
+    if !available("kubectl", &["version", "--client"]) {
+        return;
+    }
+    let mut s = Server::start();
+    s.agent("node-1", &[]);
+    let dep = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 2\n  selector:\n    matchLabels: {app: web}\n  template:\n    metadata:\n      labels: {app: web}\n    spec:\n      terminationGracePeriodSeconds: 1\n      containers:\n      - name: web\n        image: busybox\n        command: [\"sleep\", \"7301\"]\n";
+    assert_eq!(s.ok_stdin(&["apply", "-f", "-"], dep).trim(), "deployment.apps/web created");
+    let status = s.ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    assert!(status.contains("successfully rolled out"), "{status}");
+    assert_eq!(
+        s.ok(&["scale", "deployment", "web", "--replicas=3"]).trim(),
+        "deployment.apps/web scaled"
+    );
+    s.wait("3 ready replicas", Duration::from_secs(30), || {
+        let out = s.ok(&["get", "deployment", "web", "--no-headers"]);
+        out.split_whitespace().nth(1).is_some_and(|r| r == "3/3").then_some(())
+    });
+    // A new template rolls out a new ReplicaSet; undo goes back to the first one.
+    let v2 = dep.replace("7301", "7302");
+    assert_eq!(s.ok_stdin(&["apply", "-f", "-"], &v2).trim(), "deployment.apps/web configured");
+    assert!(
+        s.ok(&["rollout", "status", "deployment/web", "--timeout=60s"])
+            .contains("successfully rolled out")
+    );
+    let rs = s.ok(&["get", "rs", "--no-headers"]);
+    assert_eq!(rs.lines().count(), 2, "{rs}");
+    assert!(s.ok(&["rollout", "undo", "deployment/web"]).contains("rolled back"));
+    assert!(
+        s.ok(&["rollout", "status", "deployment/web", "--timeout=60s"])
+            .contains("successfully rolled out")
+    );
+    let cmd = s.ok(&[
+        "get",
+        "deployment",
+        "web",
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].command[1]}",
+    ]);
+    assert_eq!(cmd, "7301");
+    let rev = s.ok(&[
+        "get",
+        "deployment",
+        "web",
+        "-o",
+        "jsonpath={.metadata.annotations.deployment\\.kubernetes\\.io/revision}",
+    ]);
+    assert_eq!(rev, "3");
+    // Deleting the Deployment removes its ReplicaSets and pods (garbage collection).
+    s.ok(&["delete", "deployment", "web"]);
+    s.wait("ReplicaSets and pods gone", Duration::from_secs(30), || {
+        let rs = s.ok(&["get", "rs", "-o", "name"]);
+        let pods = s.ok(&["get", "pods", "-o", "name"]);
+        (rs.trim().is_empty() && pods.trim().is_empty()).then_some(())
+    });
+}

@@ -1,0 +1,208 @@
+//! Shared test scaffolding: a real `rkube server` (+ optional `rkube agent`) on free loopback
+//! ports in a temp dir, the real kubectl pointed at it, and cleanup on drop even on failure.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// `true` when `program` runs; when it does not, skip visibly — or fail when CI=true.
+pub fn available(program: &str, args: &[&str]) -> bool {
+    let ok = Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{program} is required when CI=true");
+        eprintln!("SKIPPED: {program} is not available");
+    }
+    ok
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct Server {
+    pub dir: PathBuf,
+    pub port: u16,
+    pub kubeconfig: PathBuf,
+    server: Option<Child>,
+    agents: Vec<Child>,
+}
+
+impl Server {
+    pub fn start() -> Server {
+        let dir =
+            std::env::temp_dir().join(format!("rkube-it-{}-{}", std::process::id(), uuid_like()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = free_port();
+        let mut s = Server {
+            kubeconfig: dir.join("server").join("admin.kubeconfig"),
+            dir,
+            port,
+            server: None,
+            agents: Vec::new(),
+        };
+        s.spawn_server();
+        s
+    }
+
+    pub fn spawn_server(&mut self) {
+        let log = std::fs::File::create(self.dir.join("server.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_rkube"))
+            .args(["server", "--secure-port", &self.port.to_string(), "--data-dir"])
+            .arg(self.dir.join("server"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.server = Some(child);
+        let start = Instant::now();
+        loop {
+            if self.kubeconfig.exists()
+                && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "server did not start:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the server process (SIGKILL: nothing gets a chance to flush).
+    pub fn kill_server(&mut self) {
+        if let Some(mut c) = self.server.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn agent(&mut self, node: &str, extra: &[&str]) {
+        let log = std::fs::File::create(self.dir.join(format!("{node}.log"))).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_rkube"))
+            .args(["agent", "--kubeconfig"])
+            .arg(&self.kubeconfig)
+            .args(["--node-name", node, "--data-dir"])
+            .arg(self.dir.join(node))
+            .args(extra)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.agents.push(child);
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
+    pub fn kubectl_with(&self, binary: &str, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut cmd = Command::new(binary);
+        cmd.arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("--cache-dir")
+            .arg(self.dir.join(format!("kcache-{}", binary.replace('/', "_"))))
+            .args(args);
+        cmd.env("HOME", &self.dir).stdout(Stdio::piped()).stderr(Stdio::piped());
+        match stdin {
+            Some(input) => {
+                cmd.stdin(Stdio::piped());
+                let mut child = cmd.spawn().unwrap();
+                use std::io::Write;
+                child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+                child.wait_with_output().unwrap()
+            }
+            None => cmd.stdin(Stdio::null()).output().unwrap(),
+        }
+    }
+
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        self.kubectl_with("kubectl", args, None)
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn ok_stdin(&self, args: &[&str], input: &str) -> String {
+        let out = self.kubectl_with("kubectl", args, Some(input));
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn wait<T>(&self, what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+        let start = Instant::now();
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "timed out after {limit:?} waiting for {what}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        for a in &mut self.agents {
+            let _ = Command::new("kill").arg("-TERM").arg(a.id().to_string()).status();
+        }
+        for a in &mut self.agents {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if a.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+        self.kill_server();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn uuid_like() -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    format!("{:x}", SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos())
+}
+
+/// The versioned kubectl binaries beside the dispatcher (kubectl.1.27 …).
+pub fn versioned_kubectl(minor: u32) -> Option<PathBuf> {
+    let real = std::fs::canonicalize(which("kubectl")?).ok()?;
+    let p = real.parent()?.join(format!("kubectl.1.{minor}"));
+    p.exists().then_some(p)
+}
+
+fn which(p: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(p)).find(|f| f.exists()))
+}
