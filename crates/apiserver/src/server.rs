@@ -417,6 +417,11 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Query booleans as Go's strconv.ParseBool reads them (clients send "true", "True", "1").
+fn parse_bool(s: &str) -> bool {
+    matches!(s, "1" | "t" | "T" | "true" | "TRUE" | "True")
+}
+
 fn version_info() -> Value {
     json!({
         "major": "1", "minor": "33", "gitVersion": "v1.33.0-rkube",
@@ -792,7 +797,7 @@ async fn handle(st: Arc<Inner>, user: User, req: Request) -> Result<Response> {
     match (&parts.method, t.name.as_deref(), t.sub.as_deref()) {
         (&Method::GET, None, None) => {
             let lp = list_params(&q, r)?;
-            let watch = matches!(q.get("watch").map(String::as_str), Some("true" | "1"));
+            let watch = q.get("watch").is_some_and(|w| parse_bool(w));
             if watch {
                 verb_ok("watch")?;
                 return watch_response(st.clone(), r, t.ns.clone(), lp, &q, table).await;
@@ -1563,8 +1568,8 @@ async fn watch_response(
 ) -> Result<Response> {
     st.watches.fetch_add(1, Ordering::Relaxed);
     let include = Include::parse(q.get("includeObject").map(String::as_str));
-    let bookmarks = q.get("allowWatchBookmarks").is_some_and(|b| b == "true" || b == "1");
-    let send_initial = q.get("sendInitialEvents").map(|s| s == "true");
+    let bookmarks = q.get("allowWatchBookmarks").is_some_and(|b| parse_bool(b));
+    let send_initial = q.get("sendInitialEvents").map(|s| parse_bool(s));
     let timeout =
         q.get("timeoutSeconds").and_then(|t| t.parse::<u64>().ok()).map(Duration::from_secs);
     let rv = lp.resource_version.clone().unwrap_or_default();
