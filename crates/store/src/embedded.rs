@@ -628,3 +628,29 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod watch_tests {
+    use super::*;
+    use futures::StreamExt;
+
+    #[tokio::test]
+    async fn a_watch_sees_every_later_write() {
+        let d = tempfile::tempdir().unwrap();
+        let s = EmbeddedStore::open(Config::new(d.path().join("w.redb"))).unwrap();
+        s.create("/x/0", Bytes::from_static(b"v")).await.unwrap();
+        let rev = s.current_revision().await.unwrap();
+        let mut w = s.watch("/watch/", rev).await.unwrap();
+        for i in 0..5 {
+            s.create(&format!("/watch/{i}"), Bytes::from_static(b"v")).await.unwrap();
+        }
+        for i in 0..5 {
+            let ev = tokio::time::timeout(std::time::Duration::from_secs(2), w.next())
+                .await
+                .expect("event in time")
+                .unwrap()
+                .unwrap();
+            assert_eq!(ev.key(), Some(format!("/watch/{i}").as_str()));
+        }
+    }
+}
