@@ -336,7 +336,9 @@ impl Registry {
         }
         if matches!(ty.as_str(), "NodePort" | "LoadBalancer") {
             let (lo, hi) = self.node_port_range;
-            if let Some(ports) = o["spec"]["ports"].as_array_mut() {
+            if let Some(ports) =
+                o.get_mut("spec").and_then(|s| s.get_mut("ports")).and_then(Value::as_array_mut)
+            {
                 for p in ports {
                     match p["nodePort"].as_i64() {
                         Some(np) if np != 0 => {

@@ -570,6 +570,15 @@ async fn read_body(body: Body) -> Result<Bytes> {
 }
 
 fn decode_body(ct: &str, body: &[u8]) -> Result<Value> {
+    if ct.contains("protobuf") || ct.contains("cbor") {
+        return Err(Error::status(
+            415,
+            "UnsupportedMediaType",
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (rkube does not decode {ct} bodies yet; `kubectl apply -f` and `kubectl create -f` send JSON)"
+            ),
+        ));
+    }
     if body.is_empty() {
         return Err(Error::bad_request("the request body is empty"));
     }

@@ -79,7 +79,7 @@ pub fn validate(r: &ResourceInfo, o: &Value) -> Result<()> {
     }
     match (r.group, r.plural) {
         ("", "pods") => validate_pod_spec(&o["spec"], "spec", &mut causes),
-        ("apps", "deployments") | ("apps", "replicasets") => {
+        ("apps", "deployments") | ("apps", "replicasets") | ("apps", "daemonsets") => {
             let sel = &o["spec"]["selector"];
             if !sel.is_object() {
                 causes.push(("spec.selector".into(), "Required value".into()));
@@ -201,6 +201,14 @@ pub fn prepare_create(r: &ResourceInfo, o: &mut Value, default_toleration_second
             default_pod_spec(&mut spec["template"]["spec"]);
             o["status"] = json!({});
         }
+        ("apps", "daemonsets") => {
+            if o["spec"]["updateStrategy"]["type"].is_null() {
+                o["spec"]["updateStrategy"] = json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}});
+            }
+            set_default(&mut o["spec"], "revisionHistoryLimit", json!(10));
+            default_pod_spec(&mut o["spec"]["template"]["spec"]);
+            o["status"] = json!({"currentNumberScheduled": 0, "desiredNumberScheduled": 0, "numberMisscheduled": 0, "numberReady": 0});
+        }
         ("apps", "replicasets") => {
             set_default(&mut o["spec"], "replicas", json!(1));
             default_pod_spec(&mut o["spec"]["template"]["spec"]);
@@ -233,7 +241,7 @@ pub fn default_pod_spec(spec: &mut Value) {
     set_default(spec, "securityContext", json!({}));
     set_default(spec, "enableServiceLinks", json!(true));
     for list in ["initContainers", "containers"] {
-        if let Some(cs) = spec[list].as_array_mut() {
+        if let Some(cs) = spec.get_mut(list).and_then(Value::as_array_mut) {
             for c in cs {
                 if !c.is_object() {
                     continue;
@@ -256,7 +264,7 @@ pub fn default_pod_spec(spec: &mut Value) {
                         }
                     }
                 }
-                if let Some(ports) = c["ports"].as_array_mut() {
+                if let Some(ports) = c.get_mut("ports").and_then(Value::as_array_mut) {
                     for p in ports {
                         set_default(p, "protocol", json!("TCP"));
                     }
@@ -332,7 +340,7 @@ fn default_service(spec: &mut Value) {
     if matches!(spec["type"].as_str(), Some("NodePort" | "LoadBalancer")) {
         set_default(spec, "externalTrafficPolicy", json!("Cluster"));
     }
-    if let Some(ports) = spec["ports"].as_array_mut() {
+    if let Some(ports) = spec.get_mut("ports").and_then(Value::as_array_mut) {
         for p in ports {
             set_default(p, "protocol", json!("TCP"));
             if p["targetPort"].is_null() {
@@ -378,7 +386,7 @@ pub fn prepare_update(r: &ResourceInfo, new: &mut Value, old: &Value) -> Result<
             let mut b = old["spec"].clone();
             for spec in [&mut a, &mut b] {
                 for list in ["containers", "initContainers"] {
-                    if let Some(cs) = spec[list].as_array_mut() {
+                    if let Some(cs) = spec.get_mut(list).and_then(Value::as_array_mut) {
                         for c in cs {
                             if let Some(m) = c.as_object_mut() {
                                 m.remove("image");
@@ -412,9 +420,10 @@ pub fn prepare_update(r: &ResourceInfo, new: &mut Value, old: &Value) -> Result<
                 ));
             }
             // Keep allocated node ports the update did not mention.
-            if let (Some(nps), Some(ops)) =
-                (new["spec"]["ports"].as_array_mut(), old["spec"]["ports"].as_array())
-            {
+            if let (Some(nps), Some(ops)) = (
+                new.get_mut("spec").and_then(|s| s.get_mut("ports")).and_then(Value::as_array_mut),
+                old["spec"]["ports"].as_array(),
+            ) {
                 for p in nps {
                     if p["nodePort"].is_null()
                         && let Some(op) = ops
@@ -426,7 +435,7 @@ pub fn prepare_update(r: &ResourceInfo, new: &mut Value, old: &Value) -> Result<
                 }
             }
         }
-        ("apps", "deployments") | ("apps", "replicasets") => {
+        ("apps", "deployments") | ("apps", "replicasets") | ("apps", "daemonsets") => {
             default_pod_spec(&mut new["spec"]["template"]["spec"]);
         }
         ("", "namespaces") => {
@@ -448,4 +457,40 @@ pub fn prepare_status_update(new: &mut Value, old: &Value) {
     let status = new.get("status").cloned().unwrap_or(Value::Null);
     *new = old.clone();
     new["status"] = status;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pods() -> &'static ResourceInfo {
+        rkube_api::resources::find("", "v1", "pods").unwrap()
+    }
+
+    #[test]
+    fn defaulting_a_pod_adds_upstream_defaults_and_no_null_fields() {
+        let mut o = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "nginx:1.26"}]}});
+        prepare_create(pods(), &mut o, 300);
+        let c = &o["spec"]["containers"][0];
+        assert_eq!(c["imagePullPolicy"], "IfNotPresent");
+        assert!(c.get("ports").is_none(), "{c}");
+        assert!(o["spec"].get("initContainers").is_none());
+        assert_eq!(o["spec"]["tolerations"].as_array().unwrap().len(), 2);
+        assert_eq!(o["status"]["qosClass"], "BestEffort");
+        validate(pods(), &o).unwrap();
+    }
+
+    #[test]
+    fn a_pod_without_an_image_is_invalid_with_the_field_path() {
+        let o = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c"}]}});
+        match validate(pods(), &o) {
+            Err(Error::Status { code: 422, message, .. }) => {
+                assert_eq!(
+                    message,
+                    "Pod \"p\" is invalid: spec.containers[0].image: Required value"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }

@@ -135,6 +135,29 @@ pub fn columns(plural: &str, group: &str) -> Vec<Value> {
             c("Selector", 1),
         ],
         ("coordination.k8s.io", "leases") => vec![name, c("Holder", 0), age],
+        ("apps", "daemonsets") => vec![
+            name,
+            col("Desired", "integer", 0, ""),
+            col("Current", "integer", 0, ""),
+            col("Ready", "integer", 0, ""),
+            col("Up-to-date", "integer", 0, ""),
+            col("Available", "integer", 0, ""),
+            c("Node Selector", 0),
+            age,
+            c("Containers", 1),
+            c("Images", 1),
+            c("Selector", 1),
+        ],
+        ("", "replicationcontrollers") => vec![
+            name,
+            col("Desired", "integer", 0, ""),
+            col("Current", "integer", 0, ""),
+            col("Ready", "integer", 0, ""),
+            age,
+            c("Containers", 1),
+            c("Images", 1),
+            c("Selector", 1),
+        ],
         ("scheduling.k8s.io", "priorityclasses") => vec![
             name,
             col("Value", "integer", 0, ""),
@@ -250,6 +273,56 @@ pub fn cells(plural: &str, group: &str, o: &Value) -> Vec<Value> {
         }
         ("coordination.k8s.io", "leases") => {
             vec![name, json!(str_or(o, &["spec", "holderIdentity"], "")), age_v]
+        }
+        ("apps", "daemonsets") => {
+            let (containers, images) = containers_images(s(o, &["spec", "template", "spec"]));
+            let st = &o["status"];
+            let n = |k: &str| json!(st[k].as_i64().unwrap_or(0));
+            let node_sel = o["spec"]["template"]["spec"]["nodeSelector"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .filter(|x| !x.is_empty())
+                .unwrap_or_else(|| "<none>".into());
+            vec![
+                name,
+                n("desiredNumberScheduled"),
+                n("currentNumberScheduled"),
+                n("numberReady"),
+                n("updatedNumberScheduled"),
+                n("numberAvailable"),
+                json!(node_sel),
+                age_v,
+                json!(containers),
+                json!(images),
+                json!(selector_text(&o["spec"]["selector"])),
+            ]
+        }
+        ("", "replicationcontrollers") => {
+            let (containers, images) = containers_images(s(o, &["spec", "template", "spec"]));
+            let sel = o["spec"]["selector"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default();
+            vec![
+                name,
+                json!(o["spec"]["replicas"].as_i64().unwrap_or(1)),
+                json!(o["status"]["replicas"].as_i64().unwrap_or(0)),
+                json!(o["status"]["readyReplicas"].as_i64().unwrap_or(0)),
+                age_v,
+                json!(containers),
+                json!(images),
+                json!(sel),
+            ]
         }
         ("scheduling.k8s.io", "priorityclasses") => vec![
             name,

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::runtime::reflector::{self, Store};
@@ -19,6 +19,7 @@ pub struct Informers {
     pub pods: Store<Pod>,
     pub replicasets: Store<ReplicaSet>,
     pub deployments: Store<Deployment>,
+    pub daemonsets: Store<DaemonSet>,
     pub nodes: Store<Node>,
     pub leases: Store<Lease>,
     pub changed: watch::Receiver<u64>,
@@ -73,6 +74,7 @@ impl Informers {
                 tx.clone(),
                 shutdown.clone(),
             ),
+            daemonsets: start(Api::<DaemonSet>::all(client.clone()), tx.clone(), shutdown.clone()),
             nodes: start(Api::<Node>::all(client.clone()), tx.clone(), shutdown.clone()),
             leases: start(Api::<Lease>::namespaced(client, "kube-node-lease"), tx, shutdown),
             changed: rx,
@@ -83,6 +85,7 @@ impl Informers {
         let _ = self.pods.wait_until_ready().await;
         let _ = self.replicasets.wait_until_ready().await;
         let _ = self.deployments.wait_until_ready().await;
+        let _ = self.daemonsets.wait_until_ready().await;
         let _ = self.nodes.wait_until_ready().await;
         let _ = self.leases.wait_until_ready().await;
     }

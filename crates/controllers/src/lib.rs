@@ -2,6 +2,7 @@
 //! what the cluster reports and act — ReplicaSets, Deployments and node lifecycle.
 
 pub mod cli;
+mod daemonset;
 mod deployment;
 mod informer;
 mod nodes;
@@ -80,6 +81,10 @@ pub async fn run_with_client(
         recorder,
         shutdown.clone(),
     ));
+    let recorder =
+        rkube_client::events::Recorder::new(client.clone(), "daemonset-controller", None);
+    let ds =
+        tokio::spawn(daemonset::run(client.clone(), informers.clone(), recorder, shutdown.clone()));
     let recorder = rkube_client::events::Recorder::new(client.clone(), "node-controller", None);
     let nodes = tokio::spawn(nodes::run(
         client.clone(),
@@ -89,7 +94,7 @@ pub async fn run_with_client(
         shutdown.clone(),
     ));
     shutdown.cancelled().await;
-    for t in [rs, dep, nodes] {
+    for t in [rs, dep, ds, nodes] {
         let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
     }
     Ok(())

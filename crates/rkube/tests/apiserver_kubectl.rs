@@ -251,6 +251,16 @@ fn a_deployment_scales_and_rolls_out() {
         "jsonpath={.metadata.annotations.deployment\\.kubernetes\\.io/revision}",
     ]);
     assert_eq!(rev, "3");
+    // A DaemonSet puts one pod on every eligible node.
+    let ds = "apiVersion: apps/v1\nkind: DaemonSet\nmetadata:\n  name: agent\nspec:\n  selector:\n    matchLabels: {app: agent}\n  template:\n    metadata:\n      labels: {app: agent}\n    spec:\n      terminationGracePeriodSeconds: 1\n      containers:\n      - name: a\n        image: busybox\n        command: [\"sleep\", \"7303\"]\n";
+    assert_eq!(s.ok_stdin(&["apply", "-f", "-"], ds).trim(), "daemonset.apps/agent created");
+    s.wait("the daemon pod Running on node-1", Duration::from_secs(30), || {
+        let out = s.ok(&["get", "ds", "agent", "--no-headers"]);
+        let f: Vec<&str> = out.split_whitespace().collect();
+        (f.get(1) == Some(&"1") && f.get(3) == Some(&"1")).then_some(())
+    });
+    s.ok(&["delete", "ds", "agent"]);
+
     // Deleting the Deployment removes its ReplicaSets and pods (garbage collection).
     s.ok(&["delete", "deployment", "web"]);
     s.wait("ReplicaSets and pods gone", Duration::from_secs(30), || {

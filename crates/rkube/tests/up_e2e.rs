@@ -202,6 +202,9 @@ fn the_seed_lab_runs_for_real_from_up_to_down() {
         "{info}"
     );
 
+    let dump = c.kubectl_ok(&["cluster-info", "dump"]);
+    assert!(dump.contains("\"name\": \"rkube-worker-1\""), "cluster-info dump lacks the nodes");
+
     // A 3-replica Deployment lands on the workers only.
     let manifest = c.home.join("web.yaml");
     std::fs::write(
