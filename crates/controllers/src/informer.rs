@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
@@ -21,6 +21,7 @@ pub struct Informers {
     pub deployments: Store<Deployment>,
     pub daemonsets: Store<DaemonSet>,
     pub nodes: Store<Node>,
+    pub services: Store<Service>,
     pub leases: Store<Lease>,
     pub changed: watch::Receiver<u64>,
 }
@@ -76,6 +77,7 @@ impl Informers {
             ),
             daemonsets: start(Api::<DaemonSet>::all(client.clone()), tx.clone(), shutdown.clone()),
             nodes: start(Api::<Node>::all(client.clone()), tx.clone(), shutdown.clone()),
+            services: start(Api::<Service>::all(client.clone()), tx.clone(), shutdown.clone()),
             leases: start(Api::<Lease>::namespaced(client, "kube-node-lease"), tx, shutdown),
             changed: rx,
         }
@@ -87,6 +89,7 @@ impl Informers {
         let _ = self.deployments.wait_until_ready().await;
         let _ = self.daemonsets.wait_until_ready().await;
         let _ = self.nodes.wait_until_ready().await;
+        let _ = self.services.wait_until_ready().await;
         let _ = self.leases.wait_until_ready().await;
     }
 }

@@ -4,6 +4,7 @@
 pub mod cli;
 mod daemonset;
 mod deployment;
+mod endpoints;
 mod informer;
 mod nodes;
 mod replicaset;
@@ -85,6 +86,7 @@ pub async fn run_with_client(
         rkube_client::events::Recorder::new(client.clone(), "daemonset-controller", None);
     let ds =
         tokio::spawn(daemonset::run(client.clone(), informers.clone(), recorder, shutdown.clone()));
+    let ep = tokio::spawn(endpoints::run(client.clone(), informers.clone(), shutdown.clone()));
     let recorder = rkube_client::events::Recorder::new(client.clone(), "node-controller", None);
     let nodes = tokio::spawn(nodes::run(
         client.clone(),
@@ -94,7 +96,7 @@ pub async fn run_with_client(
         shutdown.clone(),
     ));
     shutdown.cancelled().await;
-    for t in [rs, dep, ds, nodes] {
+    for t in [rs, dep, ds, ep, nodes] {
         let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
     }
     Ok(())

@@ -251,6 +251,25 @@ fn a_deployment_scales_and_rolls_out() {
         "jsonpath={.metadata.annotations.deployment\\.kubernetes\\.io/revision}",
     ]);
     assert_eq!(rev, "3");
+    // A Service gets Endpoints and an EndpointSlice with its pods' addresses.
+    assert_eq!(
+        s.ok(&["expose", "deployment", "web", "--port", "80", "--target-port", "8080"]).trim(),
+        "service/web exposed"
+    );
+    s.wait("3 endpoints for the Service", Duration::from_secs(30), || {
+        let out = s.ok(&[
+            "get",
+            "endpointslices",
+            "-l",
+            "kubernetes.io/service-name=web",
+            "-o",
+            "jsonpath={.items[0].endpoints[*].conditions.ready}",
+        ]);
+        (out.split_whitespace().filter(|r| *r == "true").count() == 3).then_some(())
+    });
+    let ep = s.ok(&["get", "endpoints", "web", "--no-headers"]);
+    assert!(ep.contains(":8080"), "{ep}");
+
     // A DaemonSet puts one pod on every eligible node.
     let ds = "apiVersion: apps/v1\nkind: DaemonSet\nmetadata:\n  name: agent\nspec:\n  selector:\n    matchLabels: {app: agent}\n  template:\n    metadata:\n      labels: {app: agent}\n    spec:\n      terminationGracePeriodSeconds: 1\n      containers:\n      - name: a\n        image: busybox\n        command: [\"sleep\", \"7303\"]\n";
     assert_eq!(s.ok_stdin(&["apply", "-f", "-"], ds).trim(), "daemonset.apps/agent created");
