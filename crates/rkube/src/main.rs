@@ -65,7 +65,12 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(run(cli.command))
+    if let Err(e) = runtime.block_on(run(cli.command)) {
+        // One readable line (with its causes), never a backtrace dump.
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 async fn run(command: Command) -> Result<()> {

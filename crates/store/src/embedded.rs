@@ -247,6 +247,68 @@ impl EmbeddedStore {
         &self.path
     }
 
+    /// Writes a consistent copy of the store at its current revision to `dest` (a new redb
+    /// file): every live key with its revisions, history up to that point folded in. Returns the
+    /// revision of the snapshot. Writers keep going meanwhile; the copy is of one revision.
+    pub async fn snapshot(&self, dest: &Path) -> Result<Revision> {
+        let rev = self.mem.current_revision().await?;
+        let mut items = Vec::new();
+        let mut token = None;
+        loop {
+            let page = self
+                .mem
+                .list(
+                    "",
+                    ListOptions {
+                        at: ReadAt::Exact(rev),
+                        limit: Some(1000),
+                        continue_token: token,
+                    },
+                )
+                .await?;
+            items.extend(page.items);
+            token = page.continue_token;
+            if token.is_none() {
+                break;
+            }
+        }
+        let dest = dest.to_path_buf();
+        tokio::task::spawn_blocking(move || write_snapshot(&dest, rev, &items))
+            .await
+            .map_err(|e| Error::Backend(e.to_string()))??;
+        Ok(rev)
+    }
+}
+
+fn write_snapshot(dest: &Path, rev: Revision, items: &[KeyValue]) -> Result<()> {
+    if dest.exists() {
+        return Err(Error::Backend(format!("{} already exists", dest.display())));
+    }
+    let tmp = dest.with_extension("partial");
+    let _ = std::fs::remove_file(&tmp);
+    {
+        let db = Database::create(&tmp).map_err(|e| corrupt(&tmp, e))?;
+        let w = db.begin_write().map_err(|e| corrupt(&tmp, e))?;
+        {
+            let mut meta = w.open_table(META).map_err(|e| corrupt(&tmp, e))?;
+            meta.insert("format", FORMAT).map_err(|e| corrupt(&tmp, e))?;
+            meta.insert("rev", rev.0).map_err(|e| corrupt(&tmp, e))?;
+            meta.insert("compacted", rev.0).map_err(|e| corrupt(&tmp, e))?;
+            let mut state = w.open_table(STATE).map_err(|e| corrupt(&tmp, e))?;
+            for kv in items {
+                state
+                    .insert(kv.key.as_str(), encode_kv(kv).as_slice())
+                    .map_err(|e| corrupt(&tmp, e))?;
+            }
+            w.open_table(LOG).map_err(|e| corrupt(&tmp, e))?;
+        }
+        w.commit().map_err(|e| corrupt(&tmp, e))?;
+    }
+    std::fs::rename(&tmp, dest)?;
+    Ok(())
+}
+
+impl EmbeddedStore {
     /// Compacts in the background, keeping `keep_for` of history and at least `keep` revisions.
     fn spawn_auto_compaction(&self, keep_for: Duration, keep: u64) {
         let tx = self.tx.downgrade();
@@ -652,5 +714,36 @@ mod watch_tests {
                 .unwrap();
             assert_eq!(ev.key(), Some(format!("/watch/{i}").as_str()));
         }
+    }
+}
+
+#[cfg(test)]
+mod snapshot_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_snapshot_restores_every_key_at_its_revision() {
+        let d = tempfile::tempdir().unwrap();
+        let s = EmbeddedStore::open(Config::new(d.path().join("a.redb"))).unwrap();
+        let r = s.create("/k/1", Bytes::from_static(b"one")).await.unwrap();
+        s.update("/k/1", Bytes::from_static(b"uno"), r).await.unwrap();
+        s.create("/k/2", Bytes::from_static(b"two")).await.unwrap();
+        s.delete("/k/2", None).await.unwrap();
+        s.create("/k/3", Bytes::from_static(b"three")).await.unwrap();
+        let snap = d.path().join("snap.redb");
+        let rev = s.snapshot(&snap).await.unwrap();
+        assert_eq!(rev, Revision(5));
+        assert!(s.snapshot(&snap).await.is_err(), "an existing file is never overwritten");
+        let restored = EmbeddedStore::open(Config::new(&snap)).unwrap();
+        assert_eq!(restored.current_revision().await.unwrap(), Revision(5));
+        let one = restored.get("/k/1", ReadAt::Latest).await.unwrap().unwrap();
+        assert_eq!(
+            (one.value, one.create_revision, one.mod_revision),
+            (Bytes::from_static(b"uno"), Revision(1), Revision(2))
+        );
+        assert!(restored.get("/k/2", ReadAt::Latest).await.unwrap().is_none());
+        assert_eq!(restored.list("/k/", ListOptions::default()).await.unwrap().items.len(), 2);
+        // New writes continue from the snapshot's revision.
+        assert_eq!(restored.create("/k/4", Bytes::new()).await.unwrap(), Revision(6));
     }
 }

@@ -345,7 +345,12 @@ async fn run_cluster(
     let t = Instant::now();
     let pb = spinner(&mp, "store");
     let server_args = server_args(paths, args.secure_port, timings.toleration_seconds);
-    let store = rkube_apiserver::cli::open_store(&server_args).map_err(|e| anyhow::anyhow!(e))?;
+    std::fs::create_dir_all(paths.server_dir())?;
+    let store = Arc::new(rkube_store::embedded::EmbeddedStore::open(
+        rkube_store::embedded::Config::new(paths.server_dir().join("store.redb")),
+    )?);
+    let snapshot_store = store.clone();
+    let store: Arc<dyn rkube_store::Store> = store;
     done(&pb, "store: embedded", t);
 
     let t = Instant::now();
@@ -492,6 +497,7 @@ async fn run_cluster(
                 let Ok((conn, _)) = accepted else { continue };
                 let cluster = cluster.clone();
                 let stop = stop.clone();
+                let snapshot_store = snapshot_store.clone();
                 tokio::spawn(async move {
                     let _ = control::serve_one(conn, |req| async move {
                         match req {
@@ -504,6 +510,14 @@ async fn run_cluster(
                             Request::Restore { node } => cluster.restore(&node).await,
                             Request::Add { node, extended_resources } => {
                                 cluster.add(&node, &extended_resources, kind, timings.lease).await
+                            }
+                            Request::Snapshot { path } => {
+                                match snapshot_store.snapshot(Path::new(&path)).await {
+                                    Ok(rev) => Answer::ok(format!(
+                                        "Snapshot saved at {path} (revision {rev})"
+                                    )),
+                                    Err(e) => Answer::err(format!("snapshot failed: {e}")),
+                                }
                             }
                             Request::Stop => {
                                 stop.cancel();

@@ -16,6 +16,7 @@ pub enum Request {
     Crash { node: String },
     Restore { node: String },
     Add { node: String, extended_resources: Vec<String> },
+    Snapshot { path: String },
     Stop,
 }
 
