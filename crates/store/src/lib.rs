@@ -12,6 +12,8 @@
 pub mod conformance;
 pub mod embedded;
 mod error;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod memory;
 
 pub use error::{Error, Result};
