@@ -238,7 +238,7 @@ pub async fn run_with_client(
             continue;
         }
         let seq = queue.move_seq().await;
-        match schedule_one(&client, &cache, &recorder, &pod).await {
+        match schedule_one(&client, &cache, &recorder, &pod, &queue).await {
             Ok(true) => queue.forget(&k).await,
             Ok(false) => queue.unschedulable(&k, seq).await,
             Err(e) => {
@@ -255,24 +255,16 @@ pub async fn run_with_client(
 /// One scheduling cycle; `Ok(true)` when bound, `Ok(false)` when no node fits.
 async fn schedule_one(
     client: &Client,
-    cache: &Mutex<Cache>,
+    cache: &Arc<Mutex<Cache>>,
     recorder: &Recorder,
     pod: &Pod,
+    queue: &Arc<Queue>,
 ) -> Result<bool> {
     let ns = pod.metadata.namespace.clone().unwrap_or_default();
     let name = pod.metadata.name.clone().unwrap_or_default();
-    let (nodes, usage, pods_by_node) = {
+    let (nodes, usage) = {
         let c = cache.lock().await;
-        let mut by_node: HashMap<String, Vec<Pod>> = HashMap::new();
-        for p in c.pods.values() {
-            if let Some(n) =
-                p.spec.as_ref().and_then(|s| s.node_name.clone()).filter(|n| !n.is_empty())
-                && !is_terminal(p)
-            {
-                by_node.entry(n).or_default().push(p.clone());
-            }
-        }
-        (c.nodes.values().cloned().collect::<Vec<_>>(), c.usage(), by_node)
+        (c.nodes.values().cloned().collect::<Vec<_>>(), c.usage())
     };
     let empty = NodeUsage::default();
     let mut feasible: Vec<(i64, &Node)> = Vec::new();
@@ -292,38 +284,61 @@ async fn schedule_one(
         let chosen = top[rand::random_range(0..top.len())];
         let node_name = chosen.metadata.name.clone().unwrap_or_default();
         cache.lock().await.assumed.insert(key(pod), (node_name.clone(), pod.clone()));
-        let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
-        let binding = serde_json::json!({
-            "apiVersion": "v1", "kind": "Binding",
-            "metadata": {"name": name, "namespace": ns, "uid": pod.metadata.uid},
-            "target": {"apiVersion": "v1", "kind": "Node", "name": node_name},
-        });
-        match api
-            .create_subresource::<serde_json::Value, serde_json::Value>(
-                "binding",
-                &name,
-                &PostParams::default(),
-                &binding,
-            )
-            .await
-        {
-            Ok(_) => {}
-            Err(e) => {
-                cache.lock().await.assumed.remove(&key(pod));
-                return Err(e.into());
+        // Binding runs asynchronously, as upstream's binding cycle: the pod is "assumed" on the
+        // node in the cache, so the next cycle already counts it, and a failed bind un-assumes it
+        // and sends the pod back to the queue.
+        let (client, cache, recorder, queue, pod) =
+            (client.clone(), cache.clone(), recorder.clone(), queue.clone(), pod.clone());
+        tokio::spawn(async move {
+            let api: Api<Pod> = Api::namespaced(client, &ns);
+            let binding = serde_json::json!({
+                "apiVersion": "v1", "kind": "Binding",
+                "metadata": {"name": name, "namespace": ns, "uid": pod.metadata.uid},
+                "target": {"apiVersion": "v1", "kind": "Node", "name": node_name},
+            });
+            match api
+                .create_subresource::<serde_json::Value, serde_json::Value>(
+                    "binding",
+                    &name,
+                    &PostParams::default(),
+                    &binding,
+                )
+                .await
+            {
+                Ok(_) => {
+                    recorder
+                        .record(
+                            &reference(&pod),
+                            "Normal",
+                            "Scheduled",
+                            &format!("Successfully assigned {ns}/{name} to {node_name}"),
+                        )
+                        .await;
+                }
+                Err(e) => {
+                    tracing::debug!("binding {ns}/{name} to {node_name}: {e}");
+                    cache.lock().await.assumed.remove(&key(&pod));
+                    queue.add(&pod).await;
+                    queue.backoff(&key(&pod)).await;
+                }
             }
-        }
-        recorder
-            .record(
-                &reference(pod),
-                "Normal",
-                "Scheduled",
-                &format!("Successfully assigned {ns}/{name} to {node_name}"),
-            )
-            .await;
+        });
         return Ok(true);
     }
     // Nothing fits: try preemption on nodes where removing lower-priority pods would help.
+    let pods_by_node: HashMap<String, Vec<Pod>> = {
+        let c = cache.lock().await;
+        let mut by_node: HashMap<String, Vec<Pod>> = HashMap::new();
+        for p in c.pods.values() {
+            if let Some(n) =
+                p.spec.as_ref().and_then(|s| s.node_name.clone()).filter(|n| !n.is_empty())
+                && !is_terminal(p)
+            {
+                by_node.entry(n).or_default().push(p.clone());
+            }
+        }
+        by_node
+    };
     let prio = pod.spec.as_ref().and_then(|s| s.priority).unwrap_or(0);
     let may_preempt =
         pod.spec.as_ref().and_then(|s| s.preemption_policy.as_deref()) != Some("Never");
