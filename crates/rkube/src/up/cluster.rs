@@ -560,6 +560,10 @@ fn server_args(paths: &Paths, port: u16, toleration: i64) -> rkube_apiserver::cl
         service_node_port_range: "30000-32767".into(),
         default_not_ready_toleration_seconds: toleration,
         in_memory: false,
+        etcd_servers: Vec::new(),
+        etcd_cafile: None,
+        etcd_certfile: None,
+        etcd_keyfile: None,
     }
 }
 
@@ -628,7 +632,7 @@ async fn detach(args: &UpArgs, paths: &Paths) -> Result<()> {
 
 /// `rkube server`: the API server plus, unless disabled, scheduler and controller manager.
 pub async fn server(args: rkube_apiserver::cli::Args, with_controllers: bool) -> Result<()> {
-    let store = rkube_apiserver::cli::open_store(&args).map_err(|e| anyhow::anyhow!(e))?;
+    let store = rkube_apiserver::cli::open_store(&args).await.map_err(|e| anyhow::anyhow!(e))?;
     let stop = CancellationToken::new();
     let (_server, kubeconfig, task) = rkube_apiserver::cli::start(&args, store, stop.clone())
         .await
