@@ -154,6 +154,13 @@ fn kubectl_drives_the_core_api_end_to_end() {
         String::from_utf8_lossy(&bad.stderr)
     );
 
+    // kubectl explain reads the OpenAPI v3 schemas.
+    let explained = s.ok(&["explain", "pod.spec.containers.image"]);
+    assert!(
+        explained.contains("FIELD: image <string>") && explained.contains("Container image name"),
+        "{explained}"
+    );
+
     let cs = s.kubectl(&["get", "componentstatuses"]);
     assert!(
         String::from_utf8_lossy(&cs.stderr)
