@@ -6,6 +6,7 @@ mod node;
 mod pods;
 pub mod runtime;
 mod server;
+mod tty;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

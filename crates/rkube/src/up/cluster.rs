@@ -368,16 +368,18 @@ async fn run_cluster(
 
     let t = Instant::now();
     let pb = spinner(&mp, "scheduler");
-    let sched = tokio::spawn(rkube_scheduler::run_with_client(
-        client.clone(),
-        rkube_scheduler::Config::default(),
-        stop.clone(),
-    ));
+    // A stable leader identity per cluster: a restarted `rkube up` takes its leases back at once
+    // instead of waiting for its previous incarnation's leases to expire.
+    let identity = format!("rkube-up-{}", paths.root.display());
+    let sched_config = rkube_scheduler::Config { identity: identity.clone(), ..Default::default() };
+    let sched =
+        tokio::spawn(rkube_scheduler::run_with_client(client.clone(), sched_config, stop.clone()));
     done(&pb, "scheduler", t);
     let t = Instant::now();
     let pb = spinner(&mp, "controller manager");
     let cm_config = rkube_controllers::Config {
         node_monitor_grace_period: timings.grace,
+        identity,
         ..Default::default()
     };
     let cm =
