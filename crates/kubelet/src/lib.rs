@@ -4,6 +4,7 @@
 pub mod cli;
 mod node;
 mod pods;
+mod probes;
 pub mod runtime;
 mod server;
 mod tty;
