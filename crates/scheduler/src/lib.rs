@@ -2,6 +2,7 @@
 //! the best one — or leaves it Pending with the FailedScheduling text Kubernetes users know.
 
 pub mod cli;
+mod interpod;
 pub mod plugins;
 mod queue;
 
@@ -266,14 +267,80 @@ async fn schedule_one(
         let c = cache.lock().await;
         (c.nodes.values().cloned().collect::<Vec<_>>(), c.usage())
     };
+    // Pods that other pods' placement depends on are only gathered when someone asks.
+    let needs_others = {
+        let c = cache.lock().await;
+        let spec = pod.spec.as_ref();
+        spec.and_then(|s| s.affinity.as_ref())
+            .is_some_and(|a| a.pod_affinity.is_some() || a.pod_anti_affinity.is_some())
+            || spec
+                .and_then(|s| s.topology_spread_constraints.as_ref())
+                .is_some_and(|t| !t.is_empty())
+            || c.pods.values().any(|p| {
+                p.spec
+                    .as_ref()
+                    .and_then(|s| s.affinity.as_ref())
+                    .is_some_and(|a| a.pod_anti_affinity.is_some())
+            })
+    };
+    let others: Vec<Pod> = if needs_others {
+        let c = cache.lock().await;
+        let mut v: Vec<Pod> = c
+            .pods
+            .values()
+            .filter(|p| {
+                !is_terminal(p) && p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some()
+            })
+            .cloned()
+            .collect();
+        // Pods bound in this burst but not yet seen back through the watch count too.
+        for (k, (node, p)) in &c.assumed {
+            if c.pods
+                .get(k)
+                .is_none_or(|x| x.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_none())
+            {
+                let mut p = p.clone();
+                if let Some(s) = p.spec.as_mut() {
+                    s.node_name = Some(node.clone());
+                }
+                v.push(p);
+            }
+        }
+        v
+    } else {
+        Vec::new()
+    };
+    let node_labels: HashMap<String, std::collections::BTreeMap<String, String>> = nodes
+        .iter()
+        .map(|n| {
+            (
+                n.metadata.name.clone().unwrap_or_default(),
+                n.metadata.labels.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    let placed = interpod::Placed {
+        pods: others
+            .iter()
+            .filter_map(|p| {
+                let n = p.spec.as_ref()?.node_name.as_ref()?;
+                Some((p, node_labels.get(n).cloned().unwrap_or_default()))
+            })
+            .collect(),
+    };
     let empty = NodeUsage::default();
     let mut feasible: Vec<(i64, &Node)> = Vec::new();
     let mut refusals: Vec<(String, Refusal)> = Vec::new();
     for n in &nodes {
         let nn = n.metadata.name.clone().unwrap_or_default();
         let u = usage.get(&nn).unwrap_or(&empty);
-        match plugins::filter(pod, n, u) {
-            Ok(()) => feasible.push((plugins::score(pod, n, u), n)),
+        match plugins::filter(pod, n, u)
+            .and_then(|()| if needs_others { interpod::filter(pod, n, &placed) } else { Ok(()) })
+        {
+            Ok(()) => {
+                let extra = if needs_others { interpod::score(pod, n, &placed) } else { 0 };
+                feasible.push((plugins::score(pod, n, u) + extra, n))
+            }
             Err(r) => refusals.push((nn, r)),
         }
     }
