@@ -244,3 +244,68 @@ pub fn v3_root() -> Value {
     }
     json!({"paths": paths})
 }
+
+/// Fields of `obj` its schema does not know, as upstream names them for `fieldValidation`:
+/// `spec.containers[0].imagee`. Maps (`additionalProperties`) and free-form objects accept any key.
+pub fn unknown_fields(r: &ResourceInfo, obj: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(schema) = all_schemas().get(&schema_name(r)) {
+        walk(schema, obj, "", &mut out);
+    }
+    out
+}
+
+fn resolve(schema: &Value) -> &Value {
+    let mut cur = schema;
+    for _ in 0..8 {
+        if let Some(r) = cur
+            .get("$ref")
+            .and_then(Value::as_str)
+            .and_then(|r| r.strip_prefix("#/components/schemas/"))
+        {
+            match all_schemas().get(r) {
+                Some(s) => cur = s,
+                None => return cur,
+            }
+        } else if let Some(first) =
+            cur.get("allOf").and_then(Value::as_array).and_then(|a| a.first())
+        {
+            cur = first;
+        } else {
+            return cur;
+        }
+    }
+    cur
+}
+
+fn walk(schema: &Value, v: &Value, path: &str, out: &mut Vec<String>) {
+    let schema = resolve(schema);
+    match v {
+        Value::Object(m) => {
+            let Some(props) = schema.get("properties").and_then(Value::as_object) else {
+                if let Some(extra) = schema.get("additionalProperties").filter(|a| a.is_object()) {
+                    for (k, x) in m {
+                        walk(extra, x, format!("{path}.{k}").trim_start_matches('.'), out);
+                    }
+                }
+                return;
+            };
+            for (k, x) in m {
+                let child = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                match props.get(k) {
+                    Some(ps) => walk(ps, x, &child, out),
+                    None if path.is_empty() && (k == "apiVersion" || k == "kind") => {}
+                    None => out.push(child),
+                }
+            }
+        }
+        Value::Array(items) => {
+            if let Some(item_schema) = schema.get("items") {
+                for (i, x) in items.iter().enumerate() {
+                    walk(item_schema, x, &format!("{path}[{i}]"), out);
+                }
+            }
+        }
+        _ => {}
+    }
+}

@@ -175,6 +175,21 @@ fn kubectl_drives_the_core_api_end_to_end() {
         "{explained}"
     );
 
+    // Unknown fields: kubectl's default --validate=strict is answered by the server, as upstream.
+    let typo = POD
+        .replace("production-payment-pod", "typo")
+        .replace("    image:", "    imagee: x\n    image:");
+    let rejected = s.kubectl_with("kubectl", &["apply", "-f", "-"], Some(&typo));
+    assert!(!rejected.status.success());
+    let err = String::from_utf8_lossy(&rejected.stderr);
+    assert!(err.contains("Pod in version \"v1\" cannot be handled as a Pod: strict decoding error: unknown field \"spec.containers[0].imagee\""), "{err}");
+    let warned = s.kubectl_with("kubectl", &["apply", "--validate=warn", "-f", "-"], Some(&typo));
+    assert!(
+        String::from_utf8_lossy(&warned.stderr)
+            .contains("Warning: unknown field \"spec.containers[0].imagee\"")
+    );
+    s.ok(&["delete", "pod", "typo", "-n", "lab", "--wait=false"]);
+
     let cs = s.kubectl(&["get", "componentstatuses"]);
     assert!(
         String::from_utf8_lossy(&cs.stderr)
