@@ -38,6 +38,18 @@ pub struct Args {
     /// Use an in-memory store (nothing survives a restart): for tests and benchmarks.
     #[arg(long)]
     pub in_memory: bool,
+    /// etcd client URLs (comma separated); without it the embedded store in --data-dir is used.
+    #[arg(long, value_delimiter = ',')]
+    pub etcd_servers: Vec<String>,
+    /// CA bundle that signed etcd's serving certificate.
+    #[arg(long)]
+    pub etcd_cafile: Option<PathBuf>,
+    /// Client certificate for etcd.
+    #[arg(long)]
+    pub etcd_certfile: Option<PathBuf>,
+    /// Client key for etcd.
+    #[arg(long)]
+    pub etcd_keyfile: Option<PathBuf>,
 }
 
 impl Args {
@@ -86,7 +98,7 @@ pub async fn start(
 
 /// `rkube server`: the API server alone on its store, until Ctrl-C or SIGTERM.
 pub async fn run(args: Args) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let store = open_store(&args)?;
+    let store = open_store(&args).await?;
     let shutdown = CancellationToken::new();
     let (_server, kubeconfig, task) = start(&args, store, shutdown.clone()).await?;
     tracing::info!(
@@ -102,10 +114,14 @@ pub async fn run(args: Args) -> Result<(), Box<dyn std::error::Error + Send + Sy
     Ok(())
 }
 
-/// The store `args` ask for: in-memory, or the embedded store in the data dir.
-pub fn open_store(
+/// The store `args` ask for: etcd (`--etcd-servers`), in-memory, or the embedded store in the
+/// data dir.
+pub async fn open_store(
     args: &Args,
 ) -> Result<Arc<dyn rkube_store::Store>, Box<dyn std::error::Error + Send + Sync>> {
+    if !args.etcd_servers.is_empty() {
+        return open_etcd(args).await;
+    }
     if args.in_memory {
         return Ok(Arc::new(rkube_store::memory::MemoryStore::new()));
     }
@@ -129,4 +145,25 @@ pub async fn wait_for_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+#[cfg(feature = "etcd")]
+async fn open_etcd(
+    args: &Args,
+) -> Result<Arc<dyn rkube_store::Store>, Box<dyn std::error::Error + Send + Sync>> {
+    let config = rkube_store::etcd::Config {
+        endpoints: args.etcd_servers.clone(),
+        ca_file: args.etcd_cafile.clone(),
+        cert_file: args.etcd_certfile.clone(),
+        key_file: args.etcd_keyfile.clone(),
+        ..Default::default()
+    };
+    Ok(Arc::new(rkube_store::etcd::EtcdStore::connect(config).await?))
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn open_etcd(
+    _args: &Args,
+) -> Result<Arc<dyn rkube_store::Store>, Box<dyn std::error::Error + Send + Sync>> {
+    Err("--etcd-servers needs an rkube built with the etcd backend: cargo build --release --features etcd".into())
 }

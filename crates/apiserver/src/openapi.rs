@@ -42,6 +42,137 @@ fn schema_name(r: &ResourceInfo) -> String {
     format!("io.k8s.api.{g}.{}.{}", r.version, r.kind)
 }
 
+/// Every schema of the served kinds and what they reference, generated once from the
+/// k8s-openapi types (their schemars support), names as upstream's (`io.k8s.api.core.v1.Pod`).
+fn all_schemas() -> &'static serde_json::Map<String, Value> {
+    static SCHEMAS: std::sync::OnceLock<serde_json::Map<String, Value>> =
+        std::sync::OnceLock::new();
+    SCHEMAS.get_or_init(|| {
+        use k8s_openapi::api;
+        let mut generator = schemars::generate::SchemaSettings::openapi3().into_generator();
+        macro_rules! gen_all {
+            ($($t:ty),* $(,)?) => { $( let _ = generator.subschema_for::<$t>(); )* };
+        }
+        gen_all!(
+            api::core::v1::Namespace,
+            api::core::v1::Pod,
+            api::core::v1::Node,
+            api::core::v1::Service,
+            api::core::v1::Endpoints,
+            api::core::v1::Event,
+            api::core::v1::ConfigMap,
+            api::core::v1::Secret,
+            api::core::v1::ServiceAccount,
+            api::core::v1::ComponentStatus,
+            api::core::v1::ReplicationController,
+            api::apps::v1::Deployment,
+            api::apps::v1::ReplicaSet,
+            api::apps::v1::DaemonSet,
+            api::coordination::v1::Lease,
+            api::discovery::v1::EndpointSlice,
+            api::events::v1::Event,
+            api::scheduling::v1::PriorityClass,
+            api::policy::v1::PodDisruptionBudget,
+        );
+        let mut defs = generator.take_definitions(true);
+        // The list strategies of upstream's Go struct tags, which kubectl's client-side apply
+        // reads from the schema to build strategic merge patches.
+        const STRATEGIES: &[(&str, &str, Option<&str>, &str)] = &[
+            ("io.k8s.api.core.v1.PodSpec", "containers", Some("name"), "merge"),
+            ("io.k8s.api.core.v1.PodSpec", "initContainers", Some("name"), "merge"),
+            ("io.k8s.api.core.v1.PodSpec", "ephemeralContainers", Some("name"), "merge"),
+            ("io.k8s.api.core.v1.PodSpec", "volumes", Some("name"), "merge,retainKeys"),
+            ("io.k8s.api.core.v1.PodSpec", "imagePullSecrets", Some("name"), "merge"),
+            ("io.k8s.api.core.v1.PodSpec", "hostAliases", Some("ip"), "merge"),
+            (
+                "io.k8s.api.core.v1.PodSpec",
+                "topologySpreadConstraints",
+                Some("topologyKey"),
+                "merge",
+            ),
+            ("io.k8s.api.core.v1.Container", "ports", Some("containerPort"), "merge"),
+            ("io.k8s.api.core.v1.Container", "env", Some("name"), "merge"),
+            ("io.k8s.api.core.v1.Container", "volumeMounts", Some("mountPath"), "merge"),
+            ("io.k8s.api.core.v1.Container", "volumeDevices", Some("devicePath"), "merge"),
+            ("io.k8s.api.core.v1.EphemeralContainer", "env", Some("name"), "merge"),
+            ("io.k8s.api.core.v1.EphemeralContainer", "volumeMounts", Some("mountPath"), "merge"),
+            ("io.k8s.api.core.v1.PodStatus", "conditions", Some("type"), "merge"),
+            ("io.k8s.api.core.v1.NodeStatus", "conditions", Some("type"), "merge"),
+            ("io.k8s.api.core.v1.NodeStatus", "addresses", Some("type"), "merge"),
+            ("io.k8s.api.core.v1.ServiceSpec", "ports", Some("port"), "merge"),
+            ("io.k8s.api.apps.v1.DeploymentStatus", "conditions", Some("type"), "merge"),
+            ("io.k8s.api.apps.v1.ReplicaSetStatus", "conditions", Some("type"), "merge"),
+            ("io.k8s.api.apps.v1.DaemonSetStatus", "conditions", Some("type"), "merge"),
+            (
+                "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta",
+                "ownerReferences",
+                Some("uid"),
+                "merge",
+            ),
+            ("io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta", "finalizers", None, "merge"),
+        ];
+        for (schema, field, key, strategy) in STRATEGIES {
+            if let Some(prop) = defs
+                .get_mut(*schema)
+                .and_then(|s| s.get_mut("properties"))
+                .and_then(|p| p.get_mut(*field))
+                .and_then(Value::as_object_mut)
+            {
+                prop.insert("x-kubernetes-patch-strategy".into(), json!(strategy));
+                if let Some(k) = key {
+                    prop.insert("x-kubernetes-patch-merge-key".into(), json!(k));
+                    prop.insert("x-kubernetes-list-type".into(), json!("map"));
+                    prop.insert("x-kubernetes-list-map-keys".into(), json!([k]));
+                }
+            }
+        }
+        for r in resources::RESOURCES {
+            if let Some(schema) = defs.get_mut(&schema_name(r)).and_then(Value::as_object_mut) {
+                schema.insert(
+                    "x-kubernetes-group-version-kind".into(),
+                    json!([{"group": r.group, "version": r.version, "kind": r.kind}]),
+                );
+            }
+        }
+        defs
+    })
+}
+
+/// The schemas `roots` reference, transitively.
+fn reachable(roots: &[String]) -> serde_json::Map<String, Value> {
+    let all = all_schemas();
+    let mut out = serde_json::Map::new();
+    let mut todo: Vec<String> = roots.to_vec();
+    while let Some(name) = todo.pop() {
+        if out.contains_key(&name) {
+            continue;
+        }
+        let Some(schema) = all.get(&name) else { continue };
+        let mut refs = Vec::new();
+        collect_refs(schema, &mut refs);
+        out.insert(name, schema.clone());
+        todo.extend(refs);
+    }
+    out
+}
+
+fn collect_refs(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) => {
+            if let Some(r) = m
+                .get("$ref")
+                .and_then(Value::as_str)
+                .and_then(|r| r.strip_prefix("#/components/schemas/"))
+            {
+                out.push(r.to_string());
+            }
+            m.values().for_each(|x| collect_refs(x, out));
+        }
+        Value::Array(a) => a.iter().for_each(|x| collect_refs(x, out)),
+        _ => {}
+    }
+}
+
 /// The OpenAPI v3 document of one group/version.
 pub fn group_version_doc(group: &str, version: &str) -> Option<Value> {
     let list: Vec<&ResourceInfo> =
@@ -50,7 +181,7 @@ pub fn group_version_doc(group: &str, version: &str) -> Option<Value> {
         return None;
     }
     let mut paths = serde_json::Map::new();
-    let mut schemas = serde_json::Map::new();
+    let mut roots = Vec::new();
     for r in list {
         let base = format!("/{}", gv_path(group, version));
         let (collection, item) = if r.namespaced {
@@ -81,24 +212,13 @@ pub fn group_version_doc(group: &str, version: &str) -> Option<Value> {
                 );
             }
         }
-        schemas.insert(
-            schema_name(r),
-            json!({
-                "type": "object",
-                "x-kubernetes-group-version-kind": [{"group": r.group, "version": r.version, "kind": r.kind}],
-                "properties": {
-                    "apiVersion": {"type": "string"},
-                    "kind": {"type": "string"},
-                    "metadata": {"type": "object"},
-                },
-            }),
-        );
+        roots.push(schema_name(r));
     }
     Some(json!({
         "openapi": "3.0.0",
         "info": {"title": "Kubernetes", "version": "v1.33.0-rkube"},
         "paths": paths,
-        "components": {"schemas": schemas},
+        "components": {"schemas": reachable(&roots)},
     }))
 }
 
@@ -123,4 +243,69 @@ pub fn v3_root() -> Value {
         }
     }
     json!({"paths": paths})
+}
+
+/// Fields of `obj` its schema does not know, as upstream names them for `fieldValidation`:
+/// `spec.containers[0].imagee`. Maps (`additionalProperties`) and free-form objects accept any key.
+pub fn unknown_fields(r: &ResourceInfo, obj: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(schema) = all_schemas().get(&schema_name(r)) {
+        walk(schema, obj, "", &mut out);
+    }
+    out
+}
+
+fn resolve(schema: &Value) -> &Value {
+    let mut cur = schema;
+    for _ in 0..8 {
+        if let Some(r) = cur
+            .get("$ref")
+            .and_then(Value::as_str)
+            .and_then(|r| r.strip_prefix("#/components/schemas/"))
+        {
+            match all_schemas().get(r) {
+                Some(s) => cur = s,
+                None => return cur,
+            }
+        } else if let Some(first) =
+            cur.get("allOf").and_then(Value::as_array).and_then(|a| a.first())
+        {
+            cur = first;
+        } else {
+            return cur;
+        }
+    }
+    cur
+}
+
+fn walk(schema: &Value, v: &Value, path: &str, out: &mut Vec<String>) {
+    let schema = resolve(schema);
+    match v {
+        Value::Object(m) => {
+            let Some(props) = schema.get("properties").and_then(Value::as_object) else {
+                if let Some(extra) = schema.get("additionalProperties").filter(|a| a.is_object()) {
+                    for (k, x) in m {
+                        walk(extra, x, format!("{path}.{k}").trim_start_matches('.'), out);
+                    }
+                }
+                return;
+            };
+            for (k, x) in m {
+                let child = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                match props.get(k) {
+                    Some(ps) => walk(ps, x, &child, out),
+                    None if path.is_empty() && (k == "apiVersion" || k == "kind") => {}
+                    None => out.push(child),
+                }
+            }
+        }
+        Value::Array(items) => {
+            if let Some(item_schema) = schema.get("items") {
+                for (i, x) in items.iter().enumerate() {
+                    walk(item_schema, x, &format!("{path}[{i}]"), out);
+                }
+            }
+        }
+        _ => {}
+    }
 }

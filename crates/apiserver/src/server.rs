@@ -1074,106 +1074,40 @@ fn object_response(
 
 fn add_warnings(resp: &mut Response, warnings: &[String]) {
     for w in warnings {
-        if let Ok(v) = HeaderValue::from_str(&format!("299 - \"{}\"", w.replace('"', "'"))) {
+        // RFC 7234 warn-text is a quoted string: quotes and backslashes are escaped.
+        let text = w.replace('\\', "\\\\").replace('"', "\\\"");
+        if let Ok(v) = HeaderValue::from_str(&format!("299 - \"{text}\"")) {
             resp.headers_mut().append("warning", v);
         }
     }
 }
 
-/// fieldValidation: top-level fields a resource does not have are unknown.
+/// fieldValidation: fields the resource's OpenAPI schema does not know are unknown
+/// (Strict: 400 with every path; Warn, the default: `Warning` headers; Ignore: nothing).
 fn unknown_field_check(
     r: &ResourceInfo,
     obj: &Value,
     q: &HashMap<String, String>,
 ) -> Result<Vec<String>> {
-    let known: &[&str] = match r.plural {
-        "configmaps" => &["apiVersion", "kind", "metadata", "data", "binaryData", "immutable"],
-        "secrets" => &["apiVersion", "kind", "metadata", "data", "stringData", "type", "immutable"],
-        "events" if r.group.is_empty() => &[
-            "apiVersion",
-            "kind",
-            "metadata",
-            "involvedObject",
-            "reason",
-            "message",
-            "source",
-            "firstTimestamp",
-            "lastTimestamp",
-            "count",
-            "type",
-            "eventTime",
-            "series",
-            "action",
-            "related",
-            "reportingComponent",
-            "reportingInstance",
-        ],
-        "events" => &[
-            "apiVersion",
-            "kind",
-            "metadata",
-            "eventTime",
-            "series",
-            "reportingController",
-            "reportingInstance",
-            "action",
-            "reason",
-            "regarding",
-            "related",
-            "note",
-            "type",
-            "deprecatedSource",
-            "deprecatedFirstTimestamp",
-            "deprecatedLastTimestamp",
-            "deprecatedCount",
-        ],
-        "endpoints" => &["apiVersion", "kind", "metadata", "subsets"],
-        "endpointslices" => {
-            &["apiVersion", "kind", "metadata", "addressType", "endpoints", "ports"]
-        }
-        "serviceaccounts" => &[
-            "apiVersion",
-            "kind",
-            "metadata",
-            "secrets",
-            "imagePullSecrets",
-            "automountServiceAccountToken",
-        ],
-        "priorityclasses" => &[
-            "apiVersion",
-            "kind",
-            "metadata",
-            "value",
-            "globalDefault",
-            "description",
-            "preemptionPolicy",
-        ],
-        "componentstatuses" => &["apiVersion", "kind", "metadata", "conditions"],
-        _ => &["apiVersion", "kind", "metadata", "spec", "status"],
-    };
-    let mut unknown = Vec::new();
-    if let Some(m) = obj.as_object() {
-        for k in m.keys() {
-            if !known.contains(&k.as_str()) {
-                unknown.push(format!("unknown field \"{k}\""));
-            }
-        }
+    if q.get("fieldValidation").map(String::as_str) == Some("Ignore") {
+        return Ok(Vec::new());
     }
+    let unknown: Vec<String> = crate::openapi::unknown_fields(r, obj)
+        .into_iter()
+        .map(|f| format!("unknown field \"{f}\""))
+        .collect();
     if unknown.is_empty() || q.get("fieldValidation").map(String::as_str) == Some("Ignore") {
         return Ok(Vec::new());
     }
     if strict_unknown_fields(q) {
-        let name = obj["metadata"]["name"].as_str().unwrap_or("");
-        return Err(Error::bad_request(format!("strict decoding error: {}", unknown.join(", ")))
-            .with_name(r.kind, name));
+        return Err(Error::bad_request(format!(
+            "{kind} in version \"{v}\" cannot be handled as a {kind}: strict decoding error: {}",
+            unknown.join(", "),
+            kind = r.kind,
+            v = r.version
+        )));
     }
     Ok(unknown)
-}
-
-impl Error {
-    fn with_name(self, _kind: &str, _name: &str) -> Error {
-        self
-    }
 }
 
 fn list_params(q: &HashMap<String, String>, r: &ResourceInfo) -> Result<ListParams> {

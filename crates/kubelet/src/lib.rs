@@ -4,8 +4,10 @@
 pub mod cli;
 mod node;
 mod pods;
+mod probes;
 pub mod runtime;
 mod server;
+mod tty;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

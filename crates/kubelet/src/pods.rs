@@ -113,6 +113,9 @@ struct Ctr {
     backoff_until: Option<Instant>,
     backoff: Duration,
     id: String,
+    /// Readiness from the probe; `None` without a readiness probe (running means ready).
+    probe_ready: Option<bool>,
+    probe_stop: Option<CancellationToken>,
 }
 
 struct Worker {
@@ -121,6 +124,7 @@ struct Worker {
     recorder: Recorder,
     ctrs: HashMap<String, Ctr>,
     exits: mpsc::Sender<(String, u64, Exit)>,
+    probes: mpsc::Sender<crate::probes::Outcome>,
     last_status: Value,
     start_time: String,
     pod_dir: PathBuf,
@@ -134,6 +138,7 @@ async fn worker(
     shutdown: CancellationToken,
 ) {
     let (exits_tx, mut exits_rx) = mpsc::channel(64);
+    let (probes_tx, mut probes_rx) = mpsc::channel(64);
     let uid = rx.borrow().as_ref().and_then(|p| p.metadata.uid.clone()).unwrap_or_default();
     let mut w = Worker {
         pod_dir: config.data_dir.join("pods").join(&uid),
@@ -142,6 +147,7 @@ async fn worker(
         recorder,
         ctrs: HashMap::new(),
         exits: exits_tx,
+        probes: probes_tx,
         last_status: Value::Null,
         start_time: now(),
     };
@@ -196,6 +202,7 @@ async fn worker(
             _ = shutdown.cancelled() => {}
             changed = rx.changed() => { if changed.is_err() { w.stop_all(Duration::from_secs(0), &mut exits_rx).await; return; } }
             Some((name, generation, exit)) = exits_rx.recv() => w.on_exit(&pod, &name, generation, exit).await,
+            Some(outcome) = probes_rx.recv() => w.on_probe(&pod, outcome).await,
             _ = async { match wake { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {}
         }
     }
@@ -389,6 +396,7 @@ impl Worker {
                     let exit = h.wait().await;
                     let _ = tx.send((name, generation, exit)).await;
                 });
+                self.start_probes(pod, c, generation);
                 let cref = container_ref(pod, &c.name);
                 if first {
                     self.recorder
@@ -429,6 +437,88 @@ impl Worker {
         }
     }
 
+    fn start_probes(&mut self, pod: &Pod, c: &Container, generation: u64) {
+        let stop = CancellationToken::new();
+        let x = self.ctr(&c.name);
+        if let Some(old) = x.probe_stop.replace(stop.clone()) {
+            old.cancel();
+        }
+        x.probe_ready = c.readiness_probe.as_ref().map(|_| false);
+        if self.config.runtime == RuntimeKind::Simulated {
+            self.ctr(&c.name).probe_ready = None;
+            return;
+        }
+        for (kind, probe) in [
+            (crate::probes::Kind::Readiness, &c.readiness_probe),
+            (crate::probes::Kind::Liveness, &c.liveness_probe),
+        ] {
+            if let Some(p) = probe {
+                let target = crate::probes::Target {
+                    host: self.config.node_ip.clone(),
+                    env: env_of(pod, c, &self.config),
+                    workdir: self.pod_dir.join("work"),
+                };
+                crate::probes::spawn(
+                    c.clone(),
+                    kind,
+                    p.clone(),
+                    generation,
+                    target,
+                    self.probes.clone(),
+                    stop.clone(),
+                );
+            }
+        }
+    }
+
+    async fn on_probe(&mut self, pod: &Pod, o: crate::probes::Outcome) {
+        let Some(x) = self.ctrs.get_mut(&o.container) else { return };
+        if x.generation != o.generation || !x.running {
+            return;
+        }
+        let cref = container_ref(pod, &o.container);
+        match o.kind {
+            crate::probes::Kind::Readiness => {
+                x.probe_ready = Some(o.ok);
+                if !o.ok {
+                    self.recorder
+                        .record(
+                            &cref,
+                            "Warning",
+                            "Unhealthy",
+                            &format!("Readiness probe failed: {}", o.message),
+                        )
+                        .await;
+                }
+            }
+            crate::probes::Kind::Liveness => {
+                if let Some(pid) = x.pid {
+                    let _ =
+                        nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+                }
+                self.recorder
+                    .record(
+                        &cref,
+                        "Warning",
+                        "Unhealthy",
+                        &format!("Liveness probe failed: {}", o.message),
+                    )
+                    .await;
+                self.recorder
+                    .record(
+                        &cref,
+                        "Normal",
+                        "Killing",
+                        &format!(
+                            "Container {} failed liveness probe, will be restarted",
+                            o.container
+                        ),
+                    )
+                    .await;
+            }
+        }
+    }
+
     fn schedule_backoff(&mut self, name: &str) {
         let x = self.ctr(name);
         let ran_long = x.started_instant.is_some_and(|t| t.elapsed() >= BACKOFF_RESET_AFTER);
@@ -448,6 +538,9 @@ impl Worker {
         }
         x.running = false;
         x.pid = None;
+        if let Some(stop) = x.probe_stop.take() {
+            stop.cancel();
+        }
         let reason = if exit.code == 0 { "Completed" } else { "Error" };
         let mut t = json!({
             "exitCode": exit.code, "reason": reason,
@@ -488,6 +581,11 @@ impl Worker {
 
     /// SIGTERM to every container, SIGKILL after `grace`.
     async fn stop_all(&mut self, grace: Duration, exits: &mut mpsc::Receiver<(String, u64, Exit)>) {
+        for x in self.ctrs.values_mut() {
+            if let Some(stop) = x.probe_stop.take() {
+                stop.cancel();
+            }
+        }
         for x in self.ctrs.values() {
             if let Some(pid) = x.pid {
                 let _ = nix::sys::signal::killpg(
@@ -544,7 +642,7 @@ impl Worker {
         let running = x.is_some_and(|x| x.running);
         let mut s = json!({
             "name": c.name, "image": c.image, "imageID": "",
-            "ready": running, "started": running,
+            "ready": running && x.and_then(|x| x.probe_ready).unwrap_or(true), "started": running,
             "restartCount": x.map(|x| x.restart_count).unwrap_or(0),
             "state": state,
             "lastState": x.and_then(|x| x.last_terminated.clone()).map(|t| json!({"terminated": t})).unwrap_or(json!({})),
@@ -571,7 +669,9 @@ impl Worker {
             c.restart_policy.as_deref() == Some("Always") && x.is_some_and(|x| x.running)
                 || x.and_then(|x| x.terminated.as_ref()).is_some_and(|t| t["exitCode"] == 0)
         });
-        let all_running = apps.iter().all(|c| self.ctrs.get(&c.name).is_some_and(|x| x.running));
+        let all_running = apps.iter().all(|c| {
+            self.ctrs.get(&c.name).is_some_and(|x| x.running && x.probe_ready.unwrap_or(true))
+        });
         let policy = restart_policy(pod);
         let all_done = apps
             .iter()

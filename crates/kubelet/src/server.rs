@@ -218,12 +218,14 @@ async fn exec(
     // `command` repeats: command=sh&command=-c&command=echo ok.
     let mut command = Vec::new();
     let mut stdin = false;
+    let mut tty = false;
     for pair in raw.unwrap_or_default().split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let v = percent_decode(v);
         match k {
             "command" => command.push(v),
             "stdin" | "input" => stdin = v == "true" || v == "1",
+            "tty" => tty = v == "true" || v == "1",
             _ => {}
         }
     }
@@ -236,8 +238,15 @@ async fn exec(
     }
     let env = crate::pods::env_of(&p, &c, &ctx.config);
     let workdir = dir.join("work");
-    ws.protocols(["v5.channel.k8s.io", "v4.channel.k8s.io", "channel.k8s.io"])
-        .on_upgrade(move |socket| run_exec(socket, command, env, workdir, stdin))
+    ws.protocols(["v5.channel.k8s.io", "v4.channel.k8s.io", "channel.k8s.io"]).on_upgrade(
+        move |socket| async move {
+            if tty {
+                run_tty(socket, command, env, workdir).await
+            } else {
+                run_exec(socket, command, env, workdir, stdin).await
+            }
+        },
+    )
 }
 
 fn percent_decode(s: &str) -> String {
@@ -343,6 +352,127 @@ async fn run_exec(
     let mut frame = vec![3u8];
     frame.extend_from_slice(st.to_string().as_bytes());
     let _ = socket.send(Message::Binary(frame.into())).await;
+    let _ = socket
+        .send(Message::Close(Some(axum::extract::ws::CloseFrame { code: 1000, reason: "".into() })))
+        .await;
+}
+
+fn status_frame(exit: Option<std::process::ExitStatus>, command: &[String]) -> Vec<u8> {
+    let st = match exit {
+        Some(s) if s.success() => serde_json::json!({"metadata": {}, "status": "Success"}),
+        Some(s) => {
+            let code = s.code().unwrap_or(137);
+            serde_json::json!({"metadata": {}, "status": "Failure", "message": format!("command terminated with non-zero exit code: error executing command {command:?}, exit code {code}"), "reason": "NonZeroExitCode", "details": {"causes": [{"reason": "ExitCode", "message": code.to_string()}]}})
+        }
+        None => {
+            serde_json::json!({"metadata": {}, "status": "Failure", "message": "command was killed", "reason": "InternalError"})
+        }
+    };
+    let mut frame = vec![3u8];
+    frame.extend_from_slice(st.to_string().as_bytes());
+    frame
+}
+
+/// `exec -t`: the command runs on a pseudo-terminal; channel 1 carries the terminal's output,
+/// channel 0 its input and channel 4 window resizes.
+async fn run_tty(
+    mut socket: WebSocket,
+    command: Vec<String>,
+    env: Vec<(String, String)>,
+    workdir: PathBuf,
+) {
+    let _ = std::fs::create_dir_all(&workdir);
+    let spawn = || -> std::io::Result<(tokio::process::Child, std::fs::File)> {
+        let (master, slave) = crate::tty::open()?;
+        let mut cmd = tokio::process::Command::new(&command[0]);
+        cmd.args(&command[1..])
+            .env_clear()
+            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("TERM", "xterm")
+            .envs(env.clone())
+            .current_dir(&workdir)
+            .stdin(std::process::Stdio::from(slave.try_clone()?))
+            .stdout(std::process::Stdio::from(slave.try_clone()?))
+            .stderr(std::process::Stdio::from(slave))
+            .kill_on_drop(true);
+        crate::tty::make_controlling(&mut cmd);
+        let child = cmd.spawn()?;
+        Ok((child, std::fs::File::from(master)))
+    };
+    let (mut child, master) = match spawn() {
+        Ok(x) => x,
+        Err(e) => {
+            let st = serde_json::json!({"metadata": {}, "status": "Failure", "message": format!("failed to exec in container: exec: \"{}\": {e}", command[0]), "reason": "InternalError"});
+            let mut frame = vec![3u8];
+            frame.extend_from_slice(st.to_string().as_bytes());
+            let _ = socket.send(Message::Binary(frame.into())).await;
+            let _ = socket
+                .send(Message::Close(Some(axum::extract::ws::CloseFrame {
+                    code: 1000,
+                    reason: "".into(),
+                })))
+                .await;
+            return;
+        }
+    };
+    let resize_fd = match master.try_clone() {
+        Ok(f) => f,
+        Err(_) => return,
+    };
+    let mut reader = match master.try_clone() {
+        Ok(f) => tokio::fs::File::from_std(f),
+        Err(_) => return,
+    };
+    let mut writer = tokio::fs::File::from_std(master);
+    let mut buf = vec![0u8; 8192];
+    let mut out_open = true;
+    let exit = loop {
+        tokio::select! {
+            n = reader.read(&mut buf), if out_open => match n {
+                // EIO on the master: the terminal's last user closed it (the command exited).
+                Ok(0) | Err(_) => out_open = false,
+                Ok(n) => {
+                    let mut f = vec![1u8];
+                    f.extend_from_slice(&buf[..n]);
+                    if socket.send(Message::Binary(f.into())).await.is_err() {
+                        break None;
+                    }
+                }
+            },
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Binary(b))) if !b.is_empty() => match b[0] {
+                    0 => { let _ = writer.write_all(&b[1..]).await; let _ = writer.flush().await; }
+                    4 => {
+                        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b[1..]) {
+                            let w = v["Width"].as_u64().unwrap_or(80) as u16;
+                            let h = v["Height"].as_u64().unwrap_or(24) as u16;
+                            crate::tty::resize(&resize_fd, w, h);
+                        }
+                    }
+                    _ => {}
+                },
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break None,
+                _ => {}
+            },
+            st = child.wait() => {
+                // Drain what the terminal still holds, then report.
+                let _ = tokio::time::timeout(Duration::from_millis(200), async {
+                    while let Ok(n) = reader.read(&mut buf).await {
+                        if n == 0 { break; }
+                        let mut f = vec![1u8];
+                        f.extend_from_slice(&buf[..n]);
+                        if socket.send(Message::Binary(f.into())).await.is_err() { break; }
+                    }
+                }).await;
+                break st.ok();
+            }
+        }
+    };
+    if exit.is_none() {
+        let _ = child.kill().await;
+        return;
+    }
+    let _ = socket.send(Message::Binary(status_frame(exit, &command).into())).await;
     let _ = socket
         .send(Message::Close(Some(axum::extract::ws::CloseFrame { code: 1000, reason: "".into() })))
         .await;

@@ -129,6 +129,20 @@ fn kubectl_drives_the_core_api_end_to_end() {
         s.kubectl(&["exec", "production-payment-pod", "-n", "lab", "--", "sh", "-c", "exit 3"]);
     assert_eq!(failed.status.code(), Some(3));
 
+    // exec -it: the command gets a terminal (run under `script`, which gives kubectl a TTY).
+    let cmdline = format!(
+        "kubectl --kubeconfig {} --cache-dir {} exec -it production-payment-pod -n lab -- sh -c 'tty; exit 5'",
+        s.kubeconfig.display(),
+        s.path().join("kcache-tty").display()
+    );
+    let tty = std::process::Command::new("script")
+        .args(["-qec", &cmdline, "/dev/null"])
+        .output()
+        .unwrap();
+    let tty_out = String::from_utf8_lossy(&tty.stdout);
+    assert!(tty_out.contains("/dev/pts/"), "{tty_out}");
+    assert_eq!(tty.status.code(), Some(5), "{tty_out}");
+
     // Optimistic concurrency: replacing with a stale resourceVersion is a 409 Conflict.
     let stale = s.ok(&["get", "pod", "production-payment-pod", "-n", "lab", "-o", "json"]);
     s.ok(&["label", "pod", "production-payment-pod", "-n", "lab", "tier=api", "--overwrite"]);
@@ -153,6 +167,28 @@ fn kubectl_drives_the_core_api_end_to_end() {
         "{}",
         String::from_utf8_lossy(&bad.stderr)
     );
+
+    // kubectl explain reads the OpenAPI v3 schemas.
+    let explained = s.ok(&["explain", "pod.spec.containers.image"]);
+    assert!(
+        explained.contains("FIELD: image <string>") && explained.contains("Container image name"),
+        "{explained}"
+    );
+
+    // Unknown fields: kubectl's default --validate=strict is answered by the server, as upstream.
+    let typo = POD
+        .replace("production-payment-pod", "typo")
+        .replace("    image:", "    imagee: x\n    image:");
+    let rejected = s.kubectl_with("kubectl", &["apply", "-f", "-"], Some(&typo));
+    assert!(!rejected.status.success());
+    let err = String::from_utf8_lossy(&rejected.stderr);
+    assert!(err.contains("Pod in version \"v1\" cannot be handled as a Pod: strict decoding error: unknown field \"spec.containers[0].imagee\""), "{err}");
+    let warned = s.kubectl_with("kubectl", &["apply", "--validate=warn", "-f", "-"], Some(&typo));
+    assert!(
+        String::from_utf8_lossy(&warned.stderr)
+            .contains("Warning: unknown field \"spec.containers[0].imagee\"")
+    );
+    s.ok(&["delete", "pod", "typo", "-n", "lab", "--wait=false"]);
 
     let cs = s.kubectl(&["get", "componentstatuses"]);
     assert!(

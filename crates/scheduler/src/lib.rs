@@ -2,6 +2,7 @@
 //! the best one — or leaves it Pending with the FailedScheduling text Kubernetes users know.
 
 pub mod cli;
+mod interpod;
 pub mod plugins;
 mod queue;
 
@@ -238,7 +239,7 @@ pub async fn run_with_client(
             continue;
         }
         let seq = queue.move_seq().await;
-        match schedule_one(&client, &cache, &recorder, &pod).await {
+        match schedule_one(&client, &cache, &recorder, &pod, &queue).await {
             Ok(true) => queue.forget(&k).await,
             Ok(false) => queue.unschedulable(&k, seq).await,
             Err(e) => {
@@ -255,24 +256,77 @@ pub async fn run_with_client(
 /// One scheduling cycle; `Ok(true)` when bound, `Ok(false)` when no node fits.
 async fn schedule_one(
     client: &Client,
-    cache: &Mutex<Cache>,
+    cache: &Arc<Mutex<Cache>>,
     recorder: &Recorder,
     pod: &Pod,
+    queue: &Arc<Queue>,
 ) -> Result<bool> {
     let ns = pod.metadata.namespace.clone().unwrap_or_default();
     let name = pod.metadata.name.clone().unwrap_or_default();
-    let (nodes, usage, pods_by_node) = {
+    let (nodes, usage) = {
         let c = cache.lock().await;
-        let mut by_node: HashMap<String, Vec<Pod>> = HashMap::new();
-        for p in c.pods.values() {
-            if let Some(n) =
-                p.spec.as_ref().and_then(|s| s.node_name.clone()).filter(|n| !n.is_empty())
-                && !is_terminal(p)
+        (c.nodes.values().cloned().collect::<Vec<_>>(), c.usage())
+    };
+    // Pods that other pods' placement depends on are only gathered when someone asks.
+    let needs_others = {
+        let c = cache.lock().await;
+        let spec = pod.spec.as_ref();
+        spec.and_then(|s| s.affinity.as_ref())
+            .is_some_and(|a| a.pod_affinity.is_some() || a.pod_anti_affinity.is_some())
+            || spec
+                .and_then(|s| s.topology_spread_constraints.as_ref())
+                .is_some_and(|t| !t.is_empty())
+            || c.pods.values().any(|p| {
+                p.spec
+                    .as_ref()
+                    .and_then(|s| s.affinity.as_ref())
+                    .is_some_and(|a| a.pod_anti_affinity.is_some())
+            })
+    };
+    let others: Vec<Pod> = if needs_others {
+        let c = cache.lock().await;
+        let mut v: Vec<Pod> = c
+            .pods
+            .values()
+            .filter(|p| {
+                !is_terminal(p) && p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some()
+            })
+            .cloned()
+            .collect();
+        // Pods bound in this burst but not yet seen back through the watch count too.
+        for (k, (node, p)) in &c.assumed {
+            if c.pods
+                .get(k)
+                .is_none_or(|x| x.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_none())
             {
-                by_node.entry(n).or_default().push(p.clone());
+                let mut p = p.clone();
+                if let Some(s) = p.spec.as_mut() {
+                    s.node_name = Some(node.clone());
+                }
+                v.push(p);
             }
         }
-        (c.nodes.values().cloned().collect::<Vec<_>>(), c.usage(), by_node)
+        v
+    } else {
+        Vec::new()
+    };
+    let node_labels: HashMap<String, std::collections::BTreeMap<String, String>> = nodes
+        .iter()
+        .map(|n| {
+            (
+                n.metadata.name.clone().unwrap_or_default(),
+                n.metadata.labels.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    let placed = interpod::Placed {
+        pods: others
+            .iter()
+            .filter_map(|p| {
+                let n = p.spec.as_ref()?.node_name.as_ref()?;
+                Some((p, node_labels.get(n).cloned().unwrap_or_default()))
+            })
+            .collect(),
     };
     let empty = NodeUsage::default();
     let mut feasible: Vec<(i64, &Node)> = Vec::new();
@@ -280,8 +334,13 @@ async fn schedule_one(
     for n in &nodes {
         let nn = n.metadata.name.clone().unwrap_or_default();
         let u = usage.get(&nn).unwrap_or(&empty);
-        match plugins::filter(pod, n, u) {
-            Ok(()) => feasible.push((plugins::score(pod, n, u), n)),
+        match plugins::filter(pod, n, u)
+            .and_then(|()| if needs_others { interpod::filter(pod, n, &placed) } else { Ok(()) })
+        {
+            Ok(()) => {
+                let extra = if needs_others { interpod::score(pod, n, &placed) } else { 0 };
+                feasible.push((plugins::score(pod, n, u) + extra, n))
+            }
             Err(r) => refusals.push((nn, r)),
         }
     }
@@ -292,38 +351,61 @@ async fn schedule_one(
         let chosen = top[rand::random_range(0..top.len())];
         let node_name = chosen.metadata.name.clone().unwrap_or_default();
         cache.lock().await.assumed.insert(key(pod), (node_name.clone(), pod.clone()));
-        let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
-        let binding = serde_json::json!({
-            "apiVersion": "v1", "kind": "Binding",
-            "metadata": {"name": name, "namespace": ns, "uid": pod.metadata.uid},
-            "target": {"apiVersion": "v1", "kind": "Node", "name": node_name},
-        });
-        match api
-            .create_subresource::<serde_json::Value, serde_json::Value>(
-                "binding",
-                &name,
-                &PostParams::default(),
-                &binding,
-            )
-            .await
-        {
-            Ok(_) => {}
-            Err(e) => {
-                cache.lock().await.assumed.remove(&key(pod));
-                return Err(e.into());
+        // Binding runs asynchronously, as upstream's binding cycle: the pod is "assumed" on the
+        // node in the cache, so the next cycle already counts it, and a failed bind un-assumes it
+        // and sends the pod back to the queue.
+        let (client, cache, recorder, queue, pod) =
+            (client.clone(), cache.clone(), recorder.clone(), queue.clone(), pod.clone());
+        tokio::spawn(async move {
+            let api: Api<Pod> = Api::namespaced(client, &ns);
+            let binding = serde_json::json!({
+                "apiVersion": "v1", "kind": "Binding",
+                "metadata": {"name": name, "namespace": ns, "uid": pod.metadata.uid},
+                "target": {"apiVersion": "v1", "kind": "Node", "name": node_name},
+            });
+            match api
+                .create_subresource::<serde_json::Value, serde_json::Value>(
+                    "binding",
+                    &name,
+                    &PostParams::default(),
+                    &binding,
+                )
+                .await
+            {
+                Ok(_) => {
+                    recorder
+                        .record(
+                            &reference(&pod),
+                            "Normal",
+                            "Scheduled",
+                            &format!("Successfully assigned {ns}/{name} to {node_name}"),
+                        )
+                        .await;
+                }
+                Err(e) => {
+                    tracing::debug!("binding {ns}/{name} to {node_name}: {e}");
+                    cache.lock().await.assumed.remove(&key(&pod));
+                    queue.add(&pod).await;
+                    queue.backoff(&key(&pod)).await;
+                }
             }
-        }
-        recorder
-            .record(
-                &reference(pod),
-                "Normal",
-                "Scheduled",
-                &format!("Successfully assigned {ns}/{name} to {node_name}"),
-            )
-            .await;
+        });
         return Ok(true);
     }
     // Nothing fits: try preemption on nodes where removing lower-priority pods would help.
+    let pods_by_node: HashMap<String, Vec<Pod>> = {
+        let c = cache.lock().await;
+        let mut by_node: HashMap<String, Vec<Pod>> = HashMap::new();
+        for p in c.pods.values() {
+            if let Some(n) =
+                p.spec.as_ref().and_then(|s| s.node_name.clone()).filter(|n| !n.is_empty())
+                && !is_terminal(p)
+            {
+                by_node.entry(n).or_default().push(p.clone());
+            }
+        }
+        by_node
+    };
     let prio = pod.spec.as_ref().and_then(|s| s.priority).unwrap_or(0);
     let may_preempt =
         pod.spec.as_ref().and_then(|s| s.preemption_policy.as_deref()) != Some("Never");

@@ -368,16 +368,18 @@ async fn run_cluster(
 
     let t = Instant::now();
     let pb = spinner(&mp, "scheduler");
-    let sched = tokio::spawn(rkube_scheduler::run_with_client(
-        client.clone(),
-        rkube_scheduler::Config::default(),
-        stop.clone(),
-    ));
+    // A stable leader identity per cluster: a restarted `rkube up` takes its leases back at once
+    // instead of waiting for its previous incarnation's leases to expire.
+    let identity = format!("rkube-up-{}", paths.root.display());
+    let sched_config = rkube_scheduler::Config { identity: identity.clone(), ..Default::default() };
+    let sched =
+        tokio::spawn(rkube_scheduler::run_with_client(client.clone(), sched_config, stop.clone()));
     done(&pb, "scheduler", t);
     let t = Instant::now();
     let pb = spinner(&mp, "controller manager");
     let cm_config = rkube_controllers::Config {
         node_monitor_grace_period: timings.grace,
+        identity,
         ..Default::default()
     };
     let cm =
@@ -560,6 +562,10 @@ fn server_args(paths: &Paths, port: u16, toleration: i64) -> rkube_apiserver::cl
         service_node_port_range: "30000-32767".into(),
         default_not_ready_toleration_seconds: toleration,
         in_memory: false,
+        etcd_servers: Vec::new(),
+        etcd_cafile: None,
+        etcd_certfile: None,
+        etcd_keyfile: None,
     }
 }
 
@@ -628,7 +634,7 @@ async fn detach(args: &UpArgs, paths: &Paths) -> Result<()> {
 
 /// `rkube server`: the API server plus, unless disabled, scheduler and controller manager.
 pub async fn server(args: rkube_apiserver::cli::Args, with_controllers: bool) -> Result<()> {
-    let store = rkube_apiserver::cli::open_store(&args).map_err(|e| anyhow::anyhow!(e))?;
+    let store = rkube_apiserver::cli::open_store(&args).await.map_err(|e| anyhow::anyhow!(e))?;
     let stop = CancellationToken::new();
     let (_server, kubeconfig, task) = rkube_apiserver::cli::start(&args, store, stop.clone())
         .await

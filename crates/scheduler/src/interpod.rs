@@ -1,0 +1,225 @@
+//! Plugins that look at other pods: InterPodAffinity (required and preferred affinity and
+//! anti-affinity by topology domain, including existing pods' anti-affinity) and
+//! PodTopologySpread (DoNotSchedule as a filter, ScheduleAnyway in scoring).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Node, Pod, PodAffinityTerm};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+use crate::plugins::Refusal;
+
+/// The pods already placed, with the labels of the node each runs on.
+pub struct Placed<'a> {
+    pub pods: Vec<(&'a Pod, BTreeMap<String, String>)>,
+}
+
+fn selector_matches(sel: Option<&LabelSelector>, labels: &BTreeMap<String, String>) -> bool {
+    let Some(sel) = sel else { return false };
+    let ml = sel.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
+    let me = sel.match_expressions.iter().flatten().all(|e| {
+        let v = labels.get(&e.key);
+        let vals = e.values.clone().unwrap_or_default();
+        match e.operator.as_str() {
+            "In" => v.is_some_and(|v| vals.contains(v)),
+            "NotIn" => v.is_none_or(|v| !vals.contains(v)),
+            "Exists" => v.is_some(),
+            "DoesNotExist" => v.is_none(),
+            _ => false,
+        }
+    });
+    ml && me
+}
+
+fn labels(p: &Pod) -> BTreeMap<String, String> {
+    p.metadata.labels.clone().unwrap_or_default()
+}
+
+fn ns(p: &Pod) -> String {
+    p.metadata.namespace.clone().unwrap_or_default()
+}
+
+fn term_matches_pod(term: &PodAffinityTerm, owner: &Pod, other: &Pod) -> bool {
+    let namespaces =
+        term.namespaces.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| vec![ns(owner)]);
+    namespaces.contains(&ns(other))
+        && selector_matches(term.label_selector.as_ref(), &labels(other))
+}
+
+fn same_domain(key: &str, a: &BTreeMap<String, String>, b: &BTreeMap<String, String>) -> bool {
+    matches!((a.get(key), b.get(key)), (Some(x), Some(y)) if x == y)
+}
+
+pub fn filter(pod: &Pod, node: &Node, placed: &Placed) -> Result<(), Refusal> {
+    let node_labels = node.metadata.labels.clone().unwrap_or_default();
+    let affinity = pod.spec.as_ref().and_then(|s| s.affinity.as_ref());
+    let refuse = |r: &str| Err(Refusal { reasons: vec![r.to_string()], resolvable: false });
+    if let Some(terms) = affinity
+        .and_then(|a| a.pod_affinity.as_ref())
+        .and_then(|a| a.required_during_scheduling_ignored_during_execution.as_ref())
+    {
+        for t in terms {
+            let anywhere = placed.pods.iter().any(|(p, _)| term_matches_pod(t, pod, p));
+            let here = placed.pods.iter().any(|(p, nl)| {
+                term_matches_pod(t, pod, p) && same_domain(&t.topology_key, nl, &node_labels)
+            });
+            // The first pod of a group may land anywhere if it matches its own affinity.
+            let self_match = term_matches_pod(t, pod, pod);
+            if !(here || (!anywhere && self_match)) {
+                return refuse("node(s) didn't match pod affinity rules");
+            }
+        }
+    }
+    if let Some(terms) = affinity
+        .and_then(|a| a.pod_anti_affinity.as_ref())
+        .and_then(|a| a.required_during_scheduling_ignored_during_execution.as_ref())
+    {
+        for t in terms {
+            if placed.pods.iter().any(|(p, nl)| {
+                term_matches_pod(t, pod, p) && same_domain(&t.topology_key, nl, &node_labels)
+            }) {
+                return refuse("node(s) didn't match pod anti-affinity rules");
+            }
+        }
+    }
+    for (other, nl) in &placed.pods {
+        let terms = other
+            .spec
+            .as_ref()
+            .and_then(|s| s.affinity.as_ref())
+            .and_then(|a| a.pod_anti_affinity.as_ref())
+            .and_then(|a| a.required_during_scheduling_ignored_during_execution.as_ref());
+        for t in terms.into_iter().flatten() {
+            if term_matches_pod(t, other, pod) && same_domain(&t.topology_key, nl, &node_labels) {
+                return refuse("node(s) didn't satisfy existing pods anti-affinity rules");
+            }
+        }
+    }
+    for c in
+        pod.spec.as_ref().and_then(|s| s.topology_spread_constraints.clone()).unwrap_or_default()
+    {
+        if c.when_unsatisfiable != "DoNotSchedule" {
+            continue;
+        }
+        let Some(domain) = node_labels.get(&c.topology_key) else {
+            return refuse(
+                "node(s) didn't match pod topology spread constraints (missing required label)",
+            );
+        };
+        let counts = domain_counts(pod, &c.topology_key, c.label_selector.as_ref(), placed);
+        let here = counts.get(domain).copied().unwrap_or(0);
+        let min = counts.values().copied().min().unwrap_or(0);
+        if here + 1 - min > c.max_skew as usize {
+            return refuse("node(s) didn't match pod topology spread constraints");
+        }
+    }
+    Ok(())
+}
+
+/// Matching pods per topology domain (every domain a placed pod's node has appears, even at 0).
+fn domain_counts(
+    pod: &Pod,
+    key: &str,
+    sel: Option<&LabelSelector>,
+    placed: &Placed,
+) -> BTreeMap<String, usize> {
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for (p, nl) in &placed.pods {
+        if let Some(d) = nl.get(key) {
+            let e = counts.entry(d.clone()).or_default();
+            if ns(p) == ns(pod) && selector_matches(sel, &labels(p)) {
+                *e += 1;
+            }
+        }
+    }
+    counts
+}
+
+/// Extra score: preferred (anti-)affinity weights and ScheduleAnyway spreading.
+pub fn score(pod: &Pod, node: &Node, placed: &Placed) -> i64 {
+    let node_labels = node.metadata.labels.clone().unwrap_or_default();
+    let affinity = pod.spec.as_ref().and_then(|s| s.affinity.as_ref());
+    let mut score = 0i64;
+    for w in affinity
+        .and_then(|a| a.pod_affinity.as_ref())
+        .and_then(|a| a.preferred_during_scheduling_ignored_during_execution.clone())
+        .unwrap_or_default()
+    {
+        if placed.pods.iter().any(|(p, nl)| {
+            term_matches_pod(&w.pod_affinity_term, pod, p)
+                && same_domain(&w.pod_affinity_term.topology_key, nl, &node_labels)
+        }) {
+            score += w.weight as i64;
+        }
+    }
+    for w in affinity
+        .and_then(|a| a.pod_anti_affinity.as_ref())
+        .and_then(|a| a.preferred_during_scheduling_ignored_during_execution.clone())
+        .unwrap_or_default()
+    {
+        if placed.pods.iter().any(|(p, nl)| {
+            term_matches_pod(&w.pod_affinity_term, pod, p)
+                && same_domain(&w.pod_affinity_term.topology_key, nl, &node_labels)
+        }) {
+            score -= w.weight as i64;
+        }
+    }
+    for c in
+        pod.spec.as_ref().and_then(|s| s.topology_spread_constraints.clone()).unwrap_or_default()
+    {
+        if c.when_unsatisfiable == "ScheduleAnyway"
+            && let Some(d) = node_labels.get(&c.topology_key)
+        {
+            let counts = domain_counts(pod, &c.topology_key, c.label_selector.as_ref(), placed);
+            score -= 10 * counts.get(d).copied().unwrap_or(0) as i64;
+        }
+    }
+    score
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str) -> Node {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}}})).unwrap()
+    }
+
+    fn pod(name: &str, app: &str, extra: serde_json::Value) -> Pod {
+        let mut v = serde_json::json!({"metadata": {"name": name, "namespace": "d", "labels": {"app": app}}, "spec": {"containers": [{"name": "c"}]}});
+        v["spec"].as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn required_anti_affinity_keeps_replicas_on_different_nodes() {
+        let anti = serde_json::json!({"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+            {"labelSelector": {"matchLabels": {"app": "web"}}, "topologyKey": "kubernetes.io/hostname"}]}}});
+        let existing = pod("web-1", "web", anti.clone());
+        let n1 = node("n1");
+        let placed = Placed { pods: vec![(&existing, n1.metadata.labels.clone().unwrap())] };
+        let new = pod("web-2", "web", anti);
+        assert_eq!(
+            filter(&new, &n1, &placed).unwrap_err().reasons,
+            vec!["node(s) didn't match pod anti-affinity rules".to_string()]
+        );
+        assert!(filter(&new, &node("n2"), &placed).is_ok());
+    }
+
+    #[test]
+    fn topology_spread_refuses_a_node_that_would_exceed_the_skew() {
+        let spread = serde_json::json!({"topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule", "labelSelector": {"matchLabels": {"app": "web"}}}]});
+        let a = pod("a", "web", serde_json::json!({}));
+        let (n1, n2) = (node("n1"), node("n2"));
+        let other = pod("x", "other", serde_json::json!({}));
+        let placed = Placed {
+            pods: vec![
+                (&a, n1.metadata.labels.clone().unwrap()),
+                (&other, n2.metadata.labels.clone().unwrap()),
+            ],
+        };
+        let new = pod("b", "web", spread);
+        assert!(filter(&new, &n1, &placed).is_err());
+        assert!(filter(&new, &n2, &placed).is_ok());
+    }
+}
