@@ -152,7 +152,7 @@ pub async fn exec(
         .on_upgrade(move |client| async move {
             let (mut up_tx, mut up_rx) = upstream.split();
             let (mut cl_tx, mut cl_rx) = client.split();
-            let to_kubelet = async {
+            let to_kubelet = async move {
                 while let Some(Ok(m)) = cl_rx.next().await {
                     let m = match m {
                         Message::Binary(b) => tungstenite::Message::Binary(b.to_vec().into()),
@@ -189,7 +189,11 @@ pub async fn exec(
                     })))
                     .await;
             };
-            tokio::select! { _ = to_kubelet => {}, _ = to_client => {} }
+            // Everything the kubelet sends (the exit status last) must reach the client, so the
+            // client-to-kubelet direction runs beside it and stops only when that one is done.
+            let upstream_task = tokio::spawn(to_kubelet);
+            to_client.await;
+            upstream_task.abort();
         })
         .into_response())
 }

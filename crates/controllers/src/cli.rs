@@ -3,8 +3,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
-
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
     /// Kubeconfig of the API server to reconcile against.
@@ -16,21 +14,8 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let client = match &args.kubeconfig {
-        Some(p) => {
-            let kc = kube::config::Kubeconfig::read_from(p)?;
-            kube::Client::try_from(
-                kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?,
-            )?
-        }
-        None => kube::Client::try_default().await?,
-    };
-    let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
-        stop.cancel();
-    });
+    let client = rkube_client::client_from(args.kubeconfig.as_deref()).await?;
+    let shutdown = rkube_client::shutdown_on_signal();
     let config = crate::Config {
         node_monitor_grace_period: Duration::from_secs(args.node_monitor_grace_period),
         ..Default::default()

@@ -43,22 +43,7 @@ pub async fn run(client: Client, inf: Informers, recorder: Recorder, shutdown: C
 
 fn selector_matches(rs: &ReplicaSet, pod: &Pod) -> bool {
     let Some(sel) = rs.spec.as_ref().map(|s| &s.selector) else { return false };
-    let labels = pod.metadata.labels.clone().unwrap_or_default();
-    let ml_ok = sel.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
-    let me_ok = sel.match_expressions.iter().flatten().all(|e| {
-        let v = labels.get(&e.key);
-        let vals = e.values.clone().unwrap_or_default();
-        match e.operator.as_str() {
-            "In" => v.is_some_and(|v| vals.contains(v)),
-            "NotIn" => v.is_none_or(|v| !vals.contains(v)),
-            "Exists" => v.is_some(),
-            "DoesNotExist" => v.is_none(),
-            _ => false,
-        }
-    });
-    let non_empty = sel.match_labels.as_ref().is_some_and(|m| !m.is_empty())
-        || sel.match_expressions.as_ref().is_some_and(|m| !m.is_empty());
-    non_empty && ml_ok && me_ok
+    rkube_client::selector_matches(sel, &pod.metadata.labels.clone().unwrap_or_default())
 }
 
 /// Deletion order as upstream: unscheduled, pending, not ready, then newest first.

@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 
 use k8s_openapi::api::core::v1::Taint;
-use tokio_util::sync::CancellationToken;
 
 use crate::{Config, RuntimeKind};
 
@@ -77,26 +76,8 @@ impl Args {
 
 pub async fn run(args: Args) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let config = args.config()?;
-    let client = match &args.kubeconfig {
-        Some(p) => {
-            let kc = kube::config::Kubeconfig::read_from(p)?;
-            kube::Client::try_from(
-                kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?,
-            )?
-        }
-        None => kube::Client::try_default().await?,
-    };
-    let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
-        }
-        stop.cancel();
-    });
+    let client = rkube_client::client_from(args.kubeconfig.as_deref()).await?;
+    let shutdown = rkube_client::shutdown_on_signal();
     crate::run_with_client(client, config, shutdown).await?;
     Ok(())
 }

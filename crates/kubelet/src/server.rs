@@ -290,16 +290,7 @@ async fn run_exec(
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
-            let st = serde_json::json!({"metadata": {}, "status": "Failure", "message": format!("failed to exec in container: exec: \"{}\": {e}", command[0]), "reason": "InternalError"});
-            let mut frame = vec![3u8];
-            frame.extend_from_slice(st.to_string().as_bytes());
-            let _ = socket.send(Message::Binary(frame.into())).await;
-            let _ = socket
-                .send(Message::Close(Some(axum::extract::ws::CloseFrame {
-                    code: 1000,
-                    reason: "".into(),
-                })))
-                .await;
+            fail_start(&mut socket, &command[0], e).await;
             return;
         }
     };
@@ -338,20 +329,25 @@ async fn run_exec(
             st = child.wait(), if !out_open && !err_open => break st.ok(),
         }
     };
-    let st = match exit {
-        Some(s) if s.success() => serde_json::json!({"metadata": {}, "status": "Success"}),
-        Some(s) => {
-            let code = s.code().unwrap_or(137);
-            serde_json::json!({"metadata": {}, "status": "Failure", "message": format!("command terminated with non-zero exit code: error executing command {command:?}, exit code {code}"), "reason": "NonZeroExitCode", "details": {"causes": [{"reason": "ExitCode", "message": code.to_string()}]}})
-        }
-        None => {
-            let _ = child.kill().await;
-            return;
-        }
-    };
+    if exit.is_none() {
+        let _ = child.kill().await;
+        return;
+    }
+    let _ = socket.send(Message::Binary(status_frame(exit, &command).into())).await;
+    close(&mut socket).await;
+}
+
+/// Tells the client the command could not start (status channel 3), then closes.
+async fn fail_start(socket: &mut WebSocket, program: &str, e: std::io::Error) {
+    let st = serde_json::json!({"metadata": {}, "status": "Failure", "message": format!("failed to exec in container: exec: \"{program}\": {e}"), "reason": "InternalError"});
     let mut frame = vec![3u8];
     frame.extend_from_slice(st.to_string().as_bytes());
     let _ = socket.send(Message::Binary(frame.into())).await;
+    close(socket).await;
+}
+
+/// A normal closure (code 1000): kubectl treats a close without status as an error.
+async fn close(socket: &mut WebSocket) {
     let _ = socket
         .send(Message::Close(Some(axum::extract::ws::CloseFrame { code: 1000, reason: "".into() })))
         .await;
@@ -402,16 +398,7 @@ async fn run_tty(
     let (mut child, master) = match spawn() {
         Ok(x) => x,
         Err(e) => {
-            let st = serde_json::json!({"metadata": {}, "status": "Failure", "message": format!("failed to exec in container: exec: \"{}\": {e}", command[0]), "reason": "InternalError"});
-            let mut frame = vec![3u8];
-            frame.extend_from_slice(st.to_string().as_bytes());
-            let _ = socket.send(Message::Binary(frame.into())).await;
-            let _ = socket
-                .send(Message::Close(Some(axum::extract::ws::CloseFrame {
-                    code: 1000,
-                    reason: "".into(),
-                })))
-                .await;
+            fail_start(&mut socket, &command[0], e).await;
             return;
         }
     };

@@ -15,20 +15,7 @@ pub struct Placed<'a> {
 }
 
 fn selector_matches(sel: Option<&LabelSelector>, labels: &BTreeMap<String, String>) -> bool {
-    let Some(sel) = sel else { return false };
-    let ml = sel.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
-    let me = sel.match_expressions.iter().flatten().all(|e| {
-        let v = labels.get(&e.key);
-        let vals = e.values.clone().unwrap_or_default();
-        match e.operator.as_str() {
-            "In" => v.is_some_and(|v| vals.contains(v)),
-            "NotIn" => v.is_none_or(|v| !vals.contains(v)),
-            "Exists" => v.is_some(),
-            "DoesNotExist" => v.is_none(),
-            _ => false,
-        }
-    });
-    ml && me
+    sel.is_some_and(|s| rkube_client::selector_matches(s, labels))
 }
 
 fn labels(p: &Pod) -> BTreeMap<String, String> {
