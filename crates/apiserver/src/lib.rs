@@ -7,6 +7,7 @@ pub mod discovery;
 mod error;
 pub mod openapi;
 pub mod patch;
+pub mod protobuf;
 mod proxy;
 pub mod registry;
 pub mod selector;

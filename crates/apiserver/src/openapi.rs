@@ -309,3 +309,15 @@ fn walk(schema: &Value, v: &Value, path: &str, out: &mut Vec<String>) {
         _ => {}
     }
 }
+
+/// The properties of a schema by its upstream name, matched without regard to case
+/// (`io.k8s.api.core.v1.PodIp` finds `io.k8s.api.core.v1.PodIP`).
+pub fn schema_properties(name: &str) -> Option<&'static serde_json::Map<String, Value>> {
+    static BY_LOWER: std::sync::OnceLock<std::collections::HashMap<String, &'static str>> =
+        std::sync::OnceLock::new();
+    let index = BY_LOWER.get_or_init(|| {
+        all_schemas().keys().map(|k| (k.to_ascii_lowercase(), k.as_str())).collect()
+    });
+    let key = index.get(&name.to_ascii_lowercase())?;
+    resolve(all_schemas().get(*key)?).get("properties").and_then(Value::as_object)
+}

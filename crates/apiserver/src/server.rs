@@ -570,14 +570,21 @@ async fn read_body(body: Body) -> Result<Bytes> {
 }
 
 fn decode_body(ct: &str, body: &[u8]) -> Result<Value> {
-    if ct.contains("protobuf") || ct.contains("cbor") {
+    if ct.contains("cbor") {
         return Err(Error::status(
             415,
             "UnsupportedMediaType",
             format!(
-                "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (rkube does not decode {ct} bodies yet; `kubectl apply -f` and `kubectl create -f` send JSON)"
+                "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml, application/vnd.kubernetes.protobuf (not {ct})"
             ),
         ));
+    }
+    if ct.contains("protobuf") {
+        return crate::protobuf::decode_object(body, 0).map_err(|e| {
+            Error::bad_request(format!(
+                "the protobuf body of the request could not be decoded: {e}"
+            ))
+        });
     }
     if body.is_empty() {
         return Err(Error::bad_request("the request body is empty"));
@@ -979,8 +986,7 @@ async fn handle(st: Arc<Inner>, user: User, req: Request) -> Result<Response> {
         (&Method::DELETE, Some(name), None) => {
             verb_ok("delete")?;
             let body = read_body(body).await?;
-            let opts: Value =
-                if body.is_empty() { json!({}) } else { decode_body("application/json", &body)? };
+            let opts: Value = if body.is_empty() { json!({}) } else { decode_body(&ct, &body)? };
             let dp = delete_params(&q, &opts, dry_run);
             let (obj, gone) = reg.delete(r, ns, name, &dp).await?;
             if gone && !dry_run {
@@ -994,8 +1000,7 @@ async fn handle(st: Arc<Inner>, user: User, req: Request) -> Result<Response> {
             verb_ok("deletecollection")?;
             let lp = list_params(&q, r)?;
             let body = read_body(body).await?;
-            let opts: Value =
-                if body.is_empty() { json!({}) } else { decode_body("application/json", &body)? };
+            let opts: Value = if body.is_empty() { json!({}) } else { decode_body(&ct, &body)? };
             let dp = delete_params(&q, &opts, dry_run);
             let (items, meta) =
                 reg.list(r, ns, &ListParams { limit: None, continue_token: None, ..lp }).await?;

@@ -343,7 +343,7 @@ fn default_service(spec: &mut Value) {
     if let Some(ports) = spec.get_mut("ports").and_then(Value::as_array_mut) {
         for p in ports {
             set_default(p, "protocol", json!("TCP"));
-            if p["targetPort"].is_null() {
+            if p["targetPort"].is_null() || p["targetPort"] == 0 || p["targetPort"] == "" {
                 p["targetPort"] = p["port"].clone();
             }
         }

@@ -326,3 +326,78 @@ fn a_deployment_scales_and_rolls_out() {
         (rs.trim().is_empty() && pods.trim().is_empty()).then_some(())
     });
 }
+
+/// kubectl's `create <kind>` subcommands send protobuf bodies (typed clients), unlike `apply`.
+#[test]
+fn kubectl_create_subcommands_send_protobuf() {
+    if !available("kubectl", &["version", "--client"]) {
+        return;
+    }
+    let mut s = Server::start();
+    s.agent("node-1", &[]);
+    assert_eq!(
+        s.ok(&[
+            "create",
+            "deployment",
+            "web",
+            "--image=busybox",
+            "--replicas=3",
+            "--",
+            "sleep",
+            "7305"
+        ])
+        .trim(),
+        "deployment.apps/web created"
+    );
+    s.wait("3 ready replicas", Duration::from_secs(30), || {
+        let out = s.ok(&["get", "deployment", "web", "--no-headers"]);
+        out.split_whitespace().nth(1).is_some_and(|r| r == "3/3").then_some(())
+    });
+    assert_eq!(
+        s.ok(&["scale", "deployment", "web", "--replicas=1"]).trim(),
+        "deployment.apps/web scaled"
+    );
+    s.wait("1 replica left", Duration::from_secs(30), || {
+        let out = s.ok(&["get", "pods", "-l", "app=web", "-o", "name"]);
+        (out.lines().count() == 1).then_some(())
+    });
+    let spec = s.ok(&[
+        "get",
+        "deployment",
+        "web",
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].command}",
+    ]);
+    assert_eq!(spec, r#"["sleep","7305"]"#);
+
+    for (args, want) in [
+        (&["create", "namespace", "shop"][..], "namespace/shop created"),
+        (
+            &["create", "configmap", "conf", "--from-literal=a=b", "--from-literal=empty="],
+            "configmap/conf created",
+        ),
+        (&["create", "secret", "generic", "pw", "--from-literal=p=hunter2"], "secret/pw created"),
+        (&["create", "service", "nodeport", "web", "--tcp=80:8080"], "service/web created"),
+        (&["create", "service", "clusterip", "plain", "--tcp=81"], "service/plain created"),
+        (&["create", "serviceaccount", "robot"], "serviceaccount/robot created"),
+        (
+            &["create", "priorityclass", "high", "--value=1000"],
+            "priorityclass.scheduling.k8s.io/high created",
+        ),
+    ] {
+        assert_eq!(s.ok(args).trim(), want);
+    }
+    assert_eq!(
+        s.ok(&["get", "configmap", "conf", "-o", "jsonpath={.data}"]),
+        r#"{"a":"b","empty":""}"#
+    );
+    assert_eq!(s.ok(&["get", "secret", "pw", "-o", "jsonpath={.data.p}"]), "aHVudGVyMg==");
+    let ports = s.ok(&["get", "service", "web", "plain", "-o", "jsonpath={.items[*].spec.ports}"]);
+    assert!(ports.contains(r#""port":80,"protocol":"TCP","targetPort":8080"#), "{ports}");
+    assert!(
+        ports.contains(r#"{"name":"81","port":81,"protocol":"TCP","targetPort":81}"#),
+        "{ports}"
+    );
+    let svc = s.ok(&["get", "service", "web", "--no-headers"]);
+    assert!(svc.contains("NodePort") && svc.contains("80:3"), "{svc}");
+}
