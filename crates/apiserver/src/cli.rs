@@ -158,7 +158,10 @@ async fn open_etcd(
         key_file: args.etcd_keyfile.clone(),
         ..Default::default()
     };
-    Ok(Arc::new(rkube_store::etcd::EtcdStore::connect(config).await?))
+    let etcd: Arc<dyn rkube_store::Store> =
+        Arc::new(rkube_store::etcd::EtcdStore::connect(config).await?);
+    // LIST and WATCH from memory, one watch on etcd per API server.
+    Ok(rkube_store::cache::CachedStore::new(etcd).await?)
 }
 
 #[cfg(not(feature = "etcd"))]

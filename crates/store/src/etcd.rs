@@ -625,6 +625,26 @@ mod tests {
         .await;
     }
 
+    /// The watch cache in front of etcd, as `rkube server --etcd-servers` runs it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_watch_cache_over_etcd_conforms() {
+        if !etcd_available() {
+            return;
+        }
+        let servers = Arc::new(Mutex::new(Vec::new()));
+        crate::conformance::run_all(|| {
+            let servers = servers.clone();
+            async move {
+                let etcd = TestEtcd::start().await;
+                let store = EtcdStore::connect(etcd.config()).await.expect("connect");
+                servers.lock().unwrap_or_else(|p| p.into_inner()).push(etcd);
+                crate::cache::CachedStore::new(Arc::new(store)).await.expect("cache")
+                    as Arc<dyn Store>
+            }
+        })
+        .await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn lost_etcd_is_unavailable_and_the_store_recovers_when_it_returns() {
         if !etcd_available() {

@@ -8,6 +8,7 @@
 //!   without gaps, each carrying the previous value; or `Compacted` if `r` is too old.
 //! - A write is acknowledged only once it is durable (for durable backends).
 
+pub mod cache;
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;
 pub mod embedded;
