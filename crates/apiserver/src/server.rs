@@ -6,7 +6,6 @@ use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -81,8 +80,7 @@ pub(crate) struct Inner {
     pki: Pki,
     tokens: HashMap<String, User>,
     started: Instant,
-    requests: AtomicU64,
-    watches: AtomicU64,
+    metrics: Arc<crate::metrics::Metrics>,
     shutdown: CancellationToken,
     server_address: std::sync::Mutex<String>,
 }
@@ -176,6 +174,9 @@ impl ApiServer {
             Some(p) => load_tokens(p)?,
             None => HashMap::new(),
         };
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let store: Arc<dyn Store> =
+            Arc::new(crate::metrics::MeteredStore { inner: store, metrics: metrics.clone() });
         let mut registry = Registry::new(store, config.default_toleration_seconds);
         registry.service_cidr = (svc_base, svc_bits);
         registry.node_port_range = config.service_node_port_range;
@@ -186,8 +187,7 @@ impl ApiServer {
             pki,
             tokens,
             started: Instant::now(),
-            requests: AtomicU64::new(0),
-            watches: AtomicU64::new(0),
+            metrics,
             shutdown: CancellationToken::new(),
         });
         let server = ApiServer { inner };
@@ -446,7 +446,20 @@ async fn dispatch(
     conn: Option<Extension<ConnInfo>>,
     req: Request,
 ) -> Response {
-    st.requests.fetch_add(1, Ordering::Relaxed);
+    let started = Instant::now();
+    let class =
+        crate::metrics::classify(req.method(), req.uri().path(), req.uri().query().unwrap_or(""));
+    let metrics = st.metrics.clone();
+    let resp = dispatch_inner(st, conn, req).await;
+    metrics.observe_request(class, resp.status().as_u16(), started.elapsed());
+    resp
+}
+
+async fn dispatch_inner(
+    st: Arc<Inner>,
+    conn: Option<Extension<ConnInfo>>,
+    req: Request,
+) -> Response {
     let path = req.uri().path().to_string();
     match path.as_str() {
         "/version" | "/version/" => return json_response(StatusCode::OK, &version_info()),
@@ -1497,13 +1510,7 @@ fn cs_object(name: &str, healthy: bool, msg: &str, err: &str) -> Value {
 
 async fn metrics(st: &Inner) -> Response {
     let rev = st.registry.store.current_revision().await.map(|r| r.0).unwrap_or(0);
-    let text = format!(
-        "# HELP apiserver_request_total Requests served.\n# TYPE apiserver_request_total counter\napiserver_request_total {}\n# HELP apiserver_watch_total Watches opened.\n# TYPE apiserver_watch_total counter\napiserver_watch_total {}\n# HELP rkube_store_revision Current store revision.\n# TYPE rkube_store_revision gauge\nrkube_store_revision {rev}\n# HELP process_uptime_seconds Seconds since start.\n# TYPE process_uptime_seconds gauge\nprocess_uptime_seconds {}\n",
-        st.requests.load(Ordering::Relaxed),
-        st.watches.load(Ordering::Relaxed),
-        st.started.elapsed().as_secs()
-    );
-    text_response(StatusCode::OK, text)
+    text_response(StatusCode::OK, st.metrics.render(rev, st.started.elapsed()))
 }
 
 async fn watch_response(
@@ -1514,7 +1521,7 @@ async fn watch_response(
     q: &HashMap<String, String>,
     table: bool,
 ) -> Result<Response> {
-    st.watches.fetch_add(1, Ordering::Relaxed);
+    let open = st.metrics.watch_opened();
     let include = Include::parse(q.get("includeObject").map(String::as_str));
     let bookmarks = q.get("allowWatchBookmarks").is_some_and(|b| parse_bool(b));
     let send_initial = q.get("sendInitialEvents").map(|s| parse_bool(s));
@@ -1572,6 +1579,7 @@ async fn watch_response(
             }
         })
         .map(move |(ty, obj)| {
+            let _counted_while_open = &open;
             let object = if table && ty != "ERROR" && ty != "BOOKMARK" {
                 let rv = obj["metadata"]["resourceVersion"].clone();
                 let t = table::table(r.plural, r.group, &[obj], json!({"resourceVersion": rv}), include, first);

@@ -199,6 +199,17 @@ fn kubectl_drives_the_core_api_end_to_end() {
     let cs_out = String::from_utf8_lossy(&cs.stdout);
     assert!(cs_out.lines().any(|l| l.starts_with("etcd-0") && l.contains("Healthy")), "{cs_out}");
     assert!(s.ok(&["auth", "whoami"]).contains("kubernetes-admin"));
+    // Prometheus metrics: requests by verb/resource/code with latencies, store latency, watches.
+    let metrics = s.ok(&["get", "--raw", "/metrics"]);
+    for want in [
+        "apiserver_request_total{code=\"201\",resource=\"pods\",subresource=\"\",verb=\"POST\"} 2",
+        "apiserver_request_total{code=\"409\",resource=\"pods\",subresource=\"\",verb=\"PUT\"} 1",
+        "apiserver_request_duration_seconds_count{resource=\"pods\",subresource=\"\",verb=\"LIST\"}",
+        "etcd_request_duration_seconds_count{operation=\"create\",type=\"pods\"}",
+        "apiserver_longrunning_requests{verb=\"WATCH\"}",
+    ] {
+        assert!(metrics.contains(want), "{want} missing from /metrics:\n{metrics}");
+    }
 
     // A watch sees the graceful delete: the kubelet sends SIGTERM, then removes the pod.
     let watch = std::thread::scope(|scope| {
