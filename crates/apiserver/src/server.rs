@@ -1599,3 +1599,36 @@ async fn watch_response(
         .insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache, private"));
     Ok(resp)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::decode_body;
+
+    fn code(ct: &str, body: &[u8]) -> u16 {
+        match decode_body(ct, body) {
+            Ok(_) => 200,
+            Err(crate::Error::Status { code, .. }) => code,
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+
+    #[test]
+    fn absurd_bodies_are_400_not_a_crash() {
+        let deep = format!("{{\"data\":{}{}}}", "[".repeat(100_000), "]".repeat(100_000));
+        assert_eq!(code("application/json", deep.as_bytes()), 400);
+        let deep_yaml = format!("data: {}{}", "[".repeat(10_000), "]".repeat(10_000));
+        assert_eq!(code("application/yaml", deep_yaml.as_bytes()), 400);
+        // "Billion laughs": aliases that expand exponentially.
+        let mut bomb = String::from("a: &a [x, x, x, x, x, x, x, x, x]\n");
+        let mut prev = 'a';
+        for c in "bcdefghi".chars() {
+            bomb.push_str(&format!("{c}: &{c} [{}]\n", vec![format!("*{prev}"); 9].join(",")));
+            prev = c;
+        }
+        assert_eq!(code("application/yaml", bomb.as_bytes()), 400);
+        assert_eq!(code("application/vnd.kubernetes.protobuf", b"k8s\0\x0a\xff\xff\xff"), 400);
+        assert_eq!(code("application/cbor", b"\xa0"), 415);
+        assert_eq!(code("application/json", b"[1,2]"), 400);
+        assert_eq!(code("application/json", b"{\"kind\":\"Pod\"}"), 200);
+    }
+}
