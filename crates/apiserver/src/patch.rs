@@ -91,7 +91,7 @@ pub fn merge_patch(doc: &mut Value, patch: &Value) {
 }
 
 /// Merge key of a list field (by field name, as upstream's Go struct tags declare them).
-fn merge_key(path: &str, field: &str) -> Option<&'static str> {
+pub(crate) fn merge_key(path: &str, field: &str) -> Option<&'static str> {
     Some(match field {
         "containers"
         | "initContainers"
@@ -118,7 +118,7 @@ fn merge_key(path: &str, field: &str) -> Option<&'static str> {
 }
 
 /// Primitive lists that merge (set union) instead of being replaced.
-fn merges_primitives(field: &str) -> bool {
+pub(crate) fn merges_primitives(field: &str) -> bool {
     field == "finalizers"
 }
 

@@ -14,6 +14,22 @@ use crate::selector::{FieldSelector, LabelSelector};
 use crate::strategy;
 use crate::{Error, Result};
 
+/// Who is writing in the current request, for field ownership (`metadata.managedFields`).
+#[derive(Clone, Debug)]
+pub struct Writer {
+    pub manager: String,
+    /// A server-side apply computes ownership itself.
+    pub apply: bool,
+}
+
+tokio::task_local! {
+    pub static WRITER: Writer;
+}
+
+fn writer() -> Option<Writer> {
+    WRITER.try_with(|w| w.clone()).ok()
+}
+
 pub struct Registry {
     pub store: Arc<dyn Store>,
     pub default_toleration_seconds: i64,
@@ -188,6 +204,9 @@ impl Registry {
                 self.admit_pod_priority(&mut o).await?;
             }
             strategy::validate(r, &o)?;
+            if let Some(w) = writer().filter(|w| !w.apply) {
+                crate::managed::record_update(&mut o, None, &w.manager, None);
+            }
             let name = o["metadata"]["name"].as_str().unwrap_or("").to_string();
             let key = r.key(ns, &name);
             let _guard =
@@ -453,6 +472,9 @@ impl Registry {
                 _ => strategy::prepare_update(r, &mut new, &old)?,
             }
             strategy::validate(r, &new)?;
+            if let Some(w) = writer().filter(|w| !w.apply) {
+                crate::managed::record_update(&mut new, Some(&old), &w.manager, sub);
+            }
             let mut cmp_new = new.clone();
             let mut cmp_old = old.clone();
             cmp_new["metadata"]["resourceVersion"] = Value::Null;

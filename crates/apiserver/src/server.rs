@@ -473,10 +473,37 @@ async fn dispatch_inner(
     let Some(user) = authenticate(&st, conn.as_ref().map(|c| &c.0), req.headers()) else {
         return Error::unauthorized().into_response();
     };
-    match handle(st, user, req).await {
+    let writer = crate::registry::Writer {
+        manager: field_manager(&req),
+        apply: req.method() == Method::PATCH
+            && req
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|ct| ct.starts_with("application/apply-patch")),
+    };
+    match crate::registry::WRITER.scope(writer, handle(st, user, req)).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
+}
+
+/// The field manager of a write: `?fieldManager=`, else the client's User-Agent up to its first
+/// `/` (`kubectl/v1.32.0 (linux/amd64)` → `kubectl`), as upstream.
+fn field_manager(req: &Request) -> String {
+    let q = parse_query(req.uri().query());
+    if let Some(m) = q.get("fieldManager").filter(|m| !m.is_empty()) {
+        return m.clone();
+    }
+    req.headers()
+        .get(http::header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|ua| ua.split('/').next())
+        .filter(|m| !m.is_empty())
+        .unwrap_or("unknown")
+        .chars()
+        .take(128)
+        .collect()
 }
 
 async fn health(st: &Inner, path: &str, query: Option<&str>) -> Response {
@@ -1273,9 +1300,11 @@ async fn apply_patch(
     let applied: Value = serde_yaml::from_slice(body)
         .map_err(|e| Error::bad_request(format!("error decoding YAML: {e}")))?;
     check_type(r, &applied, sub)?;
+    let manager = q.get("fieldManager").cloned().unwrap_or_default();
+    let force = q.get("force").is_some_and(|f| parse_bool(f));
     match reg.get(r, ns, name).await {
         Err(Error::Status { code: 404, .. }) if sub.is_none() => {
-            let mut obj = applied.clone();
+            let mut obj = crate::managed::apply(None, &applied, &manager, force, None)?;
             obj["metadata"]["name"] = json!(name);
             let created = reg.create(r, ns, obj, dry_run).await?;
             Ok(object_response(StatusCode::CREATED, r, created, false, q))
@@ -1288,7 +1317,7 @@ async fn apply_patch(
                     ns,
                     name,
                     dry_run,
-                    |old| Ok(patch::strategic_merge(old, &applied, "")),
+                    |old| crate::managed::apply(Some(old), &applied, &manager, force, sub),
                     sub,
                 )
                 .await?;

@@ -412,3 +412,75 @@ fn kubectl_create_subcommands_send_protobuf() {
     let svc = s.ok(&["get", "service", "web", "--no-headers"]);
     assert!(svc.contains("NodePort") && svc.contains("80:3"), "{svc}");
 }
+
+/// Server-side apply: managedFields per manager, conflicts naming the owner, `--force-conflicts`,
+/// fields a manager stops applying removed; `kubectl diff` shows a change before it is made.
+#[test]
+fn server_side_apply_tracks_who_owns_each_field() {
+    if !available("kubectl", &["version", "--client"]) {
+        return;
+    }
+    let s = Server::start();
+    let dep = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: ssa\n  labels: {app: ssa, tier: front}\nspec:\n  replicas: 2\n  selector:\n    matchLabels: {app: ssa}\n  template:\n    metadata:\n      labels: {app: ssa}\n    spec:\n      containers:\n      - name: c\n        image: busybox\n        command: [\"sleep\", \"7306\"]\n";
+    assert_eq!(
+        s.ok_stdin(&["apply", "--server-side", "-f", "-"], dep).trim(),
+        "deployment.apps/ssa serverside-applied"
+    );
+    let owners = |s: &Server| {
+        s.ok(&[
+            "get",
+            "deployment",
+            "ssa",
+            "-o",
+            "jsonpath={range .metadata.managedFields[*]}{.manager}/{.operation};{end}",
+        ])
+    };
+    assert!(owners(&s).contains("kubectl/Apply;"), "{}", owners(&s));
+    // "ops" never applies the `tier` label, so kubectl alone owns it.
+    let five = dep.replace("replicas: 2", "replicas: 5").replace(", tier: front", "");
+    let out = s.kubectl_with(
+        "kubectl",
+        &["apply", "--server-side", "--field-manager=ops", "-f", "-"],
+        Some(&five),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "Apply failed with 1 conflict: conflict with \"kubectl\" using apps/v1: .spec.replicas"
+        ),
+        "{err}"
+    );
+    // The same value is shared ownership, not a conflict.
+    assert!(
+        s.ok_stdin(
+            &["apply", "--server-side", "--field-manager=ops", "-f", "-"],
+            &dep.replace(", tier: front", "")
+        )
+        .contains("serverside-applied")
+    );
+    assert!(
+        s.ok_stdin(
+            &["apply", "--server-side", "--field-manager=ops", "--force-conflicts", "-f", "-"],
+            &five
+        )
+        .contains("serverside-applied")
+    );
+    assert_eq!(s.ok(&["get", "deployment", "ssa", "-o", "jsonpath={.spec.replicas}"]), "5");
+    // kubectl now conflicts on replicas (ops took it); without replicas in its file it does not,
+    // and the `tier` label it stopped applying is removed.
+    let mine = dep.replace("  replicas: 2\n", "").replace(", tier: front", "");
+    let diff = s.kubectl_with("kubectl", &["diff", "-f", "-"], Some(&dep.replace("7306", "7307")));
+    assert_eq!(diff.status.code(), Some(1), "kubectl diff exits 1 when something would change");
+    let d = String::from_utf8_lossy(&diff.stdout);
+    assert!(d.contains("-        - \"7306\"") && d.contains("+        - \"7307\""), "{d}");
+    assert!(
+        s.ok_stdin(&["apply", "--server-side", "-f", "-"], &mine).contains("serverside-applied")
+    );
+    let labels = s.ok(&["get", "deployment", "ssa", "-o", "jsonpath={.metadata.labels}"]);
+    assert_eq!(labels, r#"{"app":"ssa"}"#);
+    assert_eq!(s.ok(&["get", "deployment", "ssa", "-o", "jsonpath={.spec.replicas}"]), "5");
+    // A non-apply write takes the fields it changes (operation Update).
+    s.ok(&["scale", "deployment", "ssa", "--replicas=1"]);
+    assert!(owners(&s).contains("/Update;"), "{}", owners(&s));
+}
