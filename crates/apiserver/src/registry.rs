@@ -76,7 +76,55 @@ pub struct DeleteParams {
 }
 
 /// An event for a watcher: ADDED / MODIFIED / DELETED / BOOKMARK / ERROR with its object.
-pub type WatchOut = (&'static str, Value);
+pub type WatchOut = (&'static str, Arc<SharedObject>);
+
+/// One stored object as every watcher of it sees it: decoded once and serialized once, however
+/// many watchers deliver it (a hundred watchers cost one decode, not a hundred).
+pub struct SharedObject {
+    pub value: Value,
+    json: std::sync::OnceLock<Bytes>,
+}
+
+impl SharedObject {
+    pub fn new(value: Value) -> Arc<SharedObject> {
+        Arc::new(SharedObject { value, json: std::sync::OnceLock::new() })
+    }
+
+    /// The object serialized as JSON.
+    pub fn json(&self) -> &Bytes {
+        self.json.get_or_init(|| Bytes::from(serde_json::to_vec(&self.value).unwrap_or_default()))
+    }
+}
+
+/// The most recent watch objects by (key, revision), shared between watchers.
+struct WatchObjects {
+    map: std::collections::HashMap<(String, u64), Arc<SharedObject>>,
+    order: std::collections::VecDeque<(String, u64)>,
+}
+
+const SHARED_WATCH_OBJECTS: usize = 8192;
+
+fn shared_object(key: &str, value: &[u8], rev: Revision) -> Option<Arc<SharedObject>> {
+    static CACHE: std::sync::OnceLock<std::sync::Mutex<WatchObjects>> = std::sync::OnceLock::new();
+    let cache = CACHE.get_or_init(|| {
+        std::sync::Mutex::new(WatchObjects { map: Default::default(), order: Default::default() })
+    });
+    let id = (key.to_string(), rev.0);
+    if let Some(o) = cache.lock().unwrap_or_else(|p| p.into_inner()).map.get(&id) {
+        return Some(o.clone());
+    }
+    let obj = SharedObject::new(decode(value, rev).ok()?);
+    let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
+    if c.map.insert(id.clone(), obj.clone()).is_none() {
+        c.order.push_back(id);
+        while c.order.len() > SHARED_WATCH_OBJECTS {
+            if let Some(old) = c.order.pop_front() {
+                c.map.remove(&old);
+            }
+        }
+    }
+    Some(obj)
+}
 
 impl Registry {
     pub fn new(store: Arc<dyn Store>, default_toleration_seconds: i64) -> Registry {
@@ -633,19 +681,29 @@ impl Registry {
     ) -> Result<BoxStream<'static, WatchOut>> {
         let prefix = r.key_prefix(ns.as_deref());
         let stream = self.store.watch(&prefix, from).await?;
+        let everything = p.labels.is_empty() && p.fields.is_empty();
         let matches = move |o: &Value| {
-            p.labels.matches(&o["metadata"]["labels"]) && p.fields.matches(r.group, r.plural, o)
+            everything
+                || (p.labels.matches(&o["metadata"]["labels"])
+                    && p.fields.matches(r.group, r.plural, o))
         };
         let out = stream.filter_map(move |ev| {
             let res: Option<WatchOut> = match ev {
                 Ok(WatchEvent::Put { kv, prev }) => {
-                    let Ok(new) = decode(&kv.value, kv.mod_revision) else {
+                    let Some(new) = shared_object(&kv.key, &kv.value, kv.mod_revision) else {
                         return futures::future::ready(None);
                     };
-                    let old = prev.and_then(|p| decode(&p.value, p.mod_revision).ok());
-                    let now = matches(&new);
-                    let before = old.as_ref().is_some_and(&matches);
-                    match (old.is_some(), before, now) {
+                    let now = matches(&new.value);
+                    // Without selectors the previous value need not be read at all.
+                    let (existed, before) = match prev {
+                        None => (false, false),
+                        Some(_) if everything => (true, true),
+                        Some(p) => match decode(&p.value, p.mod_revision) {
+                            Ok(old) => (true, matches(&old)),
+                            Err(_) => (false, false),
+                        },
+                    };
+                    match (existed, before, now) {
                         (false, _, true) => Some(("ADDED", new)),
                         (true, true, true) => Some(("MODIFIED", new)),
                         (true, false, true) => Some(("ADDED", new)),
@@ -653,20 +711,24 @@ impl Registry {
                         _ => None,
                     }
                 }
-                Ok(WatchEvent::Delete { revision, prev }) => match decode(&prev.value, revision) {
-                    Ok(old) if matches(&old) => Some(("DELETED", old)),
-                    _ => None,
-                },
+                Ok(WatchEvent::Delete { revision, prev }) => {
+                    match shared_object(&prev.key, &prev.value, revision) {
+                        Some(old) if matches(&old.value) => Some(("DELETED", old)),
+                        _ => None,
+                    }
+                }
                 Ok(WatchEvent::Progress { revision }) => Some((
                     "BOOKMARK",
-                    json!({
+                    SharedObject::new(json!({
                         "kind": r.kind,
                         "apiVersion": r.api_version(),
                         "metadata": {"resourceVersion": revision.0.to_string()},
-                    }),
+                    })),
                 )),
-                Err(rkube_store::Error::Compacted { .. }) => Some(("ERROR", gone_status())),
-                Err(e) => Some(("ERROR", Error::from(e).to_status().1)),
+                Err(rkube_store::Error::Compacted { .. }) => {
+                    Some(("ERROR", SharedObject::new(gone_status())))
+                }
+                Err(e) => Some(("ERROR", SharedObject::new(Error::from(e).to_status().1))),
             };
             futures::future::ready(res)
         });

@@ -1586,14 +1586,17 @@ async fn watch_response(
     let initial_end = send_initial == Some(true);
     let events = match st.registry.watch(r, ns.clone(), lp, from).await {
         Ok(s) => s,
-        Err(Error::Store(rkube_store::Error::Compacted { .. })) => {
-            futures::stream::iter(vec![("ERROR", registry::gone_status())]).boxed()
-        }
+        Err(Error::Store(rkube_store::Error::Compacted { .. })) => futures::stream::iter(vec![(
+            "ERROR",
+            registry::SharedObject::new(registry::gone_status()),
+        )])
+        .boxed(),
         Err(e) => return Err(e),
     };
-    let mut head: Vec<(&'static str, Value)> = initial.into_iter().map(|o| ("ADDED", o)).collect();
+    let mut head: Vec<registry::WatchOut> =
+        initial.into_iter().map(|o| ("ADDED", registry::SharedObject::new(o))).collect();
     if initial_end && bookmarks {
-        head.push(("BOOKMARK", json!({"kind": r.kind, "apiVersion": r.api_version(), "metadata": {"resourceVersion": from.0.to_string(), "annotations": {"k8s.io/initial-events-end": "true"}}})));
+        head.push(("BOOKMARK", registry::SharedObject::new(json!({"kind": r.kind, "apiVersion": r.api_version(), "metadata": {"resourceVersion": from.0.to_string(), "annotations": {"k8s.io/initial-events-end": "true"}}}))));
     }
     let stop = st.shutdown.clone();
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
@@ -1609,16 +1612,24 @@ async fn watch_response(
         })
         .map(move |(ty, obj)| {
             let _counted_while_open = &open;
-            let object = if table && ty != "ERROR" && ty != "BOOKMARK" {
-                let rv = obj["metadata"]["resourceVersion"].clone();
-                let t = table::table(r.plural, r.group, &[obj], json!({"resourceVersion": rv}), include, first);
+            let line = if table && ty != "ERROR" && ty != "BOOKMARK" {
+                let rv = obj.value["metadata"]["resourceVersion"].clone();
+                let t = table::table(r.plural, r.group, std::slice::from_ref(&obj.value), json!({"resourceVersion": rv}), include, first);
                 first = false;
-                t
+                let mut line = serde_json::to_vec(&json!({"type": ty, "object": t})).unwrap_or_default();
+                line.push(b'\n');
+                line
             } else {
-                obj
+                // The object's JSON is shared by every watcher that delivers it.
+                let body = obj.json();
+                let mut line = Vec::with_capacity(body.len() + 40);
+                line.extend_from_slice(b"{\"type\":\"");
+                line.extend_from_slice(ty.as_bytes());
+                line.extend_from_slice(b"\",\"object\":");
+                line.extend_from_slice(body);
+                line.extend_from_slice(b"}\n");
+                line
             };
-            let mut line = serde_json::to_vec(&json!({"type": ty, "object": object})).unwrap_or_default();
-            line.push(b'\n');
             Ok::<_, Infallible>(Bytes::from(line))
         });
     let mut resp = Response::new(Body::from_stream(stream));
