@@ -50,6 +50,75 @@ pub fn decode(kv_value: &[u8], rev: Revision) -> Result<Value> {
     Ok(v)
 }
 
+/// A stored object's JSON with its resourceVersion spliced into `metadata`, without decoding it:
+/// what a plain LIST returns for each item. `None` if the bytes do not have the shape `encode`
+/// writes (then the caller decodes).
+pub fn splice_resource_version(raw: &[u8], rev: Revision) -> Option<Vec<u8>> {
+    let at = metadata_body_start(raw)?;
+    let rv = format!("\"resourceVersion\":\"{}\"", rev.0);
+    let empty = raw.get(at..)?.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
+    let mut out = Vec::with_capacity(raw.len() + rv.len() + 1);
+    out.extend_from_slice(&raw[..at]);
+    out.extend_from_slice(rv.as_bytes());
+    if !empty {
+        out.push(b',');
+    }
+    out.extend_from_slice(&raw[at..]);
+    Some(out)
+}
+
+/// The offset just after the `{` that opens the top-level `"metadata"` object.
+fn metadata_body_start(raw: &[u8]) -> Option<usize> {
+    let (mut depth, mut i, mut in_str, mut esc) = (0usize, 0usize, false, false);
+    let mut key_start = None;
+    let mut last_token = 0u8; // the last structural character outside strings
+    while i < raw.len() {
+        let b = raw[i];
+        if in_str {
+            if esc {
+                esc = false;
+            } else if b == b'\\' {
+                esc = true;
+            } else if b == b'"' {
+                in_str = false;
+                if let Some(start) = key_start.take()
+                    && &raw[start..=i] == b"\"metadata\""
+                {
+                    let mut j = i + 1;
+                    while raw.get(j)?.is_ascii_whitespace() {
+                        j += 1;
+                    }
+                    if raw[j] != b':' {
+                        return None;
+                    }
+                    j += 1;
+                    while raw.get(j)?.is_ascii_whitespace() {
+                        j += 1;
+                    }
+                    return (raw[j] == b'{').then_some(j + 1);
+                }
+            }
+        } else {
+            match b {
+                b'"' => {
+                    in_str = true;
+                    if depth == 1 && matches!(last_token, b'{' | b',') {
+                        key_start = Some(i);
+                    }
+                }
+                b'{' | b'[' => depth += 1,
+                b'}' | b']' => depth = depth.checked_sub(1)?,
+                _ => {}
+            }
+            if !b.is_ascii_whitespace() && b != b'"' {
+                last_token = b;
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
 fn encode(v: &Value) -> Result<Bytes> {
     let mut v = v.clone();
     if let Some(m) = v["metadata"].as_object_mut() {
@@ -146,6 +215,53 @@ impl Registry {
     }
 
     /// A list page: items and list metadata (resourceVersion, continue, remainingItemCount).
+    /// A LIST without selectors as JSON bytes per item (no decode): the fast path of
+    /// `GET …/pods` for API clients, which is what informers do at start.
+    pub async fn list_raw(
+        &self,
+        r: &ResourceInfo,
+        ns: Option<&str>,
+        p: &ListParams,
+    ) -> Result<(Vec<Vec<u8>>, Value)> {
+        let at = match p.resource_version.as_deref() {
+            Some(rv) if !rv.is_empty() && rv != "0" && p.continue_token.is_none() => {
+                ReadAt::Exact(Revision(parse_rv(rv)?))
+            }
+            _ => ReadAt::Latest,
+        };
+        let page = self
+            .store
+            .list(
+                &r.key_prefix(ns),
+                ListOptions { at, limit: p.limit, continue_token: p.continue_token.clone() },
+            )
+            .await
+            .map_err(|e| match e {
+                rkube_store::Error::Compacted { .. } if p.continue_token.is_some() => Error::gone(
+                    "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter, or use the continue token in this response to retrieve the remainder of the results.",
+                ),
+                other => other.into(),
+            })?;
+        let mut items = Vec::with_capacity(page.items.len());
+        for kv in &page.items {
+            match splice_resource_version(&kv.value, kv.mod_revision) {
+                Some(b) => items.push(b),
+                None => items.push(
+                    serde_json::to_vec(&decode(&kv.value, kv.mod_revision)?)
+                        .map_err(|e| Error::internal(e.to_string()))?,
+                ),
+            }
+        }
+        let mut meta = json!({"resourceVersion": page.revision.0.to_string()});
+        if let Some(t) = page.continue_token {
+            meta["continue"] = json!(t);
+            if let Some(n) = page.remaining.filter(|n| *n > 0) {
+                meta["remainingItemCount"] = json!(n);
+            }
+        }
+        Ok((items, meta))
+    }
+
     pub async fn list(
         &self,
         r: &ResourceInfo,
@@ -749,4 +865,25 @@ pub fn parse_rv(rv: &str) -> Result<u64> {
 pub fn random_suffix() -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     (0..5).map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char).collect()
+}
+
+#[cfg(test)]
+mod splice_tests {
+    use super::*;
+
+    #[test]
+    fn resource_versions_are_spliced_into_stored_json() {
+        for v in [
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "a", "labels": {"metadata": "x"}}, "spec": {}}),
+            json!({"metadata": {}, "data": {"k": "\"metadata\":{"}}),
+            json!({"a": {"metadata": {"deep": 1}}, "b": "\\\"", "metadata": {"name": "n"}}),
+        ] {
+            let raw = encode(&v).unwrap();
+            let spliced = splice_resource_version(&raw, Revision(42)).unwrap();
+            let got: Value = serde_json::from_slice(&spliced).unwrap();
+            assert_eq!(got, decode(&raw, Revision(42)).unwrap());
+        }
+        assert!(splice_resource_version(b"{\"spec\":{}}", Revision(1)).is_none());
+        assert!(splice_resource_version(b"{\"metadata\":", Revision(1)).is_none());
+    }
 }

@@ -859,6 +859,27 @@ async fn handle(st: Arc<Inner>, user: User, req: Request) -> Result<Response> {
                 return watch_response(st.clone(), r, t.ns.clone(), lp, &q, table).await;
             }
             verb_ok("list")?;
+            if !table && lp.labels.is_empty() && lp.fields.is_empty() {
+                // No selector, no Table: the stored JSON goes out as it is (no decode).
+                let (items, meta) = reg.list_raw(r, ns, &lp).await?;
+                let head = json!({"kind": format!("{}List", r.kind), "apiVersion": r.api_version(), "metadata": meta});
+                let mut body = serde_json::to_vec(&head).unwrap_or_default();
+                body.pop(); // the closing brace
+                body.extend_from_slice(b",\"items\":[");
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        body.push(b',');
+                    }
+                    body.extend_from_slice(item);
+                }
+                body.extend_from_slice(b"]}");
+                let mut resp = Response::new(Body::from(body));
+                resp.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                return Ok(resp);
+            }
             let (items, meta) = reg.list(r, ns, &lp).await?;
             if table {
                 let include = Include::parse(q.get("includeObject").map(String::as_str));
