@@ -23,6 +23,9 @@ const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const FORMAT: u64 = 1;
 
+/// redb's page cache.
+const REDB_CACHE_BYTES: usize = 16 << 20;
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub path: PathBuf,
@@ -147,7 +150,12 @@ impl EmbeddedStore {
             std::fs::create_dir_all(dir)?;
         }
         let path = config.path.clone();
-        let db = Database::create(&path).map_err(|e| corrupt(&path, e))?;
+        // Reads are served from the in-memory model, so redb's page cache (1 GiB by default)
+        // would only duplicate it: a small cache for the write path is enough.
+        let db = Database::builder()
+            .set_cache_size(REDB_CACHE_BYTES)
+            .create(&path)
+            .map_err(|e| corrupt(&path, e))?;
         let mem = Arc::new(MemoryStore::new());
         {
             let w = db.begin_write().map_err(|e| corrupt(&path, e))?;
