@@ -6,6 +6,8 @@ use rkube_api::resources::{self, ResourceInfo};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+pub mod v2_proto;
+
 fn gv_path(group: &str, version: &str) -> String {
     if group.is_empty() { format!("api/{version}") } else { format!("apis/{group}/{version}") }
 }
@@ -14,7 +16,22 @@ fn param(name: &str) -> Value {
     json!({"name": name, "in": "query", "schema": {"type": "string", "uniqueItems": true}})
 }
 
+/// Upstream's operation ids: `readAppsV1NamespacedDeploymentStatus`, `listCoreV1Node`.
+fn operation_id(r: &ResourceInfo, verb: &str, sub: &str) -> String {
+    let cap = |s: &str| {
+        let mut c = s.chars();
+        c.next().map(|f| f.to_ascii_uppercase().to_string() + c.as_str()).unwrap_or_default()
+    };
+    let group = if r.group.is_empty() { "core" } else { r.group.split('.').next().unwrap_or("") };
+    let ns = if r.namespaced { "Namespaced" } else { "" };
+    format!("{verb}{}{}{ns}{}{}", cap(group), cap(r.version), r.kind, cap(sub))
+}
+
 fn op(r: &ResourceInfo, verb: &str, action: &str) -> Value {
+    op_on(r, verb, action, "")
+}
+
+fn op_on(r: &ResourceInfo, verb: &str, action: &str, sub: &str) -> Value {
     let mut params = vec![param("pretty")];
     if matches!(action, "post" | "put" | "patch") {
         params.push(param("dryRun"));
@@ -25,7 +42,7 @@ fn op(r: &ResourceInfo, verb: &str, action: &str) -> Value {
         params.push(param("force"));
     }
     json!({
-        "operationId": format!("{verb}{}", r.kind),
+        "operationId": operation_id(r, verb, sub),
         "x-kubernetes-action": action,
         "x-kubernetes-group-version-kind": {"group": r.group, "version": r.version, "kind": r.kind},
         "parameters": params,
@@ -192,12 +209,17 @@ pub fn group_version_doc(group: &str, version: &str) -> Option<Value> {
         } else {
             (format!("{base}/{}", r.plural), format!("{base}/{}/{{name}}", r.plural))
         };
-        let mut coll = json!({"get": op(r, "list", "list")});
+        let path_param = |name: &str| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string", "uniqueItems": true}});
+        let ns_params: Vec<Value> =
+            if r.namespaced { vec![path_param("namespace")] } else { vec![] };
+        let mut item_params = vec![path_param("name")];
+        item_params.extend(ns_params.iter().cloned());
+        let mut coll = json!({"get": op(r, "list", "list"), "parameters": ns_params});
         if r.verbs.contains(&"create") {
             coll["post"] = op(r, "create", "post");
         }
         paths.insert(collection, coll);
-        let mut it = json!({"get": op(r, "read", "get")});
+        let mut it = json!({"get": op(r, "read", "get"), "parameters": item_params});
         if r.verbs.contains(&"update") {
             it["put"] = op(r, "replace", "put");
             it["patch"] = op(r, "patch", "patch");
@@ -208,7 +230,7 @@ pub fn group_version_doc(group: &str, version: &str) -> Option<Value> {
             if matches!(*sub, "status" | "scale") {
                 paths.insert(
                     format!("{item}/{sub}"),
-                    json!({"get": op(r, "read", "get"), "put": op(r, "replace", "put"), "patch": op(r, "patch", "patch")}),
+                    json!({"get": op_on(r, "read", "get", sub), "put": op_on(r, "replace", "put", sub), "patch": op_on(r, "patch", "patch", sub), "parameters": item_params}),
                 );
             }
         }
@@ -223,8 +245,11 @@ pub fn group_version_doc(group: &str, version: &str) -> Option<Value> {
 }
 
 pub fn hash(doc: &Value) -> String {
-    let bytes = serde_json::to_vec(doc).unwrap_or_default();
-    let digest = Sha256::digest(&bytes);
+    hash_bytes(&serde_json::to_vec(doc).unwrap_or_default())
+}
+
+pub fn hash_bytes(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
     digest.iter().take(32).map(|b| format!("{b:02X}")).collect()
 }
 
@@ -245,9 +270,10 @@ pub fn v3_root() -> Value {
     json!({"paths": paths})
 }
 
-/// Fields of `obj` its schema does not know, as upstream names them for `fieldValidation`:
-/// `spec.containers[0].imagee`. Maps (`additionalProperties`) and free-form objects accept any key.
-pub fn unknown_fields(r: &ResourceInfo, obj: &Value) -> Vec<String> {
+/// Removes the fields of `obj` its schema does not know — upstream never stores them — and
+/// names them as upstream does for `fieldValidation`: `spec.containers[0].imagee`. Maps
+/// (`additionalProperties`) and free-form objects accept any key.
+pub fn prune_unknown_fields(r: &ResourceInfo, obj: &mut Value) -> Vec<String> {
     let mut out = Vec::new();
     if let Some(schema) = all_schemas().get(&schema_name(r)) {
         walk(schema, obj, "", &mut out);
@@ -278,30 +304,34 @@ fn resolve(schema: &Value) -> &Value {
     cur
 }
 
-fn walk(schema: &Value, v: &Value, path: &str, out: &mut Vec<String>) {
+fn walk(schema: &Value, v: &mut Value, path: &str, out: &mut Vec<String>) {
     let schema = resolve(schema);
     match v {
         Value::Object(m) => {
             let Some(props) = schema.get("properties").and_then(Value::as_object) else {
                 if let Some(extra) = schema.get("additionalProperties").filter(|a| a.is_object()) {
-                    for (k, x) in m {
+                    for (k, x) in m.iter_mut() {
                         walk(extra, x, format!("{path}.{k}").trim_start_matches('.'), out);
                     }
                 }
                 return;
             };
-            for (k, x) in m {
+            m.retain(|k, x| {
                 let child = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
                 match props.get(k) {
                     Some(ps) => walk(ps, x, &child, out),
                     None if path.is_empty() && (k == "apiVersion" || k == "kind") => {}
-                    None => out.push(child),
+                    None => {
+                        out.push(child);
+                        return false;
+                    }
                 }
-            }
+                true
+            });
         }
         Value::Array(items) => {
             if let Some(item_schema) = schema.get("items") {
-                for (i, x) in items.iter().enumerate() {
+                for (i, x) in items.iter_mut().enumerate() {
                     walk(item_schema, x, &format!("{path}[{i}]"), out);
                 }
             }
@@ -320,4 +350,87 @@ pub fn schema_properties(name: &str) -> Option<&'static serde_json::Map<String, 
     });
     let key = index.get(&name.to_ascii_lowercase())?;
     resolve(all_schemas().get(*key)?).get("properties").and_then(Value::as_object)
+}
+
+/// The OpenAPI v2 (Swagger 2.0) document of every served kind: the same operations and schemas
+/// as v3, with v2's reference paths and parameter form, for clients that only read v2.
+pub fn v2_doc() -> Value {
+    let mut paths = serde_json::Map::new();
+    let mut definitions = serde_json::Map::new();
+    for (g, versions) in resources::groups() {
+        for v in versions {
+            let Some(doc) = group_version_doc(g, v) else { continue };
+            for (path, item) in doc["paths"].as_object().into_iter().flatten() {
+                let mut item = item.clone();
+                v2_parameters(&mut item["parameters"]);
+                for (_, op) in item.as_object_mut().into_iter().flatten() {
+                    if op.get("responses").is_none() {
+                        continue; // the path-level `parameters`
+                    }
+                    let schema =
+                        op["responses"]["200"]["content"]["application/json"]["schema"].clone();
+                    op["responses"] = json!({"200": {"description": "OK", "schema": schema}});
+                    v2_parameters(&mut op["parameters"]);
+                    op["consumes"] = json!(["*/*"]);
+                    op["produces"] = json!(["application/json", "application/yaml"]);
+                    op["schemes"] = json!(["https"]);
+                }
+                paths.insert(path.clone(), item);
+            }
+            for (name, schema) in doc["components"]["schemas"].as_object().into_iter().flatten() {
+                definitions.insert(name.clone(), schema.clone());
+            }
+        }
+    }
+    let mut doc = json!({
+        "swagger": "2.0",
+        "info": {"title": "Kubernetes", "version": "v1.33.0-rkube"},
+        "paths": paths,
+        "definitions": definitions,
+    });
+    to_v2(&mut doc);
+    doc
+}
+
+/// v3 parameters carry a `schema`; v2's non-body parameters carry its type inline.
+fn v2_parameters(params: &mut Value) {
+    for p in params.as_array_mut().into_iter().flatten() {
+        if let Some(m) = p.as_object_mut()
+            && let Some(Value::Object(schema)) = m.remove("schema")
+        {
+            m.extend(schema);
+        }
+    }
+}
+
+/// v3 → v2 in place: `#/components/schemas/` references become `#/definitions/`, and keywords
+/// v2 does not have are dropped.
+fn to_v2(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            m.remove("nullable");
+            m.remove("writeOnly");
+            // v2 readers take a `$ref` with siblings; v3's `allOf: [{$ref}]` wrapper is not
+            // understood by them.
+            if let Some(Value::Array(all)) = m.get("allOf")
+                && let [Value::Object(only)] = all.as_slice()
+                && let Some(r) = only.get("$ref").cloned()
+            {
+                m.remove("allOf");
+                m.insert("$ref".into(), r);
+            }
+            if m.remove("x-kubernetes-int-or-string") == Some(Value::Bool(true)) {
+                m.insert("type".into(), json!("string"));
+                m.insert("format".into(), json!("int-or-string"));
+            }
+            if let Some(Value::String(r)) = m.get_mut("$ref")
+                && let Some(name) = r.strip_prefix("#/components/schemas/")
+            {
+                *r = format!("#/definitions/{name}");
+            }
+            m.values_mut().for_each(to_v2);
+        }
+        Value::Array(a) => a.iter_mut().for_each(to_v2),
+        _ => {}
+    }
 }

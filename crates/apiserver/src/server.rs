@@ -722,12 +722,38 @@ async fn handle(st: Arc<Inner>, user: User, req: Request) -> Result<Response> {
         }
         "/openapi/v3" => return Ok(json_response(StatusCode::OK, &openapi::v3_root())),
         "/openapi/v2" => {
-            return Err(Error::Status {
-                code: 404,
-                reason: "NotFound",
-                message: "the server could not find the requested resource".into(),
-                details: None,
+            // JSON, or gnostic's protobuf (what client-go asks for), each built once.
+            type Doc = (Bytes, String);
+            static V2: std::sync::OnceLock<(Doc, Doc)> = std::sync::OnceLock::new();
+            let (json, proto) = V2.get_or_init(|| {
+                let doc = openapi::v2_doc();
+                let json = Bytes::from(serde_json::to_vec(&doc).unwrap_or_default());
+                let proto = Bytes::from(openapi::v2_proto::encode(&doc));
+                let etag = |b: &Bytes| format!("\"{}\"", openapi::hash_bytes(b));
+                ((json.clone(), etag(&json)), (proto.clone(), etag(&proto)))
             });
+            let accept = parts.headers.get(http::header::ACCEPT).and_then(|v| v.to_str().ok());
+            let wants_proto = accept.is_some_and(|a| a.contains("protobuf"));
+            let ((body, etag), content_type) = if wants_proto {
+                (proto, "application/com.github.proto-openapi.spec.v2.v1.0+protobuf")
+            } else {
+                (json, "application/json")
+            };
+            if parts.headers.get(http::header::IF_NONE_MATCH).and_then(|v| v.to_str().ok())
+                == Some(etag.as_str())
+            {
+                let mut r = Response::new(Body::empty());
+                *r.status_mut() = StatusCode::NOT_MODIFIED;
+                return Ok(r);
+            }
+            let mut r = Response::new(Body::from(body.clone()));
+            let h = r.headers_mut();
+            h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+            h.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache, private"));
+            if let Ok(v) = HeaderValue::from_str(etag) {
+                h.insert(http::header::ETAG, v);
+            }
+            return Ok(r);
         }
         "/metrics" => return Ok(metrics(&st).await),
         "/apis/authentication.k8s.io/v1/selfsubjectreviews" if parts.method == Method::POST => {
@@ -911,9 +937,9 @@ async fn handle(st: Arc<Inner>, user: User, req: Request) -> Result<Response> {
         (&Method::POST, None, None) => {
             verb_ok("create")?;
             let body = read_body(body).await?;
-            let obj = decode_body(&ct, &body)?;
+            let mut obj = decode_body(&ct, &body)?;
             check_type(r, &obj, None)?;
-            let warnings = unknown_field_check(r, &obj, &q)?;
+            let warnings = unknown_field_check(r, &mut obj, &q)?;
             let created = reg.create(r, ns, obj, dry_run).await?;
             let mut resp = object_response(StatusCode::CREATED, r, created, false, &q);
             add_warnings(&mut resp, &warnings);
@@ -954,7 +980,7 @@ async fn handle(st: Arc<Inner>, user: User, req: Request) -> Result<Response> {
             verb_ok("update")?;
             let sub = check_sub(r, sub)?;
             let body = read_body(body).await?;
-            let obj = decode_body(&ct, &body)?;
+            let mut obj = decode_body(&ct, &body)?;
             if sub == Some("scale") {
                 let replicas = obj["spec"]["replicas"]
                     .as_i64()
@@ -982,7 +1008,7 @@ async fn handle(st: Arc<Inner>, user: User, req: Request) -> Result<Response> {
                 return Ok(json_response(StatusCode::OK, &scale_of(&updated)));
             }
             check_type(r, &obj, sub)?;
-            let warnings = unknown_field_check(r, &obj, &q)?;
+            let warnings = unknown_field_check(r, &mut obj, &q)?;
             let updated = reg.update(r, ns, name, obj, sub, dry_run).await?;
             let mut resp = object_response(StatusCode::OK, r, updated, false, &q);
             add_warnings(&mut resp, &warnings);
@@ -999,6 +1025,7 @@ async fn handle(st: Arc<Inner>, user: User, req: Request) -> Result<Response> {
             if pt == PatchType::Apply {
                 return apply_patch(reg, r, ns, name, sub, &body, &q, dry_run).await;
             }
+            let mut warnings = Vec::new();
             let updated = if sub == Some("scale") {
                 reg.guaranteed_update(
                     r,
@@ -1021,12 +1048,14 @@ async fn handle(st: Arc<Inner>, user: User, req: Request) -> Result<Response> {
                     name,
                     dry_run,
                     |old| {
-                        let patched = patch::apply_patch(old, pt, &body)?;
+                        let mut patched = patch::apply_patch(old, pt, &body)?;
                         if !patched.is_object() {
                             return Err(Error::bad_request(
                                 "the patch produced something that is not an object",
                             ));
                         }
+                        // As upstream, the patched object is decoded under fieldValidation.
+                        warnings = unknown_field_check(r, &mut patched, &q)?;
                         if patched["metadata"]["resourceVersion"]
                             != old["metadata"]["resourceVersion"]
                             && !patched["metadata"]["resourceVersion"].is_null()
@@ -1042,7 +1071,9 @@ async fn handle(st: Arc<Inner>, user: User, req: Request) -> Result<Response> {
             if sub == Some("scale") {
                 return Ok(json_response(StatusCode::OK, &scale_of(&updated)));
             }
-            Ok(object_response(StatusCode::OK, r, updated, false, &q))
+            let mut resp = object_response(StatusCode::OK, r, updated, false, &q);
+            add_warnings(&mut resp, &warnings);
+            Ok(resp)
         }
         (&Method::DELETE, Some(name), None) => {
             verb_ok("delete")?;
@@ -1150,15 +1181,13 @@ fn add_warnings(resp: &mut Response, warnings: &[String]) {
 
 /// fieldValidation: fields the resource's OpenAPI schema does not know are unknown
 /// (Strict: 400 with every path; Warn, the default: `Warning` headers; Ignore: nothing).
+/// Unless refused, they are dropped from `obj`, as upstream's decoding drops them.
 fn unknown_field_check(
     r: &ResourceInfo,
-    obj: &Value,
+    obj: &mut Value,
     q: &HashMap<String, String>,
 ) -> Result<Vec<String>> {
-    if q.get("fieldValidation").map(String::as_str) == Some("Ignore") {
-        return Ok(Vec::new());
-    }
-    let unknown: Vec<String> = crate::openapi::unknown_fields(r, obj)
+    let unknown: Vec<String> = crate::openapi::prune_unknown_fields(r, obj)
         .into_iter()
         .map(|f| format!("unknown field \"{f}\""))
         .collect();
@@ -1318,9 +1347,27 @@ async fn apply_patch(
             "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
         ));
     }
-    let applied: Value = serde_yaml::from_slice(body)
+    let mut applied: Value = serde_yaml::from_slice(body)
         .map_err(|e| Error::bad_request(format!("error decoding YAML: {e}")))?;
     check_type(r, &applied, sub)?;
+    let unknown = crate::openapi::prune_unknown_fields(r, &mut applied);
+    let warnings: Vec<String> = match q.get("fieldValidation").map(String::as_str) {
+        _ if unknown.is_empty() => Vec::new(),
+        Some("Ignore") => Vec::new(),
+        Some("Strict") => {
+            let fields: Vec<String> =
+                unknown.iter().map(|f| format!(".{f}: field not declared in schema")).collect();
+            return Err(Error::bad_request(format!(
+                "failed to create typed patch object ({}{name}; {}/{}, Kind={}): {}",
+                ns.map(|n| format!("{n}/")).unwrap_or_default(),
+                r.group,
+                r.version,
+                r.kind,
+                fields.join(", ")
+            )));
+        }
+        _ => unknown.iter().map(|f| format!("unknown field \"{f}\"")).collect(),
+    };
     let manager = q.get("fieldManager").cloned().unwrap_or_default();
     let force = q.get("force").is_some_and(|f| parse_bool(f));
     match reg.get(r, ns, name).await {
@@ -1328,7 +1375,9 @@ async fn apply_patch(
             let mut obj = crate::managed::apply(None, &applied, &manager, force, None)?;
             obj["metadata"]["name"] = json!(name);
             let created = reg.create(r, ns, obj, dry_run).await?;
-            Ok(object_response(StatusCode::CREATED, r, created, false, q))
+            let mut resp = object_response(StatusCode::CREATED, r, created, false, q);
+            add_warnings(&mut resp, &warnings);
+            Ok(resp)
         }
         Err(e) => Err(e),
         Ok(_) => {
@@ -1342,7 +1391,9 @@ async fn apply_patch(
                     sub,
                 )
                 .await?;
-            Ok(object_response(StatusCode::OK, r, updated, false, q))
+            let mut resp = object_response(StatusCode::OK, r, updated, false, q);
+            add_warnings(&mut resp, &warnings);
+            Ok(resp)
         }
     }
 }

@@ -484,3 +484,82 @@ fn server_side_apply_tracks_who_owns_each_field() {
     s.ok(&["scale", "deployment", "ssa", "--replicas=1"]);
     assert!(owners(&s).contains("/Update;"), "{}", owners(&s));
 }
+
+/// kubectl 1.27 reads `/openapi/v2` in gnostic's protobuf form for `apply` and for
+/// `explain --output=plaintext-openapiv2`; kubectl 1.33 reads v3. Both apply the same manifests.
+#[test]
+fn old_and_new_kubectl_apply_the_same_manifests_through_openapi_v2_and_v3() {
+    if !available("kubectl", &["version", "--client"]) {
+        return;
+    }
+    let s = Server::start();
+    let raw = s.ok(&["get", "--raw", "/openapi/v2"]);
+    let doc: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    assert_eq!(doc["swagger"], "2.0");
+    let dep = &doc["definitions"]["io.k8s.api.apps.v1.Deployment"];
+    assert_eq!(dep["x-kubernetes-group-version-kind"][0]["kind"], "Deployment", "{dep}");
+    assert_eq!(
+        doc["definitions"]["io.k8s.api.core.v1.PodSpec"]["properties"]["containers"]["x-kubernetes-patch-merge-key"],
+        "name"
+    );
+    for minor in [27, 33] {
+        let Some(k) = common::versioned_kubectl(minor) else {
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "kubectl.1.{minor} missing");
+            continue;
+        };
+        let k = k.to_str().unwrap();
+        let run = |args: &[&str], stdin: Option<&str>| {
+            let out = s.kubectl_with(k, args, stdin);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr);
+            (out.status.success(), text)
+        };
+        let name = format!("web{minor}");
+        let manifest = |replicas: u32, image: &str| {
+            format!(
+                "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {name}\nspec:\n  replicas: {replicas}\n  selector:\n    matchLabels: {{app: {name}}}\n  template:\n    metadata:\n      labels: {{app: {name}}}\n    spec:\n      containers:\n      - name: web\n        image: {image}\n        env: [{{name: A, value: \"1\"}}]\n"
+            )
+        };
+        let (ok, out) = run(&["apply", "-f", "-"], Some(&manifest(2, "nginx:1.26-alpine")));
+        assert!(ok && out.trim() == format!("deployment.apps/{name} created"), "{minor}: {out}");
+        let (ok, out) = run(&["apply", "-f", "-"], Some(&manifest(3, "nginx:1.27-alpine")));
+        assert!(ok && out.trim() == format!("deployment.apps/{name} configured"), "{minor}: {out}");
+        let stored = s.ok(&[
+            "get",
+            "deploy",
+            &name,
+            "-o",
+            "jsonpath={.spec.replicas} {.spec.template.spec.containers[0].image} {.spec.template.spec.containers[0].env[0].value}",
+        ]);
+        assert_eq!(stored, "3 nginx:1.27-alpine 1", "kubectl 1.{minor}");
+        // A misspelled field is refused under the default strict validation.
+        let typo = manifest(3, "nginx:1.27-alpine").replace("containers:", "contianers:");
+        let (ok, out) = run(&["apply", "-f", "-"], Some(&typo));
+        assert!(!ok && out.contains("unknown field \"spec.template.spec.contianers\""), "{out}");
+        // explain from the v2 document (protobuf) and from v3.
+        let (ok, out) = run(
+            &["explain", "pod.spec.containers.resources", "--output=plaintext-openapiv2"],
+            None,
+        );
+        assert!(
+            ok && out.contains("Compute Resources required by this container")
+                && out.contains("limits\t<map[string]string>"),
+            "kubectl 1.{minor}: {out}"
+        );
+        let (ok, out) = run(&["explain", "deployment.spec.strategy.rollingUpdate.maxSurge"], None);
+        assert!(ok && out.contains("The maximum number of pods that can be scheduled"), "{out}");
+    }
+    // Server-side apply validates too; what is only warned about is dropped, never stored.
+    let cm = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cm}\ndata: {a: \"1\"}\nbogus: 1\n";
+    let out = s.kubectl_with("kubectl", &["apply", "--server-side", "-f", "-"], Some(cm));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("failed to create typed patch object (default/cm; /v1, Kind=ConfigMap): .bogus: field not declared in schema"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = s.kubectl_with("kubectl", &["apply", "--validate=warn", "-f", "-"], Some(cm));
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Warning: unknown field \"bogus\""));
+    assert!(!s.ok(&["get", "cm", "cm", "-o", "json"]).contains("\"bogus\": 1"));
+}
