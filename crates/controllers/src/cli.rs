@@ -11,6 +11,15 @@ pub struct Args {
     /// Seconds without node heartbeats before a node is marked NotReady/Unknown.
     #[arg(long, default_value_t = 50)]
     pub node_monitor_grace_period: u64,
+    /// The pods' network; each node gets a subnet of it as its podCIDR.
+    #[arg(long, default_value = "10.244.0.0/16")]
+    pub cluster_cidr: String,
+    /// Whether to give nodes pod CIDRs from --cluster-cidr.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub allocate_node_cidrs: bool,
+    /// Prefix length of each node's pod CIDR.
+    #[arg(long, default_value_t = 24)]
+    pub node_cidr_mask_size: u8,
 }
 
 pub async fn run(args: Args) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -18,6 +27,8 @@ pub async fn run(args: Args) -> Result<(), Box<dyn std::error::Error + Send + Sy
     let shutdown = rkube_client::shutdown_on_signal();
     let config = crate::Config {
         node_monitor_grace_period: Duration::from_secs(args.node_monitor_grace_period),
+        cluster_cidr: args.allocate_node_cidrs.then_some(args.cluster_cidr),
+        node_cidr_mask_size: args.node_cidr_mask_size,
         ..Default::default()
     };
     crate::run_with_client(client, config, shutdown).await?;

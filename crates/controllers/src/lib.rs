@@ -6,6 +6,7 @@ mod daemonset;
 mod deployment;
 mod endpoints;
 mod informer;
+mod nodeipam;
 mod nodes;
 mod replicaset;
 mod util;
@@ -19,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 pub enum Error {
     #[error("kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Config(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -31,6 +34,10 @@ pub struct Config {
     pub node_monitor_period: Duration,
     pub identity: String,
     pub lease_duration: Duration,
+    /// Pod CIDRs for nodes are cut from this network (`--cluster-cidr`); None: not allocated.
+    pub cluster_cidr: Option<String>,
+    /// The prefix length of each node's pod CIDR (`--node-cidr-mask-size`, upstream 24).
+    pub node_cidr_mask_size: u8,
 }
 
 impl Default for Config {
@@ -43,6 +50,8 @@ impl Default for Config {
                 jiff::Timestamp::now().as_nanosecond() as u64
             ),
             lease_duration: Duration::from_secs(15),
+            cluster_cidr: Some("10.244.0.0/16".into()),
+            node_cidr_mask_size: 24,
         }
     }
 }
@@ -64,6 +73,12 @@ pub async fn run_with_client(
     if shutdown.is_cancelled() {
         return Ok(());
     }
+    let cluster_cidr = match &config.cluster_cidr {
+        Some(c) => Some(nodeipam::Cidr::parse(c).ok_or_else(|| {
+            Error::Config(format!("--cluster-cidr {c}: not an IPv4 network like 10.244.0.0/16"))
+        })?),
+        None => None,
+    };
     let informers = informer::Informers::start(client.clone(), shutdown.clone());
     informers.wait_ready().await;
     let recorder =
@@ -95,8 +110,20 @@ pub async fn run_with_client(
         config.clone(),
         shutdown.clone(),
     ));
+    let mut tasks = vec![rs, dep, ds, ep, nodes];
+    if let Some(cidr) = cluster_cidr {
+        let recorder = rkube_client::events::Recorder::new(client.clone(), "node-ipam", None);
+        tasks.push(tokio::spawn(nodeipam::run(
+            client.clone(),
+            informers.clone(),
+            cidr,
+            config.node_cidr_mask_size,
+            recorder,
+            shutdown.clone(),
+        )));
+    }
     shutdown.cancelled().await;
-    for t in [rs, dep, ds, ep, nodes] {
+    for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
     }
     Ok(())

@@ -35,6 +35,17 @@ fn kubectl_drives_the_core_api_end_to_end() {
     let verbose = s.ok(&["get", "--raw", "/readyz?verbose"]);
     assert!(verbose.contains("[+]etcd ok") && verbose.contains("readyz check passed"), "{verbose}");
 
+    // The node-IPAM loop gives the node its pod CIDR, which describe shows.
+    s.wait("a pod CIDR for node-1", Duration::from_secs(20), || {
+        let cidr = s.ok(&["get", "node", "node-1", "-o", "jsonpath={.spec.podCIDR}"]);
+        (cidr == "10.244.0.0/24").then_some(())
+    });
+    let described = s.ok(&["describe", "node", "node-1"]);
+    assert!(
+        described.lines().any(|l| l.split_whitespace().eq(["PodCIDR:", "10.244.0.0/24"])),
+        "{described}"
+    );
+
     let resources = s.ok(&["api-resources"]);
     for line in [
         ["deployments", "deploy", "apps/v1", "true", "Deployment"],
