@@ -2,6 +2,7 @@
 //! runtime (`process`: real host processes; `simulated`: hollow pods) and reports their lives.
 
 pub mod cli;
+pub mod network;
 mod node;
 mod pods;
 mod probes;
