@@ -171,7 +171,10 @@ struct WatchObjects {
     order: std::collections::VecDeque<(String, u64)>,
 }
 
-const SHARED_WATCH_OBJECTS: usize = 8192;
+/// Watchers deliver an event within moments of each other, so a short window is enough to
+/// share the decode; each entry holds a decoded object (~10× its JSON), so the window is kept
+/// small — 8,192 entries held ~150 MiB after a burst.
+const SHARED_WATCH_OBJECTS: usize = 1024;
 
 fn shared_object(key: &str, value: &[u8], rev: Revision) -> Option<Arc<SharedObject>> {
     static CACHE: std::sync::OnceLock<std::sync::Mutex<WatchObjects>> = std::sync::OnceLock::new();

@@ -2,6 +2,7 @@
 //! runtime (`process`: real host processes; `simulated`: hollow pods) and reports their lives.
 
 pub mod cli;
+mod env;
 pub mod network;
 mod node;
 mod pods;

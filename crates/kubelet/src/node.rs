@@ -15,7 +15,7 @@ use crate::{Config, Result, RuntimeKind};
 
 pub const KUBELET_VERSION: &str = "v1.33.0-rkube";
 
-fn meminfo_total() -> i64 {
+pub(crate) fn meminfo_total() -> i64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|s| {

@@ -116,6 +116,10 @@ struct Ctr {
     /// Readiness from the probe; `None` without a readiness probe (running means ready).
     probe_ready: Option<bool>,
     probe_stop: Option<CancellationToken>,
+    /// The environment it was started with (probes' exec commands run with it too).
+    env: Vec<(String, String)>,
+    /// When a container that could not be configured (a missing ConfigMap…) is tried again.
+    retry_at: Option<Instant>,
 }
 
 struct Worker {
@@ -128,6 +132,8 @@ struct Worker {
     last_status: Value,
     start_time: String,
     pod_dir: PathBuf,
+    /// The pod's address: the node's on the host network.
+    pod_ip: String,
 }
 
 async fn worker(
@@ -150,7 +156,9 @@ async fn worker(
         probes: probes_tx,
         last_status: Value::Null,
         start_time: now(),
+        pod_ip: String::new(),
     };
+    w.pod_ip = w.config.node_ip.clone();
     loop {
         let pod = rx.borrow_and_update().clone();
         let Some(pod) = pod else {
@@ -197,7 +205,7 @@ async fn worker(
         w.sync(&pod).await;
         let _ = w.report(&pod).await;
         // Sleep until something happens: a container exits, the pod changes, a back-off ends.
-        let wake = w.ctrs.values().filter_map(|c| c.backoff_until).min();
+        let wake = w.ctrs.values().flat_map(|c| [c.backoff_until, c.retry_at]).flatten().min();
         tokio::select! {
             _ = shutdown.cancelled() => {}
             changed = rx.changed() => { if changed.is_err() { w.stop_all(Duration::from_secs(0), &mut exits_rx).await; return; } }
@@ -224,45 +232,6 @@ fn container_ref(pod: &Pod, name: &str) -> k8s_openapi::api::core::v1::ObjectRef
 
 fn restart_policy(pod: &Pod) -> String {
     pod.spec.as_ref().and_then(|s| s.restart_policy.clone()).unwrap_or_else(|| "Always".into())
-}
-
-/// The environment of a container: pod-level basics plus `env` (values and downward API fields).
-pub(crate) fn env_of(pod: &Pod, c: &Container, config: &Config) -> Vec<(String, String)> {
-    let mut env = vec![
-        ("HOSTNAME".to_string(), pod.metadata.name.clone().unwrap_or_default()),
-        ("KUBERNETES_SERVICE_HOST".to_string(), "10.96.0.1".to_string()),
-        ("KUBERNETES_SERVICE_PORT".to_string(), "443".to_string()),
-    ];
-    for e in c.env.iter().flatten() {
-        let value = match (&e.value, &e.value_from) {
-            (Some(v), _) => v.clone(),
-            (None, Some(from)) => match from.field_ref.as_ref().map(|f| f.field_path.as_str()) {
-                Some("metadata.name") => pod.metadata.name.clone().unwrap_or_default(),
-                Some("metadata.namespace") => pod.metadata.namespace.clone().unwrap_or_default(),
-                Some("metadata.uid") => pod.metadata.uid.clone().unwrap_or_default(),
-                Some("spec.nodeName") => config.node_name.clone(),
-                Some("status.hostIP") | Some("status.podIP") => config.node_ip.clone(),
-                Some("spec.serviceAccountName") => pod
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.service_account_name.clone())
-                    .unwrap_or_default(),
-                _ => String::new(),
-            },
-            _ => String::new(),
-        };
-        env.push((e.name.clone(), expand(&value, &env)));
-    }
-    env
-}
-
-/// `$(VAR)` references to earlier variables, as upstream expands them.
-fn expand(s: &str, env: &[(String, String)]) -> String {
-    let mut out = s.to_string();
-    for (k, v) in env {
-        out = out.replace(&format!("$({k})"), v);
-    }
-    out
 }
 
 impl Worker {
@@ -334,10 +303,35 @@ impl Worker {
             self.ctr(&c.name).waiting = Some(("CrashLoopBackOff".into(), msg));
             return;
         }
+        if self.ctrs.get(&c.name).and_then(|x| x.retry_at).is_some_and(|t| t > now_i) {
+            return;
+        }
+        let sources = crate::env::Sources {
+            client: &self.client,
+            config: &self.config,
+            pod_ip: &self.pod_ip,
+        };
+        let env = match crate::env::resolve(pod, c, &sources).await {
+            Ok(env) => env,
+            Err(msg) => {
+                let x = self.ctr(&c.name);
+                let repeated = x.waiting.as_ref().is_some_and(|(_, m)| *m == msg);
+                x.waiting = Some(("CreateContainerConfigError".into(), msg.clone()));
+                x.retry_at = Some(now_i + Duration::from_secs(2));
+                if !repeated {
+                    let cref = container_ref(pod, &c.name);
+                    self.recorder
+                        .record(&cref, "Warning", "Failed", &format!("Error: {msg}"))
+                        .await;
+                }
+                return;
+            }
+        };
+        self.ctr(&c.name).retry_at = None;
         let mut argv: Vec<String> = c.command.clone().unwrap_or_default();
         argv.extend(c.args.clone().unwrap_or_default());
-        let env = env_of(pod, c, &self.config);
-        let argv: Vec<String> = argv.iter().map(|a| expand(a, &env)).collect();
+        let argv: Vec<String> = argv.iter().map(|a| crate::env::expand(a, &env)).collect();
+        self.ctr(&c.name).env = env.clone();
         let handle = match self.config.runtime {
             RuntimeKind::Simulated => {
                 let (tx, rx) = watch::channel(false);
@@ -396,7 +390,7 @@ impl Worker {
                     let exit = h.wait().await;
                     let _ = tx.send((name, generation, exit)).await;
                 });
-                self.start_probes(pod, c, generation);
+                self.start_probes(c, generation);
                 let cref = container_ref(pod, &c.name);
                 if first {
                     self.recorder
@@ -437,7 +431,7 @@ impl Worker {
         }
     }
 
-    fn start_probes(&mut self, pod: &Pod, c: &Container, generation: u64) {
+    fn start_probes(&mut self, c: &Container, generation: u64) {
         let stop = CancellationToken::new();
         let x = self.ctr(&c.name);
         if let Some(old) = x.probe_stop.replace(stop.clone()) {
@@ -455,7 +449,7 @@ impl Worker {
             if let Some(p) = probe {
                 let target = crate::probes::Target {
                     host: self.config.node_ip.clone(),
-                    env: env_of(pod, c, &self.config),
+                    env: self.ctrs.get(&c.name).map(|x| x.env.clone()).unwrap_or_default(),
                     workdir: self.pod_dir.join("work"),
                 };
                 crate::probes::spawn(
@@ -733,7 +727,7 @@ impl Worker {
             "phase": phase,
             "conditions": conditions,
             "hostIP": self.config.node_ip, "hostIPs": [{"ip": self.config.node_ip}],
-            "podIP": self.config.node_ip, "podIPs": [{"ip": self.config.node_ip}],
+            "podIP": self.pod_ip, "podIPs": [{"ip": self.pod_ip}],
             "startTime": self.start_time,
             "containerStatuses": statuses,
             "qosClass": pod.status.as_ref().and_then(|s| s.qos_class.clone()).unwrap_or_else(|| "BestEffort".into()),

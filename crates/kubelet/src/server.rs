@@ -236,7 +236,15 @@ async fn exec(
             "you must specify at least 1 command".into(),
         );
     }
-    let env = crate::pods::env_of(&p, &c, &ctx.config);
+    let sources = crate::env::Sources {
+        client: &ctx.client,
+        config: &ctx.config,
+        pod_ip: &ctx.config.node_ip,
+    };
+    let env = match crate::env::resolve(&p, &c, &sources).await {
+        Ok(env) => env,
+        Err(msg) => return status(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", msg),
+    };
     let workdir = dir.join("work");
     ws.protocols(["v5.channel.k8s.io", "v4.channel.k8s.io", "channel.k8s.io"]).on_upgrade(
         move |socket| async move {
