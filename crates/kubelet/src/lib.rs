@@ -10,6 +10,7 @@ mod probes;
 pub mod runtime;
 mod server;
 mod tty;
+pub mod volumes;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
