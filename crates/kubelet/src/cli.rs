@@ -31,6 +31,23 @@ pub struct Args {
     /// Lease duration in seconds (renewed every quarter of it).
     #[arg(long, default_value_t = 40)]
     pub node_lease_duration_seconds: u64,
+    /// The node's address (InternalIP), also the address of host-network pods.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub node_ip: String,
+    /// oci runtime: a registry reached over plain HTTP, `host:port` (repeatable).
+    #[arg(long = "insecure-registry")]
+    pub insecure_registries: Vec<String>,
+    /// oci runtime: where images are stored (default: `<data-dir>/images`).
+    #[arg(long)]
+    pub image_dir: Option<PathBuf>,
+    /// The cluster's pod network (pod traffic to it is not masqueraded).
+    #[arg(long, default_value = "10.244.0.0/16")]
+    pub cluster_cidr: String,
+    /// The cluster DNS address written into pods' resolv.conf.
+    #[arg(long, default_value = "10.96.0.10")]
+    pub cluster_dns: String,
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
 }
 
 fn kv(s: &str) -> Result<(String, String), String> {
@@ -70,6 +87,16 @@ impl Args {
             c.taints.push(parse_taint(t)?);
         }
         c.lease_duration = std::time::Duration::from_secs(self.node_lease_duration_seconds.max(4));
+        c.node_ip = self.node_ip.clone();
+        c.insecure_registries = self.insecure_registries.clone();
+        c.image_dir = self.image_dir.clone();
+        c.cluster_cidr = self.cluster_cidr.clone();
+        c.cluster_dns = self.cluster_dns.clone();
+        c.cluster_domain = self.cluster_domain.clone();
+        // The oci runtime's shim is this very binary's hidden subcommand.
+        if let Ok(exe) = std::env::current_exe() {
+            c.runc_shim = vec![exe.to_string_lossy().into_owned(), "runc-shim".into()];
+        }
         Ok(c)
     }
 }

@@ -5,6 +5,7 @@ pub mod cli;
 mod env;
 pub mod network;
 mod node;
+mod oci;
 mod pods;
 mod probes;
 pub mod runtime;
@@ -38,6 +39,8 @@ pub enum RuntimeKind {
     Process,
     /// Hollow pods: reported Running without running anything (kwok-style).
     Simulated,
+    /// Real images run through runc, each pod in its own sandbox on the node's pod network.
+    Oci,
 }
 
 #[derive(Clone, Debug)]
@@ -57,6 +60,17 @@ pub struct Config {
     pub reserved_cpu_milli: i64,
     pub reserved_memory_bytes: i64,
     pub max_pods: i64,
+    /// The command that runs rkube's runc shim (the rkube binary and its hidden subcommand).
+    pub runc_shim: Vec<String>,
+    /// Where images are stored; nodes of one machine may share it (default: `<data dir>/images`).
+    pub image_dir: Option<PathBuf>,
+    /// Registries reached over plain HTTP (`host:port`).
+    pub insecure_registries: Vec<String>,
+    /// The cluster's pod network: pod traffic to it is not masqueraded.
+    pub cluster_cidr: String,
+    /// The cluster DNS Service's address and domain, written into pods' resolv.conf.
+    pub cluster_dns: String,
+    pub cluster_domain: String,
 }
 
 impl Default for Config {
@@ -76,6 +90,12 @@ impl Default for Config {
             reserved_cpu_milli: 0,
             reserved_memory_bytes: 0,
             max_pods: 110,
+            runc_shim: Vec::new(),
+            image_dir: None,
+            insecure_registries: Vec::new(),
+            cluster_cidr: "10.244.0.0/16".into(),
+            cluster_dns: "10.96.0.10".into(),
+            cluster_domain: "cluster.local".into(),
         }
     }
 }

@@ -90,6 +90,10 @@ fn node_info(config: &Config) -> Value {
     let runtime = match config.runtime {
         RuntimeKind::Process => format!("process://{}", env!("CARGO_PKG_VERSION")),
         RuntimeKind::Simulated => format!("simulated://{}", env!("CARGO_PKG_VERSION")),
+        RuntimeKind::Oci => match rkube_oci::runc::available() {
+            Some(v) => format!("runc://{}", v.rsplit(' ').next().unwrap_or(&v)),
+            None => "runc://missing".into(),
+        },
     };
     json!({
         "machineID": machine_id, "systemUUID": machine_id, "bootID": boot_id,

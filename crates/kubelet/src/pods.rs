@@ -2,8 +2,9 @@
 //! app containers, restarts them per restartPolicy with CrashLoopBackOff, stops them gracefully
 //! on delete, and patches the pod's status whenever what it reports changes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -32,6 +33,12 @@ fn now() -> String {
 pub async fn run(client: Client, config: Config, shutdown: CancellationToken) -> Result<()> {
     let api: Api<Pod> = Api::all(client.clone());
     let recorder = Recorder::new(client.clone(), "kubelet", Some(&config.node_name));
+    let oci = match config.runtime {
+        RuntimeKind::Oci => Some(Arc::new(
+            crate::oci::OciNode::open(&config).map_err(crate::Error::Config)?,
+        )),
+        _ => None,
+    };
     let wc = watcher::Config::default().fields(&format!("spec.nodeName={}", config.node_name));
     let mut stream = watcher(api, wc).boxed();
     let mut workers: HashMap<String, (watch::Sender<Option<Pod>>, tokio::task::JoinHandle<()>)> =
@@ -58,6 +65,7 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) ->
                             client.clone(),
                             config.clone(),
                             recorder.clone(),
+                            oci.clone(),
                             rx,
                             shutdown.clone(),
                         ));
@@ -97,11 +105,17 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) ->
     Ok(())
 }
 
+/// Why an OCI container did not start: wait (the reason is already set) or a failure.
+enum OciStart {
+    Wait,
+    Failed(String),
+}
+
 /// What the kubelet knows about one container.
 #[derive(Default)]
 struct Ctr {
     running: bool,
-    pid: Option<i32>,
+    kill: Option<runtime::Killer>,
     sim_stop: Option<watch::Sender<bool>>,
     generation: u64,
     started_at: Option<String>,
@@ -120,6 +134,13 @@ struct Ctr {
     env: Vec<(String, String)>,
     /// When a container that could not be configured (a missing ConfigMap…) is tried again.
     retry_at: Option<Instant>,
+    /// The runc container of the last start (oci runtime), removed before the next one.
+    oci: Option<rkube_oci::runc::Container>,
+    /// `repo@digest` of the image it runs (oci runtime).
+    image_id: String,
+    /// Image pull back-off (ErrImagePull → ImagePullBackOff).
+    pull_backoff: Duration,
+    pull_backoff_until: Option<Instant>,
 }
 
 struct Worker {
@@ -134,12 +155,18 @@ struct Worker {
     pod_dir: PathBuf,
     /// The pod's address: the node's on the host network.
     pod_ip: String,
+    oci: Option<Arc<crate::oci::OciNode>>,
+    /// The pod's sandbox and ready volumes (oci runtime).
+    sandbox: Option<rkube_oci::runc::Sandbox>,
+    volumes: Option<BTreeMap<String, crate::volumes::Ready>>,
+    network: Option<Arc<crate::network::PodNetwork>>,
 }
 
 async fn worker(
     client: Client,
     config: Config,
     recorder: Recorder,
+    oci: Option<Arc<crate::oci::OciNode>>,
     mut rx: watch::Receiver<Option<Pod>>,
     shutdown: CancellationToken,
 ) {
@@ -157,6 +184,10 @@ async fn worker(
         last_status: Value::Null,
         start_time: now(),
         pod_ip: String::new(),
+        oci,
+        sandbox: None,
+        volumes: None,
+        network: None,
     };
     w.pod_ip = w.config.node_ip.clone();
     loop {
@@ -164,10 +195,12 @@ async fn worker(
         let Some(pod) = pod else {
             // The pod is gone from the API: stop everything at once.
             w.stop_all(Duration::from_secs(0), &mut exits_rx).await;
+            w.release(&uid).await;
             return;
         };
         if shutdown.is_cancelled() {
             w.stop_all(Duration::from_secs(0), &mut exits_rx).await;
+            w.release(&uid).await;
             return;
         }
         if pod.metadata.deletion_timestamp.is_some() {
@@ -199,16 +232,22 @@ async fn worker(
                 ..Default::default()
             };
             let _ = api.delete(pod.metadata.name.as_deref().unwrap_or(""), &dp).await;
+            w.release(&uid).await;
             let _ = std::fs::remove_dir_all(&w.pod_dir);
             return;
         }
         w.sync(&pod).await;
         let _ = w.report(&pod).await;
         // Sleep until something happens: a container exits, the pod changes, a back-off ends.
-        let wake = w.ctrs.values().flat_map(|c| [c.backoff_until, c.retry_at]).flatten().min();
+        let wake = w
+            .ctrs
+            .values()
+            .flat_map(|c| [c.backoff_until, c.retry_at, c.pull_backoff_until])
+            .flatten()
+            .min();
         tokio::select! {
             _ = shutdown.cancelled() => {}
-            changed = rx.changed() => { if changed.is_err() { w.stop_all(Duration::from_secs(0), &mut exits_rx).await; return; } }
+            changed = rx.changed() => { if changed.is_err() { w.stop_all(Duration::from_secs(0), &mut exits_rx).await; w.release(&uid).await; return; } }
             Some((name, generation, exit)) = exits_rx.recv() => w.on_exit(&pod, &name, generation, exit).await,
             Some(outcome) = probes_rx.recv() => w.on_probe(&pod, outcome).await,
             _ = async { match wake { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {}
@@ -333,6 +372,11 @@ impl Worker {
         let argv: Vec<String> = argv.iter().map(|a| crate::env::expand(a, &env)).collect();
         self.ctr(&c.name).env = env.clone();
         let handle = match self.config.runtime {
+            RuntimeKind::Oci => match self.start_oci(pod, c, &env).await {
+                Ok(h) => Ok(h),
+                Err(OciStart::Wait) => return,
+                Err(OciStart::Failed(e)) => Err(e),
+            },
             RuntimeKind::Simulated => {
                 let (tx, rx) = watch::channel(false);
                 self.ctr(&c.name).sim_stop = Some(tx);
@@ -356,16 +400,13 @@ impl Worker {
                     workdir: self.pod_dir.join("work"),
                     log_path: self.pod_dir.join("logs").join(format!("{}.log", c.name)),
                 };
-                runtime::start_process(&spec)
+                runtime::start_process(&spec).map_err(|e| e.to_string())
             }
         };
         match handle {
             Ok(mut h) => {
                 let id = h.id();
-                let pid = match &h {
-                    Handle::Process { pid, .. } => Some(*pid),
-                    _ => None,
-                };
+                let kill = h.killer();
                 let first = self
                     .ctrs
                     .get(&c.name)
@@ -378,7 +419,7 @@ impl Worker {
                     x.last_terminated = x.terminated.take();
                 }
                 x.running = true;
-                x.pid = pid;
+                x.kill = kill;
                 x.id = id;
                 x.waiting = None;
                 x.started_at = Some(now());
@@ -392,7 +433,7 @@ impl Worker {
                 });
                 self.start_probes(c, generation);
                 let cref = container_ref(pod, &c.name);
-                if first {
+                if first && self.config.runtime != RuntimeKind::Oci {
                     self.recorder
                         .record(
                             &cref,
@@ -431,6 +472,234 @@ impl Worker {
         }
     }
 
+    /// The pod's sandbox (network namespace on the pod network, hosts/resolv.conf) and its
+    /// volumes, made once; `Err` means wait (the reason is set and an event recorded).
+    async fn ensure_pod_ready(&mut self, pod: &Pod, c: &Container) -> Result<(), ()> {
+        let Some(oci) = self.oci.clone() else { return Err(()) };
+        let cref = container_ref(pod, &c.name);
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let spec = pod.spec.clone().unwrap_or_default();
+        let host_network = spec.host_network.unwrap_or(false);
+        if self.sandbox.is_none() {
+            let network = if host_network {
+                None
+            } else {
+                match oci.network(&self.client, &self.config).await {
+                    Ok(n) => Some(n),
+                    Err(msg) => {
+                        let x = self.ctr(&c.name);
+                        let repeated = x.waiting.as_ref().is_some_and(|(_, m)| *m == msg);
+                        x.waiting = Some(("ContainerCreating".into(), msg.clone()));
+                        x.retry_at = Some(Instant::now() + Duration::from_secs(1));
+                        if !repeated {
+                            self.recorder.record(&reference(pod), "Warning", "NetworkNotReady", &msg).await;
+                        }
+                        return Err(());
+                    }
+                }
+            };
+            let hostname = spec.hostname.clone().or(pod.metadata.name.clone()).unwrap_or_default();
+            let cfg = rkube_oci::runc::SandboxConfig {
+                pod_uid: uid.clone(),
+                hostname: hostname.clone(),
+                host_network,
+                host_ipc: spec.host_ipc.unwrap_or(false),
+                hosts: crate::oci::hosts_file(pod, &self.config.node_ip, &hostname),
+                hostname_file: format!("{hostname}\n"),
+                resolv_conf: crate::oci::resolv_conf(pod, &self.config),
+                shm_size_bytes: None,
+            };
+            let made = oci.runtime.run_sandbox(&cfg).await;
+            let sandbox = match made {
+                Ok(sb) => sb,
+                Err(e) => {
+                    let msg = format!("Failed to create pod sandbox: {e}");
+                    self.ctr(&c.name).waiting = Some(("ContainerCreating".into(), msg.clone()));
+                    self.ctr(&c.name).retry_at = Some(Instant::now() + Duration::from_secs(2));
+                    self.recorder.record(&reference(pod), "Warning", "FailedCreatePodSandBox", &msg).await;
+                    return Err(());
+                }
+            };
+            if let (Some(net), Some(netns)) = (&network, &sandbox.netns_path) {
+                let (net2, uid2, netns2) = (net.clone(), uid.clone(), netns.clone());
+                let attached =
+                    tokio::task::spawn_blocking(move || net2.attach(&uid2, &netns2)).await;
+                match attached {
+                    Ok(Ok(ip)) => {
+                        self.pod_ip = ip.to_string();
+                        let hosts = crate::oci::hosts_file(pod, &self.pod_ip, &hostname);
+                        let _ = std::fs::write(&sandbox.hosts_path, hosts);
+                    }
+                    other => {
+                        let e = match other {
+                            Ok(Err(e)) => e.to_string(),
+                            Err(e) => e.to_string(),
+                            Ok(Ok(_)) => String::new(),
+                        };
+                        let msg = format!("Failed to create pod sandbox: plugin rkube-bridge: {e}");
+                        let _ = oci.runtime.remove_sandbox(&uid).await;
+                        self.ctr(&c.name).waiting = Some(("ContainerCreating".into(), msg.clone()));
+                        self.ctr(&c.name).retry_at = Some(Instant::now() + Duration::from_secs(2));
+                        self.recorder.record(&reference(pod), "Warning", "FailedCreatePodSandBox", &msg).await;
+                        return Err(());
+                    }
+                }
+            }
+            self.network = network;
+            self.sandbox = Some(sandbox);
+        }
+        if self.volumes.is_none() {
+            let mut ready = BTreeMap::new();
+            for v in spec.volumes.iter().flatten() {
+                match crate::volumes::prepare(&self.client, pod, v, &self.pod_dir, &self.config, &self.pod_ip).await {
+                    Ok(r) => {
+                        ready.insert(v.name.clone(), r);
+                    }
+                    Err(msg) => {
+                        let x = self.ctr(&c.name);
+                        let repeated = x.waiting.as_ref().is_some_and(|(_, m)| *m == msg);
+                        x.waiting = Some(("ContainerCreating".into(), msg.clone()));
+                        x.retry_at = Some(Instant::now() + Duration::from_secs(2));
+                        if !repeated {
+                            self.recorder.record(&reference(pod), "Warning", "FailedMount", &msg).await;
+                        }
+                        return Err(());
+                    }
+                }
+            }
+            self.volumes = Some(ready);
+        }
+        let _ = cref;
+        Ok(())
+    }
+
+    /// Pulls the image as the pod's policy says and starts the container through runc.
+    async fn start_oci(
+        &mut self,
+        pod: &Pod,
+        c: &Container,
+        env: &[(String, String)],
+    ) -> Result<Handle, OciStart> {
+        self.ensure_pod_ready(pod, c).await.map_err(|_| OciStart::Wait)?;
+        let oci = self.oci.clone().ok_or(OciStart::Wait)?;
+        let cref = container_ref(pod, &c.name);
+        let image_name = c.image.clone().unwrap_or_default();
+        // Image: pull per policy, with upstream's events and back-off.
+        let now_i = Instant::now();
+        if let Some(until) = self.ctrs.get(&c.name).and_then(|x| x.pull_backoff_until)
+            && until > now_i
+        {
+            let msg = format!("Back-off pulling image \"{image_name}\"");
+            let x = self.ctr(&c.name);
+            let first = x.waiting.as_ref().is_none_or(|(r, _)| r != "ImagePullBackOff");
+            x.waiting = Some(("ImagePullBackOff".into(), msg.clone()));
+            if first {
+                self.recorder.record(&cref, "Normal", "BackOff", &msg).await;
+            }
+            return Err(OciStart::Wait);
+        }
+        let policy = match rkube_oci::image::PullPolicy::from_spec(c.image_pull_policy.as_deref(), &image_name) {
+            Ok(p) => p,
+            Err(e) => {
+                self.ctr(&c.name).waiting = Some(("InvalidImageName".into(), e.to_string()));
+                self.recorder.record(&cref, "Warning", "InspectFailed", &e.to_string()).await;
+                return Err(OciStart::Wait);
+            }
+        };
+        let present = oci.images.get(&image_name).await.ok().flatten();
+        let image = match (&present, policy) {
+            (Some(img), rkube_oci::image::PullPolicy::IfNotPresent | rkube_oci::image::PullPolicy::Never) => {
+                self.recorder
+                    .record(&cref, "Normal", "Pulled", &format!("Container image \"{image_name}\" already present on machine"))
+                    .await;
+                img.clone()
+            }
+            _ => {
+                if policy != rkube_oci::image::PullPolicy::Never {
+                    self.recorder.record(&cref, "Normal", "Pulling", &format!("Pulling image \"{image_name}\"")).await;
+                }
+                let auth = crate::oci::pull_auth(&self.client, pod).await;
+                let started = std::time::Instant::now();
+                match oci.images.ensure(&image_name, policy, &auth).await {
+                    Ok(img) => {
+                        if policy != rkube_oci::image::PullPolicy::Never {
+                            let msg = crate::oci::pulled_message(&image_name, started.elapsed(), img.size);
+                            self.recorder.record(&cref, "Normal", "Pulled", &msg).await;
+                        }
+                        let x = self.ctr(&c.name);
+                        x.pull_backoff = Duration::ZERO;
+                        x.pull_backoff_until = None;
+                        img
+                    }
+                    Err(e) => {
+                        let reason = e.kubelet_reason();
+                        let msg = if reason == "ErrImageNeverPull" {
+                            format!("Container image \"{image_name}\" is not present with pull policy of Never")
+                        } else {
+                            format!("Failed to pull image \"{image_name}\": {e}")
+                        };
+                        self.recorder.record(&cref, "Warning", "Failed", &msg).await;
+                        self.recorder.record(&cref, "Warning", "Failed", &format!("Error: {reason}")).await;
+                        let x = self.ctr(&c.name);
+                        x.waiting = Some((reason.to_string(), msg));
+                        x.pull_backoff = if x.pull_backoff.is_zero() { BACKOFF_START } else { (x.pull_backoff * 2).min(BACKOFF_MAX) };
+                        x.pull_backoff_until = Some(Instant::now() + x.pull_backoff);
+                        return Err(OciStart::Wait);
+                    }
+                }
+            }
+        };
+        let sandbox = self.sandbox.clone().ok_or(OciStart::Wait)?;
+        let mounts = crate::volumes::mounts_for(
+            c.volume_mounts.as_deref().unwrap_or(&[]),
+            self.volumes.as_ref().unwrap_or(&BTreeMap::new()),
+        )
+        .map_err(OciStart::Failed)?;
+        // The previous run of this container goes before the next is made.
+        if let Some(old) = self.ctr(&c.name).oci.take() {
+            let _ = oci.runtime.remove(&old).await;
+        }
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let attempt = self.ctrs.get(&c.name).map(|x| x.generation + 1).unwrap_or(1);
+        let log_path = self.pod_dir.join("logs").join(format!("{}.log", c.name));
+        crate::oci::rotate_log(&log_path);
+        let cfg = crate::oci::container_config(
+            pod,
+            c,
+            crate::oci::container_id(&uid, &c.name, attempt),
+            env,
+            &image,
+            &mounts,
+            log_path,
+        );
+        let created = oci.runtime.create_container(&sandbox, &cfg).await.map_err(|e| OciStart::Failed(e.to_string()))?;
+        self.ctr(&c.name).oci = Some(created.clone());
+        self.ctr(&c.name).image_id = image.repo_digest();
+        oci.runtime.start_container(&created).await.map_err(|e| OciStart::Failed(e.to_string()))?;
+        Ok(Handle::Oci { runtime: oci.runtime.clone(), container: created })
+    }
+
+    /// Gives back what the pod held on the node: its containers, address, sandbox and mounts.
+    async fn release(&mut self, uid: &str) {
+        let Some(oci) = self.oci.clone() else { return };
+        for x in self.ctrs.values_mut() {
+            if let Some(c) = x.oci.take() {
+                let _ = oci.runtime.remove(&c).await;
+            }
+        }
+        if let Some(net) = self.network.take() {
+            let uid = uid.to_string();
+            let _ = tokio::task::spawn_blocking(move || net.detach(&uid)).await;
+        }
+        if self.sandbox.take().is_some()
+            && let Err(e) = oci.runtime.remove_sandbox(uid).await
+        {
+            tracing::warn!(pod = uid, "remove sandbox: {e}");
+        }
+        crate::volumes::teardown(&self.pod_dir);
+        self.volumes = None;
+    }
+
     fn start_probes(&mut self, c: &Container, generation: u64) {
         let stop = CancellationToken::new();
         let x = self.ctr(&c.name);
@@ -447,8 +716,13 @@ impl Worker {
             (crate::probes::Kind::Liveness, &c.liveness_probe),
         ] {
             if let Some(p) = probe {
+                let exec_prefix = match (&self.oci, self.ctrs.get(&c.name).and_then(|x| x.oci.as_ref())) {
+                    (Some(oci), Some(ctr)) => crate::oci::exec_argv(&oci.runtime, ctr),
+                    _ => Vec::new(),
+                };
                 let target = crate::probes::Target {
-                    host: self.config.node_ip.clone(),
+                    exec_prefix,
+                    host: self.pod_ip.clone(),
                     env: self.ctrs.get(&c.name).map(|x| x.env.clone()).unwrap_or_default(),
                     workdir: self.pod_dir.join("work"),
                 };
@@ -486,9 +760,8 @@ impl Worker {
                 }
             }
             crate::probes::Kind::Liveness => {
-                if let Some(pid) = x.pid {
-                    let _ =
-                        nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+                if let Some(k) = &x.kill {
+                    k.signal(Signal::SIGKILL);
                 }
                 self.recorder
                     .record(
@@ -531,11 +804,17 @@ impl Worker {
             return;
         }
         x.running = false;
-        x.pid = None;
+        x.kill = None;
         if let Some(stop) = x.probe_stop.take() {
             stop.cancel();
         }
-        let reason = if exit.code == 0 { "Completed" } else { "Error" };
+        let reason = if exit.oom_killed {
+            "OOMKilled"
+        } else if exit.code == 0 {
+            "Completed"
+        } else {
+            "Error"
+        };
         let mut t = json!({
             "exitCode": exit.code, "reason": reason,
             "startedAt": x.started_at.clone(), "finishedAt": now(), "containerID": x.id.clone(),
@@ -581,11 +860,8 @@ impl Worker {
             }
         }
         for x in self.ctrs.values() {
-            if let Some(pid) = x.pid {
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(pid),
-                    if grace.is_zero() { Signal::SIGKILL } else { Signal::SIGTERM },
-                );
+            if let Some(k) = &x.kill {
+                k.signal(if grace.is_zero() { Signal::SIGKILL } else { Signal::SIGTERM });
             }
             if let Some(s) = &x.sim_stop {
                 let _ = s.send(true);
@@ -597,20 +873,20 @@ impl Worker {
                 Some((name, generation, exit)) = exits.recv() => {
                     if let Some(x) = self.ctrs.get_mut(&name) && x.generation == generation {
                         x.running = false;
-                        x.pid = None;
+                        x.kill = None;
                         x.terminated = Some(json!({"exitCode": exit.code, "reason": if exit.code == 0 { "Completed" } else { "Error" }, "startedAt": x.started_at.clone(), "finishedAt": now(), "containerID": x.id.clone()}));
                     }
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     for x in self.ctrs.values() {
-                        if let Some(pid) = x.pid {
-                            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+                        if let Some(k) = &x.kill {
+                            k.signal(Signal::SIGKILL);
                         }
                     }
                     // Give the kill a moment to be reaped, then stop waiting.
                     let _ = tokio::time::timeout(Duration::from_secs(2), async {
                         while let Some((name, _, _)) = exits.recv().await {
-                            if let Some(x) = self.ctrs.get_mut(&name) { x.running = false; x.pid = None; }
+                            if let Some(x) = self.ctrs.get_mut(&name) { x.running = false; x.kill = None; }
                             if !self.ctrs.values().any(|x| x.running) { break; }
                         }
                     }).await;
@@ -635,7 +911,7 @@ impl Worker {
         };
         let running = x.is_some_and(|x| x.running);
         let mut s = json!({
-            "name": c.name, "image": c.image, "imageID": "",
+            "name": c.name, "image": c.image, "imageID": x.map(|x| x.image_id.clone()).unwrap_or_default(),
             "ready": running && x.and_then(|x| x.probe_ready).unwrap_or(true), "started": running,
             "restartCount": x.map(|x| x.restart_count).unwrap_or(0),
             "state": state,

@@ -29,6 +29,8 @@ pub struct Target {
     pub host: String,
     pub env: Vec<(String, String)>,
     pub workdir: std::path::PathBuf,
+    /// Runs exec probes inside the container (`runc exec <id>`); empty: on the host.
+    pub exec_prefix: Vec<String>,
 }
 
 fn resolve_port(c: &Container, p: &IntOrString) -> Option<u16> {
@@ -48,17 +50,19 @@ pub async fn check(c: &Container, probe: &Probe, t: &Target) -> Result<(), Strin
     let timeout = Duration::from_secs(probe.timeout_seconds.unwrap_or(1).max(1) as u64);
     if let Some(exec) = &probe.exec {
         let cmd = exec.command.clone().unwrap_or_default();
-        let Some((prog, args)) = cmd.split_first() else {
+        if cmd.is_empty() {
             return Err("exec probe without a command".into());
-        };
-        let mut command = tokio::process::Command::new(prog);
-        command
-            .args(args)
-            .env_clear()
-            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-            .envs(t.env.clone())
-            .current_dir(&t.workdir)
-            .kill_on_drop(true);
+        }
+        let argv: Vec<String> = t.exec_prefix.iter().chain(&cmd).cloned().collect();
+        let mut command = tokio::process::Command::new(&argv[0]);
+        command.args(&argv[1..]).kill_on_drop(true);
+        if t.exec_prefix.is_empty() {
+            command
+                .env_clear()
+                .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+                .envs(t.env.clone())
+                .current_dir(&t.workdir);
+        }
         return match tokio::time::timeout(timeout, command.output()).await {
             Err(_) => Err(format!("command {cmd:?} timed out")),
             Ok(Err(e)) => Err(e.to_string()),

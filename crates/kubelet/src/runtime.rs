@@ -1,5 +1,6 @@
 //! Container runtimes behind one small interface: `process` runs the container's command as a
-//! host process in its own process group (logs to a file); `simulated` runs nothing.
+//! host process in its own process group (logs to a file); `oci` runs the image's container
+//! through runc (see `crate::oci`); `simulated` runs nothing.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -21,6 +22,7 @@ pub struct ContainerSpec {
 /// A started container.
 pub enum Handle {
     Process { child: tokio::process::Child, pid: i32 },
+    Oci { runtime: rkube_oci::runc::Runtime, container: rkube_oci::runc::Container },
     Simulated { stop: tokio::sync::watch::Receiver<bool>, exit_after: Option<Duration> },
 }
 
@@ -28,12 +30,42 @@ pub enum Handle {
 pub struct Exit {
     pub code: i32,
     pub signal: Option<i32>,
+    /// The container's memory cgroup killed it: reason `OOMKilled`.
+    pub oom_killed: bool,
+}
+
+/// How to signal a started container, kept after its `Handle` went to the task that waits.
+#[derive(Clone, Debug)]
+pub enum Killer {
+    Process(i32),
+    Oci(rkube_oci::runc::Runtime, rkube_oci::runc::Container),
+}
+
+impl Killer {
+    /// Signals the container: the whole process group of a process container; an OCI
+    /// container through runc (asynchronously — the caller waits for the exit anyway).
+    pub fn signal(&self, sig: Signal) {
+        match self {
+            Killer::Process(pid) => {
+                let _ = nix::sys::signal::killpg(Pid::from_raw(*pid), sig);
+            }
+            Killer::Oci(rt, c) => {
+                let (rt, c) = (rt.clone(), c.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = rt.kill(&c, sig).await {
+                        tracing::debug!(container = %c.id, "signal {sig}: {e}");
+                    }
+                });
+            }
+        }
+    }
 }
 
 impl Handle {
     pub fn id(&self) -> String {
         match self {
             Handle::Process { pid, .. } => format!("process://{pid}"),
+            Handle::Oci { container, .. } => format!("runc://{}", container.id),
             Handle::Simulated { .. } => "simulated://0".into(),
         }
     }
@@ -47,24 +79,36 @@ impl Handle {
                     Exit {
                         code: status.code().unwrap_or(128 + status.signal().unwrap_or(9)),
                         signal: status.signal(),
+                        oom_killed: false,
                     }
                 }
-                Err(_) => Exit { code: 128, signal: None },
+                Err(_) => Exit { code: 128, signal: None, oom_killed: false },
+            },
+            Handle::Oci { runtime, container } => match runtime.wait(container).await {
+                Ok(e) => Exit { code: e.code, signal: e.signal, oom_killed: e.oom_killed },
+                Err(e) => {
+                    tracing::warn!(container = %container.id, "lost the exit status: {e}");
+                    Exit { code: 128, signal: None, oom_killed: false }
+                }
             },
             Handle::Simulated { stop, exit_after } => {
                 let after = *exit_after;
                 tokio::select! {
-                    _ = stop.wait_for(|s| *s) => Exit { code: 137, signal: Some(9) },
-                    _ = async move { match after { Some(d) => tokio::time::sleep(d).await, None => std::future::pending().await } } => Exit { code: 0, signal: None },
+                    _ = stop.wait_for(|s| *s) => Exit { code: 137, signal: Some(9), oom_killed: false },
+                    _ = async move { match after { Some(d) => tokio::time::sleep(d).await, None => std::future::pending().await } } => Exit { code: 0, signal: None, oom_killed: false },
                 }
             }
         }
     }
 
-    /// Sends a signal to the whole process group of the container.
-    pub fn signal(&self, sig: Signal) {
-        if let Handle::Process { pid, .. } = self {
-            let _ = nix::sys::signal::killpg(Pid::from_raw(*pid), sig);
+    /// What can signal this container once the handle is waited on.
+    pub fn killer(&self) -> Option<Killer> {
+        match self {
+            Handle::Process { pid, .. } => Some(Killer::Process(*pid)),
+            Handle::Oci { runtime, container } => {
+                Some(Killer::Oci(runtime.clone(), container.clone()))
+            }
+            Handle::Simulated { .. } => None,
         }
     }
 }

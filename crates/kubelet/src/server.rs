@@ -246,12 +246,34 @@ async fn exec(
         Err(msg) => return status(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", msg),
     };
     let workdir = dir.join("work");
+    // An OCI container runs the command inside itself through `runc exec`.
+    let mut prefix: Vec<String> = Vec::new();
+    if ctx.config.runtime == crate::RuntimeKind::Oci {
+        let uid = p.metadata.uid.clone().unwrap_or_default();
+        match crate::oci::running_container(&ctx.config, &uid, &container).await {
+            Some((runtime, ctr)) => {
+                prefix = crate::oci::exec_argv(&runtime, &ctr);
+                if tty {
+                    let id = prefix.pop().unwrap_or_default();
+                    prefix.push("--tty".into());
+                    prefix.push(id);
+                }
+            }
+            None => {
+                return status(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    format!("container {container} is not running in pod {pod}"),
+                );
+            }
+        }
+    }
     ws.protocols(["v5.channel.k8s.io", "v4.channel.k8s.io", "channel.k8s.io"]).on_upgrade(
         move |socket| async move {
             if tty {
-                run_tty(socket, command, env, workdir).await
+                run_tty(socket, command, prefix, env, workdir).await
             } else {
-                run_exec(socket, command, env, workdir, stdin).await
+                run_exec(socket, command, prefix, env, workdir, stdin).await
             }
         },
     )
@@ -277,21 +299,40 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The process that runs `command`: on the host with the container's environment, or
+/// through `prefix` (`runc exec <id>`) inside the container.
+fn exec_command(
+    command: &[String],
+    prefix: &[String],
+    env: &[(String, String)],
+    workdir: &std::path::Path,
+) -> tokio::process::Command {
+    if prefix.is_empty() {
+        let _ = std::fs::create_dir_all(workdir);
+        let mut cmd = tokio::process::Command::new(&command[0]);
+        cmd.args(&command[1..])
+            .env_clear()
+            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            .envs(env.iter().cloned())
+            .current_dir(workdir);
+        cmd
+    } else {
+        let mut cmd = tokio::process::Command::new(&prefix[0]);
+        cmd.args(&prefix[1..]).args(command);
+        cmd
+    }
+}
+
 async fn run_exec(
     mut socket: WebSocket,
     command: Vec<String>,
+    prefix: Vec<String>,
     env: Vec<(String, String)>,
     workdir: PathBuf,
     want_stdin: bool,
 ) {
-    let _ = std::fs::create_dir_all(&workdir);
-    let mut cmd = tokio::process::Command::new(&command[0]);
-    cmd.args(&command[1..])
-        .env_clear()
-        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-        .envs(env)
-        .current_dir(&workdir)
-        .stdin(if want_stdin { std::process::Stdio::piped() } else { std::process::Stdio::null() })
+    let mut cmd = exec_command(&command, &prefix, &env, &workdir);
+    cmd.stdin(if want_stdin { std::process::Stdio::piped() } else { std::process::Stdio::null() })
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
@@ -382,19 +423,14 @@ fn status_frame(exit: Option<std::process::ExitStatus>, command: &[String]) -> V
 async fn run_tty(
     mut socket: WebSocket,
     command: Vec<String>,
+    prefix: Vec<String>,
     env: Vec<(String, String)>,
     workdir: PathBuf,
 ) {
-    let _ = std::fs::create_dir_all(&workdir);
     let spawn = || -> std::io::Result<(tokio::process::Child, std::fs::File)> {
         let (master, slave) = crate::tty::open()?;
-        let mut cmd = tokio::process::Command::new(&command[0]);
-        cmd.args(&command[1..])
-            .env_clear()
-            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-            .env("TERM", "xterm")
-            .envs(env.clone())
-            .current_dir(&workdir)
+        let mut cmd = exec_command(&command, &prefix, &env, &workdir);
+        cmd.env("TERM", "xterm")
             .stdin(std::process::Stdio::from(slave.try_clone()?))
             .stdout(std::process::Stdio::from(slave.try_clone()?))
             .stderr(std::process::Stdio::from(slave))
