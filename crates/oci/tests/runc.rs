@@ -30,7 +30,7 @@ fn fixture() -> Option<Fixture> {
         Some("runc is not installed")
     } else if !Path::new(BUSYBOX).is_file() {
         Some("busybox is not installed (Debian busybox-static)")
-    } else if std::fs::read(BUSYBOX).is_ok_and(|b| b.windows(8).any(|w| w == b"ld-linux")) {
+    } else if std::fs::read(BUSYBOX).is_ok_and(|b| has_interpreter(&b)) {
         Some("/bin/busybox is linked dynamically: install Debian busybox-static")
     } else {
         None
@@ -50,6 +50,21 @@ fn fixture() -> Option<Fixture> {
     let shim = vec![env!("CARGO_BIN_EXE_rkube-runc-shim").into()];
     let rt = Runtime::new(dir.join("root"), shim).unwrap().with_cgroup_parent(tag);
     Some(Fixture { dir, image, rt })
+}
+
+/// True when an ELF64 file names a program interpreter (PT_INTERP): it is linked dynamically and
+/// would not run alone in a rootfs.
+fn has_interpreter(elf: &[u8]) -> bool {
+    const PT_INTERP: u32 = 3;
+    let num = |at: usize, len: usize| -> Option<u64> {
+        let b = elf.get(at..at + len)?;
+        Some(b.iter().rev().fold(0u64, |acc, &x| (acc << 8) | u64::from(x))) // little-endian
+    };
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (num(0x20, 8), num(0x36, 2), num(0x38, 2))
+    else {
+        return false;
+    };
+    (0..phnum).any(|i| num((phoff + i * phentsize) as usize, 4) == Some(u64::from(PT_INTERP)))
 }
 
 /// An image directory with busybox and one symlink per applet.
@@ -337,7 +352,7 @@ async fn a_read_only_root_filesystem_refuses_writes_but_volumes_stay_writable() 
         assert_eq!(exit.code, 42, "log: {log}");
         assert!(log.contains("Read-only file system"), "log: {log}");
         assert_eq!(std::fs::read_to_string(vol.join("file")).unwrap(), "vol-ok\n");
-        assert_eq!(std::fs::read_to_string(c.dir.join("termination-log")).unwrap(), "bye\n");
+        assert_eq!(std::fs::read_to_string(c.termination_log_path()).unwrap(), "bye\n");
         fx.rt.remove(&c).await.unwrap();
         fx.rt.remove_sandbox(&sb.pod_uid).await.unwrap();
     })
@@ -424,6 +439,75 @@ async fn removing_everything_leaves_no_mounts_runc_state_or_cgroups() {
                 .join("podpod-clean")
                 .exists()
         );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_tty_container_sees_a_terminal_and_its_output_lands_on_stdout() {
+    let Some(fx) = fixture() else { return };
+    bounded(async {
+        let sb = fx.sandbox("pod-tty", "tty").await;
+        let mut cfg = fx.config(
+            "tty",
+            &["/bin/sh", "-c", "test -t 1 && echo is-a-tty; echo to-stderr >&2; echo TERM=$TERM"],
+        );
+        cfg.tty = true;
+        let (exit, log) = fx.run_to_end(&sb, &cfg).await;
+        assert_eq!(exit.code, 0, "log: {log}");
+        assert_eq!(messages(&log, "stdout"), vec!["is-a-tty", "to-stderr", "TERM=xterm"]);
+        fx.rt.remove_sandbox(&sb.pod_uid).await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_host_network_pod_keeps_the_node_network_and_hostname() {
+    let Some(fx) = fixture() else { return };
+    bounded(async {
+        let sb = fx
+            .rt
+            .run_sandbox(&SandboxConfig {
+                pod_uid: "pod-hostnet".into(),
+                hostname: "ignored".into(),
+                host_network: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(sb.netns_path, None);
+        assert_eq!(sb.uts_path, None);
+        assert!(sb.ipc_path.is_some());
+        let cfg = fx.config("hostnet", &["/bin/sh", "-c", "hostname; readlink /proc/self/ns/net"]);
+        let (exit, log) = fx.run_to_end(&sb, &cfg).await;
+        assert_eq!(exit.code, 0, "log: {log}");
+        let host = nix::unistd::gethostname().unwrap().to_string_lossy().to_string();
+        let host_net =
+            std::fs::read_link("/proc/self/ns/net").unwrap().to_string_lossy().to_string();
+        assert_eq!(messages(&log, "stdout"), vec![host, host_net]);
+        fx.rt.remove_sandbox(&sb.pod_uid).await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_shim_that_dies_loses_the_exit_and_wait_says_so() {
+    let Some(fx) = fixture() else { return };
+    bounded(async {
+        let sb = fx.sandbox("pod-lost", "lost").await;
+        let cfg = fx.config("lost", &["/bin/sleep", "300"]);
+        let c = fx.rt.create_container(&sb, &cfg).await.unwrap();
+        fx.rt.start_container(&c).await.unwrap();
+        let shim: i32 =
+            std::fs::read_to_string(c.dir.join("shim.pid")).unwrap().trim().parse().unwrap();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim), Signal::SIGKILL).unwrap();
+        let err = fx.rt.wait(&c).await.unwrap_err();
+        assert!(matches!(err, rkube_oci::runc::Error::ExitLost(_)), "{err}");
+        assert_eq!(fx.rt.status(&c).await.unwrap(), ContainerStatus::Unknown);
+        // The container itself still runs: remove must still kill and delete it.
+        fx.rt.remove(&c).await.unwrap();
+        fx.rt.remove_sandbox(&sb.pod_uid).await.unwrap();
+        assert!(fx.rt.list().await.unwrap().is_empty());
     })
     .await;
 }

@@ -41,6 +41,14 @@ pub struct Container {
     pub created_at: String,
 }
 
+impl Container {
+    /// The file bind-mounted at /dev/termination-log: the kubelet reads the termination message
+    /// here after the container ends (and before `remove`).
+    pub fn termination_log_path(&self) -> PathBuf {
+        self.dir.join("termination-log")
+    }
+}
+
 /// Where a container is in its life.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ContainerStatus {
