@@ -368,7 +368,7 @@ async fn exec_runs_inside_and_a_new_runtime_finds_the_running_container_again() 
         let c = fx.rt.create_container(&sb, &cfg).await.unwrap();
         fx.rt.start_container(&c).await.unwrap();
 
-        let child = fx
+        let exec = fx
             .rt
             .exec(
                 &c,
@@ -376,9 +376,39 @@ async fn exec_runs_inside_and_a_new_runtime_finds_the_running_container_again() 
                 false,
             )
             .unwrap();
-        let out = child.wait_with_output().await.unwrap();
+        assert!(exec.terminal.is_none());
+        let out = exec.child.wait_with_output().await.unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(String::from_utf8_lossy(&out.stdout), "exec-pod\nexec-pod\n");
+
+        let mut exec = fx
+            .rt
+            .exec(
+                &c,
+                &[
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    "test -t 0 && test -t 1 && echo tty-inside; exit 5".into(),
+                ],
+                true,
+            )
+            .unwrap();
+        let mut master = exec.terminal.take().expect("a tty exec has a terminal");
+        let output = tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut out = Vec::new();
+            let mut buf = [0u8; 4096];
+            // The master reads EIO once runc, the last holder of the slave, has exited.
+            while let Ok(n @ 1..) = master.read(&mut buf) {
+                out.extend_from_slice(&buf[..n]);
+            }
+            String::from_utf8_lossy(&out).to_string()
+        })
+        .await
+        .unwrap();
+        let status = exec.child.wait().await.unwrap();
+        assert_eq!(status.code(), Some(5), "output: {output}");
+        assert!(output.contains("tty-inside"), "output: {output:?}");
 
         // As after a kubelet restart: a fresh runtime over the same root.
         let again = Runtime::new(fx.rt.root(), vec![env!("CARGO_BIN_EXE_rkube-runc-shim").into()])
@@ -508,6 +538,47 @@ async fn a_shim_that_dies_loses_the_exit_and_wait_says_so() {
         fx.rt.remove(&c).await.unwrap();
         fx.rt.remove_sandbox(&sb.pod_uid).await.unwrap();
         assert!(fx.rt.list().await.unwrap().is_empty());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn cpu_memory_and_pids_limits_reach_the_container_cgroup() {
+    let Some(fx) = fixture() else { return };
+    bounded(async {
+        let sb = fx.sandbox("pod-res", "res").await;
+        let mut cfg = fx.config("res", &["/bin/sleep", "300"]);
+        cfg.resources = Resources {
+            cpu_request_milli: Some(250),
+            cpu_limit_milli: Some(500),
+            memory_limit_bytes: Some(64 << 20),
+            pids_limit: Some(50),
+        };
+        let c = fx.rt.create_container(&sb, &cfg).await.unwrap();
+        fx.rt.start_container(&c).await.unwrap();
+        let rel = c.cgroups_path.trim_start_matches('/');
+        let read = |file: String| {
+            std::fs::read_to_string(&file)
+                .unwrap_or_else(|e| panic!("{file}: {e}"))
+                .trim()
+                .to_string()
+        };
+        if Path::new("/sys/fs/cgroup/cpu/cpu.shares").exists() {
+            assert_eq!(read(format!("/sys/fs/cgroup/cpu/{rel}/cpu.shares")), "256");
+            assert_eq!(read(format!("/sys/fs/cgroup/cpu/{rel}/cpu.cfs_quota_us")), "50000");
+            assert_eq!(read(format!("/sys/fs/cgroup/cpu/{rel}/cpu.cfs_period_us")), "100000");
+            assert_eq!(
+                read(format!("/sys/fs/cgroup/memory/{rel}/memory.limit_in_bytes")),
+                (64u64 << 20).to_string()
+            );
+            assert_eq!(read(format!("/sys/fs/cgroup/pids/{rel}/pids.max")), "50");
+        } else {
+            assert_eq!(read(format!("/sys/fs/cgroup/{rel}/cpu.max")), "50000 100000");
+            assert_eq!(read(format!("/sys/fs/cgroup/{rel}/memory.max")), (64u64 << 20).to_string());
+            assert_eq!(read(format!("/sys/fs/cgroup/{rel}/pids.max")), "50");
+        }
+        fx.rt.remove(&c).await.unwrap();
+        fx.rt.remove_sandbox(&sb.pod_uid).await.unwrap();
     })
     .await;
 }

@@ -49,6 +49,15 @@ impl Container {
     }
 }
 
+/// A process started by [`Runtime::exec`].
+#[derive(Debug)]
+pub struct ExecProcess {
+    pub child: tokio::process::Child,
+    /// With a tty: the pty master, to read the output from and write the input to (resize it
+    /// with TIOCSWINSZ, as the kubelet's tty module does).
+    pub terminal: Option<std::fs::File>,
+}
+
 /// Where a container is in its life.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ContainerStatus {
@@ -256,10 +265,16 @@ impl Runtime {
         .map_err(|e| Error::Config(format!("remove task failed: {e}")))?
     }
 
-    /// Runs `argv` in the running container (`runc exec`), stdio piped, for `kubectl exec`. With
-    /// `tty` runc gives the process a terminal and relays it over the pipes. The child is killed
-    /// when dropped.
-    pub fn exec(&self, c: &Container, argv: &[String], tty: bool) -> Result<tokio::process::Child> {
+    /// The `runc exec` command for `argv` in the running container, stdio left to the caller
+    /// (the kubelet can hand it its own pty and make it the controlling terminal). With `tty`,
+    /// runc gives the process a terminal of its own and relays it to runc's stdio, which must then
+    /// be a terminal too.
+    pub fn exec_command(
+        &self,
+        c: &Container,
+        argv: &[String],
+        tty: bool,
+    ) -> Result<tokio::process::Command> {
         if argv.is_empty() {
             return Err(Error::Config("exec needs a command".into()));
         }
@@ -268,13 +283,29 @@ impl Runtime {
         if tty {
             cmd.arg("--tty");
         }
-        cmd.arg(&c.id)
-            .args(argv)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        cmd.spawn().map_err(io_err("spawn runc exec"))
+        cmd.arg(&c.id).args(argv).kill_on_drop(true);
+        Ok(cmd)
+    }
+
+    /// Runs `argv` in the running container, for `kubectl exec`. Without `tty` its stdin, stdout
+    /// and stderr are the child's pipes; with `tty` they are one pty whose master is
+    /// [`ExecProcess::terminal`]. The process is killed when the child is dropped.
+    pub fn exec(&self, c: &Container, argv: &[String], tty: bool) -> Result<ExecProcess> {
+        let mut cmd = self.exec_command(c, argv, tty)?;
+        if !tty {
+            cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+            let child = cmd.spawn().map_err(io_err("spawn runc exec"))?;
+            return Ok(ExecProcess { child, terminal: None });
+        }
+        let pty = nix::pty::openpty(None, None).map_err(super::sys_err("open a pty"))?;
+        let slave =
+            |fd: &std::os::fd::OwnedFd| fd.try_clone().map(Stdio::from).map_err(io_err("dup pty"));
+        cmd.stdin(slave(&pty.slave)?).stdout(slave(&pty.slave)?).stderr(slave(&pty.slave)?);
+        let child = cmd.spawn().map_err(io_err("spawn runc exec"))?;
+        // Only runc may hold the slave: the master reads end of file (EIO) when runc is done.
+        drop(cmd);
+        drop(pty.slave);
+        Ok(ExecProcess { child, terminal: Some(std::fs::File::from(pty.master)) })
     }
 
     /// Every container on disk with its status, sorted by id: what the kubelet relists, and what
