@@ -21,6 +21,7 @@ mod spec;
 use std::path::{Path, PathBuf};
 
 pub use container::{Container, ContainerInfo, ContainerStatus, ExecProcess, Exit};
+pub use rootfs::RootfsKind;
 pub use sandbox::{Sandbox, SandboxConfig};
 pub use spec::{
     ContainerConfig, ImageConfig, Mount, Resources, Security, build_spec, merge_args, merge_env,

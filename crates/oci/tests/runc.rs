@@ -582,3 +582,31 @@ async fn cpu_memory_and_pids_limits_reach_the_container_cgroup() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_image_path_overlay_cannot_take_is_copied_and_still_runs() {
+    let Some(fx) = fixture() else { return };
+    bounded(async {
+        // Overlay options are comma-separated: a lower dir with a comma must fall back to a copy.
+        let odd = fx.dir.join("image,v1");
+        std::fs::rename(&fx.image, &odd).unwrap();
+        let sb = fx.sandbox("pod-copy", "copy").await;
+        let mut cfg = fx
+            .config("copy", &["/bin/sh", "-c", "echo copied > /new && cat /new && ls -l /bin/sh"]);
+        cfg.rootfs_lower = odd.clone();
+        let c = fx.rt.create_container(&sb, &cfg).await.unwrap();
+        assert_eq!(c.rootfs, rkube_oci::runc::RootfsKind::Copy);
+        fx.rt.start_container(&c).await.unwrap();
+        let exit = fx.rt.wait(&c).await.unwrap();
+        let log = std::fs::read_to_string(&cfg.log_path).unwrap();
+        assert_eq!(exit.code, 0, "log: {log}");
+        let out = messages(&log, "stdout");
+        assert_eq!(out[0], "copied");
+        assert!(out[1].ends_with("/bin/sh -> busybox"), "symlinks survive the copy: {out:?}");
+        // The image itself is untouched.
+        assert!(!odd.join("new").exists());
+        fx.rt.remove(&c).await.unwrap();
+        fx.rt.remove_sandbox(&sb.pod_uid).await.unwrap();
+    })
+    .await;
+}

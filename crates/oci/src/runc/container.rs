@@ -208,6 +208,10 @@ impl Runtime {
 
     /// Waits for the container to end and returns how it ended. Safe to call from several places
     /// and after a kubelet restart: the shim records the exit on disk.
+    ///
+    /// # Caveats
+    /// Polls every 100 ms. Waiting for a container that was created but never started waits
+    /// until someone starts it.
     pub async fn wait(&self, c: &Container) -> Result<Exit> {
         loop {
             if let Some(exit) = read_exit(c) {
@@ -365,7 +369,8 @@ fn shim_started(c: &Container) -> bool {
     c.dir.join("shim.pid").exists()
 }
 
-/// True when the shim recorded in `shim.pid` still runs (a zombie counts as gone).
+/// True when the shim recorded in `shim.pid` still runs (a zombie counts as gone). The pid must
+/// also still be a shim of this container: after a reboot the number may belong to anything.
 fn shim_alive(c: &Container) -> bool {
     let Some(pid) = std::fs::read_to_string(c.dir.join("shim.pid"))
         .ok()
@@ -376,7 +381,13 @@ fn shim_alive(c: &Container) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
     // The state follows the command name in parentheses: "pid (comm) S ...".
     let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
-    !matches!(state, Some("Z" | "X") | None)
+    if matches!(state, Some("Z" | "X") | None) {
+        return false;
+    }
+    // The shim's last argument is this container's directory.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let dir = c.dir.as_os_str().as_encoded_bytes();
+    cmdline.split(|&b| b == 0).any(|arg| arg == dir)
 }
 
 fn status_of(c: &Container, state: Option<&RuncState>) -> ContainerStatus {
