@@ -176,8 +176,11 @@ pub(crate) fn check_id(kind: &str, id: &str) -> Result<()> {
 }
 
 /// Writes a file through a temporary name and a rename, so a crash never leaves half of it.
+/// (A file bind-mounted into running containers keeps its old content there: write those once.)
 pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
     std::fs::write(&tmp, data).map_err(io_err(format!("write {}", tmp.display())))?;
     std::fs::rename(&tmp, path).map_err(io_err(format!("rename to {}", path.display())))
 }

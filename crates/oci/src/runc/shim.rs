@@ -18,6 +18,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
@@ -67,6 +68,14 @@ fn run(dir: &Path, status: &mut std::io::Stdout) -> Result<()> {
     .map_err(|source| Error::Json { what: format!("parse {}", cfg_path.display()), source })?;
     // Our own session: a signal to the kubelet's process group or terminal must not reach us.
     let _ = nix::unistd::setsid();
+    // Nor a polite stop aimed at the kubelet's processes: only SIGKILL ends the shim early (that
+    // loses the exit, see Error::ExitLost). Blocked before any thread starts, so all inherit it;
+    // std resets the mask in the processes we spawn, so runc and the container get signals.
+    let mut polite = nix::sys::signal::SigSet::empty();
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGQUIT] {
+        polite.add(sig);
+    }
+    let _ = polite.thread_block();
     nix::sys::prctl::set_child_subreaper(true).map_err(sys_err("become a child subreaper"))?;
     write_atomic(&dir.join("shim.pid"), std::process::id().to_string().as_bytes())?;
 
@@ -149,7 +158,7 @@ fn run(dir: &Path, status: &mut std::io::Stdout) -> Result<()> {
         .status()
         .map_err(io_err("run runc start"))?;
     if !started.success() {
-        let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
         return Err(Error::Runc { args: "start".into(), message: runc_error(dir) });
     }
     let _ = writeln!(status, "ok {pid}");
