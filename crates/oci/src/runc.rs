@@ -24,7 +24,8 @@ pub use container::{Container, ContainerInfo, ContainerStatus, ExecProcess, Exit
 pub use rootfs::RootfsKind;
 pub use sandbox::{Sandbox, SandboxConfig};
 pub use spec::{
-    ContainerConfig, ImageConfig, Mount, Resources, Security, build_spec, merge_args, merge_env,
+    BundlePaths, ContainerConfig, ImageConfig, Mount, ProcessUser, Resources, Security, build_spec,
+    cpu_quota, cpu_shares, merge_args, merge_env,
 };
 
 /// What failed while running containers through runc.
@@ -58,6 +59,8 @@ pub enum Error {
     },
     #[error("shim for container {id}: {message}")]
     Shim { id: String, message: String },
+    #[error("background {0} failed")]
+    Task(String),
     #[error("container {0} not found")]
     NotFound(String),
     /// The shim died without recording the exit status (e.g. the node rebooted): the container's

@@ -121,7 +121,7 @@ impl Runtime {
             made
         })
         .await
-        .map_err(|e| Error::Config(format!("bundle task failed: {e}")))?
+        .map_err(|e| Error::Task(format!("bundle task: {e}")))?
     }
 
     /// The container recorded under `id`.
@@ -266,7 +266,7 @@ impl Runtime {
             }
         })
         .await
-        .map_err(|e| Error::Config(format!("remove task failed: {e}")))?
+        .map_err(|e| Error::Task(format!("remove task: {e}")))?
     }
 
     /// The `runc exec` command for `argv` in the running container, stdio left to the caller
