@@ -118,7 +118,13 @@ impl Drop for Fixture {
                 rmdir_tree(&Path::new(mp).join(&parent));
             }
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // A shim killed by the delete above may still be writing its exit file: retry briefly.
+        for _ in 0..5 {
+            if std::fs::remove_dir_all(&self.dir).is_ok() || !self.dir.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 
@@ -328,6 +334,8 @@ async fn two_containers_of_a_pod_share_loopback_and_the_pod_hostname() {
         fx.rt.stop_sandbox(&sb.pod_uid).await.unwrap();
         fx.rt.stop_sandbox(&sb.pod_uid).await.unwrap();
         fx.rt.remove_sandbox(&sb.pod_uid).await.unwrap();
+        fx.rt.remove_sandbox(&sb.pod_uid).await.unwrap();
+        fx.rt.stop_sandbox(&sb.pod_uid).await.unwrap();
     })
     .await;
 }
@@ -418,6 +426,9 @@ async fn exec_runs_inside_and_a_new_runtime_finds_the_running_container_again() 
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].container, c);
         assert!(matches!(listed[0].status, ContainerStatus::Running { pid } if pid > 0));
+        let started: jiff::Timestamp =
+            listed[0].started_at.as_deref().expect("startedAt recorded").parse().unwrap();
+        assert!(started <= jiff::Timestamp::now());
         assert_eq!(again.list_sandboxes().unwrap(), vec![sb.clone()]);
         // Creating the same sandbox again is a no-op that returns it.
         assert_eq!(fx.sandbox("pod-exec", "exec-pod").await, sb);

@@ -76,6 +76,8 @@ pub enum ContainerStatus {
 pub struct ContainerInfo {
     pub container: Container,
     pub status: ContainerStatus,
+    /// RFC 3339, once the shim started it.
+    pub started_at: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -327,7 +329,8 @@ impl Runtime {
             // A directory without its record is a create that crashed half-way; skip it.
             let Ok(container) = self.container(&id) else { continue };
             let status = status_of(&container, states.iter().find(|s| s.id == id));
-            out.push(ContainerInfo { container, status });
+            let started_at = started_at(&container);
+            out.push(ContainerInfo { container, status, started_at });
         }
         out.sort_by(|a, b| a.container.id.cmp(&b.container.id));
         Ok(out)
@@ -363,6 +366,12 @@ fn write_bundle(mut c: Container, sandbox: &Sandbox, cfg: &ContainerConfig) -> R
 
 fn read_exit(c: &Container) -> Option<Exit> {
     serde_json::from_slice(&std::fs::read(c.dir.join("exit")).ok()?).ok()
+}
+
+fn started_at(c: &Container) -> Option<String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(c.dir.join("started")).ok()?).ok()?;
+    v["started_at"].as_str().map(str::to_string)
 }
 
 fn shim_started(c: &Container) -> bool {

@@ -9,7 +9,8 @@
 //!
 //! Protocol: started as `<shim> <container dir>`, it reads `shim.json`, writes `shim.pid`, prints
 //! one line on stdout (`ok <pid>` or `error <message>`) once the container runs or failed to
-//! start, then copies output to the CRI log and finally writes `exit` (JSON of [`Exit`]) atomically.
+//! start (and `started` with its pid and time), then copies output to the CRI log and finally
+//! writes `exit` (JSON of [`Exit`]) atomically.
 
 use std::io::{BufRead, Read, Write};
 use std::os::fd::OwnedFd;
@@ -161,6 +162,10 @@ fn run(dir: &Path, status: &mut std::io::Stdout) -> Result<()> {
         let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
         return Err(Error::Runc { args: "start".into(), message: runc_error(dir) });
     }
+    // Recorded for a kubelet that restarts: the container's startedAt.
+    let started =
+        serde_json::json!({ "pid": pid, "started_at": jiff::Timestamp::now().to_string() });
+    write_atomic(&dir.join("started"), started.to_string().as_bytes())?;
     let _ = writeln!(status, "ok {pid}");
     let _ = status.flush();
     // The starter has its answer; our stdout must not keep its pipe (or terminal) open.
