@@ -621,3 +621,51 @@ async fn an_image_path_overlay_cannot_take_is_copied_and_still_runs() {
     })
     .await;
 }
+
+#[test]
+fn a_test_that_panics_mid_way_still_leaves_nothing_behind() {
+    if fixture().is_none() {
+        return;
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let panicked = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let fx = fixture().unwrap();
+            tx.send((fx.dir.clone(), fx.rt.cgroup_parent().to_string())).unwrap();
+            let sb = fx.sandbox("pod-panic", "panic").await;
+            let c = fx
+                .rt
+                .create_container(&sb, &fx.config("left", &["/bin/sleep", "300"]))
+                .await
+                .unwrap();
+            fx.rt.start_container(&c).await.unwrap();
+            panic!("on purpose, with a running container, a sandbox and a rootfs mounted");
+        })
+    })
+    .join();
+    assert!(panicked.is_err());
+    let (dir, cgroup_parent) = rx.recv().unwrap();
+    let dir_text = dir.to_string_lossy().to_string();
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mountinfo.contains(&dir_text), "mounts left: {mountinfo}");
+    assert!(!dir.exists(), "{} left", dir.display());
+    assert!(!Path::new("/sys/fs/cgroup/memory").join(&cgroup_parent).exists());
+    // No shim (whose argument is the container directory) survives; it may take a moment to
+    // notice its container died.
+    let shims = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .filter(|cmdline| String::from_utf8_lossy(cmdline).contains(&dir_text))
+            .count()
+    };
+    for _ in 0..50 {
+        if shims() == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(shims(), 0, "processes left");
+}
