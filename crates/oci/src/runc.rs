@@ -20,10 +20,12 @@ mod spec;
 
 use std::path::{Path, PathBuf};
 
-pub use container::{Container, ContainerInfo, ContainerStatus, Exit};
+pub use container::{Container, ContainerInfo, ContainerStatus, ExecProcess, Exit};
+pub use rootfs::RootfsKind;
 pub use sandbox::{Sandbox, SandboxConfig};
 pub use spec::{
-    ContainerConfig, ImageConfig, Mount, Resources, Security, build_spec, merge_args, merge_env,
+    BundlePaths, ContainerConfig, ImageConfig, Mount, ProcessUser, Resources, Security, build_spec,
+    cpu_quota, cpu_shares, merge_args, merge_env,
 };
 
 /// What failed while running containers through runc.
@@ -57,6 +59,8 @@ pub enum Error {
     },
     #[error("shim for container {id}: {message}")]
     Shim { id: String, message: String },
+    #[error("background {0} failed")]
+    Task(String),
     #[error("container {0} not found")]
     NotFound(String),
     /// The shim died without recording the exit status (e.g. the node rebooted): the container's
@@ -175,8 +179,11 @@ pub(crate) fn check_id(kind: &str, id: &str) -> Result<()> {
 }
 
 /// Writes a file through a temporary name and a rename, so a crash never leaves half of it.
+/// (A file bind-mounted into running containers keeps its old content there: write those once.)
 pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
     std::fs::write(&tmp, data).map_err(io_err(format!("write {}", tmp.display())))?;
     std::fs::rename(&tmp, path).map_err(io_err(format!("rename to {}", path.display())))
 }

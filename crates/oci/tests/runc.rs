@@ -118,7 +118,13 @@ impl Drop for Fixture {
                 rmdir_tree(&Path::new(mp).join(&parent));
             }
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // A shim killed by the delete above may still be writing its exit file: retry briefly.
+        for _ in 0..5 {
+            if std::fs::remove_dir_all(&self.dir).is_ok() || !self.dir.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 
@@ -328,6 +334,8 @@ async fn two_containers_of_a_pod_share_loopback_and_the_pod_hostname() {
         fx.rt.stop_sandbox(&sb.pod_uid).await.unwrap();
         fx.rt.stop_sandbox(&sb.pod_uid).await.unwrap();
         fx.rt.remove_sandbox(&sb.pod_uid).await.unwrap();
+        fx.rt.remove_sandbox(&sb.pod_uid).await.unwrap();
+        fx.rt.stop_sandbox(&sb.pod_uid).await.unwrap();
     })
     .await;
 }
@@ -368,7 +376,7 @@ async fn exec_runs_inside_and_a_new_runtime_finds_the_running_container_again() 
         let c = fx.rt.create_container(&sb, &cfg).await.unwrap();
         fx.rt.start_container(&c).await.unwrap();
 
-        let child = fx
+        let exec = fx
             .rt
             .exec(
                 &c,
@@ -376,9 +384,39 @@ async fn exec_runs_inside_and_a_new_runtime_finds_the_running_container_again() 
                 false,
             )
             .unwrap();
-        let out = child.wait_with_output().await.unwrap();
+        assert!(exec.terminal.is_none());
+        let out = exec.child.wait_with_output().await.unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(String::from_utf8_lossy(&out.stdout), "exec-pod\nexec-pod\n");
+
+        let mut exec = fx
+            .rt
+            .exec(
+                &c,
+                &[
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    "test -t 0 && test -t 1 && echo tty-inside; exit 5".into(),
+                ],
+                true,
+            )
+            .unwrap();
+        let mut master = exec.terminal.take().expect("a tty exec has a terminal");
+        let output = tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut out = Vec::new();
+            let mut buf = [0u8; 4096];
+            // The master reads EIO once runc, the last holder of the slave, has exited.
+            while let Ok(n @ 1..) = master.read(&mut buf) {
+                out.extend_from_slice(&buf[..n]);
+            }
+            String::from_utf8_lossy(&out).to_string()
+        })
+        .await
+        .unwrap();
+        let status = exec.child.wait().await.unwrap();
+        assert_eq!(status.code(), Some(5), "output: {output}");
+        assert!(output.contains("tty-inside"), "output: {output:?}");
 
         // As after a kubelet restart: a fresh runtime over the same root.
         let again = Runtime::new(fx.rt.root(), vec![env!("CARGO_BIN_EXE_rkube-runc-shim").into()])
@@ -388,6 +426,9 @@ async fn exec_runs_inside_and_a_new_runtime_finds_the_running_container_again() 
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].container, c);
         assert!(matches!(listed[0].status, ContainerStatus::Running { pid } if pid > 0));
+        let started: jiff::Timestamp =
+            listed[0].started_at.as_deref().expect("startedAt recorded").parse().unwrap();
+        assert!(started <= jiff::Timestamp::now());
         assert_eq!(again.list_sandboxes().unwrap(), vec![sb.clone()]);
         // Creating the same sandbox again is a no-op that returns it.
         assert_eq!(fx.sandbox("pod-exec", "exec-pod").await, sb);
@@ -510,4 +551,121 @@ async fn a_shim_that_dies_loses_the_exit_and_wait_says_so() {
         assert!(fx.rt.list().await.unwrap().is_empty());
     })
     .await;
+}
+
+#[tokio::test]
+async fn cpu_memory_and_pids_limits_reach_the_container_cgroup() {
+    let Some(fx) = fixture() else { return };
+    bounded(async {
+        let sb = fx.sandbox("pod-res", "res").await;
+        let mut cfg = fx.config("res", &["/bin/sleep", "300"]);
+        cfg.resources = Resources {
+            cpu_request_milli: Some(250),
+            cpu_limit_milli: Some(500),
+            memory_limit_bytes: Some(64 << 20),
+            pids_limit: Some(50),
+        };
+        let c = fx.rt.create_container(&sb, &cfg).await.unwrap();
+        fx.rt.start_container(&c).await.unwrap();
+        let rel = c.cgroups_path.trim_start_matches('/');
+        let read = |file: String| {
+            std::fs::read_to_string(&file)
+                .unwrap_or_else(|e| panic!("{file}: {e}"))
+                .trim()
+                .to_string()
+        };
+        if Path::new("/sys/fs/cgroup/cpu/cpu.shares").exists() {
+            assert_eq!(read(format!("/sys/fs/cgroup/cpu/{rel}/cpu.shares")), "256");
+            assert_eq!(read(format!("/sys/fs/cgroup/cpu/{rel}/cpu.cfs_quota_us")), "50000");
+            assert_eq!(read(format!("/sys/fs/cgroup/cpu/{rel}/cpu.cfs_period_us")), "100000");
+            assert_eq!(
+                read(format!("/sys/fs/cgroup/memory/{rel}/memory.limit_in_bytes")),
+                (64u64 << 20).to_string()
+            );
+            assert_eq!(read(format!("/sys/fs/cgroup/pids/{rel}/pids.max")), "50");
+        } else {
+            assert_eq!(read(format!("/sys/fs/cgroup/{rel}/cpu.max")), "50000 100000");
+            assert_eq!(read(format!("/sys/fs/cgroup/{rel}/memory.max")), (64u64 << 20).to_string());
+            assert_eq!(read(format!("/sys/fs/cgroup/{rel}/pids.max")), "50");
+        }
+        fx.rt.remove(&c).await.unwrap();
+        fx.rt.remove_sandbox(&sb.pod_uid).await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_image_path_overlay_cannot_take_is_copied_and_still_runs() {
+    let Some(fx) = fixture() else { return };
+    bounded(async {
+        // Overlay options are comma-separated: a lower dir with a comma must fall back to a copy.
+        let odd = fx.dir.join("image,v1");
+        std::fs::rename(&fx.image, &odd).unwrap();
+        let sb = fx.sandbox("pod-copy", "copy").await;
+        let mut cfg = fx
+            .config("copy", &["/bin/sh", "-c", "echo copied > /new && cat /new && ls -l /bin/sh"]);
+        cfg.rootfs_lower = odd.clone();
+        let c = fx.rt.create_container(&sb, &cfg).await.unwrap();
+        assert_eq!(c.rootfs, rkube_oci::runc::RootfsKind::Copy);
+        fx.rt.start_container(&c).await.unwrap();
+        let exit = fx.rt.wait(&c).await.unwrap();
+        let log = std::fs::read_to_string(&cfg.log_path).unwrap();
+        assert_eq!(exit.code, 0, "log: {log}");
+        let out = messages(&log, "stdout");
+        assert_eq!(out[0], "copied");
+        assert!(out[1].ends_with("/bin/sh -> busybox"), "symlinks survive the copy: {out:?}");
+        // The image itself is untouched.
+        assert!(!odd.join("new").exists());
+        fx.rt.remove(&c).await.unwrap();
+        fx.rt.remove_sandbox(&sb.pod_uid).await.unwrap();
+    })
+    .await;
+}
+
+#[test]
+fn a_test_that_panics_mid_way_still_leaves_nothing_behind() {
+    if fixture().is_none() {
+        return;
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let panicked = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let fx = fixture().unwrap();
+            tx.send((fx.dir.clone(), fx.rt.cgroup_parent().to_string())).unwrap();
+            let sb = fx.sandbox("pod-panic", "panic").await;
+            let c = fx
+                .rt
+                .create_container(&sb, &fx.config("left", &["/bin/sleep", "300"]))
+                .await
+                .unwrap();
+            fx.rt.start_container(&c).await.unwrap();
+            panic!("on purpose, with a running container, a sandbox and a rootfs mounted");
+        })
+    })
+    .join();
+    assert!(panicked.is_err());
+    let (dir, cgroup_parent) = rx.recv().unwrap();
+    let dir_text = dir.to_string_lossy().to_string();
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mountinfo.contains(&dir_text), "mounts left: {mountinfo}");
+    assert!(!dir.exists(), "{} left", dir.display());
+    assert!(!Path::new("/sys/fs/cgroup/memory").join(&cgroup_parent).exists());
+    // No shim (whose argument is the container directory) survives; it may take a moment to
+    // notice its container died.
+    let shims = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .filter(|cmdline| String::from_utf8_lossy(cmdline).contains(&dir_text))
+            .count()
+    };
+    for _ in 0..50 {
+        if shims() == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(shims(), 0, "processes left");
 }

@@ -49,6 +49,15 @@ impl Container {
     }
 }
 
+/// A process started by [`Runtime::exec`].
+#[derive(Debug)]
+pub struct ExecProcess {
+    pub child: tokio::process::Child,
+    /// With a tty: the pty master, to read the output from and write the input to (resize it
+    /// with TIOCSWINSZ, as the kubelet's tty module does).
+    pub terminal: Option<std::fs::File>,
+}
+
 /// Where a container is in its life.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ContainerStatus {
@@ -67,6 +76,8 @@ pub enum ContainerStatus {
 pub struct ContainerInfo {
     pub container: Container,
     pub status: ContainerStatus,
+    /// RFC 3339, once the shim started it.
+    pub started_at: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -112,7 +123,7 @@ impl Runtime {
             made
         })
         .await
-        .map_err(|e| Error::Config(format!("bundle task failed: {e}")))?
+        .map_err(|e| Error::Task(format!("bundle task: {e}")))?
     }
 
     /// The container recorded under `id`.
@@ -199,6 +210,10 @@ impl Runtime {
 
     /// Waits for the container to end and returns how it ended. Safe to call from several places
     /// and after a kubelet restart: the shim records the exit on disk.
+    ///
+    /// # Caveats
+    /// Polls every 100 ms. Waiting for a container that was created but never started waits
+    /// until someone starts it.
     pub async fn wait(&self, c: &Container) -> Result<Exit> {
         loop {
             if let Some(exit) = read_exit(c) {
@@ -253,13 +268,19 @@ impl Runtime {
             }
         })
         .await
-        .map_err(|e| Error::Config(format!("remove task failed: {e}")))?
+        .map_err(|e| Error::Task(format!("remove task: {e}")))?
     }
 
-    /// Runs `argv` in the running container (`runc exec`), stdio piped, for `kubectl exec`. With
-    /// `tty` runc gives the process a terminal and relays it over the pipes. The child is killed
-    /// when dropped.
-    pub fn exec(&self, c: &Container, argv: &[String], tty: bool) -> Result<tokio::process::Child> {
+    /// The `runc exec` command for `argv` in the running container, stdio left to the caller
+    /// (the kubelet can hand it its own pty and make it the controlling terminal). With `tty`,
+    /// runc gives the process a terminal of its own and relays it to runc's stdio, which must then
+    /// be a terminal too.
+    pub fn exec_command(
+        &self,
+        c: &Container,
+        argv: &[String],
+        tty: bool,
+    ) -> Result<tokio::process::Command> {
         if argv.is_empty() {
             return Err(Error::Config("exec needs a command".into()));
         }
@@ -268,13 +289,29 @@ impl Runtime {
         if tty {
             cmd.arg("--tty");
         }
-        cmd.arg(&c.id)
-            .args(argv)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        cmd.spawn().map_err(io_err("spawn runc exec"))
+        cmd.arg(&c.id).args(argv).kill_on_drop(true);
+        Ok(cmd)
+    }
+
+    /// Runs `argv` in the running container, for `kubectl exec`. Without `tty` its stdin, stdout
+    /// and stderr are the child's pipes; with `tty` they are one pty whose master is
+    /// [`ExecProcess::terminal`]. The process is killed when the child is dropped.
+    pub fn exec(&self, c: &Container, argv: &[String], tty: bool) -> Result<ExecProcess> {
+        let mut cmd = self.exec_command(c, argv, tty)?;
+        if !tty {
+            cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+            let child = cmd.spawn().map_err(io_err("spawn runc exec"))?;
+            return Ok(ExecProcess { child, terminal: None });
+        }
+        let pty = nix::pty::openpty(None, None).map_err(super::sys_err("open a pty"))?;
+        let slave =
+            |fd: &std::os::fd::OwnedFd| fd.try_clone().map(Stdio::from).map_err(io_err("dup pty"));
+        cmd.stdin(slave(&pty.slave)?).stdout(slave(&pty.slave)?).stderr(slave(&pty.slave)?);
+        let child = cmd.spawn().map_err(io_err("spawn runc exec"))?;
+        // Only runc may hold the slave: the master reads end of file (EIO) when runc is done.
+        drop(cmd);
+        drop(pty.slave);
+        Ok(ExecProcess { child, terminal: Some(std::fs::File::from(pty.master)) })
     }
 
     /// Every container on disk with its status, sorted by id: what the kubelet relists, and what
@@ -292,7 +329,8 @@ impl Runtime {
             // A directory without its record is a create that crashed half-way; skip it.
             let Ok(container) = self.container(&id) else { continue };
             let status = status_of(&container, states.iter().find(|s| s.id == id));
-            out.push(ContainerInfo { container, status });
+            let started_at = started_at(&container);
+            out.push(ContainerInfo { container, status, started_at });
         }
         out.sort_by(|a, b| a.container.id.cmp(&b.container.id));
         Ok(out)
@@ -330,11 +368,18 @@ fn read_exit(c: &Container) -> Option<Exit> {
     serde_json::from_slice(&std::fs::read(c.dir.join("exit")).ok()?).ok()
 }
 
+fn started_at(c: &Container) -> Option<String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(c.dir.join("started")).ok()?).ok()?;
+    v["started_at"].as_str().map(str::to_string)
+}
+
 fn shim_started(c: &Container) -> bool {
     c.dir.join("shim.pid").exists()
 }
 
-/// True when the shim recorded in `shim.pid` still runs (a zombie counts as gone).
+/// True when the shim recorded in `shim.pid` still runs (a zombie counts as gone). The pid must
+/// also still be a shim of this container: after a reboot the number may belong to anything.
 fn shim_alive(c: &Container) -> bool {
     let Some(pid) = std::fs::read_to_string(c.dir.join("shim.pid"))
         .ok()
@@ -345,7 +390,13 @@ fn shim_alive(c: &Container) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
     // The state follows the command name in parentheses: "pid (comm) S ...".
     let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
-    !matches!(state, Some("Z" | "X") | None)
+    if matches!(state, Some("Z" | "X") | None) {
+        return false;
+    }
+    // The shim's last argument is this container's directory.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let dir = c.dir.as_os_str().as_encoded_bytes();
+    cmdline.split(|&b| b == 0).any(|arg| arg == dir)
 }
 
 fn status_of(c: &Container, state: Option<&RuncState>) -> ContainerStatus {

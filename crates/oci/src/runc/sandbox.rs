@@ -69,7 +69,7 @@ impl Runtime {
             sb
         })
         .await
-        .map_err(|e| Error::Config(format!("sandbox task failed: {e}")))?
+        .map_err(|e| Error::Task(format!("sandbox task: {e}")))?
     }
 
     /// The sandbox recorded for `pod_uid`, if any.
@@ -111,7 +111,7 @@ impl Runtime {
         let dir = self.sandboxes_dir().join(pod_uid);
         tokio::task::spawn_blocking(move || unmount_all(&dir))
             .await
-            .map_err(|e| Error::Config(format!("sandbox task failed: {e}")))?
+            .map_err(|e| Error::Task(format!("sandbox task: {e}")))?
     }
 
     /// Stops the sandbox and deletes its directory and the pod's cgroup (idempotent). The pod's
@@ -125,7 +125,7 @@ impl Runtime {
             remove_cgroup(&cgroup)
         })
         .await
-        .map_err(|e| Error::Config(format!("sandbox task failed: {e}")))?
+        .map_err(|e| Error::Task(format!("sandbox task: {e}")))?
     }
 
     /// `/<parent>/pod<uid>`: the pod's cgroup, relative to each hierarchy's root.
@@ -221,7 +221,7 @@ fn create(dir: &Path, cfg: &SandboxConfig) -> Result<Sandbox> {
                 pin_namespaces(flags, &pins, set_host.then_some(hostname.as_str()), lo_up)
             })
             .join()
-            .map_err(|_| Error::Config("namespace thread panicked".into()))?
+            .map_err(|_| Error::Task("the namespace thread panicked".into()))?
         })?;
     }
     let json = serde_json::to_vec_pretty(&sb)
@@ -289,7 +289,9 @@ fn loopback_up() -> Result<()> {
         recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()).map_err(sys_err("read netlink ack"))?;
     // The ack is an NLMSG_ERROR whose error field (after the 16-byte header) is 0 on success.
     if n < 20 || u16::from_ne_bytes([buf[4], buf[5]]) != NLMSG_ERROR {
-        return Err(Error::Config("unexpected netlink answer to RTM_NEWLINK".into()));
+        return Err(io_err("set lo up")(std::io::Error::other(
+            "unexpected netlink answer to RTM_NEWLINK",
+        )));
     }
     let errno = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
     if errno != 0 {

@@ -9,7 +9,8 @@
 //!
 //! Protocol: started as `<shim> <container dir>`, it reads `shim.json`, writes `shim.pid`, prints
 //! one line on stdout (`ok <pid>` or `error <message>`) once the container runs or failed to
-//! start, then copies output to the CRI log and finally writes `exit` (JSON of [`Exit`]) atomically.
+//! start (and `started` with its pid and time), then copies output to the CRI log and finally
+//! writes `exit` (JSON of [`Exit`]) atomically.
 
 use std::io::{BufRead, Read, Write};
 use std::os::fd::OwnedFd;
@@ -18,6 +19,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
@@ -67,6 +69,14 @@ fn run(dir: &Path, status: &mut std::io::Stdout) -> Result<()> {
     .map_err(|source| Error::Json { what: format!("parse {}", cfg_path.display()), source })?;
     // Our own session: a signal to the kubelet's process group or terminal must not reach us.
     let _ = nix::unistd::setsid();
+    // Nor a polite stop aimed at the kubelet's processes: only SIGKILL ends the shim early (that
+    // loses the exit, see Error::ExitLost). Blocked before any thread starts, so all inherit it;
+    // std resets the mask in the processes we spawn, so runc and the container get signals.
+    let mut polite = nix::sys::signal::SigSet::empty();
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGQUIT] {
+        polite.add(sig);
+    }
+    let _ = polite.thread_block();
     nix::sys::prctl::set_child_subreaper(true).map_err(sys_err("become a child subreaper"))?;
     write_atomic(&dir.join("shim.pid"), std::process::id().to_string().as_bytes())?;
 
@@ -149,9 +159,13 @@ fn run(dir: &Path, status: &mut std::io::Stdout) -> Result<()> {
         .status()
         .map_err(io_err("run runc start"))?;
     if !started.success() {
-        let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
         return Err(Error::Runc { args: "start".into(), message: runc_error(dir) });
     }
+    // Recorded for a kubelet that restarts: the container's startedAt.
+    let started =
+        serde_json::json!({ "pid": pid, "started_at": jiff::Timestamp::now().to_string() });
+    write_atomic(&dir.join("started"), started.to_string().as_bytes())?;
     let _ = writeln!(status, "ok {pid}");
     let _ = status.flush();
     // The starter has its answer; our stdout must not keep its pipe (or terminal) open.
