@@ -3,7 +3,6 @@
 //! container from its image through runc (`rkube_oci::runc`). Shared by all pod workers of one
 //! node.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -25,23 +24,32 @@ impl OciNode {
     /// The runtime state under `<data dir>/oci`, images under the configured image store.
     pub fn open(config: &Config) -> Result<OciNode, String> {
         let shim = if config.runc_shim.is_empty() {
-            return Err("the oci runtime needs the shim command (rkube's hidden `runc-shim`)".into());
+            return Err(
+                "the oci runtime needs the shim command (rkube's hidden `runc-shim`)".into()
+            );
         } else {
             config.runc_shim.iter().map(std::ffi::OsString::from).collect()
         };
         let runtime = Runtime::new(config.data_dir.join("oci"), shim)
             .map_err(|e| e.to_string())?
             .with_cgroup_parent(format!("rkube/{}", config.node_name));
-        let images_root = config.image_dir.clone().unwrap_or_else(|| config.data_dir.join("images"));
-        let store_config =
-            StoreConfig { insecure_registries: config.insecure_registries.clone(), ..StoreConfig::default() };
+        let images_root =
+            config.image_dir.clone().unwrap_or_else(|| config.data_dir.join("images"));
+        let store_config = StoreConfig {
+            insecure_registries: config.insecure_registries.clone(),
+            ..StoreConfig::default()
+        };
         let images = ImageStore::open_with(images_root, store_config).map_err(|e| e.to_string())?;
         Ok(OciNode { runtime, images, network: tokio::sync::Mutex::new(None) })
     }
 
     /// The node's pod network, once the node has a podCIDR; until then pods wait in
     /// ContainerCreating, as upstream's do while the network plugin is not ready.
-    pub async fn network(&self, client: &Client, config: &Config) -> Result<Arc<PodNetwork>, String> {
+    pub async fn network(
+        &self,
+        client: &Client,
+        config: &Config,
+    ) -> Result<Arc<PodNetwork>, String> {
         let mut slot = self.network.lock().await;
         if let Some(n) = slot.as_ref() {
             return Ok(n.clone());
@@ -53,8 +61,13 @@ impl OciNode {
         let cidr = node.spec.and_then(|s| s.pod_cidr).ok_or_else(|| {
             "network is not ready: the node has no podCIDR yet (is the controller manager's node IPAM running?)".to_string()
         })?;
-        let net = PodNetwork::new(&config.node_name, &cidr, &config.cluster_cidr, &config.data_dir.join("ipam"))
-            .map_err(|e| e.to_string())?;
+        let net = PodNetwork::new(
+            &config.node_name,
+            &cidr,
+            &config.cluster_cidr,
+            &config.data_dir.join("ipam"),
+        )
+        .map_err(|e| e.to_string())?;
         let n2 = net.clone();
         tokio::task::spawn_blocking(move || n2.ensure_bridge())
             .await
@@ -94,11 +107,17 @@ pub fn hosts_file(pod: &Pod, pod_ip: &str, hostname: &str) -> String {
     let subdomain = pod.spec.as_ref().and_then(|s| s.subdomain.clone());
     let ns = pod.metadata.namespace.clone().unwrap_or_default();
     match subdomain {
-        Some(sd) => s.push_str(&format!("{pod_ip}\t{hostname}.{sd}.{ns}.svc.cluster.local\t{hostname}\n")),
+        Some(sd) => {
+            s.push_str(&format!("{pod_ip}\t{hostname}.{sd}.{ns}.svc.cluster.local\t{hostname}\n"))
+        }
         None => s.push_str(&format!("{pod_ip}\t{hostname}\n")),
     }
     for a in pod.spec.as_ref().and_then(|s| s.host_aliases.clone()).unwrap_or_default() {
-        s.push_str(&format!("\n# Entries added by HostAliases.\n{}\t{}\n", a.ip, a.hostnames.unwrap_or_default().join("\t")));
+        s.push_str(&format!(
+            "\n# Entries added by HostAliases.\n{}\t{}\n",
+            a.ip,
+            a.hostnames.unwrap_or_default().join("\t")
+        ));
     }
     s
 }
@@ -115,7 +134,8 @@ pub fn resolv_conf(pod: &Pod, config: &Config) -> String {
         .filter_map(|l| l.strip_prefix("search "))
         .flat_map(|l| l.split_whitespace().map(String::from))
         .collect();
-    let cluster = policy == "ClusterFirstWithHostNet" || (policy == "ClusterFirst" && !host_network);
+    let cluster =
+        policy == "ClusterFirstWithHostNet" || (policy == "ClusterFirst" && !host_network);
     let mut nameservers: Vec<String> = Vec::new();
     let mut search: Vec<String> = Vec::new();
     let mut options: Vec<String> = Vec::new();
@@ -215,7 +235,10 @@ pub fn container_config(
         },
         security: runc::Security {
             run_as_user: sc.run_as_user.or(pod_sc.run_as_user).and_then(|u| u32::try_from(u).ok()),
-            run_as_group: sc.run_as_group.or(pod_sc.run_as_group).and_then(|g| u32::try_from(g).ok()),
+            run_as_group: sc
+                .run_as_group
+                .or(pod_sc.run_as_group)
+                .and_then(|g| u32::try_from(g).ok()),
             read_only_root_fs: sc.read_only_root_filesystem.unwrap_or(false),
             privileged: sc.privileged.unwrap_or(false),
             caps_add: caps.add.unwrap_or_default(),
@@ -278,7 +301,9 @@ pub fn rotate_log(path: &Path) {
 /// Image events' wording, as upstream's kubelet.
 pub fn pulled_message(image: &str, took: std::time::Duration, size: u64) -> String {
     let secs = took.as_secs_f64();
-    format!("Successfully pulled image \"{image}\" in {secs:.3}s ({secs:.3}s including waiting). Image size: {size} bytes.")
+    format!(
+        "Successfully pulled image \"{image}\" in {secs:.3}s ({secs:.3}s including waiting). Image size: {size} bytes."
+    )
 }
 
 #[cfg(test)]
@@ -297,9 +322,13 @@ mod tests {
     fn cluster_first_pods_search_their_namespace_through_the_cluster_dns() {
         let config = Config::default();
         let r = resolv_conf(&pod(serde_json::json!({"containers": []})), &config);
-        assert!(r.starts_with("search shop.svc.cluster.local svc.cluster.local cluster.local"), "{r}");
+        assert!(
+            r.starts_with("search shop.svc.cluster.local svc.cluster.local cluster.local"),
+            "{r}"
+        );
         assert!(r.contains("nameserver 10.96.0.10\n") && r.ends_with("options ndots:5\n"), "{r}");
-        let host = resolv_conf(&pod(serde_json::json!({"containers": [], "hostNetwork": true})), &config);
+        let host =
+            resolv_conf(&pod(serde_json::json!({"containers": [], "hostNetwork": true})), &config);
         assert!(!host.contains("10.96.0.10"), "host network pods use the node's resolvers: {host}");
         let none = resolv_conf(
             &pod(serde_json::json!({"containers": [], "dnsPolicy": "None",
@@ -311,7 +340,9 @@ mod tests {
 
     #[test]
     fn hosts_files_name_the_pod_and_its_aliases() {
-        let p = pod(serde_json::json!({"containers": [], "hostAliases": [{"ip": "10.1.2.3", "hostnames": ["db", "db.local"]}]}));
+        let p = pod(
+            serde_json::json!({"containers": [], "hostAliases": [{"ip": "10.1.2.3", "hostnames": ["db", "db.local"]}]}),
+        );
         let h = hosts_file(&p, "10.244.0.5", "web");
         assert!(h.contains("127.0.0.1\tlocalhost\n") && h.contains("10.244.0.5\tweb\n"), "{h}");
         assert!(h.contains("10.1.2.3\tdb\tdb.local\n"), "{h}");

@@ -34,9 +34,9 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) ->
     let api: Api<Pod> = Api::all(client.clone());
     let recorder = Recorder::new(client.clone(), "kubelet", Some(&config.node_name));
     let oci = match config.runtime {
-        RuntimeKind::Oci => Some(Arc::new(
-            crate::oci::OciNode::open(&config).map_err(crate::Error::Config)?,
-        )),
+        RuntimeKind::Oci => {
+            Some(Arc::new(crate::oci::OciNode::open(&config).map_err(crate::Error::Config)?))
+        }
         _ => None,
     };
     let wc = watcher::Config::default().fields(&format!("spec.nodeName={}", config.node_name));
@@ -481,6 +481,14 @@ impl Worker {
         let spec = pod.spec.clone().unwrap_or_default();
         let host_network = spec.host_network.unwrap_or(false);
         if self.sandbox.is_none() {
+            // Containers a previous kubelet left for this pod are not adopted: they go, so
+            // this worker's ids and state are the only ones.
+            for old in oci.runtime.list().await.unwrap_or_default() {
+                if old.container.pod_uid == uid {
+                    let _ = oci.runtime.kill(&old.container, Signal::SIGKILL).await;
+                    let _ = oci.runtime.remove(&old.container).await;
+                }
+            }
             let network = if host_network {
                 None
             } else {
@@ -492,7 +500,9 @@ impl Worker {
                         x.waiting = Some(("ContainerCreating".into(), msg.clone()));
                         x.retry_at = Some(Instant::now() + Duration::from_secs(1));
                         if !repeated {
-                            self.recorder.record(&reference(pod), "Warning", "NetworkNotReady", &msg).await;
+                            self.recorder
+                                .record(&reference(pod), "Warning", "NetworkNotReady", &msg)
+                                .await;
                         }
                         return Err(());
                     }
@@ -516,7 +526,9 @@ impl Worker {
                     let msg = format!("Failed to create pod sandbox: {e}");
                     self.ctr(&c.name).waiting = Some(("ContainerCreating".into(), msg.clone()));
                     self.ctr(&c.name).retry_at = Some(Instant::now() + Duration::from_secs(2));
-                    self.recorder.record(&reference(pod), "Warning", "FailedCreatePodSandBox", &msg).await;
+                    self.recorder
+                        .record(&reference(pod), "Warning", "FailedCreatePodSandBox", &msg)
+                        .await;
                     return Err(());
                 }
             };
@@ -540,7 +552,9 @@ impl Worker {
                         let _ = oci.runtime.remove_sandbox(&uid).await;
                         self.ctr(&c.name).waiting = Some(("ContainerCreating".into(), msg.clone()));
                         self.ctr(&c.name).retry_at = Some(Instant::now() + Duration::from_secs(2));
-                        self.recorder.record(&reference(pod), "Warning", "FailedCreatePodSandBox", &msg).await;
+                        self.recorder
+                            .record(&reference(pod), "Warning", "FailedCreatePodSandBox", &msg)
+                            .await;
                         return Err(());
                     }
                 }
@@ -551,7 +565,16 @@ impl Worker {
         if self.volumes.is_none() {
             let mut ready = BTreeMap::new();
             for v in spec.volumes.iter().flatten() {
-                match crate::volumes::prepare(&self.client, pod, v, &self.pod_dir, &self.config, &self.pod_ip).await {
+                match crate::volumes::prepare(
+                    &self.client,
+                    pod,
+                    v,
+                    &self.pod_dir,
+                    &self.config,
+                    &self.pod_ip,
+                )
+                .await
+                {
                     Ok(r) => {
                         ready.insert(v.name.clone(), r);
                     }
@@ -561,7 +584,9 @@ impl Worker {
                         x.waiting = Some(("ContainerCreating".into(), msg.clone()));
                         x.retry_at = Some(Instant::now() + Duration::from_secs(2));
                         if !repeated {
-                            self.recorder.record(&reference(pod), "Warning", "FailedMount", &msg).await;
+                            self.recorder
+                                .record(&reference(pod), "Warning", "FailedMount", &msg)
+                                .await;
                         }
                         return Err(());
                     }
@@ -598,7 +623,10 @@ impl Worker {
             }
             return Err(OciStart::Wait);
         }
-        let policy = match rkube_oci::image::PullPolicy::from_spec(c.image_pull_policy.as_deref(), &image_name) {
+        let policy = match rkube_oci::image::PullPolicy::from_spec(
+            c.image_pull_policy.as_deref(),
+            &image_name,
+        ) {
             Ok(p) => p,
             Err(e) => {
                 self.ctr(&c.name).waiting = Some(("InvalidImageName".into(), e.to_string()));
@@ -608,22 +636,41 @@ impl Worker {
         };
         let present = oci.images.get(&image_name).await.ok().flatten();
         let image = match (&present, policy) {
-            (Some(img), rkube_oci::image::PullPolicy::IfNotPresent | rkube_oci::image::PullPolicy::Never) => {
+            (
+                Some(img),
+                rkube_oci::image::PullPolicy::IfNotPresent | rkube_oci::image::PullPolicy::Never,
+            ) => {
                 self.recorder
-                    .record(&cref, "Normal", "Pulled", &format!("Container image \"{image_name}\" already present on machine"))
+                    .record(
+                        &cref,
+                        "Normal",
+                        "Pulled",
+                        &format!("Container image \"{image_name}\" already present on machine"),
+                    )
                     .await;
                 img.clone()
             }
             _ => {
                 if policy != rkube_oci::image::PullPolicy::Never {
-                    self.recorder.record(&cref, "Normal", "Pulling", &format!("Pulling image \"{image_name}\"")).await;
+                    self.recorder
+                        .record(
+                            &cref,
+                            "Normal",
+                            "Pulling",
+                            &format!("Pulling image \"{image_name}\""),
+                        )
+                        .await;
                 }
                 let auth = crate::oci::pull_auth(&self.client, pod).await;
                 let started = std::time::Instant::now();
                 match oci.images.ensure(&image_name, policy, &auth).await {
                     Ok(img) => {
                         if policy != rkube_oci::image::PullPolicy::Never {
-                            let msg = crate::oci::pulled_message(&image_name, started.elapsed(), img.size);
+                            let msg = crate::oci::pulled_message(
+                                &image_name,
+                                started.elapsed(),
+                                img.size,
+                            );
                             self.recorder.record(&cref, "Normal", "Pulled", &msg).await;
                         }
                         let x = self.ctr(&c.name);
@@ -634,15 +681,23 @@ impl Worker {
                     Err(e) => {
                         let reason = e.kubelet_reason();
                         let msg = if reason == "ErrImageNeverPull" {
-                            format!("Container image \"{image_name}\" is not present with pull policy of Never")
+                            format!(
+                                "Container image \"{image_name}\" is not present with pull policy of Never"
+                            )
                         } else {
                             format!("Failed to pull image \"{image_name}\": {e}")
                         };
                         self.recorder.record(&cref, "Warning", "Failed", &msg).await;
-                        self.recorder.record(&cref, "Warning", "Failed", &format!("Error: {reason}")).await;
+                        self.recorder
+                            .record(&cref, "Warning", "Failed", &format!("Error: {reason}"))
+                            .await;
                         let x = self.ctr(&c.name);
                         x.waiting = Some((reason.to_string(), msg));
-                        x.pull_backoff = if x.pull_backoff.is_zero() { BACKOFF_START } else { (x.pull_backoff * 2).min(BACKOFF_MAX) };
+                        x.pull_backoff = if x.pull_backoff.is_zero() {
+                            BACKOFF_START
+                        } else {
+                            (x.pull_backoff * 2).min(BACKOFF_MAX)
+                        };
                         x.pull_backoff_until = Some(Instant::now() + x.pull_backoff);
                         return Err(OciStart::Wait);
                     }
@@ -672,7 +727,11 @@ impl Worker {
             &mounts,
             log_path,
         );
-        let created = oci.runtime.create_container(&sandbox, &cfg).await.map_err(|e| OciStart::Failed(e.to_string()))?;
+        let created = oci
+            .runtime
+            .create_container(&sandbox, &cfg)
+            .await
+            .map_err(|e| OciStart::Failed(e.to_string()))?;
         self.ctr(&c.name).oci = Some(created.clone());
         self.ctr(&c.name).image_id = image.repo_digest();
         oci.runtime.start_container(&created).await.map_err(|e| OciStart::Failed(e.to_string()))?;
@@ -716,10 +775,11 @@ impl Worker {
             (crate::probes::Kind::Liveness, &c.liveness_probe),
         ] {
             if let Some(p) = probe {
-                let exec_prefix = match (&self.oci, self.ctrs.get(&c.name).and_then(|x| x.oci.as_ref())) {
-                    (Some(oci), Some(ctr)) => crate::oci::exec_argv(&oci.runtime, ctr),
-                    _ => Vec::new(),
-                };
+                let exec_prefix =
+                    match (&self.oci, self.ctrs.get(&c.name).and_then(|x| x.oci.as_ref())) {
+                        (Some(oci), Some(ctr)) => crate::oci::exec_argv(&oci.runtime, ctr),
+                        _ => Vec::new(),
+                    };
                 let target = crate::probes::Target {
                     exec_prefix,
                     host: self.pod_ip.clone(),

@@ -38,7 +38,7 @@ pub struct Exit {
 #[derive(Clone, Debug)]
 pub enum Killer {
     Process(i32),
-    Oci(rkube_oci::runc::Runtime, rkube_oci::runc::Container),
+    Oci(Box<(rkube_oci::runc::Runtime, rkube_oci::runc::Container)>),
 }
 
 impl Killer {
@@ -49,8 +49,8 @@ impl Killer {
             Killer::Process(pid) => {
                 let _ = nix::sys::signal::killpg(Pid::from_raw(*pid), sig);
             }
-            Killer::Oci(rt, c) => {
-                let (rt, c) = (rt.clone(), c.clone());
+            Killer::Oci(both) => {
+                let (rt, c) = (both.0.clone(), both.1.clone());
                 tokio::spawn(async move {
                     if let Err(e) = rt.kill(&c, sig).await {
                         tracing::debug!(container = %c.id, "signal {sig}: {e}");
@@ -106,7 +106,7 @@ impl Handle {
         match self {
             Handle::Process { pid, .. } => Some(Killer::Process(*pid)),
             Handle::Oci { runtime, container } => {
-                Some(Killer::Oci(runtime.clone(), container.clone()))
+                Some(Killer::Oci(Box::new((runtime.clone(), container.clone()))))
             }
             Handle::Simulated { .. } => None,
         }

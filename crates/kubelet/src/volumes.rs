@@ -49,8 +49,7 @@ fn safe_relative(p: &str) -> Result<PathBuf, String> {
 /// write left there.
 pub fn write_atomic(dir: &Path, files: &BTreeMap<PathBuf, (Vec<u8>, u32)>) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let stamp =
-        format!("..{}", jiff::Timestamp::now().strftime("%Y_%m_%d_%H_%M_%S.%f"));
+    let stamp = format!("..{}", jiff::Timestamp::now().strftime("%Y_%m_%d_%H_%M_%S.%f"));
     let fresh = dir.join(&stamp);
     std::fs::create_dir_all(&fresh)?;
     for (rel, (bytes, mode)) in files {

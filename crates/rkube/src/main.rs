@@ -53,9 +53,16 @@ enum Command {
     Node(up::NodeCommand),
     /// Measure an area and print its figures (`--json` for one JSON object).
     Bench(bench::BenchArgs),
+    /// List, pull, import or remove the images of the oci runtime.
+    Image(rkube_oci::cli::Args),
 }
 
 fn main() -> Result<()> {
+    // The oci runtime's per-container shim is this binary too (hidden, not a user command): it
+    // must start before any runtime or thread exists, as it forks and reaps children.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "runc-shim") {
+        std::process::exit(rkube_oci::runc::shim::main(std::env::args_os().skip(2)));
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -89,5 +96,6 @@ async fn run(command: Command) -> Result<()> {
         Command::Down(args) => up::down(args).await,
         Command::Status(args) => up::status(args).await,
         Command::Node(cmd) => up::node(cmd).await,
+        Command::Image(args) => rkube_oci::cli::run(args).await.map_err(|e| anyhow::anyhow!(e)),
     }
 }

@@ -169,15 +169,15 @@ impl Cluster {
             }
             let mut labels = BTreeMap::new();
             labels.insert("node-role.kubernetes.io/worker".to_string(), String::new());
-            let config = rkube_kubelet::Config {
+            let mut config = rkube_kubelet::Config {
                 node_name: name.to_string(),
                 data_dir: self.data_dir.join("nodes").join(name),
-                runtime: kind,
                 labels,
                 extended_resources: resources,
                 lease_duration: lease,
                 ..Default::default()
             };
+            node_runtime(&mut config, kind, &self.data_dir);
             nodes.insert(
                 name.to_string(),
                 NodeHandle {
@@ -289,17 +289,48 @@ fn done(pb: &ProgressBar, what: &str, t: Instant) {
     pb.finish_with_message(format!("{what} ({:.1} s)", t.elapsed().as_secs_f64()));
 }
 
-/// The runtime this machine allows, or the one asked for.
+/// The runtime this machine allows, or the one asked for: `oci` (real images through runc,
+/// pods on their own network) needs root and runc; otherwise `process`.
 fn pick_runtime(asked: Option<RuntimeChoice>) -> Result<(RuntimeChoice, String)> {
+    let root = nix::unistd::Uid::effective().is_root();
+    let runc = rkube_oci::runc::available();
     match asked {
-        Some(RuntimeChoice::Oci) => bail!(
-            "the oci runtime (real images with runc) is not built into this rkube yet; use --runtime process or --runtime simulated"
-        ),
+        Some(RuntimeChoice::Oci) if !root => {
+            bail!("the oci runtime needs root (it creates namespaces, cgroups and a bridge)")
+        }
+        Some(RuntimeChoice::Oci) if runc.is_none() => {
+            bail!("the oci runtime needs runc on PATH (Debian: apt-get install runc)")
+        }
         Some(r) => Ok((r, "chosen with --runtime".into())),
-        None => Ok((
-            RuntimeChoice::Process,
-            "pods run their `command` as host processes; the oci runtime is not built yet".into(),
-        )),
+        None => match (root, runc) {
+            (true, Some(v)) => {
+                Ok((RuntimeChoice::Oci, format!("root with {v}: real images, pod IPs")))
+            }
+            (false, _) => Ok((
+                RuntimeChoice::Process,
+                "not root: pods run their `command` as host processes on the host network".into(),
+            )),
+            (true, None) => Ok((
+                RuntimeChoice::Process,
+                "runc is not installed: pods run their `command` as host processes".into(),
+            )),
+        },
+    }
+}
+
+/// The kubelet settings of one node of this cluster for `kind`.
+fn node_runtime(
+    config: &mut rkube_kubelet::Config,
+    kind: rkube_kubelet::RuntimeKind,
+    root: &std::path::Path,
+) {
+    config.runtime = kind;
+    if kind == rkube_kubelet::RuntimeKind::Oci {
+        if let Ok(exe) = std::env::current_exe() {
+            config.runc_shim = vec![exe.to_string_lossy().into_owned(), "runc-shim".into()];
+        }
+        // One image store for every node of the machine, the one `rkube image` manages.
+        config.image_dir = Some(rkube_oci::cli::images_root(root));
     }
 }
 
@@ -397,7 +428,8 @@ async fn run_cluster(
     });
     let kind = match runtime {
         RuntimeChoice::Simulated => rkube_kubelet::RuntimeKind::Simulated,
-        _ => rkube_kubelet::RuntimeKind::Process,
+        RuntimeChoice::Oci => rkube_kubelet::RuntimeKind::Oci,
+        RuntimeChoice::Process => rkube_kubelet::RuntimeKind::Process,
     };
     let mut names = vec!["rkube-control-plane".to_string()];
     names.extend((1..=args.workers).map(|i| format!("rkube-worker-{i}")));
@@ -415,15 +447,15 @@ async fn run_cluster(
         } else {
             labels.insert("node-role.kubernetes.io/worker".to_string(), String::new());
         }
-        let config = rkube_kubelet::Config {
+        let mut config = rkube_kubelet::Config {
             node_name: name.clone(),
             data_dir: paths.node_dir(name),
-            runtime: kind,
             labels,
             taints,
             lease_duration: timings.lease,
             ..Default::default()
         };
+        node_runtime(&mut config, kind, &paths.root);
         cluster.nodes.lock().await.insert(
             name.clone(),
             NodeHandle {

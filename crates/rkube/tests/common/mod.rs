@@ -31,10 +31,33 @@ pub struct Server {
     pub kubeconfig: PathBuf,
     server: Option<Child>,
     agents: Vec<Child>,
+    /// Runs every process of this cluster through it (`nsenter --net=…`: a simulated machine).
+    prefix: Vec<String>,
 }
 
 impl Server {
     pub fn start() -> Server {
+        Self::start_with_prefix(Vec::new())
+    }
+
+    /// A cluster whose server, agents and kubectl all run inside the network namespace pinned
+    /// at `netns` (entered with nsenter, which keeps the host's mounts such as cgroups).
+    pub fn start_in_netns(netns: &Path) -> Server {
+        Self::start_with_prefix(vec!["nsenter".into(), format!("--net={}", netns.display())])
+    }
+
+    fn command(&self, program: &str) -> Command {
+        match self.prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(program);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
+    fn start_with_prefix(prefix: Vec<String>) -> Server {
         let dir =
             std::env::temp_dir().join(format!("rkube-it-{}-{}", std::process::id(), uuid_like()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -45,6 +68,7 @@ impl Server {
             port,
             server: None,
             agents: Vec::new(),
+            prefix,
         };
         s.spawn_server();
         s
@@ -52,7 +76,8 @@ impl Server {
 
     pub fn spawn_server(&mut self) {
         let log = std::fs::File::create(self.dir.join("server.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_rkube"))
+        let child = self
+            .command(env!("CARGO_BIN_EXE_rkube"))
             .args(["server", "--secure-port", &self.port.to_string(), "--data-dir"])
             .arg(self.dir.join("server"))
             .stdout(log.try_clone().unwrap())
@@ -62,9 +87,13 @@ impl Server {
         self.server = Some(child);
         let start = Instant::now();
         loop {
-            if self.kubeconfig.exists()
-                && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
-            {
+            let answers = if self.prefix.is_empty() {
+                std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            } else {
+                self.kubeconfig.exists()
+                    && self.kubectl(&["get", "--raw", "/healthz"]).status.success()
+            };
+            if self.kubeconfig.exists() && answers {
                 break;
             }
             assert!(
@@ -86,7 +115,8 @@ impl Server {
 
     pub fn agent(&mut self, node: &str, extra: &[&str]) {
         let log = std::fs::File::create(self.dir.join(format!("{node}.log"))).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_rkube"))
+        let child = self
+            .command(env!("CARGO_BIN_EXE_rkube"))
             .args(["agent", "--kubeconfig"])
             .arg(&self.kubeconfig)
             .args(["--node-name", node, "--data-dir"])
@@ -104,7 +134,7 @@ impl Server {
     }
 
     pub fn kubectl_with(&self, binary: &str, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut cmd = Command::new(binary);
+        let mut cmd = self.command(binary);
         cmd.arg("--kubeconfig")
             .arg(&self.kubeconfig)
             .arg("--cache-dir")
@@ -155,11 +185,20 @@ impl Server {
             if let Some(v) = f() {
                 return v;
             }
-            assert!(
-                start.elapsed() < limit,
-                "timed out after {limit:?} waiting for {what}\n{}",
-                self.log()
-            );
+            if start.elapsed() >= limit {
+                // The agents' logs too: what a node did is usually the story.
+                let mut agents = String::new();
+                for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if name.ends_with(".log") && name != "server.log" {
+                        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                        let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                        agents.push_str(&format!("\n--- {name} (last lines)\n"));
+                        agents.extend(tail.into_iter().rev().map(|l| format!("{l}\n")));
+                    }
+                }
+                panic!("timed out after {limit:?} waiting for {what}\n{}{agents}", self.log());
+            }
             std::thread::sleep(Duration::from_millis(200));
         }
     }

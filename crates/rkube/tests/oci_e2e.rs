@@ -1,0 +1,335 @@
+//! The oci runtime end to end, on a simulated machine: a network namespace this test creates
+//! holds a real registry (Debian's `docker-registry`), `rkube server` and `rkube agent
+//! --runtime oci`. An image built here from busybox is pushed with skopeo, then pods run it
+//! through runc with their own IPs on the node's pod network, volumes, logs, exec, exit codes,
+//! pull errors and clean deletion — all checked through the real kubectl.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Server;
+use sha2::{Digest, Sha256};
+
+fn have_everything() -> bool {
+    let root = nix::unistd::Uid::effective().is_root();
+    let tools = ["kubectl", "runc", "docker-registry", "skopeo", "nsenter", "ip", "nft"];
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|t| {
+            !std::env::var_os("PATH")
+                .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(t).is_file()))
+        })
+        .collect();
+    let busybox = Path::new("/bin/busybox").is_file();
+    if root && missing.is_empty() && busybox {
+        return true;
+    }
+    let why = format!("root={root}, missing={missing:?}, /bin/busybox={busybox}");
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "the oci e2e test needs: {why}");
+    eprintln!(
+        "SKIPPED: the oci e2e test needs root, runc, docker-registry, skopeo, busybox ({why})"
+    );
+    false
+}
+
+/// A network namespace standing in for one machine; deleted (with what runs in it) on drop.
+struct Machine {
+    name: String,
+    registry: Option<Child>,
+}
+
+impl Machine {
+    fn new() -> Machine {
+        let name =
+            format!("rkoci-{:x}", std::process::id() ^ Instant::now().elapsed().subsec_nanos());
+        let ok = Command::new("ip").args(["netns", "add", &name]).status().unwrap().success();
+        assert!(ok, "ip netns add {name}");
+        let m = Machine { name, registry: None };
+        m.run(&["ip", "link", "set", "lo", "up"]);
+        m
+    }
+
+    fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    fn cmd(&self, argv: &[&str]) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.path().display())).args(argv);
+        c
+    }
+
+    fn run(&self, argv: &[&str]) -> String {
+        let out = self.cmd(argv).output().unwrap();
+        assert!(out.status.success(), "{argv:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        if let Some(mut r) = self.registry.take() {
+            let _ = r.kill();
+            let _ = r.wait();
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+fn sha(bytes: &[u8]) -> String {
+    format!("sha256:{:x}", Sha256::digest(bytes))
+}
+
+/// An OCI image layout of one layer: /bin/busybox with its applets, and /etc/passwd.
+fn busybox_layout(dir: &Path) {
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, data: &[u8], mode: u32, link: Option<&str>| {
+        let mut h = tar::Header::new_ustar();
+        h.set_mtime(1_700_000_000);
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        match link {
+            Some(target) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_size(0);
+                tar.append_link(&mut h, path, target).unwrap();
+            }
+            None if data.is_empty() && path.ends_with('/') => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_size(0);
+                tar.append_data(&mut h, path, std::io::empty()).unwrap();
+            }
+            None => {
+                h.set_size(data.len() as u64);
+                tar.append_data(&mut h, path, data).unwrap();
+            }
+        }
+    };
+    add("bin/", b"", 0o755, None);
+    add("etc/", b"", 0o755, None);
+    add("tmp/", b"", 0o1777, None);
+    add("bin/busybox", &std::fs::read("/bin/busybox").unwrap(), 0o755, None);
+    for applet in [
+        "sh", "echo", "sleep", "cat", "ls", "hostname", "id", "env", "touch", "test", "ip", "nc",
+        "httpd", "true", "false", "kill",
+    ] {
+        add(&format!("bin/{applet}"), b"", 0o777, Some("busybox"));
+    }
+    add("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n", 0o644, None);
+    let raw = tar.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&raw).unwrap();
+    let layer = gz.finish().unwrap();
+    std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let blob = |bytes: &[u8]| {
+        let d = sha(bytes);
+        std::fs::write(dir.join("blobs/sha256").join(&d[7..]), bytes).unwrap();
+        serde_json::json!({"digest": d, "size": bytes.len()})
+    };
+    let mut l = blob(&layer);
+    l["mediaType"] = "application/vnd.oci.image.layer.v1.tar+gzip".into();
+    let arch = if cfg!(target_arch = "aarch64") { "arm64" } else { "amd64" };
+    let config = serde_json::json!({
+        "architecture": arch, "os": "linux",
+        "config": {"Cmd": ["sh"], "Env": ["PATH=/bin", "FROM_IMAGE=yes"]},
+        "rootfs": {"type": "layers", "diff_ids": [sha(&raw)]},
+    });
+    let mut c = blob(&serde_json::to_vec(&config).unwrap());
+    c["mediaType"] = "application/vnd.oci.image.config.v1+json".into();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": c, "layers": [l],
+    });
+    let m = blob(&serde_json::to_vec(&manifest).unwrap());
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": m["digest"], "size": m["size"],
+        "annotations": {"org.opencontainers.image.ref.name": "1"},
+    }]});
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+}
+
+const PODS: &str = r#"apiVersion: v1
+kind: ConfigMap
+metadata: {name: cfg}
+data: {greeting: "hi from a configmap\n"}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: box}
+spec:
+  terminationGracePeriodSeconds: 2
+  containers:
+  - name: main
+    image: REGISTRY/test/busybox:1
+    command: ["sh", "-c", "echo hello from $(hostname) image=$FROM_IMAGE; cat /etc/cfg/greeting; trap 'echo got TERM; exit 0' TERM; while true; do sleep 0.2; done"]
+    volumeMounts:
+    - {name: cfg, mountPath: /etc/cfg}
+    - {name: scratch, mountPath: /scratch}
+  volumes:
+  - name: cfg
+    configMap: {name: cfg}
+  - name: scratch
+    emptyDir: {}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: fails}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: main
+    image: REGISTRY/test/busybox:1
+    command: ["sh", "-c", "exit 3"]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: missing}
+spec:
+  containers:
+  - name: main
+    image: REGISTRY/test/nothing:404
+"#;
+
+#[test]
+fn pods_run_real_images_through_runc_on_their_own_network() {
+    if !have_everything() {
+        return;
+    }
+    let mut machine = Machine::new();
+    let work = std::env::temp_dir().join(format!("{}-work", machine.name));
+    std::fs::create_dir_all(&work).unwrap();
+    // The registry, inside the machine.
+    let port = 5000;
+    let config = work.join("registry.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            work.join("registry").display()
+        ),
+    )
+    .unwrap();
+    machine.registry = Some(
+        machine
+            .cmd(&["docker-registry", "serve", config.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let layout = work.join("layout");
+    busybox_layout(&layout);
+    let registry = format!("127.0.0.1:{port}");
+    let target = format!("docker://{registry}/test/busybox:1");
+    let source = format!("oci:{}:1", layout.display());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = machine
+            .cmd(&[
+                "skopeo",
+                "--insecure-policy",
+                "copy",
+                &source,
+                &target,
+                "--dest-tls-verify=false",
+            ])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "push: {}", String::from_utf8_lossy(&out.stderr));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let mut s = Server::start_in_netns(&machine.path());
+    s.agent("node-1", &["--runtime", "oci", "--insecure-registry", &registry]);
+    s.wait("node-1 Ready", Duration::from_secs(30), || {
+        s.ok(&["get", "nodes", "--no-headers"]).contains(" Ready ").then_some(())
+    });
+    let wide = s.ok(&["get", "nodes", "-o", "wide", "--no-headers"]);
+    assert!(wide.contains("runc://"), "{wide}");
+    s.ok_stdin(&["apply", "-f", "-"], &PODS.replace("REGISTRY", &registry));
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let line = loop {
+        let out = s.ok(&["get", "pod", "box", "-o", "wide", "--no-headers"]);
+        if out.contains("Running") {
+            break out;
+        }
+        if Instant::now() > deadline {
+            let agent = std::fs::read_to_string(s.dir.join("node-1.log")).unwrap_or_default();
+            panic!("box not Running: {out}\n{}\nagent log:\n{agent}", s.ok(&["describe", "pod", "box"]));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // Its own address on the node's pod network (10.244.0.0/24 for the first node).
+    let ip = line.split_whitespace().nth(5).unwrap().to_string();
+    assert!(ip.starts_with("10.244.0."), "{line}");
+    let logs = s.wait("box's output", Duration::from_secs(20), || {
+        let out = s.kubectl(&["logs", "box"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains("configmap").then_some(text)
+    });
+    assert_eq!(logs, "hello from box image=yes\nhi from a configmap\n");
+    let addr = s.ok(&["exec", "box", "--", "ip", "-4", "-o", "addr", "show", "eth0"]);
+    assert!(addr.contains(&format!("{ip}/24")), "{addr}");
+    // The root filesystem is the image's, writable; volumes are where the pod put them.
+    s.ok(&["exec", "box", "--", "touch", "/scratch/x", "/tmp/y"]);
+    let ls = s.ok(&["exec", "box", "--", "ls", "/bin/busybox", "/scratch/x"]);
+    assert_eq!(ls.lines().count(), 2, "{ls}");
+    // One of the pods pulled the image (whichever came first); box started from it.
+    let events = s.ok(&["get", "events"]);
+    for event in [
+        format!("Pulling image \"{registry}/test/busybox:1\""),
+        format!("Successfully pulled image \"{registry}/test/busybox:1\""),
+    ] {
+        assert!(events.contains(&event), "{event} missing:\n{events}");
+    }
+    let described = s.ok(&["describe", "pod", "box"]);
+    assert!(described.contains("Started container main"), "{described}");
+
+    // A container's exit code is real.
+    let code = s.wait("fails to fail", Duration::from_secs(60), || {
+        let out = s.ok(&[
+            "get",
+            "pod",
+            "fails",
+            "-o",
+            "jsonpath={.status.phase} {.status.containerStatuses[0].state.terminated.exitCode}",
+        ]);
+        out.starts_with("Failed").then_some(out)
+    });
+    assert_eq!(code, "Failed 3");
+
+    // An image that does not exist: ErrImagePull, then ImagePullBackOff.
+    s.wait("missing in image pull back-off", Duration::from_secs(60), || {
+        let out = s.ok(&["get", "pod", "missing", "--no-headers"]);
+        out.contains("ImagePullBackOff").then_some(())
+    });
+    let described = s.ok(&["describe", "pod", "missing"]);
+    assert!(described.contains("Failed to pull image"), "{described}");
+
+    // Graceful deletion: SIGTERM reaches the container; everything it held goes.
+    let started = Instant::now();
+    s.ok(&["delete", "pod", "box", "fails", "missing"]);
+    assert!(started.elapsed() < Duration::from_secs(15));
+    let node_dir = s.dir.join("node-1");
+    s.wait("the pod's runc containers and sandbox gone", Duration::from_secs(20), || {
+        let empty =
+            |d: &str| std::fs::read_dir(node_dir.join(d)).map(|r| r.count() == 0).unwrap_or(true);
+        (empty("oci/containers") && empty("oci/sandboxes") && empty("ipam")).then_some(())
+    });
+    let links = machine.run(&["ip", "-o", "link"]);
+    assert!(!links.contains("veth"), "{links}");
+    drop(s);
+    let _ = std::fs::remove_dir_all(&work);
+}
