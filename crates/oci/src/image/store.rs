@@ -754,7 +754,9 @@ impl Inner {
         }
     }
 
-    /// Deletes `victims`' records, then the snapshots and blobs no remaining record uses.
+    /// Deletes `victims`' records, then every snapshot and blob no remaining record uses
+    /// (which also collects what failed pulls left behind). Runs under the exclusive lock, so
+    /// no pull or import is between storing a blob and recording it.
     /// Returns the bytes freed (blob sizes and unpacked bytes).
     fn remove_records(&self, all: &[Record], victims: &[Record]) -> Result<u64> {
         let gone: HashSet<&str> = victims.iter().map(|r| r.reference.as_str()).collect();
@@ -767,27 +769,30 @@ impl Inner {
                 Err(e) => return Err(Error::io("removing image record", e)),
             }
         }
-        let kept_ids: HashSet<&str> = remaining.iter().map(|r| r.id.as_str()).collect();
-        let kept_blobs: HashSet<&str> =
-            remaining.iter().flat_map(|r| r.blobs.iter().map(String::as_str)).collect();
+        let kept_snapshots: HashSet<String> =
+            remaining.iter().filter_map(|r| digest_hex(&r.id).ok().map(str::to_string)).collect();
+        let kept_blobs: HashSet<String> = remaining
+            .iter()
+            .flat_map(|r| r.blobs.iter())
+            .filter_map(|b| digest_hex(b).ok().map(str::to_string))
+            .collect();
         let mut freed = 0;
-        let mut done: HashSet<&str> = HashSet::new();
-        for victim in victims {
-            if !kept_ids.contains(victim.id.as_str()) && done.insert(victim.id.as_str()) {
-                let dir = self.snapshot_dir(&victim.id)?;
-                if dir.exists() {
-                    freed += read_unpacked_bytes(&dir);
-                    unpack::remove_any(&dir)?;
-                }
+        let snapshots = self.root.join("snapshots");
+        let entries = fs::read_dir(&snapshots).map_err(|e| Error::io("reading snapshots", e))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !kept_snapshots.contains(&name) {
+                freed += read_unpacked_bytes(&entry.path());
+                unpack::remove_any(&entry.path())?;
             }
-            for blob in &victim.blobs {
-                if !kept_blobs.contains(blob.as_str()) && done.insert(blob.as_str()) {
-                    let path = self.blob_path(blob)?;
-                    if let Ok(meta) = fs::metadata(&path) {
-                        freed += meta.len();
-                        fs::remove_file(&path).map_err(|e| Error::io("removing blob", e))?;
-                    }
-                }
+        }
+        let blobs = self.root.join("blobs/sha256");
+        let entries = fs::read_dir(&blobs).map_err(|e| Error::io("reading blobs", e))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !kept_blobs.contains(&name) {
+                freed += entry.metadata().map(|m| m.len()).unwrap_or(0);
+                fs::remove_file(entry.path()).map_err(|e| Error::io("removing blob", e))?;
             }
         }
         Ok(freed)
@@ -799,6 +804,18 @@ impl Inner {
         let fragment = stat.fragment_size() as u64;
         let capacity = stat.blocks() as u64 * fragment;
         let available = stat.blocks_available() as u64 * fragment;
+        self.collect(capacity, available, high, low, in_use)
+    }
+
+    /// The GC policy for a filesystem of `capacity` bytes with `available` free.
+    fn collect(
+        &self,
+        capacity: u64,
+        available: u64,
+        high: u8,
+        low: u8,
+        in_use: &[String],
+    ) -> Result<GcReport> {
         if capacity == 0 {
             return Ok(GcReport::default());
         }
@@ -856,4 +873,203 @@ fn read_unpacked_bytes(snapshot: &Path) -> u64 {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(content: &[u8]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_size(content.len() as u64);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        b.append_data(&mut h, "data", content).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    /// Writes an image's blobs straight into the store and commits it, as a pull would.
+    fn put(store: &ImageStore, reference: &str, content: &[u8]) -> Image {
+        put_with(store, reference, content, None)
+    }
+
+    fn put_with(
+        store: &ImageStore,
+        reference: &str,
+        content: &[u8],
+        diff_id: Option<&str>,
+    ) -> Image {
+        try_put(store, reference, content, diff_id, MEDIA_OCI_CONFIG).unwrap()
+    }
+
+    fn try_put(
+        store: &ImageStore,
+        reference: &str,
+        content: &[u8],
+        diff_id: Option<&str>,
+        config_media: &str,
+    ) -> Result<Image> {
+        let inner = &store.inner;
+        let layer = layer(content);
+        let layer_digest = inner.write_blob(None, &layer).unwrap();
+        let config = serde_json::json!({
+            "architecture": "amd64", "os": "linux",
+            "config": {"Cmd": ["run"]},
+            "rootfs": {"type": "layers", "diff_ids": [diff_id.unwrap_or(&layer_digest)]},
+        });
+        let config_bytes = serde_json::to_vec(&config).unwrap();
+        let config_digest = inner.write_blob(None, &config_bytes).unwrap();
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": MEDIA_OCI_MANIFEST,
+            "config": {"mediaType": config_media, "digest": config_digest, "size": config_bytes.len()},
+            "layers": [{"mediaType": MEDIA_OCI_LAYER_TAR, "digest": layer_digest, "size": layer.len()}],
+        });
+        let manifest_digest =
+            inner.write_blob(None, &serde_json::to_vec(&manifest).unwrap()).unwrap();
+        let name = ImageRef::parse(reference).unwrap().to_string();
+        inner.commit(&name, &manifest_digest, &manifest_digest)
+    }
+
+    fn touch(store: &ImageStore, reference: &str, at: u64) {
+        let name = ImageRef::parse(reference).unwrap().to_string();
+        let mut record = store.inner.read_record(&name).unwrap().unwrap();
+        record.last_used_ns = at;
+        store.inner.write_record(&record).unwrap();
+    }
+
+    async fn names(store: &ImageStore) -> Vec<String> {
+        store.list().await.unwrap().into_iter().map(|i| i.reference).collect()
+    }
+
+    #[tokio::test]
+    async fn a_committed_image_has_its_rootfs_config_and_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        let image = put(&store, "example.com/a:1", b"aaa");
+        assert_eq!(std::fs::read(image.rootfs.join("data")).unwrap(), b"aaa");
+        assert_eq!(image.config.cmd, ["run"]);
+        assert_eq!(image.repo_digest(), format!("example.com/a@{}", image.digest));
+        drop(store);
+        let store = ImageStore::open(dir.path()).unwrap();
+        assert_eq!(names(&store).await, ["example.com/a:1"]);
+        let got = store.get("example.com/a:1").await.unwrap().unwrap();
+        assert_eq!(got, image);
+    }
+
+    #[tokio::test]
+    async fn never_returns_a_present_image_and_fails_for_an_absent_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        put(&store, "example.com/a:1", b"aaa");
+        let auth = Auth::anonymous();
+        let found = store.ensure("example.com/a:1", PullPolicy::Never, &auth).await.unwrap();
+        assert_eq!(found.reference, "example.com/a:1");
+        let err = store.ensure("example.com/b:1", PullPolicy::Never, &auth).await.unwrap_err();
+        assert!(matches!(err, Error::NeverPull { .. }), "{err:?}");
+        let err = store.ensure("Example", PullPolicy::Never, &auth).await.unwrap_err();
+        assert_eq!(err.kubelet_reason(), "InvalidImageName");
+    }
+
+    #[test]
+    fn a_layer_that_does_not_match_its_diff_id_is_rejected_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        let wrong = format!("sha256:{}", "0".repeat(64));
+        let err =
+            try_put(&store, "example.com/a:1", b"x", Some(&wrong), MEDIA_OCI_CONFIG).unwrap_err();
+        assert!(matches!(err, Error::DigestMismatch { .. }), "{err:?}");
+        assert_eq!(std::fs::read_dir(dir.path().join("snapshots")).unwrap().count(), 0);
+        assert!(store.inner.records().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_layer_blob_changed_on_disk_is_caught_before_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        let content = layer(b"original");
+        let digest = store.inner.write_blob(None, &content).unwrap();
+        let mut tampered = layer(b"tampered");
+        tampered.truncate(content.len());
+        std::fs::write(store.inner.blob_path(&digest).unwrap(), &tampered).unwrap();
+        let err =
+            try_put(&store, "example.com/a:1", b"original", None, MEDIA_OCI_CONFIG).unwrap_err();
+        assert!(matches!(err, Error::DigestMismatch { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn an_artifact_that_is_not_a_container_image_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        let err = try_put(
+            &store,
+            "example.com/chart:1",
+            b"x",
+            None,
+            "application/vnd.cncf.helm.config.v1+json",
+        )
+        .unwrap_err();
+        assert!(matches!(err, Error::InvalidImage { .. }), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn removing_by_id_prefix_removes_every_tag_and_unshared_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        let a = put(&store, "example.com/a:1", b"aaa");
+        put(&store, "example.com/a:also", b"aaa");
+        let b = put(&store, "example.com/b:1", b"bbb");
+        let prefix = &a.id["sha256:".len().."sha256:".len() + 12];
+        let mut removed = store.remove(prefix).await.unwrap();
+        removed.sort();
+        assert_eq!(removed, ["example.com/a:1", "example.com/a:also"]);
+        assert!(!a.rootfs.exists());
+        assert!(b.rootfs.exists());
+        assert_eq!(names(&store).await, ["example.com/b:1"]);
+        let blobs = std::fs::read_dir(dir.path().join("blobs/sha256")).unwrap().count();
+        assert_eq!(blobs, 3, "only b's manifest, config and layer remain");
+        let err = store.remove("example.com/a:1").await.unwrap_err();
+        assert_eq!(err.kind(), crate::image::ErrorKind::NotPresent);
+    }
+
+    #[tokio::test]
+    async fn gc_removes_the_least_recently_used_unused_image_and_stops_at_the_low_threshold() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        put(&store, "example.com/old-in-use:1", b"1");
+        put(&store, "example.com/older:1", b"2");
+        put(&store, "example.com/newer:1", b"3");
+        touch(&store, "example.com/old-in-use:1", 1);
+        touch(&store, "example.com/older:1", 2);
+        touch(&store, "example.com/newer:1", 3);
+        let in_use = vec!["example.com/old-in-use:1".to_string()];
+        // 95% used, high 90, low 95: one byte must go, so exactly one image is removed.
+        let report = store.inner.collect(10_000_000, 499_999, 90, 95, &in_use).unwrap();
+        assert_eq!(report.usage_percent, 96);
+        assert_eq!(report.wanted_bytes, 1);
+        assert_eq!(report.removed, ["example.com/older:1"]);
+        assert!(report.freed_bytes > 0);
+        assert_eq!(names(&store).await, ["example.com/newer:1", "example.com/old-in-use:1"]);
+        // Below the high threshold nothing happens.
+        let report = store.inner.collect(10_000_000, 5_000_000, 90, 80, &[]).unwrap();
+        assert!(report.removed.is_empty());
+        assert_eq!(names(&store).await.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn gc_on_the_real_filesystem_with_zero_thresholds_keeps_only_images_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        let kept = put(&store, "example.com/kept:1", b"k");
+        put(&store, "example.com/gone:1", b"g");
+        // In use by repo digest, as a container status names its image.
+        let report = store.gc(0, 0, &[kept.repo_digest()]).await.unwrap();
+        assert_eq!(report.removed, ["example.com/gone:1"]);
+        assert_eq!(names(&store).await, ["example.com/kept:1"]);
+        let report = store.gc(100, 90, &[]).await.unwrap();
+        assert!(report.removed.is_empty() || report.usage_percent == 100);
+    }
 }
