@@ -13,6 +13,21 @@ use sha2::{Digest, Sha256};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(180);
 
+#[derive(clap::Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: rkube_oci::cli::Args,
+}
+
+/// Runs `rkube image ARGV…` and returns what it printed.
+async fn rkube_image(argv: &[&str]) -> Result<String, Error> {
+    use clap::Parser;
+    let cli = Cli::try_parse_from(std::iter::once("image").chain(argv.iter().copied())).unwrap();
+    let mut out = Vec::new();
+    rkube_oci::cli::run_to(cli.args, &mut out).await?;
+    Ok(String::from_utf8(out).unwrap())
+}
+
 /// `true` when every program is installed; otherwise says so (or fails under CI).
 fn have(programs: &[&str]) -> bool {
     let missing: Vec<&&str> = programs
@@ -428,6 +443,33 @@ async fn scenario() {
         .await
         .unwrap();
     assert_eq!(by_digest.id, native.config);
+
+    // The CLI, in its own data directory: pull over plain HTTP, then list like crictl.
+    let data_dir = work.path().join("cli-data");
+    let data = data_dir.to_str().unwrap();
+    let printed = rkube_image(&[
+        "pull",
+        "--data-dir",
+        data,
+        "--insecure-registry",
+        &host,
+        &format!("{host}/test/app:1"),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(printed, format!("Image is up to date for {}\n", app.config));
+    let table = rkube_image(&["ls", "--data-dir", data]).await.unwrap();
+    let rows: Vec<Vec<&str>> = table.lines().map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(rows[0], ["IMAGE", "TAG", "IMAGE", "ID", "SIZE"]);
+    assert_eq!(rows[1][..3], [format!("{host}/test/app").as_str(), "1", &app.config[7..20]]);
+    assert_eq!(rows.len(), 2);
+    // Without --insecure-registry the CLI speaks HTTPS to the plain-HTTP registry and fails.
+    let refused = rkube_image(&["pull", "--data-dir", data, &format!("{host}/test/multi:1")])
+        .await
+        .unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::Network, "{refused}");
+    let removed = rkube_image(&["rm", "--data-dir", data, &app.config[7..19]]).await.unwrap();
+    assert_eq!(removed, format!("Deleted: {host}/test/app:1\n"));
 
     // An unknown tag is NotFound, not a network error.
     let missing = store.pull(&format!("{host}/test/app:nope"), &anonymous).await.unwrap_err();

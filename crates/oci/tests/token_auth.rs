@@ -40,9 +40,7 @@ fn authorized(state: &Registry, headers: &HeaderMap) -> bool {
     let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
         return false;
     };
-    value
-        .strip_prefix("Bearer ")
-        .is_some_and(|t| state.issued.lock().unwrap().contains(t))
+    value.strip_prefix("Bearer ").is_some_and(|t| state.issued.lock().unwrap().contains(t))
 }
 
 fn challenge(state: &Registry) -> Response {
@@ -55,18 +53,12 @@ fn challenge(state: &Registry) -> Response {
         r#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#,
     )
         .into_response();
-    response
-        .headers_mut()
-        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_str(&value).unwrap());
+    response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_str(&value).unwrap());
     response
 }
 
 async fn version(State(state): State<Shared>, headers: HeaderMap) -> Response {
-    if authorized(&state, &headers) {
-        "{}".into_response()
-    } else {
-        challenge(&state)
-    }
+    if authorized(&state, &headers) { "{}".into_response() } else { challenge(&state) }
 }
 
 async fn token(
@@ -78,17 +70,11 @@ async fn token(
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"))
     );
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
+    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     if given != Some(expected.as_str()) {
         return (StatusCode::UNAUTHORIZED, "bad credentials").into_response();
     }
-    state
-        .scopes
-        .lock()
-        .unwrap()
-        .push(query.get("scope").cloned().unwrap_or_default());
+    state.scopes.lock().unwrap().push(query.get("scope").cloned().unwrap_or_default());
     let token = format!("tok-{}", state.issued.lock().unwrap().len() + 1);
     state.issued.lock().unwrap().insert(token.clone());
     axum::Json(serde_json::json!({"token": token, "expires_in": 300})).into_response()
@@ -116,10 +102,7 @@ async fn manifest(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/vnd.oci.image.manifest.v1+json"),
     );
-    h.insert(
-        "Docker-Content-Digest",
-        HeaderValue::from_str(&sha(&state.manifest)).unwrap(),
-    );
+    h.insert("Docker-Content-Digest", HeaderValue::from_str(&sha(&state.manifest)).unwrap());
     response
 }
 
@@ -216,10 +199,8 @@ async fn a_pull_secret_gets_a_token_and_the_image_without_one_is_unauthorized() 
     let store = store(dir.path(), &host);
     let image_name = format!("{host}/{REPOSITORY}:1");
 
-    let anonymous = store
-        .ensure(&image_name, PullPolicy::IfNotPresent, &Auth::anonymous())
-        .await
-        .unwrap_err();
+    let anonymous =
+        store.ensure(&image_name, PullPolicy::IfNotPresent, &Auth::anonymous()).await.unwrap_err();
     assert_eq!(anonymous.kind(), ErrorKind::Unauthorized, "{anonymous}");
 
     let wrong = store
@@ -237,21 +218,14 @@ async fn a_pull_secret_gets_a_token_and_the_image_without_one_is_unauthorized() 
     assert_eq!(image.config.cmd, ["cat", "/secret.txt"]);
     assert_eq!(*state.served.lock().unwrap(), 1);
     assert!(
-        state
-            .scopes
-            .lock()
-            .unwrap()
-            .contains(&format!("repository:{REPOSITORY}:pull")),
+        state.scopes.lock().unwrap().contains(&format!("repository:{REPOSITORY}:pull")),
         "scopes asked for: {:?}",
         state.scopes.lock().unwrap()
     );
 
     // A credential for another registry does not leak to this one.
     let elsewhere = pull_secret("registry.example.com", PASSWORD);
-    let err = store
-        .pull(&image_name, &elsewhere)
-        .await
-        .unwrap_err();
+    let err = store.pull(&image_name, &elsewhere).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unauthorized, "{err}");
     server.abort();
 }

@@ -8,8 +8,9 @@
 //!   against the config's diff IDs (it is unpacked under a staging name and renamed).
 //! - A record is written (atomically) only after its blobs and snapshot exist, so `list()`
 //!   after a crash shows only usable images.
-//! - Removal and garbage collection exclude pulls and imports (a store-wide lock), so a blob a
-//!   pull is about to use is never deleted under it.
+//! - Removal and garbage collection exclude pulls and imports (an in-process lock plus an
+//!   `flock` on `<root>/lock` for other processes on the same store, such as `rkube image rm`
+//!   next to the kubelet), so a blob a pull is about to use is never deleted under it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -333,6 +335,7 @@ impl ImageStore {
     /// Returns the references removed.
     pub async fn remove(&self, reference: &str) -> Result<Vec<String>> {
         let _exclusive = self.inner.lock.write().await;
+        let _exclusive_file = self.inner.file_lock(true).await?;
         let inner = self.inner.clone();
         let reference = reference.to_string();
         tokio::task::spawn_blocking(move || {
@@ -359,6 +362,7 @@ impl ImageStore {
     /// `docker save` tarball.
     pub async fn import(&self, archive: impl AsRef<Path>) -> Result<Vec<Image>> {
         let _shared = self.inner.lock.read().await;
+        let _shared_file = self.inner.file_lock(false).await?;
         let inner = self.inner.clone();
         let archive = archive.as_ref().to_path_buf();
         tokio::task::spawn_blocking(move || super::import::import(&inner, &archive))
@@ -376,6 +380,7 @@ impl ImageStore {
         in_use: &[String],
     ) -> Result<GcReport> {
         let _exclusive = self.inner.lock.write().await;
+        let _exclusive_file = self.inner.file_lock(true).await?;
         let inner = self.inner.clone();
         let in_use = in_use.to_vec();
         tokio::task::spawn_blocking(move || {
@@ -407,6 +412,7 @@ impl ImageStore {
         };
         let _one_pull = per_ref.lock().await;
         let _shared = self.inner.lock.read().await;
+        let _shared_file = self.inner.file_lock(false).await?;
         let fetched = super::registry::fetch(&self.inner, image, auth).await?;
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
@@ -418,8 +424,38 @@ impl ImageStore {
 }
 
 impl Inner {
+    /// Takes the store's lock file, shared or exclusive: the in-process `lock` does not cover
+    /// another process on the same store (`rkube image rm` while the kubelet pulls).
+    async fn file_lock(&self, exclusive: bool) -> Result<Flock<fs::File>> {
+        let path = self.root.join("lock");
+        tokio::task::spawn_blocking(move || {
+            let file = fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(|e| Error::io("opening the store lock", e))?;
+            let arg = if exclusive { FlockArg::LockExclusive } else { FlockArg::LockShared };
+            Flock::lock(file, arg).map_err(|(_, e)| Error::io("locking the store", e.into()))
+        })
+        .await
+        .map_err(|e| Error::io("lock task", std::io::Error::other(e)))?
+    }
+
     fn clean_leftovers(&self) {
-        // Staging snapshots and partial downloads of a process that died are never reused.
+        // Staging snapshots and partial downloads of a process that died are never reused;
+        // they are only removed when no other process has the store open for a pull.
+        let Ok(file) = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.root.join("lock"))
+        else {
+            return;
+        };
+        let Ok(_exclusive) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
+            return;
+        };
         for dir in [self.root.join("tmp"), self.root.join("snapshots")] {
             let Ok(entries) = fs::read_dir(&dir) else { continue };
             for entry in entries.flatten() {
