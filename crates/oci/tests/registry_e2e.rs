@@ -370,7 +370,18 @@ async fn scenario() {
     layout.tag_manifest("multi", &index, "application/vnd.oci.image.index.v1+json");
     let corrupt = layout.image(&arch, &app_layers("corrupt"));
     layout.tag_manifest("corrupt", &corrupt.manifest, "application/vnd.oci.image.manifest.v1+json");
+    let legacy = layout.image(&arch, &app_layers("legacy")[..1]);
+    layout.tag_manifest("legacy", &legacy.manifest, "application/vnd.oci.image.manifest.v1+json");
     let dir = layout.dir.display().to_string();
+    // Docker's own manifest format (schema 2), as `docker push` writes it.
+    skopeo(&[
+        "copy",
+        "--format",
+        "v2s2",
+        "--dest-tls-verify=false",
+        &format!("oci:{dir}:legacy"),
+        &format!("docker://{host}/test/legacy:1"),
+    ]);
     skopeo(&[
         "copy",
         "--dest-tls-verify=false",
@@ -443,6 +454,20 @@ async fn scenario() {
         .await
         .unwrap();
     assert_eq!(by_digest.id, native.config);
+
+    // Docker schema 2 manifest and config media types.
+    let docker = store.pull(&format!("{host}/test/legacy:1"), &anonymous).await.unwrap();
+    let stored: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(root.join("blobs/sha256").join(&docker.digest[7..])).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(stored["mediaType"], "application/vnd.docker.distribution.manifest.v2+json");
+    assert_eq!(
+        std::fs::read_to_string(docker.rootfs.join("etc/hello.txt")).unwrap(),
+        "hello legacy\n"
+    );
+    assert_eq!(docker.config.entrypoint, ["/bin/tool"]);
+    store.remove(&format!("{host}/test/legacy:1")).await.unwrap();
 
     // The CLI, in its own data directory: pull over plain HTTP, then list like crictl.
     let data_dir = work.path().join("cli-data");

@@ -607,7 +607,11 @@ impl Inner {
                 .len();
         }
         let now = now_ns();
-        let created_ns = self.read_record(reference)?.map(|r| r.created_ns).unwrap_or(now);
+        let previous = self.read_record(reference)?;
+        let created_ns = previous.as_ref().map(|r| r.created_ns).unwrap_or(now);
+        if let Some(old) = previous.filter(|old| old.id != id) {
+            self.keep_by_digest(old)?;
+        }
         let record = Record {
             reference: reference.to_string(),
             digest: top_digest.to_string(),
@@ -622,6 +626,21 @@ impl Inner {
         };
         self.write_record(&record)?;
         Ok(self.image(&record))
+    }
+
+    /// A tag that moved to another image leaves the old one behind as `name@digest` (Docker's
+    /// dangling image), so a container still running on it keeps its rootfs and GC can still
+    /// see, age and remove it.
+    fn keep_by_digest(&self, mut old: Record) -> Result<()> {
+        let Ok(name) = ImageRef::parse(&old.reference) else {
+            return Ok(());
+        };
+        let by_digest = name.with_digest(&old.digest).to_string();
+        if by_digest == old.reference {
+            return Ok(());
+        }
+        old.reference = by_digest;
+        self.write_record(&old)
     }
 
     fn unpack_snapshot(
@@ -994,6 +1013,23 @@ mod tests {
         assert_eq!(names(&store).await, ["example.com/a:1"]);
         let got = store.get("example.com/a:1").await.unwrap().unwrap();
         assert_eq!(got, image);
+    }
+
+    #[tokio::test]
+    async fn a_tag_that_moves_keeps_the_old_image_by_digest_with_its_rootfs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        let old = put(&store, "example.com/a:1", b"old");
+        let new = put(&store, "example.com/a:1", b"new");
+        assert_ne!(old.id, new.id);
+        let dangling = format!("example.com/a@{}", old.digest);
+        assert_eq!(names(&store).await, ["example.com/a:1", dangling.as_str()]);
+        assert_eq!(std::fs::read(old.rootfs.join("data")).unwrap(), b"old");
+        let kept = store.get(&dangling).await.unwrap().unwrap();
+        assert_eq!(kept.id, old.id);
+        // Re-pulling the same image does not duplicate it.
+        put(&store, "example.com/a:1", b"new");
+        assert_eq!(names(&store).await.len(), 2);
     }
 
     #[tokio::test]
