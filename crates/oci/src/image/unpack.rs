@@ -312,9 +312,13 @@ impl Layer<'_> {
                 .ok_or_else(|| unsafe_entry(shown, "opaque directory could not be created"))?;
             return self.make_opaque(&dir);
         }
-        if hidden.starts_with(WHITEOUT_PREFIX) || hidden.is_empty() {
+        if hidden.starts_with(WHITEOUT_PREFIX) {
             // Other `.wh..wh.` names are aufs bookkeeping, not whiteouts of user files.
             return Ok(());
+        }
+        if matches!(hidden, "" | "." | "..") {
+            // `.wh..` and `.wh...` would name the directory itself or its parent.
+            return Err(unsafe_entry(shown, "whiteout of '.' or '..'"));
         }
         let Some(dir) = self.resolve_dir(parents, false, shown)? else {
             return Ok(()); // Nothing below to hide.
@@ -685,6 +689,18 @@ mod tests {
             .file("o/.wh..wh..opq", b"")
             .build();
         sb.unpack(&tar).unwrap();
+        sb.assert_untouched();
+    }
+
+    #[test]
+    fn whiteouts_naming_dot_or_dotdot_are_rejected_and_remove_nothing() {
+        let sb = Sandbox::new();
+        sb.unpack(&TarBuilder::new().file("keep", b"1").build()).unwrap();
+        for name in [".wh...", ".wh..", "d/.wh..."] {
+            let tar = TarBuilder::new().dir("d").file(name, b"").build();
+            assert!(matches!(sb.unpack(&tar), Err(Error::UnsafeLayer { .. })), "{name}");
+            assert!(sb.rootfs.join("keep").exists(), "{name} removed the rootfs");
+        }
         sb.assert_untouched();
     }
 
