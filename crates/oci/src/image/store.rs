@@ -139,6 +139,9 @@ pub(crate) struct PlatformSpec {
     pub variant: Option<String>,
 }
 
+/// How stale a record's last use may get before a use is written down.
+const LAST_USED_RESOLUTION: Duration = Duration::from_secs(60);
+
 pub(crate) const MEDIA_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub(crate) const MEDIA_DOCKER_LIST: &str =
     "application/vnd.docker.distribution.manifest.list.v2+json";
@@ -398,8 +401,13 @@ impl ImageStore {
         if !self.inner.snapshot_dir(&record.id)?.is_dir() {
             return Ok(None);
         }
-        record.last_used_ns = now_ns();
-        self.inner.write_record(&record)?;
+        // The kubelet ensures images on every pod sync; a minute is fine resolution for LRU
+        // and spares a disk write per sync.
+        let now = now_ns();
+        if now.saturating_sub(record.last_used_ns) > LAST_USED_RESOLUTION.as_nanos() as u64 {
+            record.last_used_ns = now;
+            self.inner.write_record(&record)?;
+        }
         Ok(Some(self.inner.image(&record)))
     }
 
@@ -650,7 +658,9 @@ impl Inner {
         diff_ids: &[String],
         snapshot: &Path,
     ) -> Result<u64> {
-        if !diff_ids.is_empty() && diff_ids.len() != manifest.layers.len() {
+        // The snapshot is shared by every manifest naming this config, so the config's diff
+        // IDs must pin exactly what gets unpacked.
+        if diff_ids.len() != manifest.layers.len() {
             return Err(Error::InvalidImage {
                 reference: reference.to_string(),
                 reason: format!(
