@@ -299,10 +299,10 @@ impl ImageStore {
     pub async fn ensure(&self, reference: &str, policy: PullPolicy, auth: &Auth) -> Result<Image> {
         let image = ImageRef::parse(reference)?;
         match policy {
-            PullPolicy::Always => self.pull_ref(&image, auth).await,
+            PullPolicy::Always => self.pull_ref(&image, auth, false).await,
             PullPolicy::IfNotPresent => match self.present(&image).await? {
                 Some(found) => Ok(found),
-                None => self.pull_ref(&image, auth).await,
+                None => self.pull_ref(&image, auth, true).await,
             },
             PullPolicy::Never => self
                 .present(&image)
@@ -314,7 +314,7 @@ impl ImageStore {
     /// Pulls `reference` from its registry, verifying every blob, and unpacks it.
     pub async fn pull(&self, reference: &str, auth: &Auth) -> Result<Image> {
         let image = ImageRef::parse(reference)?;
-        self.pull_ref(&image, auth).await
+        self.pull_ref(&image, auth, false).await
     }
 
     /// The stored image for `reference`, if any (does not count as a use).
@@ -411,23 +411,39 @@ impl ImageStore {
         Ok(Some(self.inner.image(&record)))
     }
 
-    async fn pull_ref(&self, image: &ImageRef, auth: &Auth) -> Result<Image> {
+    /// Pulls `image`; with `if_absent`, a pull that finds the image stored once it holds the
+    /// reference's lock (another caller just pulled it) returns that instead of pulling again.
+    async fn pull_ref(&self, image: &ImageRef, auth: &Auth, if_absent: bool) -> Result<Image> {
         let name = image.to_string();
         let per_ref = {
             let mut pulling =
                 self.inner.pulling.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             pulling.entry(name.clone()).or_default().clone()
         };
-        let _one_pull = per_ref.lock().await;
-        let _shared = self.inner.lock.read().await;
-        let _shared_file = self.inner.file_lock(false).await?;
-        let fetched = super::registry::fetch(&self.inner, image, auth).await?;
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            inner.commit(&name, &fetched.top_digest, &fetched.manifest_digest)
-        })
-        .await
-        .map_err(|e| Error::io("unpack task", std::io::Error::other(e)))?
+        let result = async {
+            let _one_pull = per_ref.lock().await;
+            if if_absent && let Some(found) = self.present(image).await? {
+                return Ok(found);
+            }
+            let _shared = self.inner.lock.read().await;
+            let _shared_file = self.inner.file_lock(false).await?;
+            let fetched = super::registry::fetch(&self.inner, image, auth).await?;
+            let inner = self.inner.clone();
+            let name = name.clone();
+            tokio::task::spawn_blocking(move || {
+                inner.commit(&name, &fetched.top_digest, &fetched.manifest_digest)
+            })
+            .await
+            .map_err(|e| Error::io("unpack task", std::io::Error::other(e)))?
+        }
+        .await;
+        // Forget the reference's lock once nobody else holds or waits on it.
+        let mut pulling =
+            self.inner.pulling.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if Arc::strong_count(&per_ref) == 2 {
+            pulling.remove(&name);
+        }
+        result
     }
 }
 

@@ -1,7 +1,8 @@
-//! Token authentication (the Docker registry v2 flow: a 401 with a Bearer challenge, a token
-//! fetched from the realm with the user's credentials, requests retried with it) against a
-//! registry double on loopback that refuses everything without a token it issued. The
-//! credentials come from a dockerconfigjson, as from an image pull secret.
+//! Against a registry double on loopback (a real HTTP server that only serves bearer tokens it
+//! issued): token authentication in the Docker registry v2 flow (a 401 with a Bearer
+//! challenge, a token fetched from the realm with the user's credentials, requests retried
+//! with it) with credentials from a dockerconfigjson as in an image pull secret, and
+//! concurrent pulls of one image.
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -227,5 +228,32 @@ async fn a_pull_secret_gets_a_token_and_the_image_without_one_is_unauthorized() 
     let elsewhere = pull_secret("registry.example.com", PASSWORD);
     let err = store.pull(&image_name, &elsewhere).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unauthorized, "{err}");
+    server.abort();
+}
+
+#[tokio::test]
+async fn concurrent_ensures_of_one_image_pull_it_once() {
+    let (host, state, server) = start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path(), &host);
+    let image_name = format!("{host}/{REPOSITORY}:1");
+    let auth = pull_secret(&host, PASSWORD);
+    let pulls = (0..4).map(|_| {
+        let store = store.clone();
+        let image_name = image_name.clone();
+        let auth = auth.clone();
+        tokio::spawn(
+            async move { store.ensure(&image_name, PullPolicy::IfNotPresent, &auth).await },
+        )
+    });
+    let mut ids = HashSet::new();
+    for pull in pulls.collect::<Vec<_>>() {
+        ids.insert(pull.await.unwrap().unwrap().id);
+    }
+    assert_eq!(ids.len(), 1);
+    assert_eq!(*state.served.lock().unwrap(), 1, "the manifest was fetched more than once");
+    // Always asks the registry again (and reuses the stored blobs).
+    store.ensure(&image_name, PullPolicy::Always, &auth).await.unwrap();
+    assert_eq!(*state.served.lock().unwrap(), 2);
     server.abort();
 }
