@@ -5,6 +5,20 @@
 //! `imagePullPolicy`, pulling (with credentials from pull secrets, see [`Auth`]) when needed,
 //! and returns an [`Image`] whose `rootfs` is ready to be used as a container's root.
 //!
+//! For the kubelet:
+//! - open one store per node: `ImageStore::open_with(cli::images_root(data_dir), StoreConfig {
+//!   insecure_registries, .. })` (clones share it);
+//! - per container: `Auth::from_docker_config_json` for each of the pod's pull secrets, merged
+//!   with [`Auth::merge`]; [`PullPolicy::from_spec`] for the container's policy; then
+//!   [`ImageStore::ensure`]. On error, [`Error::kubelet_reason`] is the waiting reason
+//!   (`ErrImagePull`, `ErrImageNeverPull`, `InvalidImageName`) and the message is the error;
+//! - the container's root is `image.rootfs` (shared by every container of that image: give
+//!   runc an overlay or a copy, never write to it); `image.config` fills in command, args,
+//!   env, working dir and user the way the pod spec does not; the status's `imageID` is
+//!   [`Image::repo_digest`];
+//! - image GC: [`ImageStore::gc`] with the kubelet's thresholds and the image IDs (or
+//!   references) of every container that exists.
+//!
 //! On disk, under the store's root:
 //! - `blobs/sha256/<hex>`: manifests, configs and layers, each verified against its digest;
 //! - `snapshots/<image-id>/rootfs`: the image's layers unpacked into one directory;
@@ -39,7 +53,7 @@ pub enum Error {
     Network { registry: String, message: String },
     #[error("registry {registry} failed: {message}")]
     Registry { registry: String, message: String },
-    #[error("container image {reference:?} is not present with pull policy of Never")]
+    #[error("Container image {reference:?} is not present with pull policy of Never")]
     NeverPull { reference: String },
     #[error("image {reference:?} is not in the local store")]
     NotPresent { reference: String },

@@ -6,6 +6,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use futures::{StreamExt, TryStreamExt};
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::manifest::OciDescriptor;
@@ -19,6 +20,8 @@ use super::store::{
 };
 use super::unpack::hex;
 use super::{Auth, Error, Result};
+
+const PARALLEL_DOWNLOADS: usize = 3;
 
 const ACCEPTED_MANIFESTS: &[&str] =
     &[MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST, MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST];
@@ -60,9 +63,17 @@ pub(crate) async fn fetch(inner: &Inner, image: &ImageRef, auth: &Auth) -> Resul
         (top_digest.clone(), top)
     };
     let config = manifest.check_image(&shown)?.clone();
-    for descriptor in std::iter::once(&config).chain(&manifest.layers) {
-        fetch_blob(inner, &client, &reference, image, descriptor).await?;
-    }
+    // A few blobs at a time, as containerd does: layers are independent, and one slow blob
+    // should not hold the others back. The first failure ends the pull.
+    let blobs: Vec<Descriptor> = std::iter::once(config).chain(manifest.layers).collect();
+    let (client, reference) = (&client, &reference);
+    futures::stream::iter(blobs)
+        .map(|descriptor| async move {
+            fetch_blob(inner, client, reference, image, &descriptor).await
+        })
+        .buffer_unordered(PARALLEL_DOWNLOADS)
+        .try_collect::<Vec<()>>()
+        .await?;
     Ok(Fetched { top_digest, manifest_digest })
 }
 

@@ -8,8 +8,9 @@
 //!   against the config's diff IDs (it is unpacked under a staging name and renamed).
 //! - A record is written (atomically) only after its blobs and snapshot exist, so `list()`
 //!   after a crash shows only usable images.
-//! - Removal and garbage collection exclude pulls and imports (a store-wide lock), so a blob a
-//!   pull is about to use is never deleted under it.
+//! - Removal and garbage collection exclude pulls and imports (an in-process lock plus an
+//!   `flock` on `<root>/lock` for other processes on the same store, such as `rkube image rm`
+//!   next to the kubelet), so a blob a pull is about to use is never deleted under it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -136,6 +138,9 @@ pub(crate) struct PlatformSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub variant: Option<String>,
 }
+
+/// How stale a record's last use may get before a use is written down.
+const LAST_USED_RESOLUTION: Duration = Duration::from_secs(60);
 
 pub(crate) const MEDIA_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub(crate) const MEDIA_DOCKER_LIST: &str =
@@ -294,10 +299,10 @@ impl ImageStore {
     pub async fn ensure(&self, reference: &str, policy: PullPolicy, auth: &Auth) -> Result<Image> {
         let image = ImageRef::parse(reference)?;
         match policy {
-            PullPolicy::Always => self.pull_ref(&image, auth).await,
+            PullPolicy::Always => self.pull_ref(&image, auth, false).await,
             PullPolicy::IfNotPresent => match self.present(&image).await? {
                 Some(found) => Ok(found),
-                None => self.pull_ref(&image, auth).await,
+                None => self.pull_ref(&image, auth, true).await,
             },
             PullPolicy::Never => self
                 .present(&image)
@@ -309,7 +314,7 @@ impl ImageStore {
     /// Pulls `reference` from its registry, verifying every blob, and unpacks it.
     pub async fn pull(&self, reference: &str, auth: &Auth) -> Result<Image> {
         let image = ImageRef::parse(reference)?;
-        self.pull_ref(&image, auth).await
+        self.pull_ref(&image, auth, false).await
     }
 
     /// The stored image for `reference`, if any (does not count as a use).
@@ -333,6 +338,7 @@ impl ImageStore {
     /// Returns the references removed.
     pub async fn remove(&self, reference: &str) -> Result<Vec<String>> {
         let _exclusive = self.inner.lock.write().await;
+        let _exclusive_file = self.inner.file_lock(true).await?;
         let inner = self.inner.clone();
         let reference = reference.to_string();
         tokio::task::spawn_blocking(move || {
@@ -359,6 +365,7 @@ impl ImageStore {
     /// `docker save` tarball.
     pub async fn import(&self, archive: impl AsRef<Path>) -> Result<Vec<Image>> {
         let _shared = self.inner.lock.read().await;
+        let _shared_file = self.inner.file_lock(false).await?;
         let inner = self.inner.clone();
         let archive = archive.as_ref().to_path_buf();
         tokio::task::spawn_blocking(move || super::import::import(&inner, &archive))
@@ -376,6 +383,7 @@ impl ImageStore {
         in_use: &[String],
     ) -> Result<GcReport> {
         let _exclusive = self.inner.lock.write().await;
+        let _exclusive_file = self.inner.file_lock(true).await?;
         let inner = self.inner.clone();
         let in_use = in_use.to_vec();
         tokio::task::spawn_blocking(move || {
@@ -393,33 +401,85 @@ impl ImageStore {
         if !self.inner.snapshot_dir(&record.id)?.is_dir() {
             return Ok(None);
         }
-        record.last_used_ns = now_ns();
-        self.inner.write_record(&record)?;
+        // The kubelet ensures images on every pod sync; a minute is fine resolution for LRU
+        // and spares a disk write per sync.
+        let now = now_ns();
+        if now.saturating_sub(record.last_used_ns) > LAST_USED_RESOLUTION.as_nanos() as u64 {
+            record.last_used_ns = now;
+            self.inner.write_record(&record)?;
+        }
         Ok(Some(self.inner.image(&record)))
     }
 
-    async fn pull_ref(&self, image: &ImageRef, auth: &Auth) -> Result<Image> {
+    /// Pulls `image`; with `if_absent`, a pull that finds the image stored once it holds the
+    /// reference's lock (another caller just pulled it) returns that instead of pulling again.
+    async fn pull_ref(&self, image: &ImageRef, auth: &Auth, if_absent: bool) -> Result<Image> {
         let name = image.to_string();
         let per_ref = {
             let mut pulling =
                 self.inner.pulling.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             pulling.entry(name.clone()).or_default().clone()
         };
-        let _one_pull = per_ref.lock().await;
-        let _shared = self.inner.lock.read().await;
-        let fetched = super::registry::fetch(&self.inner, image, auth).await?;
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            inner.commit(&name, &fetched.top_digest, &fetched.manifest_digest)
-        })
-        .await
-        .map_err(|e| Error::io("unpack task", std::io::Error::other(e)))?
+        let result = async {
+            let _one_pull = per_ref.lock().await;
+            if if_absent && let Some(found) = self.present(image).await? {
+                return Ok(found);
+            }
+            let _shared = self.inner.lock.read().await;
+            let _shared_file = self.inner.file_lock(false).await?;
+            let fetched = super::registry::fetch(&self.inner, image, auth).await?;
+            let inner = self.inner.clone();
+            let name = name.clone();
+            tokio::task::spawn_blocking(move || {
+                inner.commit(&name, &fetched.top_digest, &fetched.manifest_digest)
+            })
+            .await
+            .map_err(|e| Error::io("unpack task", std::io::Error::other(e)))?
+        }
+        .await;
+        // Forget the reference's lock once nobody else holds or waits on it.
+        let mut pulling =
+            self.inner.pulling.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if Arc::strong_count(&per_ref) == 2 {
+            pulling.remove(&name);
+        }
+        result
     }
 }
 
 impl Inner {
+    /// Takes the store's lock file, shared or exclusive: the in-process `lock` does not cover
+    /// another process on the same store (`rkube image rm` while the kubelet pulls).
+    async fn file_lock(&self, exclusive: bool) -> Result<Flock<fs::File>> {
+        let path = self.root.join("lock");
+        tokio::task::spawn_blocking(move || {
+            let file = fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(|e| Error::io("opening the store lock", e))?;
+            let arg = if exclusive { FlockArg::LockExclusive } else { FlockArg::LockShared };
+            Flock::lock(file, arg).map_err(|(_, e)| Error::io("locking the store", e.into()))
+        })
+        .await
+        .map_err(|e| Error::io("lock task", std::io::Error::other(e)))?
+    }
+
     fn clean_leftovers(&self) {
-        // Staging snapshots and partial downloads of a process that died are never reused.
+        // Staging snapshots and partial downloads of a process that died are never reused;
+        // they are only removed when no other process has the store open for a pull.
+        let Ok(file) = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.root.join("lock"))
+        else {
+            return;
+        };
+        let Ok(_exclusive) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
+            return;
+        };
         for dir in [self.root.join("tmp"), self.root.join("snapshots")] {
             let Ok(entries) = fs::read_dir(&dir) else { continue };
             for entry in entries.flatten() {
@@ -571,7 +631,11 @@ impl Inner {
                 .len();
         }
         let now = now_ns();
-        let created_ns = self.read_record(reference)?.map(|r| r.created_ns).unwrap_or(now);
+        let previous = self.read_record(reference)?;
+        let created_ns = previous.as_ref().map(|r| r.created_ns).unwrap_or(now);
+        if let Some(old) = previous.filter(|old| old.id != id) {
+            self.keep_by_digest(old)?;
+        }
         let record = Record {
             reference: reference.to_string(),
             digest: top_digest.to_string(),
@@ -588,6 +652,21 @@ impl Inner {
         Ok(self.image(&record))
     }
 
+    /// A tag that moved to another image leaves the old one behind as `name@digest` (Docker's
+    /// dangling image), so a container still running on it keeps its rootfs and GC can still
+    /// see, age and remove it.
+    fn keep_by_digest(&self, mut old: Record) -> Result<()> {
+        let Ok(name) = ImageRef::parse(&old.reference) else {
+            return Ok(());
+        };
+        let by_digest = name.with_digest(&old.digest).to_string();
+        if by_digest == old.reference {
+            return Ok(());
+        }
+        old.reference = by_digest;
+        self.write_record(&old)
+    }
+
     fn unpack_snapshot(
         &self,
         reference: &str,
@@ -595,7 +674,9 @@ impl Inner {
         diff_ids: &[String],
         snapshot: &Path,
     ) -> Result<u64> {
-        if !diff_ids.is_empty() && diff_ids.len() != manifest.layers.len() {
+        // The snapshot is shared by every manifest naming this config, so the config's diff
+        // IDs must pin exactly what gets unpacked.
+        if diff_ids.len() != manifest.layers.len() {
             return Err(Error::InvalidImage {
                 reference: reference.to_string(),
                 reason: format!(
@@ -754,7 +835,9 @@ impl Inner {
         }
     }
 
-    /// Deletes `victims`' records, then the snapshots and blobs no remaining record uses.
+    /// Deletes `victims`' records, then every snapshot and blob no remaining record uses
+    /// (which also collects what failed pulls left behind). Runs under the exclusive lock, so
+    /// no pull or import is between storing a blob and recording it.
     /// Returns the bytes freed (blob sizes and unpacked bytes).
     fn remove_records(&self, all: &[Record], victims: &[Record]) -> Result<u64> {
         let gone: HashSet<&str> = victims.iter().map(|r| r.reference.as_str()).collect();
@@ -767,27 +850,30 @@ impl Inner {
                 Err(e) => return Err(Error::io("removing image record", e)),
             }
         }
-        let kept_ids: HashSet<&str> = remaining.iter().map(|r| r.id.as_str()).collect();
-        let kept_blobs: HashSet<&str> =
-            remaining.iter().flat_map(|r| r.blobs.iter().map(String::as_str)).collect();
+        let kept_snapshots: HashSet<String> =
+            remaining.iter().filter_map(|r| digest_hex(&r.id).ok().map(str::to_string)).collect();
+        let kept_blobs: HashSet<String> = remaining
+            .iter()
+            .flat_map(|r| r.blobs.iter())
+            .filter_map(|b| digest_hex(b).ok().map(str::to_string))
+            .collect();
         let mut freed = 0;
-        let mut done: HashSet<&str> = HashSet::new();
-        for victim in victims {
-            if !kept_ids.contains(victim.id.as_str()) && done.insert(victim.id.as_str()) {
-                let dir = self.snapshot_dir(&victim.id)?;
-                if dir.exists() {
-                    freed += read_unpacked_bytes(&dir);
-                    unpack::remove_any(&dir)?;
-                }
+        let snapshots = self.root.join("snapshots");
+        let entries = fs::read_dir(&snapshots).map_err(|e| Error::io("reading snapshots", e))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !kept_snapshots.contains(&name) {
+                freed += read_unpacked_bytes(&entry.path());
+                unpack::remove_any(&entry.path())?;
             }
-            for blob in &victim.blobs {
-                if !kept_blobs.contains(blob.as_str()) && done.insert(blob.as_str()) {
-                    let path = self.blob_path(blob)?;
-                    if let Ok(meta) = fs::metadata(&path) {
-                        freed += meta.len();
-                        fs::remove_file(&path).map_err(|e| Error::io("removing blob", e))?;
-                    }
-                }
+        }
+        let blobs = self.root.join("blobs/sha256");
+        let entries = fs::read_dir(&blobs).map_err(|e| Error::io("reading blobs", e))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !kept_blobs.contains(&name) {
+                freed += entry.metadata().map(|m| m.len()).unwrap_or(0);
+                fs::remove_file(entry.path()).map_err(|e| Error::io("removing blob", e))?;
             }
         }
         Ok(freed)
@@ -799,6 +885,18 @@ impl Inner {
         let fragment = stat.fragment_size() as u64;
         let capacity = stat.blocks() as u64 * fragment;
         let available = stat.blocks_available() as u64 * fragment;
+        self.collect(capacity, available, high, low, in_use)
+    }
+
+    /// The GC policy for a filesystem of `capacity` bytes with `available` free.
+    fn collect(
+        &self,
+        capacity: u64,
+        available: u64,
+        high: u8,
+        low: u8,
+        in_use: &[String],
+    ) -> Result<GcReport> {
         if capacity == 0 {
             return Ok(GcReport::default());
         }
@@ -856,4 +954,220 @@ fn read_unpacked_bytes(snapshot: &Path) -> u64 {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(content: &[u8]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_size(content.len() as u64);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        b.append_data(&mut h, "data", content).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    /// Writes an image's blobs straight into the store and commits it, as a pull would.
+    fn put(store: &ImageStore, reference: &str, content: &[u8]) -> Image {
+        put_with(store, reference, content, None)
+    }
+
+    fn put_with(
+        store: &ImageStore,
+        reference: &str,
+        content: &[u8],
+        diff_id: Option<&str>,
+    ) -> Image {
+        try_put(store, reference, content, diff_id, MEDIA_OCI_CONFIG).unwrap()
+    }
+
+    fn try_put(
+        store: &ImageStore,
+        reference: &str,
+        content: &[u8],
+        diff_id: Option<&str>,
+        config_media: &str,
+    ) -> Result<Image> {
+        let inner = &store.inner;
+        let layer = layer(content);
+        let layer_digest = inner.write_blob(None, &layer).unwrap();
+        let config = serde_json::json!({
+            "architecture": "amd64", "os": "linux",
+            "config": {"Cmd": ["run"]},
+            "rootfs": {"type": "layers", "diff_ids": [diff_id.unwrap_or(&layer_digest)]},
+        });
+        let config_bytes = serde_json::to_vec(&config).unwrap();
+        let config_digest = inner.write_blob(None, &config_bytes).unwrap();
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": MEDIA_OCI_MANIFEST,
+            "config": {"mediaType": config_media, "digest": config_digest, "size": config_bytes.len()},
+            "layers": [{"mediaType": MEDIA_OCI_LAYER_TAR, "digest": layer_digest, "size": layer.len()}],
+        });
+        let manifest_digest =
+            inner.write_blob(None, &serde_json::to_vec(&manifest).unwrap()).unwrap();
+        let name = ImageRef::parse(reference).unwrap().to_string();
+        inner.commit(&name, &manifest_digest, &manifest_digest)
+    }
+
+    fn touch(store: &ImageStore, reference: &str, at: u64) {
+        let name = ImageRef::parse(reference).unwrap().to_string();
+        let mut record = store.inner.read_record(&name).unwrap().unwrap();
+        record.last_used_ns = at;
+        store.inner.write_record(&record).unwrap();
+    }
+
+    async fn names(store: &ImageStore) -> Vec<String> {
+        store.list().await.unwrap().into_iter().map(|i| i.reference).collect()
+    }
+
+    #[tokio::test]
+    async fn a_committed_image_has_its_rootfs_config_and_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        let image = put(&store, "example.com/a:1", b"aaa");
+        assert_eq!(std::fs::read(image.rootfs.join("data")).unwrap(), b"aaa");
+        assert_eq!(image.config.cmd, ["run"]);
+        assert_eq!(image.repo_digest(), format!("example.com/a@{}", image.digest));
+        drop(store);
+        let store = ImageStore::open(dir.path()).unwrap();
+        assert_eq!(names(&store).await, ["example.com/a:1"]);
+        let got = store.get("example.com/a:1").await.unwrap().unwrap();
+        assert_eq!(got, image);
+    }
+
+    #[tokio::test]
+    async fn a_tag_that_moves_keeps_the_old_image_by_digest_with_its_rootfs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        let old = put(&store, "example.com/a:1", b"old");
+        let new = put(&store, "example.com/a:1", b"new");
+        assert_ne!(old.id, new.id);
+        let dangling = format!("example.com/a@{}", old.digest);
+        assert_eq!(names(&store).await, ["example.com/a:1", dangling.as_str()]);
+        assert_eq!(std::fs::read(old.rootfs.join("data")).unwrap(), b"old");
+        let kept = store.get(&dangling).await.unwrap().unwrap();
+        assert_eq!(kept.id, old.id);
+        // Re-pulling the same image does not duplicate it.
+        put(&store, "example.com/a:1", b"new");
+        assert_eq!(names(&store).await.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn never_returns_a_present_image_and_fails_for_an_absent_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        put(&store, "example.com/a:1", b"aaa");
+        let auth = Auth::anonymous();
+        let found = store.ensure("example.com/a:1", PullPolicy::Never, &auth).await.unwrap();
+        assert_eq!(found.reference, "example.com/a:1");
+        let err = store.ensure("example.com/b:1", PullPolicy::Never, &auth).await.unwrap_err();
+        assert!(matches!(err, Error::NeverPull { .. }), "{err:?}");
+        let err = store.ensure("Example", PullPolicy::Never, &auth).await.unwrap_err();
+        assert_eq!(err.kubelet_reason(), "InvalidImageName");
+    }
+
+    #[test]
+    fn a_layer_that_does_not_match_its_diff_id_is_rejected_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        let wrong = format!("sha256:{}", "0".repeat(64));
+        let err =
+            try_put(&store, "example.com/a:1", b"x", Some(&wrong), MEDIA_OCI_CONFIG).unwrap_err();
+        assert!(matches!(err, Error::DigestMismatch { .. }), "{err:?}");
+        assert_eq!(std::fs::read_dir(dir.path().join("snapshots")).unwrap().count(), 0);
+        assert!(store.inner.records().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_layer_blob_changed_on_disk_is_caught_before_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        let content = layer(b"original");
+        let digest = store.inner.write_blob(None, &content).unwrap();
+        let mut tampered = layer(b"tampered");
+        tampered.truncate(content.len());
+        std::fs::write(store.inner.blob_path(&digest).unwrap(), &tampered).unwrap();
+        let err =
+            try_put(&store, "example.com/a:1", b"original", None, MEDIA_OCI_CONFIG).unwrap_err();
+        assert!(matches!(err, Error::DigestMismatch { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn an_artifact_that_is_not_a_container_image_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        let err = try_put(
+            &store,
+            "example.com/chart:1",
+            b"x",
+            None,
+            "application/vnd.cncf.helm.config.v1+json",
+        )
+        .unwrap_err();
+        assert!(matches!(err, Error::InvalidImage { .. }), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn removing_by_id_prefix_removes_every_tag_and_unshared_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        let a = put(&store, "example.com/a:1", b"aaa");
+        put(&store, "example.com/a:also", b"aaa");
+        let b = put(&store, "example.com/b:1", b"bbb");
+        let prefix = &a.id["sha256:".len().."sha256:".len() + 12];
+        let mut removed = store.remove(prefix).await.unwrap();
+        removed.sort();
+        assert_eq!(removed, ["example.com/a:1", "example.com/a:also"]);
+        assert!(!a.rootfs.exists());
+        assert!(b.rootfs.exists());
+        assert_eq!(names(&store).await, ["example.com/b:1"]);
+        let blobs = std::fs::read_dir(dir.path().join("blobs/sha256")).unwrap().count();
+        assert_eq!(blobs, 3, "only b's manifest, config and layer remain");
+        let err = store.remove("example.com/a:1").await.unwrap_err();
+        assert_eq!(err.kind(), crate::image::ErrorKind::NotPresent);
+    }
+
+    #[tokio::test]
+    async fn gc_removes_the_least_recently_used_unused_image_and_stops_at_the_low_threshold() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        put(&store, "example.com/old-in-use:1", b"1");
+        put(&store, "example.com/older:1", b"2");
+        put(&store, "example.com/newer:1", b"3");
+        touch(&store, "example.com/old-in-use:1", 1);
+        touch(&store, "example.com/older:1", 2);
+        touch(&store, "example.com/newer:1", 3);
+        let in_use = vec!["example.com/old-in-use:1".to_string()];
+        // 95% used, high 90, low 95: one byte must go, so exactly one image is removed.
+        let report = store.inner.collect(10_000_000, 499_999, 90, 95, &in_use).unwrap();
+        assert_eq!(report.usage_percent, 96);
+        assert_eq!(report.wanted_bytes, 1);
+        assert_eq!(report.removed, ["example.com/older:1"]);
+        assert!(report.freed_bytes > 0);
+        assert_eq!(names(&store).await, ["example.com/newer:1", "example.com/old-in-use:1"]);
+        // Below the high threshold nothing happens.
+        let report = store.inner.collect(10_000_000, 5_000_000, 90, 80, &[]).unwrap();
+        assert!(report.removed.is_empty());
+        assert_eq!(names(&store).await.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn gc_on_the_real_filesystem_with_zero_thresholds_keeps_only_images_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        let kept = put(&store, "example.com/kept:1", b"k");
+        put(&store, "example.com/gone:1", b"g");
+        // In use by repo digest, as a container status names its image.
+        let report = store.gc(0, 0, &[kept.repo_digest()]).await.unwrap();
+        assert_eq!(report.removed, ["example.com/gone:1"]);
+        assert_eq!(names(&store).await, ["example.com/kept:1"]);
+        let report = store.gc(100, 90, &[]).await.unwrap();
+        assert!(report.removed.is_empty() || report.usage_percent == 100);
+    }
 }

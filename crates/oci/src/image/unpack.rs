@@ -145,6 +145,7 @@ impl Layer<'_> {
             return Ok(());
         };
         let entry_type = entry.header().entry_type();
+        let xattrs = wanted_xattrs(&mut entry)?;
 
         let name_str = name.to_string_lossy();
         if let Some(hidden) = name_str.strip_prefix(WHITEOUT_PREFIX) {
@@ -175,6 +176,7 @@ impl Layer<'_> {
                     Err(e) => return Err(io_err(&format!("inspecting {shown}"), e)),
                 }
                 self.set_owner_and_mode(&target, owner, Some(mode))?;
+                apply_xattrs(&target, &xattrs);
             }
             T::Regular | T::Continuous => {
                 replace(&target)?;
@@ -199,6 +201,8 @@ impl Layer<'_> {
                 }
                 drop(file);
                 self.set_owner_and_mode(&target, owner, Some(mode))?;
+                // After chown, which drops file capabilities.
+                apply_xattrs(&target, &xattrs);
             }
             T::Symlink => {
                 let link = entry
@@ -312,9 +316,13 @@ impl Layer<'_> {
                 .ok_or_else(|| unsafe_entry(shown, "opaque directory could not be created"))?;
             return self.make_opaque(&dir);
         }
-        if hidden.starts_with(WHITEOUT_PREFIX) || hidden.is_empty() {
+        if hidden.starts_with(WHITEOUT_PREFIX) {
             // Other `.wh..wh.` names are aufs bookkeeping, not whiteouts of user files.
             return Ok(());
+        }
+        if matches!(hidden, "" | "." | "..") {
+            // `.wh..` and `.wh...` would name the directory itself or its parent.
+            return Err(unsafe_entry(shown, "whiteout of '.' or '..'"));
         }
         let Some(dir) = self.resolve_dir(parents, false, shown)? else {
             return Ok(()); // Nothing below to hide.
@@ -427,6 +435,36 @@ impl Layer<'_> {
                 .map_err(|e| io_err(&format!("chmod {}", path.display()), e))?;
         }
         Ok(())
+    }
+}
+
+/// Extended attributes worth keeping from an entry's PAX records: file capabilities (so
+/// `ping` and friends work unprivileged) and `user.*`. Others, `trusted.overlay.*` above all,
+/// would let an image steer an overlay mount built on this rootfs, so they are dropped.
+fn wanted_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut wanted = Vec::new();
+    let Some(extensions) = entry.pax_extensions().map_err(|e| io_err("reading PAX records", e))?
+    else {
+        return Ok(wanted);
+    };
+    for extension in extensions {
+        let extension = extension.map_err(|e| io_err("reading PAX records", e))?;
+        let Ok(key) = extension.key() else { continue };
+        let Some(name) = key.strip_prefix("SCHILY.xattr.") else { continue };
+        if name == "security.capability" || name.starts_with("user.") {
+            wanted.push((name.to_string(), extension.value_bytes().to_vec()));
+        }
+    }
+    Ok(wanted)
+}
+
+fn apply_xattrs(path: &Path, xattrs: &[(String, Vec<u8>)]) {
+    for (name, value) in xattrs {
+        // lsetxattr: never through a symlink. A filesystem without xattr support loses them,
+        // as with `tar --xattrs` there; that is not worth failing the image for.
+        if let Err(e) = xattr::set(path, name, value) {
+            tracing::warn!(path = %path.display(), name, error = %e, "cannot set xattr");
+        }
     }
 }
 
@@ -686,6 +724,39 @@ mod tests {
             .build();
         sb.unpack(&tar).unwrap();
         sb.assert_untouched();
+    }
+
+    #[test]
+    fn whiteouts_naming_dot_or_dotdot_are_rejected_and_remove_nothing() {
+        let sb = Sandbox::new();
+        sb.unpack(&TarBuilder::new().file("keep", b"1").build()).unwrap();
+        for name in [".wh...", ".wh..", "d/.wh..."] {
+            let tar = TarBuilder::new().dir("d").file(name, b"").build();
+            assert!(matches!(sb.unpack(&tar), Err(Error::UnsafeLayer { .. })), "{name}");
+            assert!(sb.rootfs.join("keep").exists(), "{name} removed the rootfs");
+        }
+        sb.assert_untouched();
+    }
+
+    #[test]
+    fn user_and_capability_xattrs_are_applied_and_overlay_ones_dropped() {
+        let sb = Sandbox::new();
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_pax_extensions([
+            ("SCHILY.xattr.user.rkube", &b"yes"[..]),
+            ("SCHILY.xattr.trusted.overlay.opaque", &b"y"[..]),
+        ])
+        .unwrap();
+        let mut h = TarBuilder::header("f", tar::EntryType::Regular, 1, 0o644);
+        h.set_cksum();
+        b.append(&h, &b"1"[..]).unwrap();
+        sb.unpack(&b.into_inner().unwrap()).unwrap();
+        let f = sb.rootfs.join("f");
+        match xattr::get(&f, "user.rkube") {
+            Ok(value) => assert_eq!(value.as_deref(), Some(&b"yes"[..])),
+            Err(e) => eprintln!("SKIPPED: user xattrs unsupported here: {e}"),
+        }
+        assert_eq!(xattr::get(&f, "trusted.overlay.opaque").ok().flatten(), None);
     }
 
     #[test]
