@@ -1,0 +1,284 @@
+//! The wire side: UDP and TCP listeners, hostile-input-safe parsing, and the answer to each
+//! query, from the in-memory zone or relayed from an upstream resolver.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use hickory_proto::op::{Edns, Message, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{DNSClass, Name};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::forward::Forwarder;
+use crate::index::{Answer, Index};
+
+/// Queries answered at once over UDP; past this, packets are dropped (clients retry) rather
+/// than queued without bound.
+const UDP_IN_FLIGHT_MAX: usize = 1024;
+/// Open TCP connections; past this, new ones are closed at once.
+const TCP_CONNECTIONS_MAX: usize = 256;
+/// A TCP client idle this long between queries is disconnected (RFC 7766 suggests seconds).
+const TCP_IDLE: Duration = Duration::from_secs(10);
+/// The UDP payload we offer (DNS flag day 2020: no fragmentation on real networks).
+const UDP_PAYLOAD_MAX: u16 = 1232;
+/// Plain DNS over UDP without EDNS.
+const UDP_PAYLOAD_MIN: u16 = 512;
+
+/// Answers one raw query: from the zone, or through the forwarder.
+pub(crate) struct Handler {
+    pub(crate) index: Arc<RwLock<Index>>,
+    pub(crate) forwarder: Forwarder,
+}
+
+impl Handler {
+    /// The raw response to `packet`, or None when no response is owed: too short to carry an
+    /// ID, or itself a response (answering those would let us be used as a reflector).
+    pub(crate) async fn handle(&self, packet: &[u8], tcp: bool) -> Option<Vec<u8>> {
+        let [id_hi, id_lo, flags, ..] = *packet else { return None };
+        if packet.len() < 12 || flags & 0x80 != 0 {
+            return None;
+        }
+        let request = match Message::from_vec(packet) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!("malformed query: {e}");
+                return Some(formerr(id_hi, id_lo, flags));
+            }
+        };
+        let id = request.metadata.id;
+        if request.metadata.op_code != OpCode::Query {
+            return encode(self.error(&request, ResponseCode::NotImp), tcp, &request);
+        }
+        let [query] = request.queries.as_slice() else {
+            return encode(self.error(&request, ResponseCode::FormErr), tcp, &request);
+        };
+
+        let (answer, soa) = {
+            let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+            let ours = index.zone().zone_of(query.name()) || is_reverse(query.name());
+            if ours && query.query_class() != DNSClass::IN {
+                // The cluster zone exists only in class IN; CHAOS and friends are not ours.
+                return encode(self.error(&request, ResponseCode::Refused), tcp, &request);
+            }
+            let answer = match ours {
+                true => index.resolve(query.name(), query.query_type()),
+                false => Answer::NotOurs,
+            };
+            (answer, index.soa())
+        };
+        let mut response = self.error(&request, ResponseCode::NoError);
+        match answer {
+            Answer::NotOurs => return self.forward(packet, &request, query, tcp).await,
+            Answer::NotReady => response.metadata.response_code = ResponseCode::ServFail,
+            Answer::NxDomain => {
+                response.metadata.authoritative = true;
+                response.metadata.response_code = ResponseCode::NXDomain;
+                response.authorities.push(soa);
+            }
+            Answer::Records { answers, additionals } => {
+                response.metadata.authoritative = true;
+                if answers.is_empty() {
+                    response.authorities.push(soa);
+                }
+                response.answers = answers;
+                response.additionals = additionals;
+            }
+        }
+        tracing::debug!(id, name = %query.name(), qtype = %query.query_type(),
+            rcode = %response.metadata.response_code, answers = response.answers.len(), "answered");
+        encode(response, tcp, &request)
+    }
+
+    /// A response echoing the request's ID, flags and question, with `code`.
+    fn error(&self, request: &Message, code: ResponseCode) -> Message {
+        let mut r = Message::response(request.metadata.id, request.metadata.op_code);
+        r.metadata.recursion_desired = request.metadata.recursion_desired;
+        r.metadata.recursion_available = true;
+        r.metadata.checking_disabled = request.metadata.checking_disabled;
+        r.metadata.response_code = code;
+        r.queries = request.queries.clone();
+        if request.edns.is_some() {
+            let mut edns = Edns::new();
+            edns.set_max_payload(UDP_PAYLOAD_MAX);
+            r.set_edns(edns);
+        }
+        r
+    }
+
+    async fn forward(
+        &self,
+        packet: &[u8],
+        request: &Message,
+        query: &Query,
+        tcp: bool,
+    ) -> Option<Vec<u8>> {
+        match self.forwarder.forward(packet, query, tcp).await {
+            Ok(raw) if tcp || raw.len() <= udp_limit(request) => Some(raw),
+            // Too big for the client's UDP: say so (TC), so it asks again over TCP.
+            Ok(raw) => match Message::from_vec(&raw) {
+                Ok(m) => encode(m.truncate(), false, request),
+                Err(_) => encode(self.error(request, ResponseCode::ServFail), false, request),
+            },
+            Err(e) => {
+                tracing::debug!(name = %query.name(), "forward failed: {e}");
+                encode(self.error(request, ResponseCode::ServFail), tcp, request)
+            }
+        }
+    }
+}
+
+fn is_reverse(name: &Name) -> bool {
+    let arpa = |s: &str| Name::from_ascii(s).is_ok_and(|z| z.zone_of(name));
+    arpa("in-addr.arpa.") || arpa("ip6.arpa.")
+}
+
+/// The largest UDP response this client accepts.
+fn udp_limit(request: &Message) -> usize {
+    let payload = request.edns.as_ref().map_or(UDP_PAYLOAD_MIN, |e| e.max_payload());
+    usize::from(payload.max(UDP_PAYLOAD_MIN))
+}
+
+/// Serializes `response`; over UDP, one that does not fit the client's limit goes out
+/// truncated (TC set, records dropped) so the client retries over TCP.
+fn encode(response: Message, tcp: bool, request: &Message) -> Option<Vec<u8>> {
+    let bytes = match response.to_vec() {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!("encode DNS response: {e}");
+            let mut fail = Message::error_msg(
+                response.metadata.id,
+                response.metadata.op_code,
+                ResponseCode::ServFail,
+            );
+            fail.queries = response.queries.clone();
+            return fail.to_vec().ok();
+        }
+    };
+    if tcp || bytes.len() <= udp_limit(request) {
+        return Some(bytes);
+    }
+    response.truncate().to_vec().ok()
+}
+
+/// FORMERR for a query we could not parse: only the header is trusted (ID, opcode, RD), the
+/// question is left out since it may be what was malformed.
+fn formerr(id_hi: u8, id_lo: u8, flags: u8) -> Vec<u8> {
+    // QR=1, opcode and RD copied; RA=1, RCODE=1 (FORMERR); all counts zero.
+    let mut out = vec![id_hi, id_lo, 0x80 | (flags & 0x79), 0x81];
+    out.extend_from_slice(&[0; 8]);
+    out
+}
+
+/// Serves UDP on `socket` until `shutdown`.
+pub(crate) async fn serve_udp(
+    socket: UdpSocket,
+    handler: Arc<Handler>,
+    shutdown: CancellationToken,
+) {
+    let socket = Arc::new(socket);
+    let permits = Arc::new(Semaphore::new(UDP_IN_FLIGHT_MAX));
+    let mut buf = vec![0u8; 65535];
+    loop {
+        let (len, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(r) => r,
+                Err(e) => {
+                    // ICMP errors from earlier sends surface here (ECONNREFUSED…): not fatal.
+                    tracing::debug!("udp receive: {e}");
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "udp: too many queries in flight, dropped one");
+            continue;
+        };
+        let packet = buf[..len].to_vec();
+        let (socket, handler) = (socket.clone(), handler.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Some(resp) = handler.handle(&packet, false).await
+                && let Err(e) = socket.send_to(&resp, peer).await
+            {
+                tracing::debug!(%peer, "udp send: {e}");
+            }
+        });
+    }
+}
+
+/// Serves DNS over TCP (RFC 7766 framing: a two-byte length before each message).
+pub(crate) async fn serve_tcp(
+    listener: TcpListener,
+    handler: Arc<Handler>,
+    shutdown: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(TCP_CONNECTIONS_MAX));
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!("tcp accept: {e}");
+                    // EMFILE and friends: back off instead of spinning.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "tcp: too many connections, closed one");
+            continue;
+        };
+        let (handler, shutdown) = (handler.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                r = connection(stream, &handler) => if let Err(e) = r {
+                    tracing::debug!(%peer, "tcp connection: {e}");
+                }
+            }
+        });
+    }
+}
+
+async fn connection(mut stream: TcpStream, handler: &Handler) -> std::io::Result<()> {
+    loop {
+        let mut len = [0u8; 2];
+        match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
+            Err(_) => return Ok(()),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Ok(r) => r?,
+        };
+        let mut packet = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut packet))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        let Some(resp) = handler.handle(&packet, true).await else { continue };
+        let Ok(n) = u16::try_from(resp.len()) else { continue };
+        let mut framed = Vec::with_capacity(resp.len() + 2);
+        framed.extend_from_slice(&n.to_be_bytes());
+        framed.extend_from_slice(&resp);
+        stream.write_all(&framed).await?;
+    }
+}
+
+/// Binds UDP on `addr` and TCP on the same port (for port 0: the port UDP got, retried a few
+/// times in the rare case TCP has it taken).
+pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)> {
+    let mut last = None;
+    for _ in 0..8 {
+        let udp = UdpSocket::bind(addr).await?;
+        match TcpListener::bind(udp.local_addr()?).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) if addr.port() == 0 => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::from(std::io::ErrorKind::AddrInUse)))
+}
