@@ -685,3 +685,332 @@ pub fn reverse_ip(name: &Name) -> Option<IpAddr> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
+    use k8s_openapi::api::discovery::v1::{
+        Endpoint as K8sEndpoint, EndpointConditions, EndpointPort,
+    };
+    use std::str::FromStr;
+
+    fn svc(cluster_ip: &str, ports: &[(&str, &str, i32)]) -> ServiceDigest {
+        let s = Service {
+            spec: Some(ServiceSpec {
+                cluster_ip: Some(cluster_ip.into()),
+                ports: Some(
+                    ports
+                        .iter()
+                        .map(|(n, p, port)| ServicePort {
+                            name: (!n.is_empty()).then(|| n.to_string()),
+                            protocol: Some(p.to_string()),
+                            port: *port,
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        ServiceDigest::from_service(&s)
+    }
+
+    fn slice(
+        service: &str,
+        eps: &[(&str, Option<&str>, Option<bool>)],
+        ports: &[(&str, i32)],
+    ) -> SliceDigest {
+        let mut s = EndpointSlice {
+            address_type: "IPv4".into(),
+            endpoints: eps
+                .iter()
+                .map(|(ip, host, ready)| K8sEndpoint {
+                    addresses: vec![ip.to_string()],
+                    hostname: host.map(String::from),
+                    conditions: Some(EndpointConditions { ready: *ready, ..Default::default() }),
+                    ..Default::default()
+                })
+                .collect(),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(n, p)| EndpointPort {
+                        name: Some(n.to_string()),
+                        protocol: Some("TCP".into()),
+                        port: Some(*p),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        };
+        s.metadata.labels = Some([(SERVICE_NAME_LABEL.to_string(), service.to_string())].into());
+        SliceDigest::from_slice(&s).expect("usable slice")
+    }
+
+    /// A synced index with a ClusterIP Service `web`, a headless `db` with two hostnamed
+    /// endpoints and one not ready, and an ExternalName `ext`, all in `shop`.
+    fn index() -> Index {
+        let mut ix = Index::new(&Name::from_str("cluster.local").unwrap(), Duration::from_secs(5));
+        ix.replace_services(vec![
+            (
+                "shop".into(),
+                "web".into(),
+                svc("10.96.0.20", &[("http", "TCP", 80), ("", "TCP", 8080)]),
+            ),
+            ("shop".into(), "db".into(), svc("None", &[("pg", "TCP", 5432)])),
+        ]);
+        ix.replace_slices(vec![(
+            "shop".into(),
+            "db-abc".into(),
+            slice(
+                "db",
+                &[
+                    ("10.1.0.5", Some("db-0"), Some(true)),
+                    ("10.1.0.6", Some("db-1"), None),
+                    ("10.1.0.7", None, Some(false)),
+                ],
+                &[("pg", 5432)],
+            ),
+        )]);
+        let ext = Service {
+            spec: Some(ServiceSpec {
+                type_: Some("ExternalName".into()),
+                external_name: Some("db.example.com".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        ix.apply_service("shop", "ext", ServiceDigest::from_service(&ext));
+        ix
+    }
+
+    fn q(ix: &Index, name: &str, t: RecordType) -> Answer {
+        ix.resolve(&Name::from_ascii(name).unwrap(), t)
+    }
+
+    /// The answer records' data as text, for compact assertions.
+    fn data(a: &Answer) -> Vec<String> {
+        match a {
+            Answer::Records { answers, .. } => answers.iter().map(|r| r.data.to_string()).collect(),
+            other => vec![format!("{other:?}")],
+        }
+    }
+
+    #[test]
+    fn a_cluster_ip_service_resolves_to_its_cluster_ip() {
+        assert_eq!(
+            data(&q(&index(), "web.shop.svc.cluster.local.", RecordType::A)),
+            ["10.96.0.20"]
+        );
+    }
+
+    #[test]
+    fn names_are_case_insensitive_and_answers_keep_the_asked_case() {
+        let a = q(&index(), "WeB.SHOP.svc.Cluster.Local.", RecordType::A);
+        let Answer::Records { answers, .. } = &a else { panic!("{a:?}") };
+        assert_eq!(answers[0].name.to_ascii(), "WeB.SHOP.svc.Cluster.Local.");
+        assert_eq!(data(&a), ["10.96.0.20"]);
+    }
+
+    #[test]
+    fn a_headless_service_resolves_to_its_ready_endpoints() {
+        assert_eq!(
+            data(&q(&index(), "db.shop.svc.cluster.local.", RecordType::A)),
+            ["10.1.0.5", "10.1.0.6"]
+        );
+    }
+
+    #[test]
+    fn publish_not_ready_addresses_includes_unready_endpoints() {
+        let mut ix = index();
+        let mut d = svc("None", &[("pg", "TCP", 5432)]);
+        d.publish_not_ready = true;
+        ix.apply_service("shop", "db", d);
+        assert_eq!(
+            data(&q(&ix, "db.shop.svc.cluster.local.", RecordType::A)),
+            ["10.1.0.5", "10.1.0.6", "10.1.0.7"]
+        );
+    }
+
+    #[test]
+    fn an_endpoint_hostname_resolves_under_its_service() {
+        let ix = index();
+        assert_eq!(data(&q(&ix, "db-1.db.shop.svc.cluster.local.", RecordType::A)), ["10.1.0.6"]);
+        assert_eq!(q(&ix, "db-9.db.shop.svc.cluster.local.", RecordType::A), Answer::NxDomain);
+    }
+
+    #[test]
+    fn an_external_name_service_is_a_cname() {
+        assert_eq!(
+            data(&q(&index(), "ext.shop.svc.cluster.local.", RecordType::A)),
+            ["db.example.com."]
+        );
+    }
+
+    #[test]
+    fn srv_for_a_cluster_ip_service_targets_the_service_name_with_its_address_as_additional() {
+        let a = q(&index(), "_http._tcp.web.shop.svc.cluster.local.", RecordType::SRV);
+        assert_eq!(data(&a), ["0 100 80 web.shop.svc.cluster.local."]);
+        let Answer::Records { additionals, .. } = &a else { panic!() };
+        assert_eq!(additionals.len(), 1);
+        assert_eq!(additionals[0].data.to_string(), "10.96.0.20");
+    }
+
+    #[test]
+    fn srv_for_a_headless_service_targets_each_endpoint() {
+        assert_eq!(
+            data(&q(&index(), "_pg._tcp.db.shop.svc.cluster.local.", RecordType::SRV)),
+            [
+                "0 50 5432 db-0.db.shop.svc.cluster.local.",
+                "0 50 5432 db-1.db.shop.svc.cluster.local."
+            ]
+        );
+    }
+
+    #[test]
+    fn srv_for_the_bare_service_name_lists_its_named_ports_only() {
+        assert_eq!(
+            data(&q(&index(), "web.shop.svc.cluster.local.", RecordType::SRV)),
+            ["0 100 80 web.shop.svc.cluster.local."]
+        );
+    }
+
+    #[test]
+    fn unknown_ports_and_services_are_nxdomain_and_the_proto_level_is_empty() {
+        let ix = index();
+        assert_eq!(
+            q(&ix, "_ftp._tcp.web.shop.svc.cluster.local.", RecordType::SRV),
+            Answer::NxDomain
+        );
+        assert_eq!(q(&ix, "nope.shop.svc.cluster.local.", RecordType::A), Answer::NxDomain);
+        assert_eq!(q(&ix, "_tcp.web.shop.svc.cluster.local.", RecordType::SRV), Answer::nodata());
+        assert_eq!(q(&ix, "_udp.web.shop.svc.cluster.local.", RecordType::SRV), Answer::NxDomain);
+        assert_eq!(q(&ix, "a.b.c.d.e.f.cluster.local.", RecordType::A), Answer::NxDomain);
+    }
+
+    #[test]
+    fn pod_names_answer_any_well_formed_address() {
+        let ix = index();
+        assert_eq!(
+            data(&q(&ix, "10-244-1-7.anyns.pod.cluster.local.", RecordType::A)),
+            ["10.244.1.7"]
+        );
+        assert_eq!(
+            data(&q(&ix, "fd00--7.anyns.pod.cluster.local.", RecordType::AAAA)),
+            ["fd00::7"]
+        );
+        assert_eq!(
+            q(&ix, "10-244-1-999.anyns.pod.cluster.local.", RecordType::A),
+            Answer::NxDomain
+        );
+        assert_eq!(q(&ix, "web.anyns.pod.cluster.local.", RecordType::A), Answer::NxDomain);
+    }
+
+    #[test]
+    fn aaaa_for_an_ipv4_only_name_is_empty_not_nxdomain() {
+        let ix = index();
+        assert_eq!(q(&ix, "web.shop.svc.cluster.local.", RecordType::AAAA), Answer::nodata());
+        assert_eq!(q(&ix, "10-0-0-1.x.pod.cluster.local.", RecordType::AAAA), Answer::nodata());
+    }
+
+    #[test]
+    fn intermediate_names_exist_without_records() {
+        let ix = index();
+        assert_eq!(q(&ix, "shop.svc.cluster.local.", RecordType::A), Answer::nodata());
+        assert_eq!(q(&ix, "svc.cluster.local.", RecordType::A), Answer::nodata());
+        assert_eq!(q(&ix, "empty.svc.cluster.local.", RecordType::A), Answer::NxDomain);
+    }
+
+    #[test]
+    fn the_apex_has_an_soa_and_the_schema_version_is_published() {
+        let ix = index();
+        let soa = data(&q(&ix, "cluster.local.", RecordType::SOA));
+        assert!(soa[0].starts_with("ns.dns.cluster.local. hostmaster.cluster.local. "), "{soa:?}");
+        assert_eq!(data(&q(&ix, "dns-version.cluster.local.", RecordType::TXT)), ["1.1.0"]);
+    }
+
+    #[test]
+    fn a_deleted_service_goes_nxdomain_and_its_ptr_with_it() {
+        let mut ix = index();
+        assert_eq!(
+            data(&q(&ix, "20.0.96.10.in-addr.arpa.", RecordType::PTR)),
+            ["web.shop.svc.cluster.local."]
+        );
+        ix.delete_service("shop", "web");
+        assert_eq!(q(&ix, "web.shop.svc.cluster.local.", RecordType::A), Answer::NxDomain);
+        assert_eq!(q(&ix, "20.0.96.10.in-addr.arpa.", RecordType::PTR), Answer::NotOurs);
+    }
+
+    #[test]
+    fn named_headless_endpoints_have_ptr_records() {
+        let ix = index();
+        assert_eq!(
+            data(&q(&ix, "5.0.1.10.in-addr.arpa.", RecordType::PTR)),
+            ["db-0.db.shop.svc.cluster.local."]
+        );
+        assert_eq!(q(&ix, "7.0.1.10.in-addr.arpa.", RecordType::PTR), Answer::NotOurs);
+    }
+
+    #[test]
+    fn slice_changes_update_the_service_and_a_slice_can_move_between_services() {
+        let mut ix = index();
+        ix.apply_slice(
+            "shop",
+            "db-abc",
+            Some(slice("db", &[("10.1.0.9", None, None)], &[("pg", 5432)])),
+        );
+        assert_eq!(data(&q(&ix, "db.shop.svc.cluster.local.", RecordType::A)), ["10.1.0.9"]);
+        assert_eq!(
+            data(&q(&ix, "10-1-0-9.db.shop.svc.cluster.local.", RecordType::A)),
+            ["10.1.0.9"]
+        );
+        ix.apply_service("shop", "db2", svc("None", &[]));
+        ix.apply_slice("shop", "db-abc", Some(slice("db2", &[("10.1.0.9", None, None)], &[])));
+        assert_eq!(q(&ix, "db.shop.svc.cluster.local.", RecordType::A), Answer::nodata());
+        assert_eq!(data(&q(&ix, "db2.shop.svc.cluster.local.", RecordType::A)), ["10.1.0.9"]);
+        ix.apply_slice("shop", "db-abc", None);
+        assert_eq!(q(&ix, "db2.shop.svc.cluster.local.", RecordType::A), Answer::nodata());
+    }
+
+    #[test]
+    fn a_relist_replaces_everything_known_before() {
+        let mut ix = index();
+        ix.replace_services(vec![("other".into(), "api".into(), svc("10.96.0.30", &[]))]);
+        assert_eq!(q(&ix, "web.shop.svc.cluster.local.", RecordType::A), Answer::NxDomain);
+        assert_eq!(q(&ix, "db.shop.svc.cluster.local.", RecordType::A), Answer::NxDomain);
+        assert_eq!(data(&q(&ix, "api.other.svc.cluster.local.", RecordType::A)), ["10.96.0.30"]);
+        assert_eq!(q(&ix, "shop.svc.cluster.local.", RecordType::A), Answer::NxDomain);
+    }
+
+    #[test]
+    fn nothing_is_answered_before_both_caches_have_listed() {
+        let mut ix = Index::new(&Name::from_str("cluster.local").unwrap(), Duration::from_secs(5));
+        ix.replace_services(Vec::new());
+        assert_eq!(q(&ix, "web.shop.svc.cluster.local.", RecordType::A), Answer::NotReady);
+        ix.replace_slices(Vec::new());
+        assert_eq!(q(&ix, "web.shop.svc.cluster.local.", RecordType::A), Answer::NxDomain);
+    }
+
+    #[test]
+    fn reverse_names_parse_only_whole_addresses() {
+        let n = |s: &str| Name::from_str(s).unwrap();
+        assert_eq!(reverse_ip(&n("4.3.2.1.in-addr.arpa.")), Some("1.2.3.4".parse().unwrap()));
+        assert_eq!(reverse_ip(&n("3.2.1.in-addr.arpa.")), None);
+        assert_eq!(reverse_ip(&n("04.3.2.1.in-addr.arpa.")), None);
+        let v6 = "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.d.f.ip6.arpa.";
+        assert_eq!(reverse_ip(&n(v6)), Some("fd00::1".parse().unwrap()));
+        assert_eq!(reverse_ip(&n("example.com.")), None);
+    }
+
+    #[test]
+    fn dashed_addresses_round_trip() {
+        for ip in ["10.0.0.1", "fd00::1", "2001:db8::a:b"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(undashed(&dashed(&ip)), Some(ip));
+        }
+        assert_eq!(undashed("1-2-3"), None);
+    }
+}

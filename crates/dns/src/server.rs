@@ -282,3 +282,224 @@ pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpLis
     }
     Err(last.unwrap_or_else(|| std::io::Error::from(std::io::ErrorKind::AddrInUse)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::{EndpointDigest, ServiceDigest, ServiceKind, SliceDigest};
+    use hickory_proto::op::MessageType;
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{RData, Record, RecordType};
+    use std::net::Ipv4Addr;
+
+    /// A resolver on 127.0.0.1 that answers every A question with 192.0.2.1; with
+    /// `truncate_udp`, its UDP answers are empty and truncated, so only TCP gets the record.
+    pub(crate) async fn fake_upstream(truncate_udp: bool) -> SocketAddr {
+        let (udp, tcp) = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = udp.local_addr().unwrap();
+        fn answer(packet: &[u8], truncate: bool) -> Vec<u8> {
+            let q = Message::from_vec(packet).unwrap();
+            let mut r = Message::response(q.metadata.id, OpCode::Query);
+            r.metadata.recursion_available = true;
+            r.queries = q.queries.clone();
+            if truncate {
+                r.metadata.truncation = true;
+            } else {
+                let name = q.queries[0].name().clone();
+                r.answers.push(Record::from_rdata(
+                    name,
+                    60,
+                    RData::A(A(Ipv4Addr::new(192, 0, 2, 1))),
+                ));
+            }
+            r.to_vec().unwrap()
+        }
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65535];
+            while let Ok((n, peer)) = udp.recv_from(&mut buf).await {
+                let _ = udp.send_to(&answer(&buf[..n], truncate_udp), peer).await;
+            }
+        });
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = tcp.accept().await {
+                let mut len = [0u8; 2];
+                if s.read_exact(&mut len).await.is_err() {
+                    continue;
+                }
+                let mut q = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                if s.read_exact(&mut q).await.is_err() {
+                    continue;
+                }
+                let a = answer(&q, false);
+                let mut framed = (a.len() as u16).to_be_bytes().to_vec();
+                framed.extend_from_slice(&a);
+                let _ = s.write_all(&framed).await;
+            }
+        });
+        addr
+    }
+
+    fn handler(upstreams: Vec<SocketAddr>) -> Handler {
+        let zone = Name::from_ascii("cluster.local").unwrap();
+        let mut index = Index::new(&zone, Duration::from_secs(5));
+        let mut services = vec![(
+            "shop".to_string(),
+            "web".to_string(),
+            ServiceDigest {
+                kind: ServiceKind::ClusterIp(vec!["10.96.0.20".parse().unwrap()]),
+                ports: vec![],
+                publish_not_ready: false,
+            },
+        )];
+        services.push((
+            "shop".into(),
+            "many".into(),
+            ServiceDigest { kind: ServiceKind::Headless, ports: vec![], publish_not_ready: false },
+        ));
+        index.replace_services(services);
+        let endpoints = (0..200u8)
+            .map(|i| EndpointDigest {
+                addresses: vec![IpAddr::V4(Ipv4Addr::new(10, 1, 0, i))],
+                hostname: None,
+                ready: true,
+            })
+            .collect();
+        index.replace_slices(vec![(
+            "shop".into(),
+            "many-1".into(),
+            SliceDigest { service: "many".into(), ports: vec![], endpoints },
+        )]);
+        Handler {
+            index: Arc::new(RwLock::new(index)),
+            forwarder: Forwarder::new(upstreams, Duration::from_millis(300)),
+        }
+    }
+
+    fn query(name: &str, t: RecordType, edns: bool) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = 0x1234;
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), t));
+        if edns {
+            m.set_edns(Edns::new());
+        }
+        m.to_vec().unwrap()
+    }
+
+    async fn ask(h: &Handler, packet: &[u8], tcp: bool) -> Message {
+        Message::from_vec(&h.handle(packet, tcp).await.expect("a response")).expect("parses")
+    }
+
+    use std::net::IpAddr;
+
+    #[tokio::test]
+    async fn a_malformed_query_gets_formerr_with_its_id() {
+        let h = handler(vec![]);
+        // A header claiming one question, followed by a label running past the end.
+        let mut packet = vec![0xab, 0xcd, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        packet.extend_from_slice(&[0x3f, b'a', b'b']);
+        let r = ask(&h, &packet, false).await;
+        assert_eq!(r.metadata.id, 0xabcd);
+        assert_eq!(r.metadata.message_type, MessageType::Response);
+        assert_eq!(r.metadata.response_code, ResponseCode::FormErr);
+        assert!(r.metadata.recursion_desired);
+    }
+
+    #[tokio::test]
+    async fn runts_and_responses_get_no_answer() {
+        let h = handler(vec![]);
+        assert!(h.handle(&[1, 2, 3], false).await.is_none());
+        let mut response = query("web.shop.svc.cluster.local.", RecordType::A, false);
+        response[2] |= 0x80;
+        assert!(h.handle(&response, false).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn two_questions_are_formerr_and_other_opcodes_not_implemented() {
+        let h = handler(vec![]);
+        let mut m = Message::query();
+        m.add_query(Query::query(Name::from_ascii("a.cluster.local.").unwrap(), RecordType::A));
+        m.add_query(Query::query(Name::from_ascii("b.cluster.local.").unwrap(), RecordType::A));
+        let r = ask(&h, &m.to_vec().unwrap(), false).await;
+        assert_eq!(r.metadata.response_code, ResponseCode::FormErr);
+        let mut m = Message::query();
+        m.metadata.op_code = OpCode::Status;
+        let r = ask(&h, &m.to_vec().unwrap(), false).await;
+        assert_eq!(r.metadata.response_code, ResponseCode::NotImp);
+    }
+
+    #[tokio::test]
+    async fn an_answer_is_authoritative_and_echoes_the_question() {
+        let h = handler(vec![]);
+        let r = ask(&h, &query("Web.Shop.svc.cluster.local.", RecordType::A, false), false).await;
+        assert_eq!(r.metadata.id, 0x1234);
+        assert!(r.metadata.authoritative && r.metadata.recursion_available);
+        assert_eq!(r.queries[0].name().to_ascii(), "Web.Shop.svc.cluster.local.");
+        assert_eq!(r.answers.len(), 1);
+        assert_eq!(r.answers[0].ttl, 5);
+    }
+
+    #[tokio::test]
+    async fn nxdomain_and_nodata_carry_the_soa_in_authority() {
+        let h = handler(vec![]);
+        let r = ask(&h, &query("gone.shop.svc.cluster.local.", RecordType::A, false), false).await;
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+        assert_eq!(r.authorities.len(), 1);
+        assert_eq!(r.authorities[0].record_type(), RecordType::SOA);
+        let r =
+            ask(&h, &query("web.shop.svc.cluster.local.", RecordType::AAAA, false), false).await;
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+        assert!(r.answers.is_empty());
+        assert_eq!(r.authorities[0].record_type(), RecordType::SOA);
+    }
+
+    #[tokio::test]
+    async fn an_answer_too_big_for_udp_is_truncated_and_whole_over_tcp() {
+        let h = handler(vec![]);
+        let packet = query("many.shop.svc.cluster.local.", RecordType::A, false);
+        let r = ask(&h, &packet, false).await;
+        assert!(r.metadata.truncation);
+        assert!(r.answers.is_empty());
+        let r = ask(&h, &packet, true).await;
+        assert!(!r.metadata.truncation);
+        assert_eq!(r.answers.len(), 200);
+        // With EDNS the client takes more, but 200 records still do not fit 1232 bytes.
+        let r = ask(&h, &query("many.shop.svc.cluster.local.", RecordType::A, true), false).await;
+        assert!(r.metadata.truncation);
+        assert!(r.edns.is_some());
+    }
+
+    #[tokio::test]
+    async fn names_outside_the_zone_are_forwarded_with_the_client_id_restored() {
+        let up = fake_upstream(false).await;
+        let h = handler(vec![up]);
+        let r = ask(&h, &query("example.com.", RecordType::A, false), false).await;
+        assert_eq!(r.metadata.id, 0x1234);
+        assert_eq!(r.answers[0].data.to_string(), "192.0.2.1");
+        // Reverse names the cluster does not own fall through to the upstream too.
+        let r = ask(&h, &query("1.2.0.192.in-addr.arpa.", RecordType::PTR, false), false).await;
+        assert_eq!(r.answers.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_truncated_upstream_answer_is_fetched_again_over_tcp() {
+        let up = fake_upstream(true).await;
+        let h = handler(vec![up]);
+        let r = ask(&h, &query("example.com.", RecordType::A, false), false).await;
+        assert!(!r.metadata.truncation);
+        assert_eq!(r.answers[0].data.to_string(), "192.0.2.1");
+    }
+
+    #[tokio::test]
+    async fn a_silent_upstream_is_skipped_and_then_servfail() {
+        let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let good = fake_upstream(false).await;
+        let h = handler(vec![silent.local_addr().unwrap(), good]);
+        let r = ask(&h, &query("example.com.", RecordType::A, false), false).await;
+        assert_eq!(r.answers.len(), 1);
+        let h = handler(vec![silent.local_addr().unwrap()]);
+        let r = ask(&h, &query("example.com.", RecordType::A, false), false).await;
+        assert_eq!(r.metadata.response_code, ResponseCode::ServFail);
+        assert_eq!(r.metadata.id, 0x1234);
+    }
+}
