@@ -210,6 +210,10 @@ pub fn dashed(ip: &IpAddr) -> String {
 
 /// The inverse of [`dashed`]; None unless the label is a well-formed address.
 pub fn undashed(label: &str) -> Option<IpAddr> {
+    // A label can hold any byte: `10.0.0.1` as one label is not a dashed address.
+    if label.contains(['.', ':']) {
+        return None;
+    }
     if let Ok(v4) = label.replace('-', ".").parse::<Ipv4Addr>() {
         return Some(IpAddr::V4(v4));
     }
@@ -1012,5 +1016,7 @@ mod tests {
             assert_eq!(undashed(&dashed(&ip)), Some(ip));
         }
         assert_eq!(undashed("1-2-3"), None);
+        assert_eq!(undashed("10.0.0.1"), None);
+        assert_eq!(undashed("fd00::1"), None);
     }
 }

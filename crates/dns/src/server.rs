@@ -142,7 +142,8 @@ fn udp_limit(request: &Message) -> usize {
 }
 
 /// Serializes `response`; over UDP, one that does not fit the client's limit goes out
-/// truncated (TC set, records dropped) so the client retries over TCP.
+/// truncated (TC set, records dropped) so the client retries over TCP. Over TCP the limit is
+/// the 64 KiB the framing allows (a headless Service with thousands of endpoints).
 fn encode(response: Message, tcp: bool, request: &Message) -> Option<Vec<u8>> {
     let bytes = match response.to_vec() {
         Ok(b) => b,
@@ -157,7 +158,8 @@ fn encode(response: Message, tcp: bool, request: &Message) -> Option<Vec<u8>> {
             return fail.to_vec().ok();
         }
     };
-    if tcp || bytes.len() <= udp_limit(request) {
+    let limit = if tcp { usize::from(u16::MAX) } else { udp_limit(request) };
+    if bytes.len() <= limit {
         return Some(bytes);
     }
     response.truncate().to_vec().ok()
@@ -403,6 +405,28 @@ mod tests {
         assert_eq!(r.metadata.message_type, MessageType::Response);
         assert_eq!(r.metadata.response_code, ResponseCode::FormErr);
         assert!(r.metadata.recursion_desired);
+    }
+
+    #[tokio::test]
+    async fn cut_or_corrupted_queries_never_panic_and_get_formerr_or_an_answer() {
+        let h = handler(vec![]);
+        let good = query("_http._tcp.web.shop.svc.cluster.local.", RecordType::SRV, true);
+        for len in 0..good.len() {
+            if let Some(r) = h.handle(&good[..len], false).await {
+                let r = Message::from_vec(&r).expect("responses parse");
+                assert_eq!(r.metadata.id, 0x1234);
+            }
+        }
+        // Every single-byte corruption (past the ID and flags), with a few values each.
+        for at in 4..good.len() {
+            for v in [0x00, 0x3f, 0xc0, 0xff] {
+                let mut bad = good.clone();
+                bad[at] = v;
+                if let Some(r) = h.handle(&bad, false).await {
+                    Message::from_vec(&r).expect("responses parse");
+                }
+            }
+        }
     }
 
     #[tokio::test]
