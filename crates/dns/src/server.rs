@@ -6,7 +6,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use hickory_proto::op::{Edns, Message, OpCode, Query, ResponseCode};
-use hickory_proto::rr::{DNSClass, Name};
+use hickory_proto::rr::rdata::CNAME;
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
@@ -24,6 +25,8 @@ const TCP_CONNECTIONS_MAX: usize = 256;
 const TCP_IDLE: Duration = Duration::from_secs(10);
 /// The UDP payload we offer (DNS flag day 2020: no fragmentation on real networks).
 const UDP_PAYLOAD_MAX: u16 = 1232;
+/// Links of a CNAME chain we follow (a loop of ExternalNames must end).
+const CNAME_CHAIN_MAX: usize = 8;
 /// Plain DNS over UDP without EDNS.
 const UDP_PAYLOAD_MIN: u16 = 512;
 
@@ -83,13 +86,65 @@ impl Handler {
                 if answers.is_empty() {
                     response.authorities.push(soa);
                 }
-                response.answers = answers;
+                response.answers = self.chase(answers, query.query_type()).await;
                 response.additionals = additionals;
             }
         }
         tracing::debug!(id, name = %query.name(), qtype = %query.query_type(),
             rcode = %response.metadata.response_code, answers = response.answers.len(), "answered");
         encode(response, tcp, &request)
+    }
+
+    /// Follows an ExternalName's CNAME to addresses, as CoreDNS does: stub resolvers (glibc,
+    /// musl) do not ask again for a CNAME's target, so an answer ending in a bare CNAME would
+    /// leave the pod without an address. Targets in the zone come from the index, others from
+    /// the upstreams; a target that cannot be resolved leaves the CNAME alone.
+    async fn chase(&self, mut answers: Vec<Record>, qtype: RecordType) -> Vec<Record> {
+        if matches!(qtype, RecordType::CNAME | RecordType::ANY) {
+            return answers;
+        }
+        let mut seen: Vec<Name> = Vec::new();
+        for _ in 0..CNAME_CHAIN_MAX {
+            let Some(RData::CNAME(CNAME(target))) = answers.last().map(|r| &r.data) else {
+                break;
+            };
+            let target = target.to_lowercase();
+            if seen.contains(&target) {
+                break;
+            }
+            seen.push(target.clone());
+            let in_zone = {
+                let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+                index.zone().zone_of(&target).then(|| index.resolve(&target, qtype))
+            };
+            match in_zone {
+                Some(Answer::Records { answers: more, .. }) if !more.is_empty() => {
+                    answers.extend(more);
+                }
+                Some(_) => break,
+                None => {
+                    answers.extend(self.lookup_upstream(&target, qtype).await);
+                    break;
+                }
+            }
+        }
+        answers
+    }
+
+    /// Our own question to the upstreams (for a CNAME target); its answers, or none.
+    async fn lookup_upstream(&self, name: &Name, qtype: RecordType) -> Vec<Record> {
+        let mut m = Message::query();
+        m.metadata.recursion_desired = true;
+        let query = Query::query(name.clone(), qtype);
+        m.add_query(query.clone());
+        let Ok(packet) = m.to_vec() else { return Vec::new() };
+        match self.forwarder.forward(&packet, &query, false).await {
+            Ok(raw) => Message::from_vec(&raw).map(|m| m.answers).unwrap_or_default(),
+            Err(e) => {
+                tracing::debug!(%name, "resolve CNAME target: {e}");
+                Vec::new()
+            }
+        }
     }
 
     /// A response echoing the request's ID, flags and question, with `code`.
@@ -291,7 +346,6 @@ mod tests {
     use crate::index::{EndpointDigest, ServiceDigest, ServiceKind, SliceDigest};
     use hickory_proto::op::MessageType;
     use hickory_proto::rr::rdata::A;
-    use hickory_proto::rr::{RData, Record, RecordType};
     use std::net::Ipv4Addr;
 
     /// A resolver on 127.0.0.1 that answers every A question with 192.0.2.1; with
@@ -491,6 +545,33 @@ mod tests {
         let r = ask(&h, &query("many.shop.svc.cluster.local.", RecordType::A, true), false).await;
         assert!(r.metadata.truncation);
         assert!(r.edns.is_some());
+    }
+
+    #[tokio::test]
+    async fn an_external_name_is_followed_to_addresses_in_the_zone_or_upstream() {
+        let up = fake_upstream(false).await;
+        let h = handler(vec![up]);
+        {
+            let mut ix = h.index.write().unwrap();
+            let ext = |target: &str| ServiceDigest {
+                kind: ServiceKind::ExternalName(target.into()),
+                ports: vec![],
+                publish_not_ready: false,
+            };
+            ix.apply_service("shop", "out", ext("db.example.com"));
+            ix.apply_service("shop", "in", ext("web.shop.svc.cluster.local"));
+            ix.apply_service("shop", "loop", ext("loop.shop.svc.cluster.local"));
+        }
+        let data = |m: &Message| m.answers.iter().map(|r| r.data.to_string()).collect::<Vec<_>>();
+        let r = ask(&h, &query("out.shop.svc.cluster.local.", RecordType::A, false), false).await;
+        assert_eq!(data(&r), ["db.example.com.", "192.0.2.1"]);
+        let r = ask(&h, &query("in.shop.svc.cluster.local.", RecordType::A, false), false).await;
+        assert_eq!(data(&r), ["web.shop.svc.cluster.local.", "10.96.0.20"]);
+        let r =
+            ask(&h, &query("out.shop.svc.cluster.local.", RecordType::CNAME, false), false).await;
+        assert_eq!(data(&r), ["db.example.com."]);
+        let r = ask(&h, &query("loop.shop.svc.cluster.local.", RecordType::A, false), false).await;
+        assert_eq!(r.answers.len(), 2, "a loop is followed once round, then given up");
     }
 
     #[tokio::test]

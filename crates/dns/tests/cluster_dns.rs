@@ -211,8 +211,12 @@ async fn services_endpoints_and_pods_are_answered_from_the_watch() {
         ["0 50 5432 db-0.db.shop.svc.cluster.local.", "0 50 5432 db-1.db.shop.svc.cluster.local."]
     );
 
-    // ExternalName is a CNAME (dig +short prints the chain's first link).
+    // ExternalName is a CNAME, followed (through the upstream here) to addresses.
     assert_eq!(short(&dns, &["ext.shop.svc.cluster.local", "CNAME"]).await, ["db.example.com."]);
+    assert_eq!(
+        short(&dns, &["ext.shop.svc.cluster.local", "A"]).await,
+        ["192.0.2.99", "db.example.com."]
+    );
 
     // Pods by dashed address, in any namespace.
     assert_eq!(short(&dns, &["10-244-3-9.default.pod.cluster.local", "A"]).await, ["10.244.3.9"]);
