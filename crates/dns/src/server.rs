@@ -135,10 +135,9 @@ impl Handler {
     async fn lookup_upstream(&self, name: &Name, qtype: RecordType) -> Vec<Record> {
         let mut m = Message::query();
         m.metadata.recursion_desired = true;
-        let query = Query::query(name.clone(), qtype);
-        m.add_query(query.clone());
+        m.add_query(Query::query(name.clone(), qtype));
         let Ok(packet) = m.to_vec() else { return Vec::new() };
-        match self.forwarder.forward(&packet, &query, false).await {
+        match self.forwarder.forward(&packet, &m, false).await {
             Ok(raw) => Message::from_vec(&raw).map(|m| m.answers).unwrap_or_default(),
             Err(e) => {
                 tracing::debug!(%name, "resolve CNAME target: {e}");
@@ -170,7 +169,7 @@ impl Handler {
         query: &Query,
         tcp: bool,
     ) -> Option<Vec<u8>> {
-        match self.forwarder.forward(packet, query, tcp).await {
+        match self.forwarder.forward(packet, request, tcp).await {
             Ok(raw) if tcp || raw.len() <= udp_limit(request) => Some(raw),
             // Too big for the client's UDP: say so (TC), so it asks again over TCP.
             Ok(raw) => match Message::from_vec(&raw) {
@@ -347,10 +346,12 @@ mod tests {
     use hickory_proto::op::MessageType;
     use hickory_proto::rr::rdata::A;
     use std::net::Ipv4Addr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// A resolver on 127.0.0.1 that answers every A question with 192.0.2.1; with
     /// `truncate_udp`, its UDP answers are empty and truncated, so only TCP gets the record.
-    pub(crate) async fn fake_upstream(truncate_udp: bool) -> SocketAddr {
+    pub(crate) async fn fake_upstream(truncate_udp: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+        let asked = Arc::new(AtomicUsize::new(0));
         let (udp, tcp) = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = udp.local_addr().unwrap();
         fn answer(packet: &[u8], truncate: bool) -> Vec<u8> {
@@ -370,9 +371,11 @@ mod tests {
             }
             r.to_vec().unwrap()
         }
+        let counter = asked.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 65535];
             while let Ok((n, peer)) = udp.recv_from(&mut buf).await {
+                counter.fetch_add(1, Ordering::Relaxed);
                 let _ = udp.send_to(&answer(&buf[..n], truncate_udp), peer).await;
             }
         });
@@ -392,7 +395,7 @@ mod tests {
                 let _ = s.write_all(&framed).await;
             }
         });
-        addr
+        (addr, asked)
     }
 
     fn handler(upstreams: Vec<SocketAddr>) -> Handler {
@@ -549,7 +552,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_external_name_is_followed_to_addresses_in_the_zone_or_upstream() {
-        let up = fake_upstream(false).await;
+        let (up, _) = fake_upstream(false).await;
         let h = handler(vec![up]);
         {
             let mut ix = h.index.write().unwrap();
@@ -576,7 +579,7 @@ mod tests {
 
     #[tokio::test]
     async fn names_outside_the_zone_are_forwarded_with_the_client_id_restored() {
-        let up = fake_upstream(false).await;
+        let (up, _) = fake_upstream(false).await;
         let h = handler(vec![up]);
         let r = ask(&h, &query("example.com.", RecordType::A, false), false).await;
         assert_eq!(r.metadata.id, 0x1234);
@@ -587,8 +590,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn repeated_questions_are_answered_from_the_cache_in_the_askers_case() {
+        let (up, asked) = fake_upstream(false).await;
+        let h = handler(vec![up]);
+        let first = ask(&h, &query("www.example.com.", RecordType::A, false), false).await;
+        let mut again = query("WWW.Example.com.", RecordType::A, false);
+        again[..2].copy_from_slice(&[0x99, 0x88]);
+        let second = ask(&h, &again, false).await;
+        assert_eq!(asked.load(Ordering::Relaxed), 1, "the second answer came from the cache");
+        assert_eq!(second.metadata.id, 0x9988);
+        assert_eq!(second.queries[0].name().to_ascii(), "WWW.Example.com.");
+        assert_eq!(second.answers[0].data, first.answers[0].data);
+        assert!(second.answers[0].ttl <= 60);
+        // Another type is another question.
+        ask(&h, &query("www.example.com.", RecordType::AAAA, false), false).await;
+        assert_eq!(asked.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
     async fn a_truncated_upstream_answer_is_fetched_again_over_tcp() {
-        let up = fake_upstream(true).await;
+        let (up, _) = fake_upstream(true).await;
         let h = handler(vec![up]);
         let r = ask(&h, &query("example.com.", RecordType::A, false), false).await;
         assert!(!r.metadata.truncation);
@@ -598,7 +619,7 @@ mod tests {
     #[tokio::test]
     async fn a_silent_upstream_is_skipped_and_then_servfail() {
         let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let good = fake_upstream(false).await;
+        let (good, _) = fake_upstream(false).await;
         let h = handler(vec![silent.local_addr().unwrap(), good]);
         let r = ask(&h, &query("example.com.", RecordType::A, false), false).await;
         assert_eq!(r.answers.len(), 1);
