@@ -61,9 +61,27 @@ pub async fn run_cli(args: Args) -> Result<()> {
         rkube_client::client_from(args.kubeconfig.as_deref()).await.map_err(Error::Client)?;
     let shutdown = rkube_client::shutdown_on_signal();
     let server = crate::Server::bind(args.config()).await?;
-    if let Some(ip) = &args.advertise_address {
+    if let Some(ip) = args.advertise_address.clone() {
+        ip.parse::<std::net::IpAddr>().map_err(|_| Error::InvalidAddress(ip.clone()))?;
         let port = server.local_addr()?.port();
-        crate::ensure_service(client.clone(), &args.cluster_ip, ip, port).await?;
+        let (client, cluster_ip, stop) =
+            (client.clone(), args.cluster_ip.clone(), shutdown.clone());
+        // In the background and retried: the API server may still be starting, and serving
+        // DNS (forwarding, at least) need not wait for it.
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(500);
+            loop {
+                match crate::ensure_service(client.clone(), &cluster_ip, &ip, port).await {
+                    Ok(()) => return,
+                    Err(e) => tracing::warn!("publish kube-system/kube-dns (retrying): {e}"),
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        });
     }
     server.serve(client, shutdown).await
 }

@@ -32,7 +32,7 @@ pub use service::{DEFAULT_CLUSTER_IP, ensure_service};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("bind DNS listener on {addr}")]
+    #[error("bind DNS listener on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
         #[source]
@@ -42,13 +42,13 @@ pub enum Error {
     InvalidDomain(String),
     #[error("invalid IP address {0:?}")]
     InvalidAddress(String),
-    #[error("kubernetes API request")]
+    #[error("kubernetes API: {0}")]
     Api(#[source] kube::Error),
     #[error("upstream DNS: {0}")]
     Upstream(String),
     #[error("kube-system/kube-dns was deleted but did not go away")]
     DeleteTimedOut,
-    #[error("connect to the API server")]
+    #[error("connect to the API server: {0}")]
     Client(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
