@@ -55,6 +55,10 @@ impl Handler {
         if request.metadata.op_code != OpCode::Query {
             return encode(self.error(&request, ResponseCode::NotImp), tcp, &request);
         }
+        if request.edns.as_ref().is_some_and(|e| e.version() > 0) {
+            // We speak EDNS version 0 only; the client should retry with it (RFC 6891 §6.1.3).
+            return encode(self.error(&request, ResponseCode::BADVERS), tcp, &request);
+        }
         let [query] = request.queries.as_slice() else {
             return encode(self.error(&request, ResponseCode::FormErr), tcp, &request);
         };
@@ -507,6 +511,18 @@ mod tests {
         m.metadata.op_code = OpCode::Status;
         let r = ask(&h, &m.to_vec().unwrap(), false).await;
         assert_eq!(r.metadata.response_code, ResponseCode::NotImp);
+    }
+
+    #[tokio::test]
+    async fn an_edns_version_we_do_not_speak_gets_badvers() {
+        let h = handler(vec![]);
+        let mut m =
+            Message::from_vec(&query("web.shop.svc.cluster.local.", RecordType::A, true)).unwrap();
+        m.edns.as_mut().unwrap().set_version(1);
+        let r = ask(&h, &m.to_vec().unwrap(), false).await;
+        // 16 is BADVERS in an OPT-carrying response (BADSIG is its TSIG twin).
+        assert_eq!(u16::from(r.metadata.response_code), 16);
+        assert_eq!(r.edns.map(|e| e.version()), Some(0));
     }
 
     #[tokio::test]
