@@ -360,3 +360,55 @@ async fn ensure_service_publishes_kube_dns_and_is_idempotent() {
     wait_until(|| async { short(&dns, &["ns.dns.cluster.local", "A"]).await == ["10.96.0.10"] })
         .await;
 }
+
+#[tokio::test]
+async fn ensure_service_takes_over_a_stale_kube_dns() {
+    let api = TestServer::start().await;
+    let client = api.client().await;
+    // Left over from another setup: another address, a selector, one port.
+    create::<Service>(
+        &client,
+        "kube-system",
+        json!({
+            "metadata": {"name": "kube-dns", "labels": {"k8s-app": "kube-dns"}},
+            "spec": {"clusterIP": "10.96.0.11", "selector": {"k8s-app": "kube-dns"},
+                     "ports": [{"name": "dns", "protocol": "UDP", "port": 53}]}
+        }),
+    )
+    .await;
+    create::<EndpointSlice>(
+        &client,
+        "kube-system",
+        json!({
+            "metadata": {"name": "kube-dns-rkube", "labels": {"kubernetes.io/service-name": "kube-dns"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.244.9.9"]}],
+            "ports": [{"name": "dns", "protocol": "UDP", "port": 53}]
+        }),
+    )
+    .await;
+    rkube_dns::ensure_service(client.clone(), "10.96.0.10", "127.0.0.1", 5353)
+        .await
+        .expect("ensure_service");
+    let svc =
+        Api::<Service>::namespaced(client.clone(), "kube-system").get("kube-dns").await.unwrap();
+    let spec = svc.spec.unwrap_or_default();
+    assert_eq!(spec.cluster_ip.as_deref(), Some("10.96.0.10"));
+    assert!(spec.selector.unwrap_or_default().is_empty());
+    assert_eq!(spec.ports.unwrap_or_default().len(), 2);
+    let slice = Api::<EndpointSlice>::namespaced(client, "kube-system")
+        .get("kube-dns-rkube")
+        .await
+        .unwrap();
+    assert_eq!(slice.endpoints[0].addresses, ["127.0.0.1"]);
+    assert_eq!(slice.ports.unwrap_or_default()[0].port, Some(5353));
+    assert_eq!(
+        slice
+            .metadata
+            .labels
+            .unwrap_or_default()
+            .get("endpointslice.kubernetes.io/managed-by")
+            .map(String::as_str),
+        Some("rkube-dns")
+    );
+}
