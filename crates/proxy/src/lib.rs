@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use cidr::Ipv4Cidr;
-pub use rules::{RulesConfig, Ruleset, render};
+pub use rules::{AffinityEntry, RulesConfig, Ruleset, render};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -91,7 +91,8 @@ impl Default for Config {
 /// - Nothing is applied before both watches have listed everything once, so a restart never
 ///   installs a rule set missing Services that exist.
 /// - The first apply replaces whatever table a previous (perhaps crashed) proxy left.
-/// - An unchanged rendering is never re-applied (so ClientIP affinity state survives).
+/// - An unchanged rendering is never re-applied, and a changed one carries the live ClientIP
+///   affinity entries over (read back just before the apply; an entry made in between is lost).
 /// - Apply failures are logged and retried with backoff; they never end the loop.
 ///
 /// # Caveats
@@ -125,12 +126,12 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) ->
             for s in &set.skipped {
                 tracing::warn!("proxy: left out of the rules: {s}");
             }
-            reported_skips = set.skipped;
+            reported_skips = set.skipped.clone();
         }
         let mut wait = config.check_period;
         if applied.as_deref() != Some(set.text.as_str()) {
             last_apply = Some(Instant::now());
-            match apply(&config, &set.text).await {
+            match apply_keeping_affinity(&config, &set).await {
                 Ok(()) => {
                     tracing::info!(
                         services = svcs.len(),
@@ -231,8 +232,9 @@ where
     reader
 }
 
-/// Runs the configured nft with `args`, feeding `stdin`; bounded by `config.nft_timeout`.
-async fn nft(config: &Config, args: &[&str], stdin: Option<&str>) -> Result<()> {
+/// Runs the configured nft with `args`, feeding `stdin`, and returns its stdout; bounded by
+/// `config.nft_timeout`.
+async fn nft(config: &Config, args: &[&str], stdin: Option<&str>) -> Result<String> {
     let (program, leading) = config.nft.split_first().ok_or(Error::NoCommand)?;
     let command = format!("{} {}", config.nft.join(" "), args.join(" "));
     let mut child = Command::new(program)
@@ -243,7 +245,7 @@ async fn nft(config: &Config, args: &[&str], stdin: Option<&str>) -> Result<()> 
         } else {
             std::process::Stdio::null()
         })
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         // On timeout the future is dropped; the child must not outlive it.
         .kill_on_drop(true)
@@ -262,7 +264,7 @@ async fn nft(config: &Config, args: &[&str], stdin: Option<&str>) -> Result<()> 
         .map_err(|_| Error::Timeout { command: command.clone(), timeout: config.nft_timeout })?
         .map_err(|source| Error::Spawn { command: command.clone(), source })?;
     if output.status.success() {
-        return Ok(());
+        return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
     }
     let mut stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
     // nft quotes the offending input; bound what reaches the log.
@@ -279,7 +281,24 @@ async fn nft(config: &Config, args: &[&str], stdin: Option<&str>) -> Result<()> 
 
 /// Applies one rendered transaction (`nft -f -`).
 pub async fn apply(config: &Config, text: &str) -> Result<()> {
-    nft(config, &["-f", "-"], Some(text)).await
+    nft(config, &["-f", "-"], Some(text)).await.map(drop)
+}
+
+/// Applies `set`, first reading the live ClientIP affinity entries back from the kernel so
+/// the replaced table keeps them. Without a table (first start) there is nothing to keep.
+async fn apply_keeping_affinity(config: &Config, set: &Ruleset) -> Result<()> {
+    if set.affinity_sets.is_empty() {
+        return apply(config, &set.text).await;
+    }
+    let t = &config.rules.table;
+    let live = match nft(config, &["-j", "list", "table", "ip", t], None).await {
+        Ok(json) => rules::affinity_from_json(&json),
+        Err(e) => {
+            tracing::debug!("proxy: no affinity entries to keep: {e}");
+            Default::default()
+        }
+    };
+    apply(config, &set.text_with_affinity(&live)).await
 }
 
 /// Whether the proxy's table is present: its smallest chain is listed rather than the whole

@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -65,6 +66,80 @@ pub struct Ruleset {
     /// Objects (or parts) that were skipped because they were malformed or conflicted, one
     /// sentence each, sorted; for the caller to log.
     pub skipped: Vec<String>,
+    /// The ClientIP affinity sets `text` defines, with their timeout in seconds.
+    pub affinity_sets: BTreeMap<String, i32>,
+}
+
+/// One client's live affinity entry, as read back from the kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AffinityEntry {
+    pub client: Ipv4Addr,
+    /// Time left before the entry lapses.
+    pub expires: Duration,
+}
+
+impl Ruleset {
+    /// `text` with `live` affinity entries written into the sets that still exist, so that
+    /// replacing the table does not forget which client sticks to which endpoint (the sets are
+    /// keyed by endpoint, so an entry only comes back while its endpoint is still in use).
+    /// Entries keep their remaining time, capped at the set's (possibly new) timeout.
+    pub fn text_with_affinity(&self, live: &BTreeMap<String, Vec<AffinityEntry>>) -> String {
+        let mut inserts: Vec<(usize, String)> = Vec::new();
+        for (name, timeout) in &self.affinity_sets {
+            let Some(entries) = live.get(name) else { continue };
+            let cap = u64::try_from(*timeout).unwrap_or(0);
+            let mut elems: Vec<(Ipv4Addr, u64)> = entries
+                .iter()
+                .map(|e| (e.client, e.expires.as_secs().min(cap)))
+                .filter(|(_, secs)| *secs > 0)
+                .collect();
+            elems.sort();
+            elems.dedup_by_key(|(ip, _)| *ip);
+            if elems.is_empty() {
+                continue;
+            }
+            let head = format!("\tset {name} {{\n");
+            let Some(start) = self.text.find(&head) else { continue };
+            let Some(end) = self.text[start..].find("\n\t}\n") else { continue };
+            let list: Vec<String> =
+                elems.iter().map(|(ip, secs)| format!("{ip} expires {secs}s")).collect();
+            inserts.push((start + end, format!("\n\t\telements = {{ {} }}", list.join(", "))));
+        }
+        inserts.sort();
+        let mut out = String::with_capacity(self.text.len() + inserts.len() * 64);
+        let mut at = 0;
+        for (pos, insert) in inserts {
+            out.push_str(&self.text[at..pos]);
+            out.push_str(&insert);
+            at = pos;
+        }
+        out.push_str(&self.text[at..]);
+        out
+    }
+}
+
+/// The live entries of the affinity sets in `nft -j list table` output, by set name. Anything
+/// unexpected in the JSON is passed over: losing affinity is better than not applying.
+pub fn affinity_from_json(json: &str) -> BTreeMap<String, Vec<AffinityEntry>> {
+    let mut out: BTreeMap<String, Vec<AffinityEntry>> = BTreeMap::new();
+    let Ok(doc) = serde_json::from_str::<serde_json::Value>(json) else { return out };
+    for item in doc["nftables"].as_array().into_iter().flatten() {
+        let set = &item["set"];
+        let Some(name) = set["name"].as_str().filter(|n| n.starts_with("affinity-")) else {
+            continue;
+        };
+        for e in set["elem"].as_array().into_iter().flatten() {
+            let elem = &e["elem"];
+            let client = elem["val"].as_str().and_then(|v| v.parse::<Ipv4Addr>().ok());
+            let expires = elem["expires"].as_u64();
+            if let (Some(client), Some(secs)) = (client, expires) {
+                out.entry(name.to_string())
+                    .or_default()
+                    .push(AffinityEntry { client, expires: Duration::from_secs(secs) });
+            }
+        }
+    }
+    out
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -154,8 +229,9 @@ type EndpointIndex =
 ///
 /// # Caveats
 /// - IPv4 only: IPv6 addresses are ignored (they belong in an `ip6` table).
-/// - Because the table is replaced whole, ClientIP affinity sets start empty after every applied
-///   change; existing connections are unaffected (conntrack keeps their NAT).
+/// - The table is replaced whole, so ClientIP affinity entries live in the kernel must be
+///   carried over by the caller (`Ruleset::text_with_affinity`); existing connections are
+///   unaffected either way (conntrack keeps their NAT).
 /// - Not implemented: `loadBalancerSourceRanges`, health-check node ports, topology hints.
 pub fn render<'a>(
     services: impl IntoIterator<Item = &'a Service>,
@@ -186,7 +262,8 @@ pub fn render<'a>(
     }
     skipped.sort();
     skipped.dedup();
-    Ruleset { text: tables.write(config), skipped }
+    let text = tables.write(config);
+    Ruleset { text, skipped, affinity_sets: tables.affinity_sets }
 }
 
 /// Which endpoints serve new connections, following upstream's CategorizeEndpoints: ready ones;
@@ -1073,6 +1150,61 @@ mod tests {
                 "meta l4proto tcp dnat to 10.244.1.5:8080".to_string(),
             ]
         );
+    }
+
+    #[test]
+    fn live_affinity_entries_are_carried_into_sets_that_still_exist() {
+        let s = web_slice("web-1", &[ready("10.244.1.5", "node-a")]);
+        let svc = web(json!({"sessionAffinity": "ClientIP",
+            "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 600}}}));
+        let r = render_one(&[svc], &[s]);
+        let set5 = "affinity-default/web/tcp/http__10.244.1.5/8080";
+        let entry = |ip: [u8; 4], secs| AffinityEntry {
+            client: ip.into(),
+            expires: Duration::from_secs(secs),
+        };
+        let live = BTreeMap::from([
+            (
+                set5.to_string(),
+                vec![
+                    entry([192, 168, 0, 9], 9000),
+                    entry([10, 0, 0, 2], 30),
+                    entry([10, 0, 0, 3], 0),
+                ],
+            ),
+            // The endpoint went away: its set is gone, and so are its clients.
+            (
+                "affinity-default/web/tcp/http__10.244.1.6/8080".to_string(),
+                vec![entry([10, 0, 0, 4], 30)],
+            ),
+        ]);
+        let t = r.text_with_affinity(&live);
+        assert!(t.contains(&format!(
+            "\tset {set5} {{\n\t\ttype ipv4_addr\n\t\tflags dynamic,timeout\n\t\ttimeout 600s\n\t\telements = {{ 10.0.0.2 expires 30s, 192.168.0.9 expires 600s }}\n\t}}\n"
+        )), "{t}");
+        assert!(!t.contains("10.0.0.4") && !t.contains("10.0.0.3"));
+        assert_eq!(r.text_with_affinity(&BTreeMap::new()), r.text);
+    }
+
+    #[test]
+    fn affinity_entries_are_read_from_nft_json() {
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+            {"table": {"family": "ip", "name": "rkube", "handle": 2}},
+            {"set": {"family": "ip", "name": "affinity-d/s/tcp/__10.244.1.5/80", "table": "rkube",
+                     "type": "ipv4_addr", "flags": ["timeout"], "timeout": 600,
+                     "elem": [{"elem": {"val": "10.0.0.1", "expires": 299}}, "10.0.0.9"]}},
+            {"set": {"family": "ip", "name": "cluster-ips", "table": "rkube", "type": "ipv4_addr",
+                     "elem": ["10.96.0.1"]}}]}"#;
+        let live = affinity_from_json(json);
+        assert_eq!(live.len(), 1);
+        assert_eq!(
+            live["affinity-d/s/tcp/__10.244.1.5/80"],
+            [AffinityEntry {
+                client: Ipv4Addr::new(10, 0, 0, 1),
+                expires: Duration::from_secs(299)
+            }]
+        );
+        assert!(affinity_from_json("not json").is_empty());
     }
 
     #[test]

@@ -230,9 +230,10 @@ async fn services_route_tcp_to_endpoints_inside_a_network_namespace() {
         assert_eq!(connect(&ns, "10.96.0.50", 81, 1), ["refused"]);
 
         // ClientIP affinity: one client, one backend.
-        let answers = connect(&ns, "10.96.0.52", 80, 10);
-        assert!(answers.iter().all(|a| *a == answers[0]), "{answers:?}");
-        assert!(answers[0] == POD_A || answers[0] == POD_B, "{answers:?}");
+        let sticky_answers = connect(&ns, "10.96.0.52", 80, 10);
+        let first = &sticky_answers[0];
+        assert!(sticky_answers.iter().all(|a| a == first), "{sticky_answers:?}");
+        assert!(first == POD_A || first == POD_B, "{sticky_answers:?}");
 
         // Removing an endpoint stops new connections to it.
         let mut s = slices.get("web-1").await.expect("get slice");
@@ -244,6 +245,14 @@ async fn services_route_tcp_to_endpoints_inside_a_network_namespace() {
         .await;
         let answers = connect(&ns, "10.96.0.50", 80, 20);
         assert!(answers.iter().all(|a| a == POD_A), "{answers:?}");
+
+        // That change replaced the whole table; the sticky client's entry came along.
+        let sticky_to = sticky_answers[0].clone();
+        let set = format!("affinity-default/sticky/tcp/http__{sticky_to}/8080");
+        let listed = ns.exec(&["nft", "list", "set", "ip", "rkube", &set]);
+        let listed = String::from_utf8_lossy(&listed.stdout);
+        assert!(listed.contains(NODE_IP), "affinity entry lost in the re-apply:\n{listed}");
+        assert_eq!(connect(&ns, "10.96.0.52", 80, 5), vec![sticky_to; 5]);
 
         // Endpoints appearing for the empty Service make it answer.
         slices.create(&pp, &slice("empty", &[POD_B])).await.expect("empty slice");
