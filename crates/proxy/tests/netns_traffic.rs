@@ -180,6 +180,7 @@ async fn services_route_tcp_to_endpoints_inside_a_network_namespace() {
             nft: ns.nft_command(),
             coalesce: Duration::from_millis(50),
             min_sync_period: Duration::from_millis(100),
+            check_period: Duration::from_millis(300),
             ..Config::default()
         };
         let shutdown = CancellationToken::new();
@@ -235,11 +236,12 @@ async fn services_route_tcp_to_endpoints_inside_a_network_namespace() {
         assert!(sticky_answers.iter().all(|a| a == first), "{sticky_answers:?}");
         assert!(first == POD_A || first == POD_B, "{sticky_answers:?}");
 
-        // Removing an endpoint stops new connections to it.
+        // Removing an endpoint stops new connections to it. (20 tries, so the old rules cannot
+        // pass by chance.)
         let mut s = slices.get("web-1").await.expect("get slice");
         s.endpoints.retain(|e| e.addresses.first().map(String::as_str) == Some(POD_A));
         slices.replace("web-1", &pp, &s).await.expect("replace slice");
-        eventually(&ns, "10.96.0.50", 80, 5, Duration::from_secs(10), |g| {
+        eventually(&ns, "10.96.0.50", 80, 20, Duration::from_secs(10), |g| {
             g.iter().all(|a| a == POD_A)
         })
         .await;
@@ -257,6 +259,11 @@ async fn services_route_tcp_to_endpoints_inside_a_network_namespace() {
         // Endpoints appearing for the empty Service make it answer.
         slices.create(&pp, &slice("empty", &[POD_B])).await.expect("empty slice");
         eventually(&ns, "10.96.0.51", 80, 1, Duration::from_secs(10), |g| g == [POD_B]).await;
+
+        // Someone deletes the table (say, `nft flush ruleset`): the proxy notices and restores it.
+        let deleted = ns.exec(&["nft", "delete", "table", "ip", "rkube"]);
+        assert!(deleted.status.success(), "{}", String::from_utf8_lossy(&deleted.stderr));
+        eventually(&ns, "10.96.0.50", 80, 1, Duration::from_secs(10), |g| g == [POD_A]).await;
 
         shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(10), proxy)
