@@ -30,6 +30,9 @@ pub struct Args {
     /// The nft program.
     #[arg(long, default_value = "nft")]
     pub nft_path: String,
+    /// The conntrack program, used to end UDP flows to removed endpoints.
+    #[arg(long, default_value = "conntrack")]
+    pub conntrack_path: String,
     /// Least time between two rule applies, e.g. 1s or 500ms.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub min_sync_period: Duration,
@@ -86,6 +89,7 @@ impl Args {
                 masquerade_all: self.masquerade_all,
             },
             nft: vec![self.nft_path.clone()],
+            conntrack: vec![self.conntrack_path.clone()],
             min_sync_period: self.min_sync_period,
             check_period: self.sync_period,
             ..Config::default()

@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use cidr::Ipv4Cidr;
-pub use rules::{AffinityEntry, RulesConfig, Ruleset, render};
+pub use rules::{AffinityEntry, RulesConfig, Ruleset, UdpBackend, UdpFront, render};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -68,6 +68,10 @@ pub struct Config {
     pub nft_timeout: Duration,
     /// Longest wait between retries after a failed apply (doubling from `min_sync_period`).
     pub retry_period_max: Duration,
+    /// The program (and leading arguments) that deletes conntrack entries of UDP flows whose
+    /// endpoint went away; `-D …` is appended. Missing: a warning, and such flows stay stuck
+    /// until their conntrack entries expire.
+    pub conntrack: Vec<String>,
 }
 
 impl Default for Config {
@@ -80,6 +84,7 @@ impl Default for Config {
             check_period: Duration::from_secs(30),
             nft_timeout: Duration::from_secs(30),
             retry_period_max: Duration::from_secs(60),
+            conntrack: vec!["conntrack".into()],
         }
     }
 }
@@ -116,6 +121,10 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) ->
     let mut reported_skips: Vec<String> = Vec::new();
     let mut last_apply: Option<Instant> = None;
     let mut failures: u32 = 0;
+    // UDP front/endpoint pairs of the last applied rules (empty at start: flows from before a
+    // restart are not cleared).
+    let mut udp_backends = std::collections::BTreeSet::new();
+    let mut conntrack_missing_reported = false;
     loop {
         changed.borrow_and_update();
         let svcs = services.state();
@@ -139,6 +148,10 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) ->
                         bytes = set.text.len(),
                         "proxy: applied nftables rules"
                     );
+                    let stale: Vec<rules::UdpBackend> =
+                        udp_backends.difference(&set.udp_backends).copied().collect();
+                    clear_udp_flows(&config, &stale, &mut conntrack_missing_reported).await;
+                    udp_backends = set.udp_backends;
                     applied = Some(set.text);
                     failures = 0;
                 }
@@ -299,6 +312,61 @@ async fn apply_keeping_affinity(config: &Config, set: &Ruleset) -> Result<()> {
         }
     };
     apply(config, &set.text_with_affinity(&live)).await
+}
+
+/// Deletes the conntrack entries of UDP flows DNATed through `stale` pairs, so their next
+/// packets are load-balanced afresh instead of following the old entry to a gone endpoint.
+/// Failures are logged, not returned: the rules are in place either way.
+async fn clear_udp_flows(
+    config: &Config,
+    stale: &[rules::UdpBackend],
+    missing_reported: &mut bool,
+) {
+    let Some((program, leading)) = config.conntrack.split_first() else { return };
+    for b in stale {
+        let (ep_ip, ep_port) = (b.endpoint.ip().to_string(), b.endpoint.port().to_string());
+        let mut args = vec!["-D".to_string(), "-p".into(), "udp".into()];
+        match b.front {
+            rules::UdpFront::Address(a) => args.extend([
+                "--orig-dst".into(),
+                a.ip().to_string(),
+                "--orig-port-dst".into(),
+                a.port().to_string(),
+            ]),
+            rules::UdpFront::NodePort(p) => args.extend(["--orig-port-dst".into(), p.to_string()]),
+        }
+        args.extend(["--reply-src".into(), ep_ip, "--reply-port-src".into(), ep_port]);
+        let run = Command::new(program)
+            .args(leading)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        match tokio::time::timeout(config.nft_timeout, run).await {
+            Ok(Ok(out)) => {
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                // conntrack exits 1 when nothing matched: that is the usual, happy case.
+                if !out.status.success() && !stderr.contains("0 flow entries") {
+                    tracing::warn!(front = ?b.front, endpoint = %b.endpoint, "proxy: clear stale UDP flows: {}", stderr.trim());
+                } else {
+                    tracing::debug!(front = ?b.front, endpoint = %b.endpoint, "proxy: cleared stale UDP flows");
+                }
+            }
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                if !*missing_reported {
+                    tracing::warn!(
+                        "proxy: {program} not found; UDP flows to removed endpoints stay until they expire"
+                    );
+                    *missing_reported = true;
+                }
+                return;
+            }
+            Ok(Err(e)) => tracing::warn!("proxy: run {program}: {e}"),
+            Err(_) => {
+                tracing::warn!("proxy: {program} did not finish within {:?}", config.nft_timeout)
+            }
+        }
+    }
 }
 
 /// Whether the proxy's table is present: its smallest chain is listed rather than the whole

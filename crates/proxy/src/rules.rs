@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Service;
@@ -68,6 +68,24 @@ pub struct Ruleset {
     pub skipped: Vec<String>,
     /// The ClientIP affinity sets `text` defines, with their timeout in seconds.
     pub affinity_sets: BTreeMap<String, i32>,
+    /// Every way a UDP packet can reach an endpoint through these rules. UDP flows have no end,
+    /// so when a pair disappears its conntrack entries must be deleted, or packets of the flow
+    /// keep going to the old endpoint.
+    pub udp_backends: BTreeSet<UdpBackend>,
+}
+
+/// Where a UDP client sends: a Service address and port, or a NodePort on any local address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum UdpFront {
+    Address(SocketAddrV4),
+    NodePort(u16),
+}
+
+/// A UDP front and one endpoint the rules may DNAT it to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UdpBackend {
+    pub front: UdpFront,
+    pub endpoint: SocketAddrV4,
 }
 
 /// One client's live affinity entry, as read back from the kernel.
@@ -263,7 +281,12 @@ pub fn render<'a>(
     skipped.sort();
     skipped.dedup();
     let text = tables.write(config);
-    Ruleset { text, skipped, affinity_sets: tables.affinity_sets }
+    Ruleset {
+        text,
+        skipped,
+        affinity_sets: tables.affinity_sets,
+        udp_backends: tables.udp_backends,
+    }
 }
 
 /// Which endpoints serve new connections, following upstream's CategorizeEndpoints: ready ones;
@@ -489,6 +512,7 @@ struct Tables {
     cluster_ips: BTreeSet<Ipv4Addr>,
     /// Affinity set name → timeout in seconds.
     affinity_sets: BTreeMap<String, i32>,
+    udp_backends: BTreeSet<UdpBackend>,
     /// Per-Service chains, in rule order.
     chains: BTreeMap<String, Vec<String>>,
 }
@@ -590,6 +614,19 @@ fn add_service_port(
     }
     if uses_local {
         used.extend(local_eps.iter().copied());
+    }
+    if sp.proto == Proto::Udp {
+        let mut fronts = vec![UdpFront::Address(SocketAddrV4::new(sp.cluster_ip, sp.port))];
+        fronts.extend(
+            sp.external_ips.iter().map(|ip| UdpFront::Address(SocketAddrV4::new(*ip, sp.port))),
+        );
+        fronts.extend(sp.node_port.map(UdpFront::NodePort));
+        for front in fronts {
+            for ep in &used {
+                let endpoint = SocketAddrV4::new(ep.ip, ep.port);
+                t.udp_backends.insert(UdpBackend { front, endpoint });
+            }
+        }
     }
     for ep in &used {
         let mut rules = vec![
@@ -1429,6 +1466,33 @@ mod tests {
             chain(&t, "endpoint-kube-system/dns/sctp/sig__10.244.0.3/2905").expect("chain")[1],
             "meta l4proto sctp dnat to 10.244.0.3:2905"
         );
+    }
+
+    #[test]
+    fn tcp_services_list_no_udp_backends() {
+        let s = web_slice("web-1", &[ready("10.244.1.5", "node-a")]);
+        assert!(render_one(&[web(json!({}))], &[s]).udp_backends.is_empty());
+    }
+
+    #[test]
+    fn udp_backends_list_every_front_and_endpoint_pair() {
+        let svc = web(json!({"type": "NodePort", "externalIPs": ["192.0.2.1"],
+            "ports": [{"name": "http", "port": 53, "protocol": "UDP", "nodePort": 30053}]}));
+        let s = slice(json!({
+            "metadata": {"namespace": "default", "name": "web-1", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.244.1.5"]}, {"addresses": ["10.244.1.6"]}],
+            "ports": [{"name": "http", "port": 5353, "protocol": "UDP"}]
+        }));
+        let r = render_one(&[svc], &[s]);
+        let ep = |last| SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, last), 5353);
+        let addr = |a: [u8; 4], p| UdpFront::Address(SocketAddrV4::new(a.into(), p));
+        let want: BTreeSet<UdpBackend> =
+            [addr([10, 96, 0, 50], 53), addr([192, 0, 2, 1], 53), UdpFront::NodePort(30053)]
+                .into_iter()
+                .flat_map(|front| [5, 6].map(|i| UdpBackend { front, endpoint: ep(i) }))
+                .collect();
+        assert_eq!(r.udp_backends, want);
     }
 
     #[test]

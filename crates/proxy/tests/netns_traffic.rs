@@ -101,6 +101,52 @@ async fn eventually(
     }
 }
 
+/// The namespace's interfaces, addresses and routes (see the module comment).
+fn pod_network(ns: &common::Netns) {
+    ns.ip(&["link", "add", "rk0", "type", "veth", "peer", "name", "rk1"]);
+    for a in [POD_A, POD_B] {
+        ns.ip(&["addr", "add", &format!("{a}/32"), "dev", "rk0"]);
+    }
+    ns.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", "rk0"]);
+    ns.ip(&["link", "set", "rk0", "up"]);
+    ns.ip(&["link", "set", "rk1", "up"]);
+    ns.ip(&["route", "add", "10.96.0.0/12", "dev", "rk0", "src", NODE_IP]);
+}
+
+/// Answers every datagram on ADDR:5353 with ADDR.
+const UDP_SERVER: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 5353))
+while True:
+    _, peer = s.recvfrom(64)
+    s.sendto(sys.argv[1].encode(), peer)
+"#;
+
+/// Sends N datagrams to HOST:PORT, always from source port SPORT (one flow); one line per
+/// datagram: the answer or `timeout`.
+const UDP_CLIENT: &str = r#"
+import socket, sys
+host, port, sport, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("", sport))
+s.settimeout(1)
+for _ in range(n):
+    s.sendto(b"?", (host, port))
+    try:
+        print(s.recvfrom(64)[0].decode(), flush=True)
+    except socket.timeout:
+        print("timeout", flush=True)
+"#;
+
+fn udp_flow(ns: &common::Netns, host: &str, port: u16, n: u32) -> Vec<String> {
+    let (port, n) = (port.to_string(), n.to_string());
+    let out = ns.exec(&[common::python(), "-c", UDP_CLIENT, host, &port, "40000", &n]);
+    assert!(out.status.success(), "udp client: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+}
+
 fn service(name: &str, ip: &str, extra: serde_json::Value) -> Service {
     let mut v = json!({
         "metadata": {"namespace": "default", "name": name},
@@ -113,6 +159,10 @@ fn service(name: &str, ip: &str, extra: serde_json::Value) -> Service {
 }
 
 fn slice(service: &str, ips: &[&str]) -> EndpointSlice {
+    slice_on(service, ips, 8080, "TCP")
+}
+
+fn slice_on(service: &str, ips: &[&str], port: u16, protocol: &str) -> EndpointSlice {
     let eps: Vec<_> = ips
         .iter()
         .map(|ip| json!({"addresses": [ip], "nodeName": "node-a", "conditions": {"ready": true}}))
@@ -122,7 +172,7 @@ fn slice(service: &str, ips: &[&str]) -> EndpointSlice {
                      "labels": {"kubernetes.io/service-name": service}},
         "addressType": "IPv4",
         "endpoints": eps,
-        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]
+        "ports": [{"name": "http", "port": port, "protocol": protocol}]
     }))
     .expect("slice")
 }
@@ -136,14 +186,7 @@ async fn services_route_tcp_to_endpoints_inside_a_network_namespace() {
     let Some(mut ns) = common::Netns::create("services_route_tcp_to_endpoints") else {
         return;
     };
-    ns.ip(&["link", "add", "rk0", "type", "veth", "peer", "name", "rk1"]);
-    for a in [POD_A, POD_B] {
-        ns.ip(&["addr", "add", &format!("{a}/32"), "dev", "rk0"]);
-    }
-    ns.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", "rk0"]);
-    ns.ip(&["link", "set", "rk0", "up"]);
-    ns.ip(&["link", "set", "rk1", "up"]);
-    ns.ip(&["route", "add", "10.96.0.0/12", "dev", "rk0", "src", NODE_IP]);
+    pod_network(&ns);
     for a in [POD_A, POD_B] {
         ns.spawn(&[common::python(), "-c", SERVER, a]);
     }
@@ -276,6 +319,86 @@ async fn services_route_tcp_to_endpoints_inside_a_network_namespace() {
         rkube_proxy::cleanup(&config).await.expect("cleanup");
         let tables = ns.exec(&["nft", "list", "tables"]);
         assert!(!String::from_utf8_lossy(&tables.stdout).contains("rkube"));
+        api.stop();
+    };
+    tokio::time::timeout(Duration::from_secs(120), body).await.expect("test within 2 minutes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_flow_moves_off_a_removed_endpoint() {
+    const TEST: &str = "a_udp_flow_moves_off_a_removed_endpoint";
+    let Some(mut ns) = common::Netns::create(TEST) else {
+        return;
+    };
+    if !common::have("conntrack") {
+        common::skip(TEST, "`conntrack` is not installed");
+        return;
+    }
+    pod_network(&ns);
+    for a in [POD_A, POD_B] {
+        ns.spawn(&[common::python(), "-c", UDP_SERVER, a]);
+    }
+    let body = async {
+        let api = rkube_apiserver::testing::TestServer::start().await;
+        let client = api.client().await;
+        let services: Api<Service> = Api::namespaced(client.clone(), "default");
+        let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
+        let pp = PostParams::default();
+        let dns = service(
+            "dns",
+            "10.96.0.60",
+            json!({"ports": [{"name": "http", "port": 53, "targetPort": 5353, "protocol": "UDP"}]}),
+        );
+        services.create(&pp, &dns).await.expect("create dns");
+        slices.create(&pp, &slice_on("dns", &[POD_A, POD_B], 5353, "UDP")).await.expect("slice");
+
+        let mut conntrack = ns.nft_command();
+        conntrack.pop();
+        conntrack.push("conntrack".into());
+        let config = Config {
+            rules: RulesConfig { node_name: "node-a".into(), ..RulesConfig::default() },
+            nft: ns.nft_command(),
+            conntrack,
+            coalesce: Duration::from_millis(50),
+            min_sync_period: Duration::from_millis(100),
+            ..Config::default()
+        };
+        let shutdown = CancellationToken::new();
+        let _stop = shutdown.clone().drop_guard();
+        let proxy = tokio::spawn(rkube_proxy::run(client, config, shutdown.clone()));
+
+        // One flow (fixed source port) sticks to one endpoint: its conntrack entry says where.
+        let start = Instant::now();
+        let first = loop {
+            let got = udp_flow(&ns, "10.96.0.60", 53, 1);
+            if got[0] == POD_A || got[0] == POD_B {
+                break got[0].clone();
+            }
+            assert!(start.elapsed() < Duration::from_secs(15), "no UDP answer: {got:?}");
+        };
+        assert_eq!(udp_flow(&ns, "10.96.0.60", 53, 5), vec![first.clone(); 5]);
+
+        // Take that endpoint out (its server keeps running, so a stale entry would show).
+        let other = if first == POD_A { POD_B } else { POD_A };
+        let mut s = slices.get("dns-1").await.expect("get slice");
+        s.endpoints.retain(|e| e.addresses.first().map(String::as_str) == Some(other));
+        slices.replace("dns-1", &pp, &s).await.expect("replace slice");
+        let start = Instant::now();
+        loop {
+            let got = udp_flow(&ns, "10.96.0.60", 53, 1);
+            if got == [other] {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the flow still goes to {first}: {got:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(udp_flow(&ns, "10.96.0.60", 53, 5), vec![other.to_string(); 5]);
+
+        shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), proxy).await;
         api.stop();
     };
     tokio::time::timeout(Duration::from_secs(120), body).await.expect("test within 2 minutes");

@@ -10,7 +10,7 @@ pub struct Netns {
     children: Vec<Child>,
 }
 
-fn have(program: &str) -> bool {
+pub fn have(program: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {program}")])
         .stdout(Stdio::null())
@@ -27,7 +27,7 @@ fn is_root() -> bool {
 
 /// Prints why the test cannot run here and returns None, or panics under CI=true, where
 /// every prerequisite must be present.
-fn skip(test: &str, why: &str) -> Option<Netns> {
+pub fn skip(test: &str, why: &str) -> Option<Netns> {
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("{test}: {why} (CI=true, so this is a failure)");
     }
