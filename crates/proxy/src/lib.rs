@@ -183,9 +183,12 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) ->
             }
         }
         // Let a burst of events settle, and keep applies `min_sync_period` apart.
+        // After failures, changes do not bring the retry forward: the backoff holds.
         let mut until = Instant::now() + config.coalesce;
         if let Some(t) = last_apply {
-            until = until.max(t + config.min_sync_period);
+            let gap =
+                if failures > 0 { retry_delay(&config, failures) } else { config.min_sync_period };
+            until = until.max(t + gap);
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,

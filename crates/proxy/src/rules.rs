@@ -22,6 +22,9 @@ use crate::cidr::Ipv4Cidr;
 pub const MASQUERADE_MARK: u32 = 0x4000;
 /// The EndpointSlice label naming the Service a slice belongs to.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// A Service with this label is handled by the proxy it names, never by this one (upstream
+/// kube-proxy ignores them the same way).
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` default and bounds (as the API validates).
 const AFFINITY_TIMEOUT_DEFAULT_SECONDS: i32 = 10800;
 const AFFINITY_TIMEOUT_MAX_SECONDS: i32 = 86400;
@@ -386,6 +389,9 @@ fn service_ports(svc: &Service, skipped: &mut Vec<String>) -> Vec<ServicePort> {
         skipped.push("Service without namespace or name".to_string());
         return Vec::new();
     };
+    if meta.labels.as_ref().is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL)) {
+        return Vec::new();
+    }
     let Some(spec) = svc.spec.as_ref() else { return Vec::new() };
     let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
     if type_ == "ExternalName" {
@@ -1555,6 +1561,17 @@ mod tests {
         let r = render_one(&svcs, &[]);
         assert!(r.skipped.is_empty(), "{:?}", r.skipped);
         assert!(elements(&r.text, "set", "cluster-ips").is_empty());
+    }
+
+    #[test]
+    fn services_that_name_another_proxy_are_left_to_it() {
+        let mut s = web(json!({}));
+        s.metadata.labels =
+            Some([(SERVICE_PROXY_NAME_LABEL.to_string(), "other-proxy".to_string())].into());
+        let slice = web_slice("web-1", &[ready("10.244.1.5", "node-a")]);
+        let r = render_one(&[s], &[slice]);
+        assert!(elements(&r.text, "set", "cluster-ips").is_empty());
+        assert!(r.skipped.is_empty());
     }
 
     #[test]
