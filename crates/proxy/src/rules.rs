@@ -1575,6 +1575,41 @@ mod tests {
     }
 
     #[test]
+    fn names_too_long_for_nft_are_skipped() {
+        let long = svc(json!({"metadata": {"namespace": "n".repeat(120), "name": "s".repeat(120)},
+            "spec": {"clusterIP": "10.96.0.9", "ports": [{"port": 80}]}}));
+        let r = render_one(&[long], &[]);
+        assert_eq!(r.skipped.len(), 1);
+        assert!(r.skipped[0].ends_with("names too long for nft"), "{:?}", r.skipped);
+    }
+
+    #[test]
+    fn a_large_cluster_renders_quickly() {
+        // 2000 Services with 5 endpoints each: rendering must stay far below a sync period.
+        let svcs: Vec<Service> = (0..2000u32)
+            .map(|i| {
+                svc(json!({"metadata": {"namespace": "ns", "name": format!("s{i}")},
+                    "spec": {"clusterIP": Ipv4Addr::from(0x0a60_0000 + i).to_string(), "ports": [{"port": 80}]}}))
+            })
+            .collect();
+        let slices: Vec<EndpointSlice> = (0..2000u32)
+            .map(|i| {
+                let eps: Vec<Value> = (0..5u32)
+                    .map(|j| json!({"addresses": [Ipv4Addr::from(0x0af4_0000 + i * 5 + j).to_string()]}))
+                    .collect();
+                slice(json!({"metadata": {"namespace": "ns", "name": format!("s{i}-1"),
+                        "labels": {"kubernetes.io/service-name": format!("s{i}")}},
+                    "addressType": "IPv4", "endpoints": eps, "ports": [{"port": 8080}]}))
+            })
+            .collect();
+        let start = std::time::Instant::now();
+        let r = render_one(&svcs, &slices);
+        let took = start.elapsed();
+        assert_eq!(elements(&r.text, "map", "service-ips").len(), 2000);
+        assert!(took < Duration::from_secs(2), "took {took:?}");
+    }
+
+    #[test]
     fn dual_stack_services_use_their_ipv4_cluster_ip() {
         let s = svc(json!({"metadata": {"namespace": "d", "name": "ds"},
             "spec": {"clusterIP": "fd00::10", "clusterIPs": ["fd00::10", "10.96.0.77"], "ports": [{"port": 80}]}}));
