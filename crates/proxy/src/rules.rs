@@ -219,6 +219,10 @@ struct ServicePort {
     node_port: Option<u16>,
     /// `spec.externalIPs` and load-balancer ingress IPs: "external" destinations.
     external_ips: Vec<Ipv4Addr>,
+    /// The load-balancer ingress IPs among them, and who may use them
+    /// (`loadBalancerSourceRanges`; empty: everyone).
+    lb_ips: Vec<Ipv4Addr>,
+    source_ranges: Vec<Ipv4Cidr>,
     affinity_timeout_seconds: Option<i32>,
     external_policy_local: bool,
     internal_policy_local: bool,
@@ -253,7 +257,7 @@ type EndpointIndex =
 /// - The table is replaced whole, so ClientIP affinity entries live in the kernel must be
 ///   carried over by the caller (`Ruleset::text_with_affinity`); existing connections are
 ///   unaffected either way (conntrack keeps their NAT).
-/// - Not implemented: `loadBalancerSourceRanges`, health-check node ports, topology hints.
+/// - Not implemented: health-check node ports, topology hints.
 pub fn render<'a>(
     services: impl IntoIterator<Item = &'a Service>,
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
@@ -425,6 +429,7 @@ fn service_ports(svc: &Service, skipped: &mut Vec<String>) -> Vec<ServicePort> {
             Err(_) => skipped.push(format!("Service {ns}/{name}: externalIP {ip:?} is invalid")),
         }
     }
+    let mut lb_ips: Vec<Ipv4Addr> = Vec::new();
     if type_ == "LoadBalancer" {
         let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref());
         for ing in ingress.and_then(|lb| lb.ingress.as_ref()).into_iter().flatten() {
@@ -434,12 +439,27 @@ fn service_ports(svc: &Service, skipped: &mut Vec<String>) -> Vec<ServicePort> {
                 continue;
             }
             if let Some(a) = ing.ip.as_deref().and_then(|ip| ip.parse::<Ipv4Addr>().ok()) {
-                external_ips.push(a);
+                lb_ips.push(a);
             }
         }
     }
+    lb_ips.sort();
+    lb_ips.dedup();
+    external_ips.extend(lb_ips.iter().copied());
     external_ips.sort();
     external_ips.dedup();
+    let mut source_ranges: Vec<Ipv4Cidr> = Vec::new();
+    for r in spec.load_balancer_source_ranges.iter().flatten() {
+        match r.parse::<Ipv4Cidr>() {
+            Ok(c) => source_ranges.push(c),
+            // IPv6 ranges are for the ip6 rules.
+            Err(_) if r.contains(':') => {}
+            Err(_) => skipped
+                .push(format!("Service {ns}/{name}: loadBalancerSourceRange {r:?} is invalid")),
+        }
+    }
+    source_ranges.sort();
+    source_ranges.dedup();
     let affinity_timeout_seconds =
         (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
             spec.session_affinity_config
@@ -489,6 +509,8 @@ fn service_ports(svc: &Service, skipped: &mut Vec<String>) -> Vec<ServicePort> {
             port,
             node_port,
             external_ips: external_ips.clone(),
+            lb_ips: lb_ips.clone(),
+            source_ranges: source_ranges.clone(),
             affinity_timeout_seconds,
             external_policy_local: false,
             internal_policy_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
@@ -515,6 +537,7 @@ struct Tables {
     no_endpoint_services: BTreeMap<(Ipv4Addr, Proto, u16), (String, String)>,
     service_nodeports: BTreeMap<(Proto, u16), (String, String)>,
     no_endpoint_nodeports: BTreeMap<(Proto, u16), (String, String)>,
+    firewall_ips: BTreeMap<(Ipv4Addr, Proto, u16), (String, String)>,
     cluster_ips: BTreeSet<Ipv4Addr>,
     /// Affinity set name → timeout in seconds.
     affinity_sets: BTreeMap<String, i32>,
@@ -692,6 +715,21 @@ fn add_service_port(
         t.chains.insert(external_chain.clone(), rules);
     }
 
+    // loadBalancerSourceRanges: checked before DNAT, on the load-balancer addresses only
+    // (NodePorts and externalIPs are not subject to them, as upstream).
+    if !sp.lb_ips.is_empty() && !sp.source_ranges.is_empty() {
+        let fw_chain = format!("firewall-{base}");
+        let ranges: Vec<String> = sp.source_ranges.iter().map(ToString::to_string).collect();
+        t.chains.insert(
+            fw_chain.clone(),
+            vec![format!("ip saddr != {{ {} }} drop", ranges.join(", "))],
+        );
+        for ip in &sp.lb_ips {
+            let key = (*ip, sp.proto, sp.port);
+            claim(&mut t.firewall_ips, key, format!("goto {fw_chain}"), &owner, skipped);
+        }
+    }
+
     // The maps that route new connections here, or filter them when nothing can serve them.
     let key = (sp.cluster_ip, sp.proto, sp.port);
     t.cluster_ips.insert(sp.cluster_ip);
@@ -768,6 +806,14 @@ impl Tables {
         write_set(
             &mut out,
             "map",
+            "firewall-ips",
+            &format!("{addr_key} : verdict"),
+            &[],
+            &elems(&self.firewall_ips),
+        );
+        write_set(
+            &mut out,
+            "map",
             "no-endpoint-nodeports",
             &format!("{port_key} : verdict"),
             &[],
@@ -785,6 +831,14 @@ impl Tables {
             format!("type {hook_type} hook {hook} priority {priority}; policy accept;")
         };
         let new = "ct state new";
+        // `reject` is not allowed in prerouting on older kernels, so only the firewall (which
+        // drops) is checked there; endpoint checks wait for input/forward/output.
+        write_chain(
+            &mut out,
+            "filter-prerouting",
+            Some(&base("filter", "prerouting", -110)),
+            &[format!("{new} jump firewall-check")],
+        );
         write_chain(
             &mut out,
             "filter-input",
@@ -807,7 +861,7 @@ impl Tables {
             &mut out,
             "filter-output",
             Some(&base("filter", "output", -110)),
-            &[format!("{new} jump service-endpoints-check")],
+            &[format!("{new} jump service-endpoints-check"), format!("{new} jump firewall-check")],
         );
         // After DNAT (dstnat+10): whatever still goes to a ClusterIP matched no Service port.
         write_chain(
@@ -869,6 +923,12 @@ impl Tables {
             "cluster-ips-check",
             None,
             &["ip daddr @cluster-ips reject".to_string()],
+        );
+        write_chain(
+            &mut out,
+            "firewall-check",
+            None,
+            &["ip daddr . meta l4proto . th dport vmap @firewall-ips".to_string()],
         );
         write_chain(&mut out, "reject-chain", None, &["reject".to_string()]);
         write_chain(
@@ -1058,7 +1118,8 @@ mod tests {
             chain(&t, "filter-output").expect("chain"),
             [
                 "type filter hook output priority -110; policy accept;",
-                "ct state new jump service-endpoints-check"
+                "ct state new jump service-endpoints-check",
+                "ct state new jump firewall-check"
             ]
         );
         assert_eq!(
@@ -1168,6 +1229,51 @@ mod tests {
             ]
         );
         assert!(r.skipped.is_empty(), "{:?}", r.skipped);
+    }
+
+    #[test]
+    fn load_balancer_source_ranges_drop_other_clients_of_the_ingress_ips_only() {
+        let s = web_slice("web-1", &[ready("10.244.1.5", "node-b")]);
+        let mut svc = web(json!({"type": "LoadBalancer", "externalIPs": ["192.0.2.10"],
+            "loadBalancerSourceRanges": ["203.0.113.0/24", "198.51.100.1/32", "2001:db8::/32"],
+            "ports": [{"name": "http", "port": 80, "nodePort": 30080}]}));
+        svc.status = Some(
+            serde_json::from_value(json!({"loadBalancer": {"ingress": [{"ip": "198.51.100.7"}]}}))
+                .expect("status"),
+        );
+        let r = render_one(&[svc], &[s]);
+        assert!(r.skipped.is_empty(), "{:?}", r.skipped);
+        let fw = "firewall-default/web/tcp/http";
+        assert_eq!(
+            elements(&r.text, "map", "firewall-ips"),
+            [format!("198.51.100.7 . tcp . 80 : goto {fw}")]
+        );
+        assert_eq!(
+            chain(&r.text, fw).expect("firewall chain"),
+            ["ip saddr != { 198.51.100.1/32, 203.0.113.0/24 } drop"]
+        );
+        assert_eq!(
+            chain(&r.text, "filter-prerouting").expect("chain"),
+            [
+                "type filter hook prerouting priority -110; policy accept;",
+                "ct state new jump firewall-check"
+            ]
+        );
+    }
+
+    #[test]
+    fn without_source_ranges_there_is_no_firewall() {
+        let s = web_slice("web-1", &[ready("10.244.1.5", "node-b")]);
+        let mut svc = web(
+            json!({"type": "LoadBalancer", "ports": [{"name": "http", "port": 80, "nodePort": 30080}]}),
+        );
+        svc.status = Some(
+            serde_json::from_value(json!({"loadBalancer": {"ingress": [{"ip": "198.51.100.7"}]}}))
+                .expect("status"),
+        );
+        let t = render_one(&[svc], &[s]).text;
+        assert!(elements(&t, "map", "firewall-ips").is_empty());
+        assert!(chain(&t, "firewall-default/web/tcp/http").is_none());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
-use kube::api::PostParams;
+use kube::api::{Patch, PatchParams, PostParams};
 use rkube_proxy::{Config, RulesConfig};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 const POD_A: &str = "10.244.1.5";
 const POD_B: &str = "10.244.1.6";
 const NODE_IP: &str = "192.168.77.1";
+const LB_IP: &str = "10.100.0.1";
 
 /// Answers every connection on ADDR:8080 with "ADDR PEER", then closes.
 const SERVER: &str = r#"
@@ -111,6 +112,8 @@ fn pod_network(ns: &common::Netns) {
     ns.ip(&["link", "set", "rk0", "up"]);
     ns.ip(&["link", "set", "rk1", "up"]);
     ns.ip(&["route", "add", "10.96.0.0/12", "dev", "rk0", "src", NODE_IP]);
+    // Where the "load balancer" addresses live.
+    ns.ip(&["route", "add", "10.100.0.0/24", "dev", "rk0", "src", NODE_IP]);
 }
 
 /// Answers every datagram on ADDR:5353 with ADDR.
@@ -210,6 +213,19 @@ async fn services_route_tcp_to_endpoints_inside_a_network_namespace() {
         services.create(&pp, &web).await.expect("create web");
         slices.create(&pp, &slice("web", &[POD_A, POD_B])).await.expect("create web slice");
         services.create(&pp, &service("empty", "10.96.0.51", json!({}))).await.expect("empty");
+        let lb = service(
+            "lb",
+            "10.96.0.53",
+            json!({"type": "LoadBalancer", "loadBalancerSourceRanges": [format!("{POD_A}/32")],
+                   "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30081}]}),
+        );
+        services.create(&pp, &lb).await.expect("create lb");
+        let ingress = json!({"status": {"loadBalancer": {"ingress": [{"ip": LB_IP}]}}});
+        services
+            .patch_status("lb", &PatchParams::default(), &Patch::Merge(&ingress))
+            .await
+            .expect("lb status");
+        slices.create(&pp, &slice("lb", &[POD_A, POD_B])).await.expect("lb slice");
         let sticky = service("sticky", "10.96.0.52", json!({"sessionAffinity": "ClientIP"}));
         services.create(&pp, &sticky).await.expect("create sticky");
         slices.create(&pp, &slice("sticky", &[POD_A, POD_B])).await.expect("sticky slice");
@@ -298,6 +314,19 @@ async fn services_route_tcp_to_endpoints_inside_a_network_namespace() {
         let listed = String::from_utf8_lossy(&listed.stdout);
         assert!(listed.contains(NODE_IP), "affinity entry lost in the re-apply:\n{listed}");
         assert_eq!(connect(&ns, "10.96.0.52", 80, 5), vec![sticky_to; 5]);
+
+        // loadBalancerSourceRanges: only POD_A may use the load balancer's address; others are
+        // dropped (a timeout); the NodePort stays open to all, as upstream.
+        assert!(
+            [POD_A, POD_B].contains(
+                &connect_from(&ns, Some(POD_A), LB_IP, 80, 1)[0].split(' ').next().unwrap_or("")
+            ),
+            "allowed source"
+        );
+        assert_eq!(connect_from(&ns, Some(POD_B), LB_IP, 80, 1), ["timeout"]);
+        assert_eq!(connect_from(&ns, None, LB_IP, 80, 1), ["timeout"]);
+        let via_node_port = connect_from(&ns, Some(POD_B), NODE_IP, 30081, 1);
+        assert!(!via_node_port[0].starts_with("timeout"), "{via_node_port:?}");
 
         // Endpoints appearing for the empty Service make it answer.
         slices.create(&pp, &slice("empty", &[POD_B])).await.expect("empty slice");

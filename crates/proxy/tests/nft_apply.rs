@@ -31,7 +31,7 @@ fn everything() -> (Vec<Service>, Vec<EndpointSlice>) {
     };
     let np =
         |n: i32, proto: &str| json!([{"name": "p", "port": 80, "nodePort": n, "protocol": proto}]);
-    let services = vec![
+    let mut services = vec![
         svc("plain", "10.96.0.50", json!({})),
         svc("empty", "10.96.0.51", json!({"type": "NodePort", "ports": np(30051, "TCP")})),
         svc("sticky", "10.96.0.52", json!({"sessionAffinity": "ClientIP"})),
@@ -39,7 +39,8 @@ fn everything() -> (Vec<Service>, Vec<EndpointSlice>) {
             "etp",
             "10.96.0.53",
             json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local",
-            "externalIPs": ["192.0.2.1"], "ports": np(30053, "TCP")}),
+            "externalIPs": ["192.0.2.1"], "ports": np(30053, "TCP"),
+            "loadBalancerSourceRanges": ["203.0.113.0/24", "198.51.100.9/32"]}),
         ),
         svc(
             "etp-none",
@@ -50,6 +51,11 @@ fn everything() -> (Vec<Service>, Vec<EndpointSlice>) {
         svc("itp", "10.96.0.55", json!({"internalTrafficPolicy": "Local"})),
         svc("sctp", "10.96.0.56", json!({"type": "NodePort", "ports": np(30056, "SCTP")})),
     ];
+    // The load balancer's address, as a cloud controller would report it.
+    services[3].status = Some(
+        serde_json::from_value(json!({"loadBalancer": {"ingress": [{"ip": "198.51.100.7"}]}}))
+            .expect("status"),
+    );
     let slices = vec![
         slice("plain", &[("10.244.1.5", "node-a"), ("10.244.2.5", "node-b")], "TCP"),
         slice("sticky", &[("10.244.1.5", "node-a"), ("10.244.2.5", "node-b")], "TCP"),
@@ -88,6 +94,7 @@ async fn every_feature_renders_text_that_nft_applies_repeatedly_and_cleanup_remo
         "10.96.0.51 . tcp . 80 : goto reject-chain",
         "udp . 30054 : drop",
         "sctp . 30056 : goto external-default/sctp/sctp/p",
+        "198.51.100.7 . tcp . 80 : goto firewall-default/etp/tcp/p",
     ] {
         assert!(listed.contains(want), "missing {want:?} in\n{listed}");
     }
