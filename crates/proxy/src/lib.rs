@@ -1,1 +1,435 @@
-//! rkube-proxy: see ../shared/DESIGN.md (filled by its issue).
+//! rkube-proxy: the node's Service proxy. It watches Services and EndpointSlices and keeps one
+//! nftables table (`ip rkube`) that DNATs Service traffic to endpoints, as kube-proxy's nftables
+//! mode does.
+//!
+//! The loop: two reflectors feed in-memory stores and bump a change counter; after a short
+//! coalescing pause the whole rule set is rendered (`rules::render`, pure) and, if its text
+//! differs from what was last applied, handed to `nft -f -` as one atomic transaction.
+
+pub mod cidr;
+pub mod cli;
+pub mod rules;
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub use cidr::Ipv4Cidr;
+pub use rules::{AffinityEntry, RulesConfig, Ruleset, UdpBackend, UdpFront, render};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid IPv4 prefix {0:?}")]
+    InvalidCidr(String),
+    #[error("invalid duration {0:?} (expected e.g. 100ms, 1s, 5m)")]
+    InvalidDuration(String),
+    #[error("the nft command is empty")]
+    NoCommand,
+    #[error("start {command}")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{command} failed ({status}): {stderr}")]
+    Nft { command: String, status: String, stderr: String },
+    #[error("{command} did not finish within {timeout:?}")]
+    Timeout { command: String, timeout: Duration },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How the proxy runs; `rules` says what it renders.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub rules: RulesConfig,
+    /// The program (and leading arguments) that runs nft; `-f -` or `list …` is appended. Tests
+    /// use `["ip", "netns", "exec", NS, "nft"]`.
+    pub nft: Vec<String>,
+    /// How long to wait after a change for more changes, so a burst becomes one apply.
+    pub coalesce: Duration,
+    /// The least time between two applies (upstream `--min-sync-period`, default 1 s).
+    pub min_sync_period: Duration,
+    /// How often to check that the table is still there (someone may have flushed the
+    /// ruleset), re-applying if not.
+    pub check_period: Duration,
+    /// Bound on a single nft run.
+    pub nft_timeout: Duration,
+    /// Longest wait between retries after a failed apply (doubling from `min_sync_period`).
+    pub retry_period_max: Duration,
+    /// The program (and leading arguments) that deletes conntrack entries of UDP flows whose
+    /// endpoint went away; `-D …` is appended. Missing: a warning, and such flows stay stuck
+    /// until their conntrack entries expire.
+    pub conntrack: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            rules: RulesConfig::default(),
+            nft: vec!["nft".into()],
+            coalesce: Duration::from_millis(100),
+            min_sync_period: Duration::from_secs(1),
+            check_period: Duration::from_secs(30),
+            nft_timeout: Duration::from_secs(30),
+            retry_period_max: Duration::from_secs(60),
+            conntrack: vec!["conntrack".into()],
+        }
+    }
+}
+
+/// Watches Services and EndpointSlices through `client` and keeps the nftables table in step
+/// until `shutdown`.
+///
+/// # Guarantees
+/// - Nothing is applied before both watches have listed everything once, so a restart never
+///   installs a rule set missing Services that exist.
+/// - The first apply replaces whatever table a previous (perhaps crashed) proxy left.
+/// - An unchanged rendering is never re-applied, and a changed one carries the live ClientIP
+///   affinity entries over (read back just before the apply; an entry made in between is lost).
+/// - Apply failures are logged and retried with backoff; they never end the loop.
+///
+/// # Caveats
+/// - On shutdown the rules stay in place, as upstream's: Services keep working while the
+///   proxy restarts. Call [`cleanup`] to remove them.
+pub async fn run(client: Client, config: Config, shutdown: CancellationToken) -> Result<()> {
+    let (tx, mut changed) = watch::channel(0u64);
+    let services: Store<Service> =
+        start_reflector(Api::all(client.clone()), tx.clone(), shutdown.clone());
+    let slices: Store<EndpointSlice> = start_reflector(Api::all(client), tx, shutdown.clone());
+    tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        _ = async {
+            let _ = services.wait_until_ready().await;
+            let _ = slices.wait_until_ready().await;
+        } => {}
+    }
+    tracing::info!(table = %config.rules.table, node = %config.rules.node_name, "proxy: watches synced");
+
+    let mut applied: Option<String> = None;
+    let mut reported_skips: Vec<String> = Vec::new();
+    let mut last_apply: Option<Instant> = None;
+    let mut failures: u32 = 0;
+    // UDP front/endpoint pairs of the last applied rules (empty at start: flows from before a
+    // restart are not cleared).
+    let mut udp_backends = std::collections::BTreeSet::new();
+    let mut conntrack_missing_reported = false;
+    loop {
+        changed.borrow_and_update();
+        let svcs = services.state();
+        let eps = slices.state();
+        let set =
+            render(svcs.iter().map(|s| s.as_ref()), eps.iter().map(|s| s.as_ref()), &config.rules);
+        if set.skipped != reported_skips {
+            for s in &set.skipped {
+                tracing::warn!("proxy: left out of the rules: {s}");
+            }
+            reported_skips = set.skipped.clone();
+        }
+        let mut wait = config.check_period;
+        if applied.as_deref() != Some(set.text.as_str()) {
+            last_apply = Some(Instant::now());
+            match apply_keeping_affinity(&config, &set).await {
+                Ok(()) => {
+                    tracing::info!(
+                        services = svcs.len(),
+                        endpoint_slices = eps.len(),
+                        bytes = set.text.len(),
+                        "proxy: applied nftables rules"
+                    );
+                    let stale: Vec<rules::UdpBackend> =
+                        udp_backends.difference(&set.udp_backends).copied().collect();
+                    clear_udp_flows(&config, &stale, &mut conntrack_missing_reported).await;
+                    udp_backends = set.udp_backends;
+                    applied = Some(set.text);
+                    failures = 0;
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    wait = retry_delay(&config, failures);
+                    tracing::error!(
+                        table = %config.rules.table,
+                        attempt = failures,
+                        retry_in = ?wait,
+                        "proxy: apply nftables rules: {e}"
+                    );
+                    applied = None;
+                }
+            }
+        }
+
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = changed.changed() => {
+                // Both reflector tasks ended: only on shutdown.
+                if r.is_err() { break; }
+            }
+            _ = tokio::time::sleep(wait) => {
+                if applied.is_some() && !table_exists(&config).await {
+                    tracing::warn!(table = %config.rules.table, "proxy: table vanished; re-applying");
+                    applied = None;
+                }
+            }
+        }
+        // Let a burst of events settle, and keep applies `min_sync_period` apart.
+        // After failures, changes do not bring the retry forward: the backoff holds.
+        let mut until = Instant::now() + config.coalesce;
+        if let Some(t) = last_apply {
+            let gap =
+                if failures > 0 { retry_delay(&config, failures) } else { config.min_sync_period };
+            until = until.max(t + gap);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep_until(until) => {}
+        }
+    }
+    tracing::info!("proxy: stopped; rules left in place");
+    Ok(())
+}
+
+/// `min_sync_period` doubled per consecutive failure, capped at `retry_period_max`.
+fn retry_delay(config: &Config, failures: u32) -> Duration {
+    let factor = 1u32.checked_shl(failures.saturating_sub(1).min(16)).unwrap_or(u32::MAX);
+    config
+        .min_sync_period
+        .max(Duration::from_millis(100))
+        .saturating_mul(factor)
+        .min(config.retry_period_max)
+}
+
+/// A reflector on `api` whose store is returned; every change bumps `tx`. Events during a
+/// relist (Init, InitApply) are not signalled: the store only swaps at InitDone, so rendering
+/// before then would see the old state anyway.
+fn start_reflector<K>(api: Api<K>, tx: watch::Sender<u64>, shutdown: CancellationToken) -> Store<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let kind = K::kind(&());
+    tokio::spawn(async move {
+        let mut events = reflector::reflector(
+            writer,
+            watcher(api, watcher::Config::default()).default_backoff(),
+        )
+        .boxed();
+        loop {
+            let ev = tokio::select! { _ = shutdown.cancelled() => return, e = events.next() => e };
+            match ev {
+                Some(Ok(
+                    watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone,
+                )) => {
+                    tx.send_modify(|n| *n = n.wrapping_add(1));
+                }
+                Some(Ok(_)) => {}
+                // The watcher retries with backoff by itself; this is only news.
+                Some(Err(e)) => tracing::warn!(%kind, "proxy: watch: {e}"),
+                None => return,
+            }
+        }
+    });
+    reader
+}
+
+/// Runs the configured nft with `args`, feeding `stdin`, and returns its stdout; bounded by
+/// `config.nft_timeout`.
+async fn nft(config: &Config, args: &[&str], stdin: Option<&str>) -> Result<String> {
+    let (program, leading) = config.nft.split_first().ok_or(Error::NoCommand)?;
+    let command = format!("{} {}", config.nft.join(" "), args.join(" "));
+    let mut child = Command::new(program)
+        .args(leading)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        })
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        // On timeout the future is dropped; the child must not outlive it.
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| Error::Spawn { command: command.clone(), source })?;
+    let input = child.stdin.take();
+    let feed = async move {
+        if let (Some(mut pipe), Some(text)) = (input, stdin) {
+            // A write error means nft exited early; its status and stderr say why.
+            let _ = pipe.write_all(text.as_bytes()).await;
+        }
+    };
+    let run = async { tokio::join!(feed, child.wait_with_output()).1 };
+    let output = tokio::time::timeout(config.nft_timeout, run)
+        .await
+        .map_err(|_| Error::Timeout { command: command.clone(), timeout: config.nft_timeout })?
+        .map_err(|source| Error::Spawn { command: command.clone(), source })?;
+    if output.status.success() {
+        return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
+    }
+    let mut stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
+    // nft quotes the offending input; bound what reaches the log.
+    if stderr.len() > 4096 {
+        let mut cut = 4096;
+        while !stderr.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        stderr.truncate(cut);
+        stderr.push_str(" …");
+    }
+    Err(Error::Nft { command, status: output.status.to_string(), stderr })
+}
+
+/// Applies one rendered transaction (`nft -f -`).
+pub async fn apply(config: &Config, text: &str) -> Result<()> {
+    nft(config, &["-f", "-"], Some(text)).await.map(drop)
+}
+
+/// Applies `set`, first reading the live ClientIP affinity entries back from the kernel so
+/// the replaced table keeps them. Without a table (first start) there is nothing to keep.
+async fn apply_keeping_affinity(config: &Config, set: &Ruleset) -> Result<()> {
+    if set.affinity_sets.is_empty() {
+        return apply(config, &set.text).await;
+    }
+    let t = &config.rules.table;
+    let live = match nft(config, &["-j", "list", "table", "ip", t], None).await {
+        Ok(json) => rules::affinity_from_json(&json),
+        Err(e) => {
+            tracing::debug!("proxy: no affinity entries to keep: {e}");
+            Default::default()
+        }
+    };
+    apply(config, &set.text_with_affinity(&live)).await
+}
+
+/// Deletes the conntrack entries of UDP flows DNATed through `stale` pairs, so their next
+/// packets are load-balanced afresh instead of following the old entry to a gone endpoint.
+/// Failures are logged, not returned: the rules are in place either way.
+async fn clear_udp_flows(
+    config: &Config,
+    stale: &[rules::UdpBackend],
+    missing_reported: &mut bool,
+) {
+    let Some((program, leading)) = config.conntrack.split_first() else { return };
+    for b in stale {
+        let (ep_ip, ep_port) = (b.endpoint.ip().to_string(), b.endpoint.port().to_string());
+        let mut args = vec!["-D".to_string(), "-p".into(), "udp".into()];
+        match b.front {
+            rules::UdpFront::Address(a) => args.extend([
+                "--orig-dst".into(),
+                a.ip().to_string(),
+                "--orig-port-dst".into(),
+                a.port().to_string(),
+            ]),
+            rules::UdpFront::NodePort(p) => args.extend(["--orig-port-dst".into(), p.to_string()]),
+        }
+        args.extend(["--reply-src".into(), ep_ip, "--reply-port-src".into(), ep_port]);
+        let run = Command::new(program)
+            .args(leading)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        match tokio::time::timeout(config.nft_timeout, run).await {
+            Ok(Ok(out)) => {
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                // conntrack exits 1 when nothing matched: that is the usual, happy case.
+                if !out.status.success() && !stderr.contains("0 flow entries") {
+                    tracing::warn!(front = ?b.front, endpoint = %b.endpoint, "proxy: clear stale UDP flows: {}", stderr.trim());
+                } else {
+                    tracing::debug!(front = ?b.front, endpoint = %b.endpoint, "proxy: cleared stale UDP flows");
+                }
+            }
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                if !*missing_reported {
+                    tracing::warn!(
+                        "proxy: {program} not found; UDP flows to removed endpoints stay until they expire"
+                    );
+                    *missing_reported = true;
+                }
+                return;
+            }
+            Ok(Err(e)) => tracing::warn!("proxy: run {program}: {e}"),
+            Err(_) => {
+                tracing::warn!("proxy: {program} did not finish within {:?}", config.nft_timeout)
+            }
+        }
+    }
+}
+
+/// Whether the proxy's table is present: its smallest chain is listed rather than the whole
+/// table, which can be large.
+async fn table_exists(config: &Config) -> bool {
+    let t = &config.rules.table;
+    nft(config, &["list", "chain", "ip", t, "reject-chain"], None).await.is_ok()
+}
+
+/// Deletes the proxy's table (and so every rule it installed); succeeds when it is already
+/// gone.
+pub async fn cleanup(config: &Config) -> Result<()> {
+    let t = &config.rules.table;
+    apply(config, &format!("add table ip {t}\ndelete table ip {t}\n")).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_from_the_min_sync_period_up_to_the_cap() {
+        let c = Config { min_sync_period: Duration::from_secs(1), ..Config::default() };
+        assert_eq!(retry_delay(&c, 1), Duration::from_secs(1));
+        assert_eq!(retry_delay(&c, 2), Duration::from_secs(2));
+        assert_eq!(retry_delay(&c, 4), Duration::from_secs(8));
+        assert_eq!(retry_delay(&c, 40), Duration::from_secs(60));
+    }
+
+    #[tokio::test]
+    async fn an_empty_nft_command_is_an_error_not_a_panic() {
+        let c = Config { nft: Vec::new(), ..Config::default() };
+        assert!(matches!(apply(&c, "").await, Err(Error::NoCommand)));
+    }
+
+    #[tokio::test]
+    async fn a_failing_nft_reports_its_stderr() {
+        // `sh -c '…' sh` stands in for nft: it reads stdin and fails like nft would.
+        let c = Config {
+            nft: vec![
+                "sh".into(),
+                "-c".into(),
+                "cat >/dev/null; echo bad rule >&2; exit 1".into(),
+                "sh".into(),
+            ],
+            ..Config::default()
+        };
+        match apply(&c, "table ip x {}\n").await {
+            Err(Error::Nft { stderr, .. }) => assert_eq!(stderr, "bad rule"),
+            other => panic!("expected an nft error, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hanging_nft_times_out() {
+        let c = Config {
+            nft: vec!["sh".into(), "-c".into(), "exec sleep 5".into(), "sh".into()],
+            nft_timeout: Duration::from_millis(200),
+            ..Config::default()
+        };
+        assert!(matches!(apply(&c, "").await, Err(Error::Timeout { .. })));
+    }
+}

@@ -1,0 +1,1779 @@
+//! Services and EndpointSlices → the text of one nftables transaction that replaces the proxy's
+//! whole table. Pure and deterministic (everything sorted), so the same objects give the same text
+//! and the caller can skip an apply when nothing changed.
+//!
+//! The layout follows upstream kube-proxy's nftables mode (pkg/proxy/nftables): verdict maps keyed
+//! by `address . protocol . port` send new connections to a per-service-port chain, which picks an
+//! endpoint chain at random (`numgen random mod N vmap`), which DNATs. Filter chains that run
+//! before DNAT reject (or drop) traffic to Services without usable endpoints. Unlike upstream, the
+//! table is rebuilt whole in one transaction instead of diffed; see `render` for what that costs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::cidr::Ipv4Cidr;
+
+/// The packet mark bit that asks `nat-postrouting` to masquerade (upstream's default, 1 << 14).
+pub const MASQUERADE_MARK: u32 = 0x4000;
+/// The EndpointSlice label naming the Service a slice belongs to.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// A Service with this label is handled by the proxy it names, never by this one (upstream
+/// kube-proxy ignores them the same way).
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` default and bounds (as the API validates).
+const AFFINITY_TIMEOUT_DEFAULT_SECONDS: i32 = 10800;
+const AFFINITY_TIMEOUT_MAX_SECONDS: i32 = 86400;
+/// nft names (chains, sets) are at most 255 bytes (NFT_NAME_MAXLEN 256 with the NUL).
+const NFT_NAME_LEN_MAX: usize = 255;
+
+/// What the rules depend on besides the API objects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RulesConfig {
+    /// Name of the `ip` family table this proxy owns, replaced whole on every apply.
+    pub table: String,
+    /// This node's name: endpoints whose `nodeName` equals it are local (traffic policy Local).
+    pub node_name: String,
+    /// Pod addresses; traffic to a ClusterIP from outside it is masqueraded (so replies come
+    /// back through this node). `None`: only hairpin and external traffic is masqueraded.
+    pub cluster_cidr: Option<Ipv4Cidr>,
+    /// Restrict NodePorts to local addresses in these prefixes; empty means every local address
+    /// except 127.0.0.0/8 (upstream's `--nodeport-addresses` default in nftables mode).
+    pub nodeport_cidrs: Vec<Ipv4Cidr>,
+    /// Masquerade all traffic to ClusterIPs (upstream `--masquerade-all`).
+    pub masquerade_all: bool,
+}
+
+impl Default for RulesConfig {
+    fn default() -> Self {
+        RulesConfig {
+            table: "rkube".into(),
+            node_name: String::new(),
+            cluster_cidr: None,
+            nodeport_cidrs: Vec::new(),
+            masquerade_all: false,
+        }
+    }
+}
+
+/// One rendered transaction and what had to be left out of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ruleset {
+    /// Input for `nft -f -`: creates the table if missing, deletes it, and defines it anew, all
+    /// in one atomic transaction.
+    pub text: String,
+    /// Objects (or parts) that were skipped because they were malformed or conflicted, one
+    /// sentence each, sorted; for the caller to log.
+    pub skipped: Vec<String>,
+    /// The ClientIP affinity sets `text` defines, with their timeout in seconds.
+    pub affinity_sets: BTreeMap<String, i32>,
+    /// Every way a UDP packet can reach an endpoint through these rules. UDP flows have no end,
+    /// so when a pair disappears its conntrack entries must be deleted, or packets of the flow
+    /// keep going to the old endpoint.
+    pub udp_backends: BTreeSet<UdpBackend>,
+}
+
+/// Where a UDP client sends: a Service address and port, or a NodePort on any local address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum UdpFront {
+    Address(SocketAddrV4),
+    NodePort(u16),
+}
+
+/// A UDP front and one endpoint the rules may DNAT it to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UdpBackend {
+    pub front: UdpFront,
+    pub endpoint: SocketAddrV4,
+}
+
+/// One client's live affinity entry, as read back from the kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AffinityEntry {
+    pub client: Ipv4Addr,
+    /// Time left before the entry lapses.
+    pub expires: Duration,
+}
+
+impl Ruleset {
+    /// `text` with `live` affinity entries written into the sets that still exist, so that
+    /// replacing the table does not forget which client sticks to which endpoint (the sets are
+    /// keyed by endpoint, so an entry only comes back while its endpoint is still in use).
+    /// Entries keep their remaining time, capped at the set's (possibly new) timeout.
+    pub fn text_with_affinity(&self, live: &BTreeMap<String, Vec<AffinityEntry>>) -> String {
+        let mut inserts: Vec<(usize, String)> = Vec::new();
+        for (name, timeout) in &self.affinity_sets {
+            let Some(entries) = live.get(name) else { continue };
+            let cap = u64::try_from(*timeout).unwrap_or(0);
+            let mut elems: Vec<(Ipv4Addr, u64)> = entries
+                .iter()
+                .map(|e| (e.client, e.expires.as_secs().min(cap)))
+                .filter(|(_, secs)| *secs > 0)
+                .collect();
+            elems.sort();
+            elems.dedup_by_key(|(ip, _)| *ip);
+            if elems.is_empty() {
+                continue;
+            }
+            let head = format!("\tset {name} {{\n");
+            let Some(start) = self.text.find(&head) else { continue };
+            let Some(end) = self.text[start..].find("\n\t}\n") else { continue };
+            let list: Vec<String> =
+                elems.iter().map(|(ip, secs)| format!("{ip} expires {secs}s")).collect();
+            inserts.push((start + end, format!("\n\t\telements = {{ {} }}", list.join(", "))));
+        }
+        inserts.sort();
+        let mut out = String::with_capacity(self.text.len() + inserts.len() * 64);
+        let mut at = 0;
+        for (pos, insert) in inserts {
+            out.push_str(&self.text[at..pos]);
+            out.push_str(&insert);
+            at = pos;
+        }
+        out.push_str(&self.text[at..]);
+        out
+    }
+}
+
+/// The live entries of the affinity sets in `nft -j list table` output, by set name. Anything
+/// unexpected in the JSON is passed over: losing affinity is better than not applying.
+pub fn affinity_from_json(json: &str) -> BTreeMap<String, Vec<AffinityEntry>> {
+    let mut out: BTreeMap<String, Vec<AffinityEntry>> = BTreeMap::new();
+    let Ok(doc) = serde_json::from_str::<serde_json::Value>(json) else { return out };
+    for item in doc["nftables"].as_array().into_iter().flatten() {
+        let set = &item["set"];
+        let Some(name) = set["name"].as_str().filter(|n| n.starts_with("affinity-")) else {
+            continue;
+        };
+        for e in set["elem"].as_array().into_iter().flatten() {
+            let elem = &e["elem"];
+            let client = elem["val"].as_str().and_then(|v| v.parse::<Ipv4Addr>().ok());
+            let expires = elem["expires"].as_u64();
+            if let (Some(client), Some(secs)) = (client, expires) {
+                out.entry(name.to_string())
+                    .or_default()
+                    .push(AffinityEntry { client, expires: Duration::from_secs(secs) });
+            }
+        }
+    }
+    out
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Proto {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Proto {
+    /// The API's protocol string (absent means TCP); `None` for anything else.
+    fn parse(s: Option<&str>) -> Option<Proto> {
+        match s.unwrap_or("TCP") {
+            "TCP" => Some(Proto::Tcp),
+            "UDP" => Some(Proto::Udp),
+            "SCTP" => Some(Proto::Sctp),
+            _ => None,
+        }
+    }
+
+    fn nft(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+            Proto::Sctp => "sctp",
+        }
+    }
+}
+
+/// One endpoint address and port for one Service port, with its EndpointSlice conditions.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Endpoint {
+    ip: Ipv4Addr,
+    port: u16,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    local: bool,
+}
+
+impl Endpoint {
+    fn serving_terminating(&self) -> bool {
+        self.serving && self.terminating
+    }
+}
+
+/// One port of one Service, normalised: everything the rules for it need.
+#[derive(Clone, Debug)]
+struct ServicePort {
+    namespace: String,
+    name: String,
+    port_name: String,
+    proto: Proto,
+    cluster_ip: Ipv4Addr,
+    port: u16,
+    node_port: Option<u16>,
+    /// `spec.externalIPs` and load-balancer ingress IPs: "external" destinations.
+    external_ips: Vec<Ipv4Addr>,
+    /// The load-balancer ingress IPs among them, and who may use them
+    /// (`loadBalancerSourceRanges`; empty: everyone).
+    lb_ips: Vec<Ipv4Addr>,
+    source_ranges: Vec<Ipv4Cidr>,
+    affinity_timeout_seconds: Option<i32>,
+    external_policy_local: bool,
+    internal_policy_local: bool,
+}
+
+impl ServicePort {
+    /// `ns/name/proto/portname`: unique per Service port and valid inside nft identifiers.
+    fn base(&self) -> String {
+        format!("{}/{}/{}/{}", self.namespace, self.name, self.proto.nft(), self.port_name)
+    }
+
+    fn externally_accessible(&self) -> bool {
+        self.node_port.is_some() || !self.external_ips.is_empty()
+    }
+}
+
+/// Endpoints per Service (namespace, name), then per Service port (port name, protocol), keyed
+/// by address and port so the same endpoint in two slices counts once.
+type EndpointIndex =
+    BTreeMap<(String, String), BTreeMap<(String, Proto), BTreeMap<(Ipv4Addr, u16), Endpoint>>>;
+
+/// Renders the transaction for `services` and `slices` as seen from node `config.node_name`.
+///
+/// # Guarantees
+/// - The output depends only on the inputs' content, not their order: everything is sorted.
+/// - A malformed object never fails the whole render: it is left out and named in `skipped`.
+///   Names that could not be nft identifiers are refused here, so one bad object cannot make
+///   the whole transaction fail in `nft`.
+///
+/// # Caveats
+/// - IPv4 only: IPv6 addresses are ignored (they belong in an `ip6` table).
+/// - The table is replaced whole, so ClientIP affinity entries live in the kernel must be
+///   carried over by the caller (`Ruleset::text_with_affinity`); existing connections are
+///   unaffected either way (conntrack keeps their NAT).
+/// - Not implemented: health-check node ports, topology hints.
+pub fn render<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    config: &RulesConfig,
+) -> Ruleset {
+    let mut skipped = Vec::new();
+    let index = index_endpoints(slices, &config.node_name, &mut skipped);
+    let mut ports: Vec<ServicePort> =
+        services.into_iter().flat_map(|s| service_ports(s, &mut skipped)).collect();
+    ports.sort_by(|a, b| {
+        (&a.namespace, &a.name, &a.port_name, a.proto).cmp(&(
+            &b.namespace,
+            &b.name,
+            &b.port_name,
+            b.proto,
+        ))
+    });
+    let empty = BTreeMap::new();
+    let mut tables = Tables::default();
+    for sp in &ports {
+        let eps = index
+            .get(&(sp.namespace.clone(), sp.name.clone()))
+            .and_then(|by_port| by_port.get(&(sp.port_name.clone(), sp.proto)))
+            .unwrap_or(&empty);
+        let eps: Vec<&Endpoint> = eps.values().collect();
+        add_service_port(&mut tables, sp, &eps, config, &mut skipped);
+    }
+    skipped.sort();
+    skipped.dedup();
+    let text = tables.write(config);
+    Ruleset {
+        text,
+        skipped,
+        affinity_sets: tables.affinity_sets,
+        udp_backends: tables.udp_backends,
+    }
+}
+
+/// Which endpoints serve new connections, following upstream's CategorizeEndpoints: ready ones;
+/// only when none is ready, the ones still serving while terminating (so a rolling update with
+/// slow readiness does not drop traffic). `local` applies the same rule to this node's endpoints.
+fn categorize<'e>(eps: &[&'e Endpoint]) -> (Vec<&'e Endpoint>, Vec<&'e Endpoint>) {
+    let pick = |only_local: bool| -> Vec<&'e Endpoint> {
+        let mine = || eps.iter().copied().filter(move |e| !only_local || e.local);
+        let ready: Vec<_> = mine().filter(|e| e.ready).collect();
+        if ready.is_empty() { mine().filter(|e| e.serving_terminating()).collect() } else { ready }
+    };
+    (pick(false), pick(true))
+}
+
+fn index_endpoints<'a>(
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    node_name: &str,
+    skipped: &mut Vec<String>,
+) -> EndpointIndex {
+    let mut index = EndpointIndex::new();
+    for slice in slices {
+        // IPv6 and FQDN slices are not for an `ip` table.
+        if slice.address_type != "IPv4" {
+            continue;
+        }
+        let meta = &slice.metadata;
+        let slice_name = meta.name.as_deref().unwrap_or("");
+        let Some(ns) = meta.namespace.as_deref() else {
+            skipped.push(format!("EndpointSlice {slice_name}: no namespace"));
+            continue;
+        };
+        // Slices without the label belong to no Service (someone's own bookkeeping).
+        let Some(svc) = meta.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
+            continue;
+        };
+        let by_port = index.entry((ns.to_string(), svc.clone())).or_default();
+        for p in slice.ports.iter().flatten() {
+            let port_name = p.name.clone().unwrap_or_default();
+            let Some(port) = p.port.and_then(|n| u16::try_from(n).ok()).filter(|n| *n != 0) else {
+                skipped.push(format!(
+                    "EndpointSlice {ns}/{slice_name} port {port_name:?}: no valid port number"
+                ));
+                continue;
+            };
+            let Some(proto) = Proto::parse(p.protocol.as_deref()) else {
+                skipped.push(format!(
+                    "EndpointSlice {ns}/{slice_name} port {port_name:?}: unknown protocol {:?}",
+                    p.protocol.as_deref().unwrap_or("")
+                ));
+                continue;
+            };
+            let eps = by_port.entry((port_name, proto)).or_default();
+            for ep in &slice.endpoints {
+                // Upstream uses the first address only: the others are for the same backend.
+                let Some(addr) = ep.addresses.first() else { continue };
+                let Ok(ip) = addr.parse::<Ipv4Addr>() else {
+                    skipped.push(format!(
+                        "EndpointSlice {ns}/{slice_name}: address {addr:?} is not IPv4"
+                    ));
+                    continue;
+                };
+                let c = ep.conditions.as_ref();
+                // Absent conditions mean "ready" (the API's documented default), and serving
+                // defaults to ready for producers that predate the field.
+                let ready = c.and_then(|c| c.ready).unwrap_or(true);
+                let e = Endpoint {
+                    ip,
+                    port,
+                    ready,
+                    serving: c.and_then(|c| c.serving).unwrap_or(ready),
+                    terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+                    local: !node_name.is_empty() && ep.node_name.as_deref() == Some(node_name),
+                };
+                // The same address in two slices (during a slice rebalance): the ready copy wins.
+                eps.entry((ip, port))
+                    .and_modify(|old| {
+                        if e.ready && !old.ready {
+                            *old = e.clone()
+                        }
+                    })
+                    .or_insert(e);
+            }
+        }
+    }
+    index
+}
+
+/// Whether `s` can sit inside an nft identifier: Kubernetes names are DNS labels, but a store
+/// might still hold something odd, and one bad name must not break the whole transaction.
+fn nft_safe(s: &str) -> bool {
+    s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}
+
+fn service_ports(svc: &Service, skipped: &mut Vec<String>) -> Vec<ServicePort> {
+    let meta = &svc.metadata;
+    let (Some(ns), Some(name)) = (meta.namespace.as_deref(), meta.name.as_deref()) else {
+        skipped.push("Service without namespace or name".to_string());
+        return Vec::new();
+    };
+    if meta.labels.as_ref().is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL)) {
+        return Vec::new();
+    }
+    let Some(spec) = svc.spec.as_ref() else { return Vec::new() };
+    let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if type_ == "ExternalName" {
+        return Vec::new();
+    }
+    if !nft_safe(ns) || !nft_safe(name) {
+        skipped.push(format!("Service {ns}/{name}: name has characters nft names cannot hold"));
+        return Vec::new();
+    }
+    // The first IPv4 of clusterIPs (dual-stack lists both families), else clusterIP.
+    let candidates: Vec<&str> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .chain(spec.cluster_ip.as_deref())
+        .filter(|ip| !ip.is_empty() && *ip != "None")
+        .collect();
+    let Some(cluster_ip) = candidates.iter().find_map(|ip| ip.parse::<Ipv4Addr>().ok()) else {
+        // Headless (no cluster IP) and IPv6-only Services have nothing to proxy here.
+        if let Some(bad) = candidates.iter().find(|ip| !ip.contains(':')) {
+            skipped.push(format!("Service {ns}/{name}: clusterIP {bad:?} is not an address"));
+        }
+        return Vec::new();
+    };
+    let mut external_ips: Vec<Ipv4Addr> = Vec::new();
+    for ip in spec.external_ips.iter().flatten() {
+        match ip.parse::<Ipv4Addr>() {
+            Ok(a) => external_ips.push(a),
+            Err(_) if ip.contains(':') => {}
+            Err(_) => skipped.push(format!("Service {ns}/{name}: externalIP {ip:?} is invalid")),
+        }
+    }
+    let mut lb_ips: Vec<Ipv4Addr> = Vec::new();
+    if type_ == "LoadBalancer" {
+        let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref());
+        for ing in ingress.and_then(|lb| lb.ingress.as_ref()).into_iter().flatten() {
+            // ipMode Proxy: the load balancer proxies to node ports itself, so the node must
+            // not capture traffic to its address (upstream skips these too).
+            if ing.ip_mode.as_deref() == Some("Proxy") {
+                continue;
+            }
+            if let Some(a) = ing.ip.as_deref().and_then(|ip| ip.parse::<Ipv4Addr>().ok()) {
+                lb_ips.push(a);
+            }
+        }
+    }
+    lb_ips.sort();
+    lb_ips.dedup();
+    external_ips.extend(lb_ips.iter().copied());
+    external_ips.sort();
+    external_ips.dedup();
+    let mut source_ranges: Vec<Ipv4Cidr> = Vec::new();
+    for r in spec.load_balancer_source_ranges.iter().flatten() {
+        match r.parse::<Ipv4Cidr>() {
+            Ok(c) => source_ranges.push(c),
+            // IPv6 ranges are for the ip6 rules.
+            Err(_) if r.contains(':') => {}
+            Err(_) => skipped
+                .push(format!("Service {ns}/{name}: loadBalancerSourceRange {r:?} is invalid")),
+        }
+    }
+    source_ranges.sort();
+    source_ranges.dedup();
+    let affinity_timeout_seconds =
+        (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+            spec.session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .unwrap_or(AFFINITY_TIMEOUT_DEFAULT_SECONDS)
+                .clamp(1, AFFINITY_TIMEOUT_MAX_SECONDS)
+        });
+    let mut out = Vec::new();
+    for p in spec.ports.iter().flatten() {
+        let port_name = p.name.clone().unwrap_or_default();
+        let what = format!("Service {ns}/{name} port {port_name:?}");
+        if !nft_safe(&port_name) {
+            skipped.push(format!("{what}: name has characters nft names cannot hold"));
+            continue;
+        }
+        let Some(proto) = Proto::parse(p.protocol.as_deref()) else {
+            skipped.push(format!(
+                "{what}: unknown protocol {:?}",
+                p.protocol.as_deref().unwrap_or("")
+            ));
+            continue;
+        };
+        let Some(port) = u16::try_from(p.port).ok().filter(|n| *n != 0) else {
+            skipped.push(format!("{what}: port {} is out of range", p.port));
+            continue;
+        };
+        let node_port = match p.node_port {
+            Some(n) if matches!(type_, "NodePort" | "LoadBalancer") => {
+                match u16::try_from(n).ok().filter(|n| *n != 0) {
+                    Some(n) => Some(n),
+                    None => {
+                        skipped.push(format!("{what}: nodePort {n} is out of range"));
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let mut sp = ServicePort {
+            namespace: ns.to_string(),
+            name: name.to_string(),
+            port_name,
+            proto,
+            cluster_ip,
+            port,
+            node_port,
+            external_ips: external_ips.clone(),
+            lb_ips: lb_ips.clone(),
+            source_ranges: source_ranges.clone(),
+            affinity_timeout_seconds,
+            external_policy_local: false,
+            internal_policy_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        };
+        // Local external policy only means something for traffic that arrives from outside.
+        sp.external_policy_local =
+            spec.external_traffic_policy.as_deref() == Some("Local") && sp.externally_accessible();
+        // The longest name derived from the base is an affinity set with an endpoint suffix.
+        if "affinity-".len() + sp.base().len() + "__255.255.255.255/65535".len() > NFT_NAME_LEN_MAX
+        {
+            skipped.push(format!("{what}: names too long for nft"));
+            continue;
+        }
+        out.push(sp);
+    }
+    out
+}
+
+/// Everything the table will hold, collected per Service port and written out sorted.
+#[derive(Default)]
+struct Tables {
+    /// `address . proto . port` → verdict, with the Service that claimed the key first.
+    service_ips: BTreeMap<(Ipv4Addr, Proto, u16), (String, String)>,
+    no_endpoint_services: BTreeMap<(Ipv4Addr, Proto, u16), (String, String)>,
+    service_nodeports: BTreeMap<(Proto, u16), (String, String)>,
+    no_endpoint_nodeports: BTreeMap<(Proto, u16), (String, String)>,
+    firewall_ips: BTreeMap<(Ipv4Addr, Proto, u16), (String, String)>,
+    cluster_ips: BTreeSet<Ipv4Addr>,
+    /// Affinity set name → timeout in seconds.
+    affinity_sets: BTreeMap<String, i32>,
+    udp_backends: BTreeSet<UdpBackend>,
+    /// Per-Service chains, in rule order.
+    chains: BTreeMap<String, Vec<String>>,
+}
+
+/// Adds `key → verdict` unless another Service claimed the key first (two Services with the
+/// same NodePort or external IP and port): nft would refuse the duplicate, and the sorted order
+/// makes the winner stable.
+fn claim<K: Ord + std::fmt::Debug>(
+    map: &mut BTreeMap<K, (String, String)>,
+    key: K,
+    verdict: String,
+    owner: &str,
+    skipped: &mut Vec<String>,
+) {
+    match map.get(&key) {
+        Some((_, first)) if first != owner => {
+            skipped.push(format!("{owner}: {key:?} is already used by {first}"));
+        }
+        Some(_) => {}
+        None => {
+            map.insert(key, (verdict, owner.to_string()));
+        }
+    }
+}
+
+fn endpoint_chain(base: &str, ep: &Endpoint) -> String {
+    format!("endpoint-{base}__{}/{}", ep.ip, ep.port)
+}
+
+fn affinity_set(base: &str, ep: &Endpoint) -> String {
+    format!("affinity-{base}__{}/{}", ep.ip, ep.port)
+}
+
+/// The rules of a policy chain that spread connections over `eps`: clients with a live affinity
+/// entry go back to their endpoint; everyone else gets one at random.
+fn policy_rules(base: &str, eps: &[&Endpoint], affinity: bool) -> Vec<String> {
+    let mut rules = Vec::new();
+    if affinity {
+        for ep in eps {
+            rules.push(format!(
+                "ip saddr @{} goto {}",
+                affinity_set(base, ep),
+                endpoint_chain(base, ep)
+            ));
+        }
+    }
+    let vmap: Vec<String> = eps
+        .iter()
+        .enumerate()
+        .map(|(i, ep)| format!("{i} : goto {}", endpoint_chain(base, ep)))
+        .collect();
+    rules.push(format!("numgen random mod {} vmap {{ {} }}", eps.len(), vmap.join(", ")));
+    rules
+}
+
+fn add_service_port(
+    t: &mut Tables,
+    sp: &ServicePort,
+    eps: &[&Endpoint],
+    config: &RulesConfig,
+    skipped: &mut Vec<String>,
+) {
+    let base = sp.base();
+    let owner = format!("Service {}/{} port {:?}", sp.namespace, sp.name, sp.port_name);
+    let (cluster_eps, local_eps) = categorize(eps);
+    let has_endpoints = !cluster_eps.is_empty();
+    let accessible = sp.externally_accessible();
+    // Cluster endpoints serve Cluster internal policy, and also external traffic even under
+    // Local external policy: pods and the node itself are short-circuited to them.
+    let uses_cluster = has_endpoints && (!sp.internal_policy_local || accessible);
+    let uses_local =
+        !local_eps.is_empty() && (sp.internal_policy_local || sp.external_policy_local);
+    let cluster_chain = format!("service-{base}");
+    let local_chain = format!("local-{base}");
+    let external_chain = format!("external-{base}");
+    let (internal_chain, has_internal) = if sp.internal_policy_local {
+        (&local_chain, !local_eps.is_empty())
+    } else {
+        (&cluster_chain, has_endpoints)
+    };
+    let (external_policy_chain, has_external) = if sp.external_policy_local {
+        (&local_chain, !local_eps.is_empty())
+    } else {
+        (&cluster_chain, has_endpoints)
+    };
+    // Even without local endpoints, external traffic from pods and from the node is still
+    // short-circuited to the cluster endpoints through this chain.
+    let uses_external_chain = has_endpoints && accessible;
+    // No endpoints at all: reject, so clients fail at once. Endpoints exist but none this policy
+    // may use: drop, as upstream does (the client is told nothing, as if the node were absent).
+    let filter_verdict =
+        if has_endpoints { "drop".to_string() } else { "goto reject-chain".to_string() };
+    let proto = sp.proto.nft();
+
+    // Endpoint chains: one per endpoint some policy chain can pick.
+    let mut used: BTreeSet<&Endpoint> = BTreeSet::new();
+    if uses_cluster {
+        used.extend(cluster_eps.iter().copied());
+    }
+    if uses_local {
+        used.extend(local_eps.iter().copied());
+    }
+    if sp.proto == Proto::Udp {
+        let mut fronts = vec![UdpFront::Address(SocketAddrV4::new(sp.cluster_ip, sp.port))];
+        fronts.extend(
+            sp.external_ips.iter().map(|ip| UdpFront::Address(SocketAddrV4::new(*ip, sp.port))),
+        );
+        fronts.extend(sp.node_port.map(UdpFront::NodePort));
+        for front in fronts {
+            for ep in &used {
+                let endpoint = SocketAddrV4::new(ep.ip, ep.port);
+                t.udp_backends.insert(UdpBackend { front, endpoint });
+            }
+        }
+    }
+    for ep in &used {
+        let mut rules = vec![
+            // Hairpin: a pod reaching itself through the Service must see the reply come from
+            // the Service, so its source is rewritten to the node.
+            format!("ip saddr {} jump mark-for-masquerade", ep.ip),
+        ];
+        if let Some(timeout) = sp.affinity_timeout_seconds {
+            let set = affinity_set(&base, ep);
+            rules.push(format!("update @{set} {{ ip saddr }}"));
+            t.affinity_sets.insert(set, timeout);
+        }
+        rules.push(format!("meta l4proto {proto} dnat to {}:{}", ep.ip, ep.port));
+        t.chains.insert(endpoint_chain(&base, ep), rules);
+    }
+
+    // Internal (ClusterIP) traffic from outside the pod network is masqueraded: it may be sent
+    // to another node, whose replies must come back here to be un-NATed.
+    if has_internal {
+        let dest = format!("ip daddr {} {proto} dport {}", sp.cluster_ip, sp.port);
+        let masq = if config.masquerade_all {
+            Some(format!("{dest} jump mark-for-masquerade"))
+        } else {
+            config.cluster_cidr.map(|c| format!("{dest} ip saddr != {c} jump mark-for-masquerade"))
+        };
+        t.chains.entry(internal_chain.clone()).or_default().extend(masq);
+    }
+    let affinity = sp.affinity_timeout_seconds.is_some();
+    if uses_cluster {
+        let rules = policy_rules(&base, &cluster_eps, affinity);
+        t.chains.entry(cluster_chain.clone()).or_default().extend(rules);
+    }
+    if uses_local {
+        let rules = policy_rules(&base, &local_eps, affinity);
+        t.chains.entry(local_chain.clone()).or_default().extend(rules);
+    }
+
+    if uses_external_chain {
+        let mut rules = Vec::new();
+        if sp.external_policy_local {
+            // Keep the client's address (no masquerade) for traffic from outside, except:
+            // pods and the node itself have no reason to be limited to this node's endpoints.
+            if let Some(c) = config.cluster_cidr {
+                rules.push(format!("ip saddr {c} goto {cluster_chain}"));
+            }
+            // The node's own traffic must be masqueraded, or replies from another node's
+            // endpoint would go to an address that is local there too.
+            rules.push("fib saddr type local jump mark-for-masquerade".to_string());
+            rules.push(format!("fib saddr type local goto {cluster_chain}"));
+        } else {
+            // The endpoint may be on another node: masquerade so replies come back through us.
+            rules.push("jump mark-for-masquerade".to_string());
+        }
+        if has_external {
+            rules.push(format!("goto {external_policy_chain}"));
+        }
+        t.chains.insert(external_chain.clone(), rules);
+    }
+
+    // loadBalancerSourceRanges: checked before DNAT, on the load-balancer addresses only
+    // (NodePorts and externalIPs are not subject to them, as upstream).
+    if !sp.lb_ips.is_empty() && !sp.source_ranges.is_empty() {
+        let fw_chain = format!("firewall-{base}");
+        let ranges: Vec<String> = sp.source_ranges.iter().map(ToString::to_string).collect();
+        t.chains.insert(
+            fw_chain.clone(),
+            vec![format!("ip saddr != {{ {} }} drop", ranges.join(", "))],
+        );
+        for ip in &sp.lb_ips {
+            let key = (*ip, sp.proto, sp.port);
+            claim(&mut t.firewall_ips, key, format!("goto {fw_chain}"), &owner, skipped);
+        }
+    }
+
+    // The maps that route new connections here, or filter them when nothing can serve them.
+    let key = (sp.cluster_ip, sp.proto, sp.port);
+    t.cluster_ips.insert(sp.cluster_ip);
+    if has_internal {
+        claim(&mut t.service_ips, key, format!("goto {internal_chain}"), &owner, skipped);
+    } else {
+        claim(&mut t.no_endpoint_services, key, filter_verdict.clone(), &owner, skipped);
+    }
+    for ip in &sp.external_ips {
+        let key = (*ip, sp.proto, sp.port);
+        if uses_external_chain {
+            claim(&mut t.service_ips, key, format!("goto {external_chain}"), &owner, skipped);
+        }
+        if !has_external {
+            claim(&mut t.no_endpoint_services, key, filter_verdict.clone(), &owner, skipped);
+        }
+    }
+    if let Some(np) = sp.node_port {
+        let key = (sp.proto, np);
+        if uses_external_chain {
+            claim(&mut t.service_nodeports, key, format!("goto {external_chain}"), &owner, skipped);
+        }
+        if !has_external {
+            claim(&mut t.no_endpoint_nodeports, key, filter_verdict.clone(), &owner, skipped);
+        }
+    }
+}
+
+impl Tables {
+    fn write(&self, config: &RulesConfig) -> String {
+        let table = &config.table;
+        let mut out = String::new();
+        // `add` then `delete` makes the delete succeed whether or not a table exists (first
+        // start, or whatever a crashed proxy left), and the definition that follows rebuilds it:
+        // nft applies the three as one transaction, so packets never see a half-built table.
+        let _ = writeln!(out, "add table ip {table}");
+        let _ = writeln!(out, "delete table ip {table}");
+        let _ = writeln!(out, "table ip {table} {{");
+
+        let addr_key = "ipv4_addr . inet_proto . inet_service";
+        let port_key = "inet_proto . inet_service";
+        let elems = |m: &BTreeMap<(Ipv4Addr, Proto, u16), (String, String)>| -> Vec<String> {
+            m.iter()
+                .map(|((ip, p, port), (v, _))| format!("{ip} . {} . {port} : {v}", p.nft()))
+                .collect()
+        };
+        let port_elems = |m: &BTreeMap<(Proto, u16), (String, String)>| -> Vec<String> {
+            m.iter().map(|((p, port), (v, _))| format!("{} . {port} : {v}", p.nft())).collect()
+        };
+        write_set(
+            &mut out,
+            "map",
+            "service-ips",
+            &format!("{addr_key} : verdict"),
+            &[],
+            &elems(&self.service_ips),
+        );
+        write_set(
+            &mut out,
+            "map",
+            "service-nodeports",
+            &format!("{port_key} : verdict"),
+            &[],
+            &port_elems(&self.service_nodeports),
+        );
+        write_set(
+            &mut out,
+            "map",
+            "no-endpoint-services",
+            &format!("{addr_key} : verdict"),
+            &[],
+            &elems(&self.no_endpoint_services),
+        );
+        write_set(
+            &mut out,
+            "map",
+            "firewall-ips",
+            &format!("{addr_key} : verdict"),
+            &[],
+            &elems(&self.firewall_ips),
+        );
+        write_set(
+            &mut out,
+            "map",
+            "no-endpoint-nodeports",
+            &format!("{port_key} : verdict"),
+            &[],
+            &port_elems(&self.no_endpoint_nodeports),
+        );
+        let ips: Vec<String> = self.cluster_ips.iter().map(ToString::to_string).collect();
+        write_set(&mut out, "set", "cluster-ips", "ipv4_addr", &[], &ips);
+        for (name, timeout) in &self.affinity_sets {
+            let extra = ["flags dynamic,timeout".to_string(), format!("timeout {timeout}s")];
+            write_set(&mut out, "set", name, "ipv4_addr", &extra, &[]);
+        }
+
+        // Filter chains run at dstnat-10, before DNAT, so they see the Service address.
+        let base = |hook_type: &str, hook: &str, priority: i32| {
+            format!("type {hook_type} hook {hook} priority {priority}; policy accept;")
+        };
+        let new = "ct state new";
+        // `reject` is not allowed in prerouting on older kernels, so only the firewall (which
+        // drops) is checked there; endpoint checks wait for input/forward/output.
+        write_chain(
+            &mut out,
+            "filter-prerouting",
+            Some(&base("filter", "prerouting", -110)),
+            &[format!("{new} jump firewall-check")],
+        );
+        write_chain(
+            &mut out,
+            "filter-input",
+            Some(&base("filter", "input", -110)),
+            &[
+                format!("{new} jump nodeport-endpoints-check"),
+                format!("{new} jump service-endpoints-check"),
+            ],
+        );
+        write_chain(
+            &mut out,
+            "filter-forward",
+            Some(&base("filter", "forward", -110)),
+            &[
+                format!("{new} jump service-endpoints-check"),
+                format!("{new} jump cluster-ips-check"),
+            ],
+        );
+        write_chain(
+            &mut out,
+            "filter-output",
+            Some(&base("filter", "output", -110)),
+            &[format!("{new} jump service-endpoints-check"), format!("{new} jump firewall-check")],
+        );
+        // After DNAT (dstnat+10): whatever still goes to a ClusterIP matched no Service port.
+        write_chain(
+            &mut out,
+            "filter-output-post-dnat",
+            Some(&base("filter", "output", -90)),
+            &[format!("{new} jump cluster-ips-check")],
+        );
+        write_chain(
+            &mut out,
+            "nat-prerouting",
+            Some(&base("nat", "prerouting", -100)),
+            &["jump services".to_string()],
+        );
+        write_chain(
+            &mut out,
+            "nat-output",
+            Some(&base("nat", "output", -100)),
+            &["jump services".to_string()],
+        );
+        write_chain(
+            &mut out,
+            "nat-postrouting",
+            Some(&base("nat", "postrouting", 100)),
+            &["jump masquerading".to_string()],
+        );
+
+        // NodePorts answer on local addresses; never on loopback, which cannot be masqueraded
+        // or routed back from another node.
+        let mut node_addr = "fib daddr type local ip daddr != 127.0.0.0/8".to_string();
+        if !config.nodeport_cidrs.is_empty() {
+            let cidrs: Vec<String> =
+                config.nodeport_cidrs.iter().map(ToString::to_string).collect();
+            let _ = write!(node_addr, " ip daddr {{ {} }}", cidrs.join(", "));
+        }
+        write_chain(
+            &mut out,
+            "services",
+            None,
+            &[
+                "ip daddr . meta l4proto . th dport vmap @service-ips".to_string(),
+                format!("{node_addr} meta l4proto . th dport vmap @service-nodeports"),
+            ],
+        );
+        write_chain(
+            &mut out,
+            "service-endpoints-check",
+            None,
+            &["ip daddr . meta l4proto . th dport vmap @no-endpoint-services".to_string()],
+        );
+        write_chain(
+            &mut out,
+            "nodeport-endpoints-check",
+            None,
+            &[format!("{node_addr} meta l4proto . th dport vmap @no-endpoint-nodeports")],
+        );
+        write_chain(
+            &mut out,
+            "cluster-ips-check",
+            None,
+            &["ip daddr @cluster-ips reject".to_string()],
+        );
+        write_chain(
+            &mut out,
+            "firewall-check",
+            None,
+            &["ip daddr . meta l4proto . th dport vmap @firewall-ips".to_string()],
+        );
+        write_chain(&mut out, "reject-chain", None, &["reject".to_string()]);
+        write_chain(
+            &mut out,
+            "mark-for-masquerade",
+            None,
+            &[format!("meta mark set meta mark or {MASQUERADE_MARK:#x}")],
+        );
+        // Clear the bit before masquerading, so a packet that is forwarded again (e.g. into a
+        // tunnel) is not masqueraded twice.
+        write_chain(
+            &mut out,
+            "masquerading",
+            None,
+            &[
+                format!("meta mark and {MASQUERADE_MARK:#x} == 0 return"),
+                format!("meta mark set meta mark xor {MASQUERADE_MARK:#x}"),
+                "masquerade fully-random".to_string(),
+            ],
+        );
+        for (name, rules) in &self.chains {
+            write_chain(&mut out, name, None, rules);
+        }
+        out.push_str("}\n");
+        out
+    }
+}
+
+fn write_set(
+    out: &mut String,
+    kind: &str,
+    name: &str,
+    type_: &str,
+    extra: &[String],
+    elements: &[String],
+) {
+    let _ = writeln!(out, "\t{kind} {name} {{");
+    let _ = writeln!(out, "\t\ttype {type_}");
+    for e in extra {
+        let _ = writeln!(out, "\t\t{e}");
+    }
+    if !elements.is_empty() {
+        let _ = writeln!(out, "\t\telements = {{");
+        for (i, e) in elements.iter().enumerate() {
+            let comma = if i + 1 < elements.len() { "," } else { "" };
+            let _ = writeln!(out, "\t\t\t{e}{comma}");
+        }
+        let _ = writeln!(out, "\t\t}}");
+    }
+    let _ = writeln!(out, "\t}}");
+}
+
+fn write_chain(out: &mut String, name: &str, hook: Option<&str>, rules: &[String]) {
+    let _ = writeln!(out, "\tchain {name} {{");
+    if let Some(h) = hook {
+        let _ = writeln!(out, "\t\t{h}");
+    }
+    for r in rules {
+        let _ = writeln!(out, "\t\t{r}");
+    }
+    let _ = writeln!(out, "\t}}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn svc(v: Value) -> Service {
+        serde_json::from_value(v).expect("service json")
+    }
+
+    fn slice(v: Value) -> EndpointSlice {
+        serde_json::from_value(v).expect("slice json")
+    }
+
+    fn config() -> RulesConfig {
+        RulesConfig {
+            table: "rkube".into(),
+            node_name: "node-a".into(),
+            cluster_cidr: Some("10.244.0.0/16".parse().expect("cidr")),
+            nodeport_cidrs: Vec::new(),
+            masquerade_all: false,
+        }
+    }
+
+    /// A ClusterIP Service `default/web` on 10.96.0.50:80 (port name "http") plus `spec` extras.
+    fn web(extra: Value) -> Service {
+        let mut v = json!({
+            "metadata": {"namespace": "default", "name": "web"},
+            "spec": {"clusterIP": "10.96.0.50", "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+        });
+        if let (Some(spec), Some(extra)) = (v["spec"].as_object_mut(), extra.as_object()) {
+            for (k, x) in extra {
+                spec.insert(k.clone(), x.clone());
+            }
+        }
+        svc(v)
+    }
+
+    /// A slice for `default/web` port "http"/8080 with `(ip, node, ready, serving, terminating)`.
+    fn web_slice(name: &str, eps: &[(&str, &str, bool, bool, bool)]) -> EndpointSlice {
+        let eps: Vec<Value> = eps
+            .iter()
+            .map(|(ip, node, r, s, t)| {
+                json!({"addresses": [ip], "nodeName": node,
+                       "conditions": {"ready": r, "serving": s, "terminating": t}})
+            })
+            .collect();
+        slice(json!({
+            "metadata": {"namespace": "default", "name": name,
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "endpoints": eps,
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]
+        }))
+    }
+
+    fn ready(
+        ip: &'static str,
+        node: &'static str,
+    ) -> (&'static str, &'static str, bool, bool, bool) {
+        (ip, node, true, true, false)
+    }
+
+    fn render_one(services: &[Service], slices: &[EndpointSlice]) -> Ruleset {
+        render(services, slices, &config())
+    }
+
+    /// The rules of chain `name` (without the braces), or None when the chain is absent.
+    fn chain<'t>(text: &'t str, name: &str) -> Option<Vec<&'t str>> {
+        let head = format!("\tchain {name} {{\n");
+        let start = text.find(&head)? + head.len();
+        let body = &text[start..];
+        let end = body.find("\n\t}")?;
+        Some(body[..end].lines().map(str::trim).collect())
+    }
+
+    /// The elements of set or map `name`.
+    fn elements<'t>(text: &'t str, kind: &str, name: &str) -> Vec<&'t str> {
+        let head = format!("\t{kind} {name} {{\n");
+        let Some(start) = text.find(&head) else { return Vec::new() };
+        let body = &text[start + head.len()..];
+        let end = body.find("\n\t}").unwrap_or(body.len());
+        let body = &body[..end];
+        match body.find("elements = {") {
+            Some(i) => body[i + "elements = {".len()..]
+                .lines()
+                .map(|l| l.trim().trim_end_matches(','))
+                .filter(|l| !l.is_empty() && *l != "}")
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    const SVC: &str = "service-default/web/tcp/http";
+    const EP5: &str = "endpoint-default/web/tcp/http__10.244.1.5/8080";
+    const EP6: &str = "endpoint-default/web/tcp/http__10.244.1.6/8080";
+
+    #[test]
+    fn the_transaction_replaces_the_whole_table_atomically() {
+        let r = render_one(&[], &[]);
+        assert!(
+            r.text.starts_with("add table ip rkube\ndelete table ip rkube\ntable ip rkube {\n")
+        );
+        assert!(r.text.ends_with("}\n"));
+        let custom = RulesConfig { table: "other".into(), ..config() };
+        assert!(render(&[], &[], &custom).text.starts_with("add table ip other\n"));
+    }
+
+    #[test]
+    fn base_chains_hook_nat_and_filter_at_upstream_priorities() {
+        let t = render_one(&[], &[]).text;
+        assert_eq!(
+            chain(&t, "nat-prerouting").expect("chain"),
+            ["type nat hook prerouting priority -100; policy accept;", "jump services"]
+        );
+        assert_eq!(
+            chain(&t, "nat-output").expect("chain"),
+            ["type nat hook output priority -100; policy accept;", "jump services"]
+        );
+        assert_eq!(
+            chain(&t, "nat-postrouting").expect("chain"),
+            ["type nat hook postrouting priority 100; policy accept;", "jump masquerading"]
+        );
+        assert_eq!(
+            chain(&t, "filter-output").expect("chain"),
+            [
+                "type filter hook output priority -110; policy accept;",
+                "ct state new jump service-endpoints-check",
+                "ct state new jump firewall-check"
+            ]
+        );
+        assert_eq!(
+            chain(&t, "masquerading").expect("chain"),
+            [
+                "meta mark and 0x4000 == 0 return",
+                "meta mark set meta mark xor 0x4000",
+                "masquerade fully-random"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_cluster_ip_is_dnated_to_a_random_ready_endpoint() {
+        let s = web_slice("web-1", &[ready("10.244.1.6", "node-b"), ready("10.244.1.5", "node-a")]);
+        let r = render_one(&[web(json!({}))], &[s]);
+        let t = &r.text;
+        assert!(r.skipped.is_empty(), "{:?}", r.skipped);
+        assert_eq!(
+            elements(t, "map", "service-ips"),
+            [format!("10.96.0.50 . tcp . 80 : goto {SVC}")]
+        );
+        assert_eq!(
+            chain(t, SVC).expect("service chain"),
+            [
+                "ip daddr 10.96.0.50 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade".to_string(),
+                format!("numgen random mod 2 vmap {{ 0 : goto {EP5}, 1 : goto {EP6} }}"),
+            ]
+        );
+        assert_eq!(
+            chain(t, EP5).expect("endpoint chain"),
+            [
+                "ip saddr 10.244.1.5 jump mark-for-masquerade",
+                "meta l4proto tcp dnat to 10.244.1.5:8080"
+            ]
+        );
+        assert_eq!(elements(t, "set", "cluster-ips"), ["10.96.0.50"]);
+        assert!(elements(t, "map", "no-endpoint-services").is_empty());
+    }
+
+    #[test]
+    fn services_chain_dispatches_cluster_ips_and_node_ports_on_local_addresses() {
+        let t = render_one(&[], &[]).text;
+        assert_eq!(
+            chain(&t, "services").expect("chain"),
+            [
+                "ip daddr . meta l4proto . th dport vmap @service-ips",
+                "fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports"
+            ]
+        );
+    }
+
+    #[test]
+    fn nodeport_addresses_restrict_node_ports_to_those_prefixes() {
+        let c = RulesConfig {
+            nodeport_cidrs: vec![
+                "192.168.0.0/16".parse().expect("cidr"),
+                "10.0.0.1".parse().expect("cidr"),
+            ],
+            ..config()
+        };
+        let t = render(&[], &[], &c).text;
+        let want = "fib daddr type local ip daddr != 127.0.0.0/8 ip daddr { 192.168.0.0/16, 10.0.0.1/32 } meta l4proto . th dport vmap";
+        assert!(chain(&t, "services").expect("chain")[1].starts_with(want));
+        assert!(chain(&t, "nodeport-endpoints-check").expect("chain")[0].starts_with(want));
+    }
+
+    #[test]
+    fn a_node_port_goes_through_the_external_chain_which_masquerades() {
+        let s = web_slice("web-1", &[ready("10.244.1.5", "node-b")]);
+        let svc = web(json!({"type": "NodePort",
+            "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}]}));
+        let t = render_one(&[svc], &[s]).text;
+        let ext = "external-default/web/tcp/http";
+        assert_eq!(elements(&t, "map", "service-nodeports"), [format!("tcp . 30080 : goto {ext}")]);
+        assert_eq!(
+            chain(&t, ext).expect("external chain"),
+            ["jump mark-for-masquerade".to_string(), format!("goto {SVC}")]
+        );
+        // ClusterIP traffic still goes straight to the service chain.
+        assert_eq!(
+            elements(&t, "map", "service-ips"),
+            [format!("10.96.0.50 . tcp . 80 : goto {SVC}")]
+        );
+    }
+
+    #[test]
+    fn external_ips_and_load_balancer_ingress_are_external_destinations() {
+        let s = web_slice("web-1", &[ready("10.244.1.5", "node-b")]);
+        let mut svc =
+            web(json!({"type": "LoadBalancer", "externalIPs": ["192.0.2.10", "2001:db8::1"],
+            "ports": [{"name": "http", "port": 80, "nodePort": 30080}]}));
+        svc.status = Some(
+            serde_json::from_value(json!({"loadBalancer": {"ingress": [
+                {"ip": "198.51.100.7"}, {"ip": "198.51.100.8", "ipMode": "Proxy"}, {"hostname": "lb.example"}
+            ]}}))
+            .expect("status"),
+        );
+        let r = render_one(&[svc], &[s]);
+        let ext = "external-default/web/tcp/http";
+        assert_eq!(
+            elements(&r.text, "map", "service-ips"),
+            [
+                format!("10.96.0.50 . tcp . 80 : goto {SVC}"),
+                format!("192.0.2.10 . tcp . 80 : goto {ext}"),
+                format!("198.51.100.7 . tcp . 80 : goto {ext}"),
+            ]
+        );
+        assert!(r.skipped.is_empty(), "{:?}", r.skipped);
+    }
+
+    #[test]
+    fn load_balancer_source_ranges_drop_other_clients_of_the_ingress_ips_only() {
+        let s = web_slice("web-1", &[ready("10.244.1.5", "node-b")]);
+        let mut svc = web(json!({"type": "LoadBalancer", "externalIPs": ["192.0.2.10"],
+            "loadBalancerSourceRanges": ["203.0.113.0/24", "198.51.100.1/32", "2001:db8::/32"],
+            "ports": [{"name": "http", "port": 80, "nodePort": 30080}]}));
+        svc.status = Some(
+            serde_json::from_value(json!({"loadBalancer": {"ingress": [{"ip": "198.51.100.7"}]}}))
+                .expect("status"),
+        );
+        let r = render_one(&[svc], &[s]);
+        assert!(r.skipped.is_empty(), "{:?}", r.skipped);
+        let fw = "firewall-default/web/tcp/http";
+        assert_eq!(
+            elements(&r.text, "map", "firewall-ips"),
+            [format!("198.51.100.7 . tcp . 80 : goto {fw}")]
+        );
+        assert_eq!(
+            chain(&r.text, fw).expect("firewall chain"),
+            ["ip saddr != { 198.51.100.1/32, 203.0.113.0/24 } drop"]
+        );
+        assert_eq!(
+            chain(&r.text, "filter-prerouting").expect("chain"),
+            [
+                "type filter hook prerouting priority -110; policy accept;",
+                "ct state new jump firewall-check"
+            ]
+        );
+    }
+
+    #[test]
+    fn without_source_ranges_there_is_no_firewall() {
+        let s = web_slice("web-1", &[ready("10.244.1.5", "node-b")]);
+        let mut svc = web(
+            json!({"type": "LoadBalancer", "ports": [{"name": "http", "port": 80, "nodePort": 30080}]}),
+        );
+        svc.status = Some(
+            serde_json::from_value(json!({"loadBalancer": {"ingress": [{"ip": "198.51.100.7"}]}}))
+                .expect("status"),
+        );
+        let t = render_one(&[svc], &[s]).text;
+        assert!(elements(&t, "map", "firewall-ips").is_empty());
+        assert!(chain(&t, "firewall-default/web/tcp/http").is_none());
+    }
+
+    #[test]
+    fn session_affinity_client_ip_uses_a_timed_set_per_endpoint() {
+        let s = web_slice("web-1", &[ready("10.244.1.5", "node-a"), ready("10.244.1.6", "node-a")]);
+        let svc = web(json!({"sessionAffinity": "ClientIP",
+            "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 600}}}));
+        let t = render_one(&[svc], &[s]).text;
+        let set5 = "affinity-default/web/tcp/http__10.244.1.5/8080";
+        let set6 = "affinity-default/web/tcp/http__10.244.1.6/8080";
+        assert!(t.contains(&format!(
+            "\tset {set5} {{\n\t\ttype ipv4_addr\n\t\tflags dynamic,timeout\n\t\ttimeout 600s\n\t}}\n"
+        )));
+        let rules = chain(&t, SVC).expect("service chain");
+        assert_eq!(rules[1], format!("ip saddr @{set5} goto {EP5}"));
+        assert_eq!(rules[2], format!("ip saddr @{set6} goto {EP6}"));
+        assert!(rules[3].starts_with("numgen random mod 2 vmap"));
+        assert_eq!(
+            chain(&t, EP5).expect("endpoint chain"),
+            [
+                "ip saddr 10.244.1.5 jump mark-for-masquerade".to_string(),
+                format!("update @{set5} {{ ip saddr }}"),
+                "meta l4proto tcp dnat to 10.244.1.5:8080".to_string(),
+            ]
+        );
+    }
+
+    #[test]
+    fn live_affinity_entries_are_carried_into_sets_that_still_exist() {
+        let s = web_slice("web-1", &[ready("10.244.1.5", "node-a")]);
+        let svc = web(json!({"sessionAffinity": "ClientIP",
+            "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 600}}}));
+        let r = render_one(&[svc], &[s]);
+        let set5 = "affinity-default/web/tcp/http__10.244.1.5/8080";
+        let entry = |ip: [u8; 4], secs| AffinityEntry {
+            client: ip.into(),
+            expires: Duration::from_secs(secs),
+        };
+        let live = BTreeMap::from([
+            (
+                set5.to_string(),
+                vec![
+                    entry([192, 168, 0, 9], 9000),
+                    entry([10, 0, 0, 2], 30),
+                    entry([10, 0, 0, 3], 0),
+                ],
+            ),
+            // The endpoint went away: its set is gone, and so are its clients.
+            (
+                "affinity-default/web/tcp/http__10.244.1.6/8080".to_string(),
+                vec![entry([10, 0, 0, 4], 30)],
+            ),
+        ]);
+        let t = r.text_with_affinity(&live);
+        assert!(t.contains(&format!(
+            "\tset {set5} {{\n\t\ttype ipv4_addr\n\t\tflags dynamic,timeout\n\t\ttimeout 600s\n\t\telements = {{ 10.0.0.2 expires 30s, 192.168.0.9 expires 600s }}\n\t}}\n"
+        )), "{t}");
+        assert!(!t.contains("10.0.0.4") && !t.contains("10.0.0.3"));
+        assert_eq!(r.text_with_affinity(&BTreeMap::new()), r.text);
+    }
+
+    #[test]
+    fn affinity_entries_are_read_from_nft_json() {
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+            {"table": {"family": "ip", "name": "rkube", "handle": 2}},
+            {"set": {"family": "ip", "name": "affinity-d/s/tcp/__10.244.1.5/80", "table": "rkube",
+                     "type": "ipv4_addr", "flags": ["timeout"], "timeout": 600,
+                     "elem": [{"elem": {"val": "10.0.0.1", "expires": 299}}, "10.0.0.9"]}},
+            {"set": {"family": "ip", "name": "cluster-ips", "table": "rkube", "type": "ipv4_addr",
+                     "elem": ["10.96.0.1"]}}]}"#;
+        let live = affinity_from_json(json);
+        assert_eq!(live.len(), 1);
+        assert_eq!(
+            live["affinity-d/s/tcp/__10.244.1.5/80"],
+            [AffinityEntry {
+                client: Ipv4Addr::new(10, 0, 0, 1),
+                expires: Duration::from_secs(299)
+            }]
+        );
+        assert!(affinity_from_json("not json").is_empty());
+    }
+
+    #[test]
+    fn session_affinity_without_config_lasts_three_hours() {
+        let s = web_slice("web-1", &[ready("10.244.1.5", "node-a")]);
+        let t = render_one(&[web(json!({"sessionAffinity": "ClientIP"}))], &[s]).text;
+        assert!(t.contains("timeout 10800s"));
+    }
+
+    #[test]
+    fn hairpin_traffic_is_marked_for_masquerade_in_the_endpoint_chain() {
+        let s = web_slice("web-1", &[ready("10.244.1.5", "node-a")]);
+        let t = render_one(&[web(json!({}))], &[s]).text;
+        assert_eq!(
+            chain(&t, EP5).expect("chain")[0],
+            "ip saddr 10.244.1.5 jump mark-for-masquerade"
+        );
+        assert_eq!(
+            chain(&t, "mark-for-masquerade").expect("chain"),
+            ["meta mark set meta mark or 0x4000"]
+        );
+    }
+
+    #[test]
+    fn without_a_cluster_cidr_cluster_ip_traffic_is_not_masqueraded() {
+        let s = web_slice("web-1", &[ready("10.244.1.5", "node-a")]);
+        let c = RulesConfig { cluster_cidr: None, ..config() };
+        let t = render(&[web(json!({}))], &[s], &c).text;
+        assert_eq!(
+            chain(&t, SVC).expect("chain"),
+            [format!("numgen random mod 1 vmap {{ 0 : goto {EP5} }}")]
+        );
+    }
+
+    #[test]
+    fn masquerade_all_marks_every_cluster_ip_connection() {
+        let s = web_slice("web-1", &[ready("10.244.1.5", "node-a")]);
+        let c = RulesConfig { masquerade_all: true, ..config() };
+        let t = render(&[web(json!({}))], &[s], &c).text;
+        assert_eq!(
+            chain(&t, SVC).expect("chain")[0],
+            "ip daddr 10.96.0.50 tcp dport 80 jump mark-for-masquerade"
+        );
+    }
+
+    #[test]
+    fn a_service_without_endpoints_is_rejected_before_dnat() {
+        let svc = web(json!({"type": "NodePort",
+            "ports": [{"name": "http", "port": 80, "nodePort": 30080}]}));
+        let t = render_one(&[svc], &[]).text;
+        assert_eq!(
+            elements(&t, "map", "no-endpoint-services"),
+            ["10.96.0.50 . tcp . 80 : goto reject-chain"]
+        );
+        assert_eq!(
+            elements(&t, "map", "no-endpoint-nodeports"),
+            ["tcp . 30080 : goto reject-chain"]
+        );
+        assert!(elements(&t, "map", "service-ips").is_empty());
+        assert!(chain(&t, SVC).is_none());
+        assert_eq!(chain(&t, "reject-chain").expect("chain"), ["reject"]);
+        assert_eq!(
+            chain(&t, "service-endpoints-check").expect("chain"),
+            ["ip daddr . meta l4proto . th dport vmap @no-endpoint-services"]
+        );
+    }
+
+    #[test]
+    fn not_ready_endpoints_count_as_no_endpoints() {
+        let s = web_slice("web-1", &[("10.244.1.5", "node-a", false, false, false)]);
+        let t = render_one(&[web(json!({}))], &[s]).text;
+        assert_eq!(
+            elements(&t, "map", "no-endpoint-services"),
+            ["10.96.0.50 . tcp . 80 : goto reject-chain"]
+        );
+        assert!(chain(&t, EP5).is_none());
+    }
+
+    #[test]
+    fn terminating_endpoints_are_not_used_while_a_ready_one_exists() {
+        let s = web_slice(
+            "web-1",
+            &[ready("10.244.1.6", "node-a"), ("10.244.1.5", "node-a", false, true, true)],
+        );
+        let t = render_one(&[web(json!({}))], &[s]).text;
+        assert!(chain(&t, EP5).is_none());
+        assert_eq!(
+            chain(&t, SVC).expect("chain")[1],
+            format!("numgen random mod 1 vmap {{ 0 : goto {EP6} }}")
+        );
+    }
+
+    #[test]
+    fn serving_terminating_endpoints_are_used_when_none_is_ready() {
+        let s = web_slice(
+            "web-1",
+            &[
+                ("10.244.1.5", "node-a", false, true, true),
+                ("10.244.1.6", "node-a", false, false, true),
+            ],
+        );
+        let t = render_one(&[web(json!({}))], &[s]).text;
+        assert_eq!(
+            chain(&t, SVC).expect("chain")[1],
+            format!("numgen random mod 1 vmap {{ 0 : goto {EP5} }}")
+        );
+        assert!(
+            chain(&t, EP6).is_none(),
+            "a terminating endpoint that no longer serves is never used"
+        );
+    }
+
+    #[test]
+    fn absent_conditions_mean_ready() {
+        let s = slice(json!({
+            "metadata": {"namespace": "default", "name": "web-1", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.244.1.5"]}],
+            "ports": [{"name": "http", "port": 8080}]
+        }));
+        let t = render_one(&[web(json!({}))], &[s]).text;
+        assert!(chain(&t, EP5).is_some());
+    }
+
+    #[test]
+    fn external_traffic_policy_local_sends_node_ports_only_to_this_nodes_endpoints() {
+        let s = web_slice("web-1", &[ready("10.244.1.5", "node-a"), ready("10.244.2.9", "node-b")]);
+        let svc = web(json!({"type": "NodePort", "externalTrafficPolicy": "Local",
+            "ports": [{"name": "http", "port": 80, "nodePort": 30080}]}));
+        let t = render_one(&[svc], &[s]).text;
+        let local = "local-default/web/tcp/http";
+        let ext = "external-default/web/tcp/http";
+        assert_eq!(
+            chain(&t, ext).expect("external chain"),
+            [
+                format!("ip saddr 10.244.0.0/16 goto {SVC}"),
+                "fib saddr type local jump mark-for-masquerade".to_string(),
+                format!("fib saddr type local goto {SVC}"),
+                format!("goto {local}"),
+            ],
+            "outside clients keep their address (no masquerade); pods and the node use every endpoint"
+        );
+        assert_eq!(
+            chain(&t, local).expect("local chain"),
+            [format!("numgen random mod 1 vmap {{ 0 : goto {EP5} }}")]
+        );
+        // The ClusterIP still spreads over both nodes.
+        assert!(chain(&t, SVC).expect("chain")[1].starts_with("numgen random mod 2 vmap"));
+    }
+
+    #[test]
+    fn external_traffic_policy_local_without_local_endpoints_drops_outside_traffic() {
+        let s = web_slice("web-1", &[ready("10.244.2.9", "node-b")]);
+        let svc = web(json!({"type": "NodePort", "externalTrafficPolicy": "Local",
+            "ports": [{"name": "http", "port": 80, "nodePort": 30080}]}));
+        let t = render_one(&[svc], &[s]).text;
+        assert_eq!(elements(&t, "map", "no-endpoint-nodeports"), ["tcp . 30080 : drop"]);
+        let ext = chain(&t, "external-default/web/tcp/http")
+            .expect("external chain stays for short-circuits");
+        assert_eq!(ext.len(), 3, "no final goto: {ext:?}");
+        assert!(elements(&t, "map", "no-endpoint-services").is_empty(), "ClusterIP is unaffected");
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_keeps_cluster_ip_traffic_on_this_node() {
+        let s = web_slice("web-1", &[ready("10.244.1.5", "node-a"), ready("10.244.2.9", "node-b")]);
+        let t = render_one(&[web(json!({"internalTrafficPolicy": "Local"}))], &[s]).text;
+        let local = "local-default/web/tcp/http";
+        assert_eq!(
+            elements(&t, "map", "service-ips"),
+            [format!("10.96.0.50 . tcp . 80 : goto {local}")]
+        );
+        assert_eq!(
+            chain(&t, local).expect("local chain"),
+            [
+                "ip daddr 10.96.0.50 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade".to_string(),
+                format!("numgen random mod 1 vmap {{ 0 : goto {EP5} }}"),
+            ]
+        );
+        assert!(chain(&t, SVC).is_none(), "no external access, so no cluster-wide chain");
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_without_local_endpoints_drops() {
+        let s = web_slice("web-1", &[ready("10.244.2.9", "node-b")]);
+        let t = render_one(&[web(json!({"internalTrafficPolicy": "Local"}))], &[s]).text;
+        assert_eq!(elements(&t, "map", "no-endpoint-services"), ["10.96.0.50 . tcp . 80 : drop"]);
+        assert!(elements(&t, "map", "service-ips").is_empty());
+    }
+
+    #[test]
+    fn udp_and_sctp_ports_get_their_own_protocol() {
+        let svc = svc(json!({
+            "metadata": {"namespace": "kube-system", "name": "dns"},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [
+                {"name": "dns", "port": 53, "protocol": "UDP"},
+                {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+                {"name": "sig", "port": 2905, "protocol": "SCTP"}]}
+        }));
+        let s = slice(json!({
+            "metadata": {"namespace": "kube-system", "name": "dns-1", "labels": {"kubernetes.io/service-name": "dns"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.244.0.3"]}],
+            "ports": [{"name": "dns", "port": 53, "protocol": "UDP"},
+                      {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+                      {"name": "sig", "port": 2905, "protocol": "SCTP"}]
+        }));
+        let t = render_one(&[svc], &[s]).text;
+        assert_eq!(
+            elements(&t, "map", "service-ips"),
+            [
+                "10.96.0.10 . tcp . 53 : goto service-kube-system/dns/tcp/dns-tcp",
+                "10.96.0.10 . udp . 53 : goto service-kube-system/dns/udp/dns",
+                "10.96.0.10 . sctp . 2905 : goto service-kube-system/dns/sctp/sig",
+            ]
+        );
+        assert_eq!(
+            chain(&t, "endpoint-kube-system/dns/udp/dns__10.244.0.3/53").expect("chain")[1],
+            "meta l4proto udp dnat to 10.244.0.3:53"
+        );
+        assert_eq!(
+            chain(&t, "endpoint-kube-system/dns/sctp/sig__10.244.0.3/2905").expect("chain")[1],
+            "meta l4proto sctp dnat to 10.244.0.3:2905"
+        );
+    }
+
+    #[test]
+    fn tcp_services_list_no_udp_backends() {
+        let s = web_slice("web-1", &[ready("10.244.1.5", "node-a")]);
+        assert!(render_one(&[web(json!({}))], &[s]).udp_backends.is_empty());
+    }
+
+    #[test]
+    fn udp_backends_list_every_front_and_endpoint_pair() {
+        let svc = web(json!({"type": "NodePort", "externalIPs": ["192.0.2.1"],
+            "ports": [{"name": "http", "port": 53, "protocol": "UDP", "nodePort": 30053}]}));
+        let s = slice(json!({
+            "metadata": {"namespace": "default", "name": "web-1", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.244.1.5"]}, {"addresses": ["10.244.1.6"]}],
+            "ports": [{"name": "http", "port": 5353, "protocol": "UDP"}]
+        }));
+        let r = render_one(&[svc], &[s]);
+        let ep = |last| SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, last), 5353);
+        let addr = |a: [u8; 4], p| UdpFront::Address(SocketAddrV4::new(a.into(), p));
+        let want: BTreeSet<UdpBackend> =
+            [addr([10, 96, 0, 50], 53), addr([192, 0, 2, 1], 53), UdpFront::NodePort(30053)]
+                .into_iter()
+                .flat_map(|front| [5, 6].map(|i| UdpBackend { front, endpoint: ep(i) }))
+                .collect();
+        assert_eq!(r.udp_backends, want);
+    }
+
+    #[test]
+    fn endpoints_are_matched_to_service_ports_by_name_and_protocol() {
+        let svc =
+            web(json!({"ports": [{"name": "http", "port": 80}, {"name": "admin", "port": 81}]}));
+        let s = web_slice("web-1", &[ready("10.244.1.5", "node-a")]); // only "http"
+        let t = render_one(&[svc], &[s]).text;
+        assert_eq!(
+            elements(&t, "map", "no-endpoint-services"),
+            ["10.96.0.50 . tcp . 81 : goto reject-chain"]
+        );
+        assert_eq!(
+            elements(&t, "map", "service-ips"),
+            [format!("10.96.0.50 . tcp . 80 : goto {SVC}")]
+        );
+    }
+
+    #[test]
+    fn endpoints_from_several_slices_are_merged_and_deduplicated() {
+        let a = web_slice(
+            "web-a",
+            &[ready("10.244.1.5", "node-a"), ("10.244.1.6", "node-a", false, false, false)],
+        );
+        let b = web_slice("web-b", &[ready("10.244.1.6", "node-a")]);
+        let t = render_one(&[web(json!({}))], &[a, b]).text;
+        assert!(chain(&t, SVC).expect("chain")[1].starts_with("numgen random mod 2 vmap"));
+    }
+
+    #[test]
+    fn output_is_identical_whatever_the_input_order() {
+        let svcs = [
+            web(json!({})),
+            svc(json!({"metadata": {"namespace": "a", "name": "z"},
+                "spec": {"clusterIP": "10.96.0.9", "ports": [{"port": 1}]}})),
+        ];
+        let slices = [
+            web_slice("web-1", &[ready("10.244.1.6", "node-a"), ready("10.244.1.5", "node-b")]),
+            web_slice("web-2", &[ready("10.244.1.7", "node-a")]),
+        ];
+        let one = render(&svcs, &slices, &config());
+        let rev_svcs: Vec<Service> = svcs.iter().rev().cloned().collect();
+        let rev_slices: Vec<EndpointSlice> = slices.iter().rev().cloned().collect();
+        let two = render(&rev_svcs, &rev_slices, &config());
+        assert_eq!(one, two);
+        // Addresses sort numerically, not as strings.
+        assert_eq!(elements(&one.text, "set", "cluster-ips"), ["10.96.0.9", "10.96.0.50"]);
+    }
+
+    #[test]
+    fn headless_external_name_and_ipv6_services_are_ignored_silently() {
+        let svcs = [
+            svc(json!({"metadata": {"namespace": "d", "name": "headless"},
+                "spec": {"clusterIP": "None", "ports": [{"port": 80}]}})),
+            svc(json!({"metadata": {"namespace": "d", "name": "ext"},
+                "spec": {"type": "ExternalName", "externalName": "example.com"}})),
+            svc(json!({"metadata": {"namespace": "d", "name": "v6"},
+                "spec": {"clusterIP": "fd00::10", "ports": [{"port": 80}]}})),
+        ];
+        let r = render_one(&svcs, &[]);
+        assert!(r.skipped.is_empty(), "{:?}", r.skipped);
+        assert!(elements(&r.text, "set", "cluster-ips").is_empty());
+    }
+
+    #[test]
+    fn services_that_name_another_proxy_are_left_to_it() {
+        let mut s = web(json!({}));
+        s.metadata.labels =
+            Some([(SERVICE_PROXY_NAME_LABEL.to_string(), "other-proxy".to_string())].into());
+        let slice = web_slice("web-1", &[ready("10.244.1.5", "node-a")]);
+        let r = render_one(&[s], &[slice]);
+        assert!(elements(&r.text, "set", "cluster-ips").is_empty());
+        assert!(r.skipped.is_empty());
+    }
+
+    #[test]
+    fn names_too_long_for_nft_are_skipped() {
+        let long = svc(json!({"metadata": {"namespace": "n".repeat(120), "name": "s".repeat(120)},
+            "spec": {"clusterIP": "10.96.0.9", "ports": [{"port": 80}]}}));
+        let r = render_one(&[long], &[]);
+        assert_eq!(r.skipped.len(), 1);
+        assert!(r.skipped[0].ends_with("names too long for nft"), "{:?}", r.skipped);
+    }
+
+    #[test]
+    fn a_large_cluster_renders_quickly() {
+        // 2000 Services with 5 endpoints each: rendering must stay far below a sync period.
+        let svcs: Vec<Service> = (0..2000u32)
+            .map(|i| {
+                svc(json!({"metadata": {"namespace": "ns", "name": format!("s{i}")},
+                    "spec": {"clusterIP": Ipv4Addr::from(0x0a60_0000 + i).to_string(), "ports": [{"port": 80}]}}))
+            })
+            .collect();
+        let slices: Vec<EndpointSlice> = (0..2000u32)
+            .map(|i| {
+                let eps: Vec<Value> = (0..5u32)
+                    .map(|j| json!({"addresses": [Ipv4Addr::from(0x0af4_0000 + i * 5 + j).to_string()]}))
+                    .collect();
+                slice(json!({"metadata": {"namespace": "ns", "name": format!("s{i}-1"),
+                        "labels": {"kubernetes.io/service-name": format!("s{i}")}},
+                    "addressType": "IPv4", "endpoints": eps, "ports": [{"port": 8080}]}))
+            })
+            .collect();
+        let start = std::time::Instant::now();
+        let r = render_one(&svcs, &slices);
+        let took = start.elapsed();
+        assert_eq!(elements(&r.text, "map", "service-ips").len(), 2000);
+        assert!(took < Duration::from_secs(2), "took {took:?}");
+    }
+
+    #[test]
+    fn dual_stack_services_use_their_ipv4_cluster_ip() {
+        let s = svc(json!({"metadata": {"namespace": "d", "name": "ds"},
+            "spec": {"clusterIP": "fd00::10", "clusterIPs": ["fd00::10", "10.96.0.77"], "ports": [{"port": 80}]}}));
+        let t = render_one(&[s], &[]).text;
+        assert_eq!(elements(&t, "set", "cluster-ips"), ["10.96.0.77"]);
+    }
+
+    #[test]
+    fn malformed_objects_are_skipped_and_named_not_fatal() {
+        let svcs = [
+            svc(json!({"metadata": {"namespace": "d", "name": "badip"},
+                "spec": {"clusterIP": "10.96.0.300", "ports": [{"port": 80}]}})),
+            svc(json!({"metadata": {"namespace": "d", "name": "badport"},
+                "spec": {"clusterIP": "10.96.0.5", "ports": [{"name": "a", "port": 70000},
+                    {"name": "b", "port": 80, "protocol": "ICMP"}, {"name": "c d", "port": 81}]}})),
+            svc(json!({"metadata": {"namespace": "d", "name": "we ird"},
+                "spec": {"clusterIP": "10.96.0.6", "ports": [{"port": 80}]}})),
+            web(json!({})),
+        ];
+        let bad_slice = slice(json!({
+            "metadata": {"namespace": "default", "name": "web-x", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["not-an-ip"]}, {"addresses": ["10.244.1.5"]}],
+            "ports": [{"name": "http", "port": 8080}, {"name": "other", "port": 0}]
+        }));
+        let r = render_one(&svcs, &[bad_slice]);
+        assert_eq!(r.skipped.len(), 7, "{:#?}", r.skipped);
+        assert!(r.skipped.iter().any(|s| s.contains("10.96.0.300")));
+        // The good parts are still there.
+        assert!(chain(&r.text, EP5).is_some());
+        assert_eq!(elements(&r.text, "set", "cluster-ips"), ["10.96.0.50"]);
+    }
+
+    #[test]
+    fn two_services_claiming_one_node_port_keep_the_first_in_name_order() {
+        let mk = |name: &str, ip: &str| {
+            svc(json!({"metadata": {"namespace": "d", "name": name},
+                "spec": {"type": "NodePort", "clusterIP": ip, "ports": [{"port": 80, "nodePort": 30001}]}}))
+        };
+        let r = render_one(&[mk("b", "10.96.0.2"), mk("a", "10.96.0.1")], &[]);
+        assert_eq!(
+            elements(&r.text, "map", "no-endpoint-nodeports"),
+            ["tcp . 30001 : goto reject-chain"]
+        );
+        assert_eq!(r.skipped.len(), 1);
+        assert!(r.skipped[0].starts_with("Service d/b"), "{:?}", r.skipped);
+    }
+
+    #[test]
+    fn slices_of_other_address_types_or_without_service_label_are_ignored() {
+        let mut v6 = web_slice("web-6", &[ready("10.244.1.5", "node-a")]);
+        v6.address_type = "IPv6".into();
+        let mut unlabelled = web_slice("mine", &[ready("10.244.1.6", "node-a")]);
+        unlabelled.metadata.labels = None;
+        let t = render_one(&[web(json!({}))], &[v6, unlabelled]).text;
+        assert_eq!(
+            elements(&t, "map", "no-endpoint-services"),
+            ["10.96.0.50 . tcp . 80 : goto reject-chain"]
+        );
+    }
+}
