@@ -23,9 +23,21 @@ struct Cli {
 struct ServerArgs {
     #[command(flatten)]
     server: rkube_apiserver::cli::Args,
-    /// Run only the API server (no in-process scheduler and controller manager).
+    /// Run only the API server (no in-process scheduler, controller manager and DNS).
     #[arg(long)]
     disable_controllers: bool,
+    #[command(flatten)]
+    dns: up::dns::DnsArgs,
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    #[command(flatten)]
+    kubelet: rkube_kubelet::cli::Args,
+    /// Run the Service proxy (nftables) in the agent too; default: with the oci runtime,
+    /// whose pods have their own addresses.
+    #[arg(long)]
+    proxy: Option<bool>,
 }
 
 #[derive(Subcommand)]
@@ -39,8 +51,12 @@ enum Command {
     Scheduler(rkube_scheduler::cli::Args),
     /// Run the controller manager against an API server.
     ControllerManager(rkube_controllers::cli::Args),
-    /// Run the node agent (kubelet) against an API server.
-    Agent(rkube_kubelet::cli::Args),
+    /// Run the node agent (kubelet, and the Service proxy with the oci runtime).
+    Agent(AgentArgs),
+    /// Run the Service proxy (nftables) against an API server.
+    Proxy(rkube_proxy::cli::Args),
+    /// Run the cluster DNS against an API server.
+    Dns(rkube_dns::cli::Args),
     /// Save or restore a snapshot of the embedded store.
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCommand),
@@ -83,14 +99,20 @@ fn main() -> Result<()> {
 async fn run(command: Command) -> Result<()> {
     match command {
         Command::Up(args) => up::cluster::up(args).await,
-        Command::Server(args) => up::cluster::server(args.server, !args.disable_controllers).await,
+        Command::Server(args) => {
+            up::cluster::server(args.server, !args.disable_controllers, args.dns).await
+        }
         Command::Scheduler(args) => {
             rkube_scheduler::cli::run(args).await.map_err(|e| anyhow::anyhow!(e))
         }
         Command::ControllerManager(args) => {
             rkube_controllers::cli::run(args).await.map_err(|e| anyhow::anyhow!(e))
         }
-        Command::Agent(args) => rkube_kubelet::cli::run(args).await.map_err(|e| anyhow::anyhow!(e)),
+        Command::Agent(args) => agent(args).await,
+        Command::Proxy(args) => {
+            rkube_proxy::cli::run_cli(args).await.map_err(|e| anyhow::anyhow!(e))
+        }
+        Command::Dns(args) => rkube_dns::cli::run_cli(args).await.map_err(|e| anyhow::anyhow!(e)),
         Command::Snapshot(cmd) => snapshot::run(cmd).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Down(args) => up::down(args).await,
@@ -98,4 +120,30 @@ async fn run(command: Command) -> Result<()> {
         Command::Node(cmd) => up::node(cmd).await,
         Command::Image(args) => rkube_oci::cli::run(args).await.map_err(|e| anyhow::anyhow!(e)),
     }
+}
+
+/// The node agent: the kubelet, and beside it the Service proxy when pods have their own
+/// addresses (the oci runtime), as kube-proxy runs on every node.
+async fn agent(args: AgentArgs) -> Result<()> {
+    let config = args.kubelet.config().map_err(|e| anyhow::anyhow!(e))?;
+    let client = rkube_client::client_from(args.kubelet.kubeconfig.as_deref())
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let shutdown = rkube_client::shutdown_on_signal();
+    let with_proxy = args.proxy.unwrap_or(config.runtime == rkube_kubelet::RuntimeKind::Oci);
+    let proxy = with_proxy.then(|| {
+        let pc = up::dns::proxy_config(&config.node_name, &config.cluster_cidr);
+        let (c, s) = (client.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = rkube_proxy::run(c, pc, s).await {
+                tracing::error!("service proxy stopped: {e}");
+            }
+        })
+    });
+    let result = rkube_kubelet::run_with_client(client, config, shutdown.clone()).await;
+    shutdown.cancel();
+    if let Some(p) = proxy {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), p).await;
+    }
+    result.map_err(|e| anyhow::anyhow!(e))
 }

@@ -35,6 +35,22 @@ fn kubectl_drives_the_core_api_end_to_end() {
     let verbose = s.ok(&["get", "--raw", "/readyz?verbose"]);
     assert!(verbose.contains("[+]etcd ok") && verbose.contains("readyz check passed"), "{verbose}");
 
+    // cluster-info: the control plane, and the cluster DNS once it has published kube-dns.
+    let info = s.wait("the DNS line of cluster-info", Duration::from_secs(20), || {
+        let out = s.ok(&["cluster-info"]);
+        out.contains("KubeDNS").then_some(out)
+    });
+    let url = format!("https://127.0.0.1:{}", s.port);
+    let plain: String =
+        info.replace("\u{1b}[0;32m", "").replace("\u{1b}[0;33m", "").replace("\u{1b}[0m", "");
+    assert!(plain.contains(&format!("Kubernetes control plane is running at {url}")), "{plain}");
+    assert!(
+        plain.contains(&format!(
+            "KubeDNS is running at {url}/api/v1/namespaces/kube-system/services/kube-dns:dns/proxy"
+        )),
+        "{plain}"
+    );
+
     // The node-IPAM loop gives the node its pod CIDR, which describe shows.
     s.wait("a pod CIDR for node-1", Duration::from_secs(20), || {
         let cidr = s.ok(&["get", "node", "node-1", "-o", "jsonpath={.spec.podCIDR}"]);

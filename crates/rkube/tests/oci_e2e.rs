@@ -198,11 +198,9 @@ spec:
     image: REGISTRY/test/nothing:404
 "#;
 
-#[test]
-fn pods_run_real_images_through_runc_on_their_own_network() {
-    if !have_everything() {
-        return;
-    }
+/// A simulated machine with a registry holding `test/busybox:1`; returns it, its work dir and
+/// the registry's `host:port`.
+fn machine_with_registry() -> (Machine, PathBuf, String) {
     let mut machine = Machine::new();
     let work = std::env::temp_dir().join(format!("{}-work", machine.name));
     std::fs::create_dir_all(&work).unwrap();
@@ -250,7 +248,16 @@ fn pods_run_real_images_through_runc_on_their_own_network() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
-    let mut s = Server::start_in_netns(&machine.path());
+    (machine, work, registry)
+}
+
+#[test]
+fn pods_run_real_images_through_runc_on_their_own_network() {
+    if !have_everything() {
+        return;
+    }
+    let (machine, work, registry) = machine_with_registry();
+    let mut s = Server::start_in_netns(&machine.path(), &[]);
     s.agent("node-1", &["--runtime", "oci", "--insecure-registry", &registry]);
     s.wait("node-1 Ready", Duration::from_secs(30), || {
         s.ok(&["get", "nodes", "--no-headers"]).contains(" Ready ").then_some(())
@@ -267,7 +274,10 @@ fn pods_run_real_images_through_runc_on_their_own_network() {
         }
         if Instant::now() > deadline {
             let agent = std::fs::read_to_string(s.dir.join("node-1.log")).unwrap_or_default();
-            panic!("box not Running: {out}\n{}\nagent log:\n{agent}", s.ok(&["describe", "pod", "box"]));
+            panic!(
+                "box not Running: {out}\n{}\nagent log:\n{agent}",
+                s.ok(&["describe", "pod", "box"])
+            );
         }
         std::thread::sleep(Duration::from_millis(200));
     };
@@ -331,5 +341,112 @@ fn pods_run_real_images_through_runc_on_their_own_network() {
     let links = machine.run(&["ip", "-o", "link"]);
     assert!(!links.contains("veth"), "{links}");
     drop(s);
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+const WEB: &str = r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: httpd
+        image: REGISTRY/test/busybox:1
+        command: ["sh", "-c", "mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 8080 -h /www"]
+        ports: [{containerPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: sh
+    image: REGISTRY/test/busybox:1
+    command: ["sleep", "3600"]
+"#;
+
+/// Services through the cluster DNS and the proxy: a client pod reaches every replica by name,
+/// the NodePort answers on the node's address, and a Service without endpoints refuses.
+#[test]
+fn services_route_to_every_replica_by_name_and_node_port() {
+    if !have_everything() {
+        return;
+    }
+    let (machine, work, registry) = machine_with_registry();
+    // The machine's own address (a veth pair inside it: no way out): the node IP, where the
+    // cluster DNS answers and NodePorts listen.
+    machine.run(&["ip", "link", "add", "rkh0", "type", "veth", "peer", "name", "rkh1"]);
+    machine.run(&["ip", "addr", "add", "192.168.77.1/24", "dev", "rkh0"]);
+    machine.run(&["ip", "link", "set", "rkh0", "up"]);
+    machine.run(&["ip", "link", "set", "rkh1", "up"]);
+    // Like any machine it has a default route (into its own veth pair: nothing leaves), so a
+    // Service without endpoints is refused by the proxy rather than unroutable.
+    machine.run(&["ip", "route", "add", "default", "dev", "rkh0"]);
+    let mut s = Server::start_in_netns(&machine.path(), &["--cluster-dns-address", "192.168.77.1"]);
+    s.agent(
+        "node-1",
+        &["--runtime", "oci", "--insecure-registry", &registry, "--node-ip", "192.168.77.1"],
+    );
+    s.ok_stdin(&["apply", "-f", "-"], &WEB.replace("REGISTRY", &registry));
+    s.wait("two web replicas and the client Running", Duration::from_secs(90), || {
+        let out = s.ok(&["get", "pods", "--no-headers"]);
+        (out.lines().filter(|l| l.contains("Running")).count() == 3).then_some(())
+    });
+    let fetch = |target: &str| -> String {
+        let script = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {target} | tail -n 1");
+        let out = s.kubectl(&["exec", "client", "--", "sh", "-c", &script]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    // By name: every replica answers over many requests.
+    let pods = s.ok(&["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].metadata.name}"]);
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.len() < 2 && Instant::now() < deadline {
+        let who = fetch("web.default.svc.cluster.local 80");
+        if !who.is_empty() {
+            assert!(pods.contains(&who), "{who} is not one of {pods}");
+            seen.insert(who);
+        }
+    }
+    assert_eq!(seen.len(), 2, "replicas reached by name: {seen:?} of {pods}");
+    // The NodePort on the node's address.
+    let who = fetch("192.168.77.1 30080");
+    assert!(pods.contains(&who) && !who.is_empty(), "NodePort answered {who:?}");
+    // No endpoints: refused at once.
+    s.ok(&["scale", "deployment", "web", "--replicas=0"]);
+    s.wait("the web replicas gone", Duration::from_secs(30), || {
+        s.ok(&["get", "pods", "-l", "app=web", "--no-headers"]).trim().is_empty().then_some(())
+    });
+    let refused = s.wait("connection refused", Duration::from_secs(10), || {
+        let out = s.kubectl(&[
+            "exec",
+            "client",
+            "--",
+            "sh",
+            "-c",
+            "nc -w 2 web 80 </dev/null; echo rc=$?",
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        text.contains("rc=1").then_some(text)
+    });
+    assert!(refused.to_lowercase().contains("refused"), "{refused}");
+    s.ok(&["delete", "pod", "client"]);
+    drop(s);
+    drop(machine);
     let _ = std::fs::remove_dir_all(&work);
 }

@@ -665,7 +665,11 @@ async fn detach(args: &UpArgs, paths: &Paths) -> Result<()> {
 }
 
 /// `rkube server`: the API server plus, unless disabled, scheduler and controller manager.
-pub async fn server(args: rkube_apiserver::cli::Args, with_controllers: bool) -> Result<()> {
+pub async fn server(
+    args: rkube_apiserver::cli::Args,
+    with_controllers: bool,
+    dns: super::dns::DnsArgs,
+) -> Result<()> {
     let store = rkube_apiserver::cli::open_store(&args).await.map_err(|e| anyhow::anyhow!(e))?;
     let stop = CancellationToken::new();
     let (_server, kubeconfig, task) = rkube_apiserver::cli::start(&args, store, stop.clone())
@@ -687,11 +691,14 @@ pub async fn server(args: rkube_apiserver::cli::Args, with_controllers: bool) ->
             }
         }));
         tasks.push(tokio::spawn({
-            let (c, s) = (client, stop.clone());
+            let (c, s) = (client.clone(), stop.clone());
             async move {
                 let _ = rkube_controllers::run_with_client(c, Default::default(), s).await;
             }
         }));
+        if let Some(t) = super::dns::start(client, &dns, stop.clone()).await {
+            tasks.push(t);
+        }
     }
     rkube_apiserver::cli::wait_for_signal().await;
     stop.cancel();

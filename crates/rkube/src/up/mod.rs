@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod control;
+pub mod dns;
 pub mod events;
 pub mod kubeconfig;
 pub mod switch;

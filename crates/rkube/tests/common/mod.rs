@@ -33,17 +33,29 @@ pub struct Server {
     agents: Vec<Child>,
     /// Runs every process of this cluster through it (`nsenter --net=…`: a simulated machine).
     prefix: Vec<String>,
+    /// Extra flags of `rkube server`.
+    server_args: Vec<String>,
 }
 
 impl Server {
     pub fn start() -> Server {
-        Self::start_with_prefix(Vec::new())
+        // The cluster DNS on loopback and a free port: tests never bind the host's addresses.
+        let dns = vec![
+            "--cluster-dns-address".to_string(),
+            "127.0.0.1".to_string(),
+            "--cluster-dns-port".to_string(),
+            free_port().to_string(),
+        ];
+        Self::start_with_prefix(Vec::new(), dns)
     }
 
     /// A cluster whose server, agents and kubectl all run inside the network namespace pinned
     /// at `netns` (entered with nsenter, which keeps the host's mounts such as cgroups).
-    pub fn start_in_netns(netns: &Path) -> Server {
-        Self::start_with_prefix(vec!["nsenter".into(), format!("--net={}", netns.display())])
+    pub fn start_in_netns(netns: &Path, server_args: &[&str]) -> Server {
+        Self::start_with_prefix(
+            vec!["nsenter".into(), format!("--net={}", netns.display())],
+            server_args.iter().map(|a| a.to_string()).collect(),
+        )
     }
 
     fn command(&self, program: &str) -> Command {
@@ -57,7 +69,7 @@ impl Server {
         }
     }
 
-    fn start_with_prefix(prefix: Vec<String>) -> Server {
+    fn start_with_prefix(prefix: Vec<String>, server_args: Vec<String>) -> Server {
         let dir =
             std::env::temp_dir().join(format!("rkube-it-{}-{}", std::process::id(), uuid_like()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -69,6 +81,7 @@ impl Server {
             server: None,
             agents: Vec::new(),
             prefix,
+            server_args,
         };
         s.spawn_server();
         s
@@ -80,6 +93,7 @@ impl Server {
             .command(env!("CARGO_BIN_EXE_rkube"))
             .args(["server", "--secure-port", &self.port.to_string(), "--data-dir"])
             .arg(self.dir.join("server"))
+            .args(&self.server_args)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
