@@ -45,8 +45,9 @@ struct Machine {
 
 impl Machine {
     fn new() -> Machine {
-        let name =
-            format!("rkoci-{:x}", std::process::id() ^ Instant::now().elapsed().subsec_nanos());
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("rkoci-{:x}-{n}", std::process::id());
         let ok = Command::new("ip").args(["netns", "add", &name]).status().unwrap().success();
         assert!(ok, "ip netns add {name}");
         let m = Machine { name, registry: None };
