@@ -259,10 +259,8 @@ impl ApiServer {
             }
             Err(e) => return Err(e),
         }
-        for n in ["default", "kube-system", "kube-public", "kube-node-lease"] {
-            let sa = res("", "serviceaccounts")?;
-            ensure(reg.create(sa, Some(n), json!({"metadata": {"name": "default"}}), false).await)?;
-        }
+        // The `default` ServiceAccount of each namespace comes from the controller manager's
+        // serviceaccount controller, as upstream, for these namespaces and every later one.
         Ok(())
     }
 

@@ -9,6 +9,7 @@ mod informer;
 mod nodeipam;
 mod nodes;
 mod replicaset;
+mod serviceaccounts;
 mod util;
 
 use std::time::Duration;
@@ -110,7 +111,9 @@ pub async fn run_with_client(
         config.clone(),
         shutdown.clone(),
     ));
-    let mut tasks = vec![rs, dep, ds, ep, nodes];
+    let sa =
+        tokio::spawn(serviceaccounts::run(client.clone(), informers.clone(), shutdown.clone()));
+    let mut tasks = vec![rs, dep, ds, ep, nodes, sa];
     if let Some(cidr) = cluster_cidr {
         let recorder = rkube_client::events::Recorder::new(client.clone(), "node-ipam", None);
         tasks.push(tokio::spawn(nodeipam::run(

@@ -3,8 +3,9 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::Deployment;
-use kube::api::PostParams;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service, ServiceAccount};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use rkube_apiserver::testing::TestServer;
 use serde_json::json;
@@ -89,4 +90,102 @@ async fn hash_of(deps: &Api<Deployment>) -> String {
         })
         .expect("a ReplicaSet of the deployment");
     owned.metadata.labels.unwrap_or_default().get("pod-template-hash").cloned().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn every_namespace_gets_a_default_service_account_and_gets_it_back() {
+    let c = cluster(Default::default()).await;
+    let nss: Api<Namespace> = Api::all(c.client.clone());
+    nss.create(&PostParams::default(), &named("later")).await.expect("namespace");
+    for ns in ["default", "kube-system", "kube-public", "kube-node-lease", "later"] {
+        let sas: Api<ServiceAccount> = Api::namespaced(c.client.clone(), ns);
+        eventually(
+            &format!("the default ServiceAccount of {ns}"),
+            Duration::from_secs(10),
+            async || sas.get_opt("default").await.ok().flatten(),
+        )
+        .await;
+    }
+    let sas: Api<ServiceAccount> = Api::namespaced(c.client.clone(), "later");
+    sas.delete("default", &DeleteParams::default()).await.expect("delete");
+    eventually("the default ServiceAccount to come back", Duration::from_secs(10), async || {
+        sas.get_opt("default").await.ok().flatten()
+    })
+    .await;
+}
+
+fn named<K: serde::de::DeserializeOwned>(name: &str) -> K {
+    serde_json::from_value(json!({"metadata": {"name": name}})).expect("object")
+}
+
+#[tokio::test]
+async fn deleting_a_namespace_terminates_it_and_everything_in_it() {
+    let c = cluster(Default::default()).await;
+    let nss: Api<Namespace> = Api::all(c.client.clone());
+    nss.create(&PostParams::default(), &named("shop")).await.expect("namespace");
+    let deps: Api<Deployment> = Api::namespaced(c.client.clone(), "shop");
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), "shop");
+    let svcs: Api<Service> = Api::namespaced(c.client.clone(), "shop");
+    let cms: Api<ConfigMap> = Api::namespaced(c.client.clone(), "shop");
+    let rss: Api<ReplicaSet> = Api::namespaced(c.client.clone(), "shop");
+    let sas: Api<ServiceAccount> = Api::namespaced(c.client.clone(), "shop");
+    let d: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}},
+                              "spec": {"containers": [{"name": "c", "image": "nginx"}]}}}
+    }))
+    .expect("deployment");
+    deps.create(&PostParams::default(), &d).await.expect("deployment");
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}
+    }))
+    .expect("service");
+    svcs.create(&PostParams::default(), &svc).await.expect("service");
+    // A finalizer of someone else's holds the namespace in Terminating until it is released.
+    let cm: ConfigMap = serde_json::from_value(
+        json!({"metadata": {"name": "settings", "finalizers": ["example.com/hold"]}}),
+    )
+    .expect("configmap");
+    cms.create(&PostParams::default(), &cm).await.expect("configmap");
+    eventually("two pods", Duration::from_secs(10), async || {
+        (pods.list(&Default::default()).await.ok()?.items.len() == 2).then_some(())
+    })
+    .await;
+    eventually("the default ServiceAccount", Duration::from_secs(10), async || {
+        sas.get_opt("default").await.ok().flatten()
+    })
+    .await;
+
+    nss.delete("shop", &DeleteParams::default()).await.expect("delete namespace");
+    let phase = |ns: &Namespace| ns.status.as_ref().and_then(|s| s.phase.clone());
+    let ns = nss.get("shop").await.expect("still there while terminating");
+    assert_eq!(phase(&ns).as_deref(), Some("Terminating"));
+    eventually("the content to go", Duration::from_secs(15), async || {
+        let empty = deps.list(&Default::default()).await.ok()?.items.is_empty()
+            && rss.list(&Default::default()).await.ok()?.items.is_empty()
+            && pods.list(&Default::default()).await.ok()?.items.is_empty()
+            && svcs.list(&Default::default()).await.ok()?.items.is_empty()
+            && sas.list(&Default::default()).await.ok()?.items.is_empty();
+        empty.then_some(())
+    })
+    .await;
+    let held = cms.get("settings").await.expect("the held configmap");
+    assert!(held.metadata.deletion_timestamp.is_some());
+    let ns = nss.get("shop").await.expect("held by the configmap's finalizer");
+    assert_eq!(phase(&ns).as_deref(), Some("Terminating"));
+
+    cms.patch(
+        "settings",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .expect("release");
+    eventually("the namespace to be gone", Duration::from_secs(15), async || {
+        nss.get_opt("shop").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(cms.list(&Default::default()).await.expect("list").items.is_empty());
 }
