@@ -20,6 +20,9 @@ pub struct Args {
     /// Prefix length of each node's pod CIDR.
     #[arg(long, default_value_t = 24)]
     pub node_cidr_mask_size: u8,
+    /// Terminated pods to keep before the oldest are deleted; 0 disables this collection.
+    #[arg(long, default_value_t = 12500)]
+    pub terminated_pod_gc_threshold: usize,
 }
 
 pub async fn run(args: Args) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -29,6 +32,7 @@ pub async fn run(args: Args) -> Result<(), Box<dyn std::error::Error + Send + Sy
         node_monitor_grace_period: Duration::from_secs(args.node_monitor_grace_period),
         cluster_cidr: args.allocate_node_cidrs.then_some(args.cluster_cidr),
         node_cidr_mask_size: args.node_cidr_mask_size,
+        terminated_pod_gc_threshold: args.terminated_pod_gc_threshold,
         ..Default::default()
     };
     crate::run_with_client(client, config, shutdown).await?;

@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Service, ServiceAccount};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use rkube_apiserver::testing::TestServer;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -188,4 +188,76 @@ async fn deleting_a_namespace_terminates_it_and_everything_in_it() {
     })
     .await;
     assert!(cms.list(&Default::default()).await.expect("list").items.is_empty());
+}
+
+fn pod_on(name: &str, node: &str) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "nginx"}]}
+    }))
+    .expect("pod")
+}
+
+fn fast_pod_gc(threshold: usize) -> rkube_controllers::Config {
+    rkube_controllers::Config {
+        terminated_pod_gc_threshold: threshold,
+        pod_gc_period: Duration::from_millis(200),
+        pod_gc_quarantine: Duration::from_secs(1),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn pods_bound_to_a_node_that_is_gone_are_force_deleted() {
+    let c = cluster(fast_pod_gc(100)).await;
+    let nodes: Api<Node> = Api::all(c.client.clone());
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), "default");
+    nodes.create(&PostParams::default(), &named("doomed")).await.expect("node");
+    nodes.create(&PostParams::default(), &named("alive")).await.expect("node");
+    pods.create(&PostParams::default(), &pod_on("on-doomed", "doomed")).await.expect("pod");
+    pods.create(&PostParams::default(), &pod_on("on-alive", "alive")).await.expect("pod");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(pods.get_opt("on-doomed").await.expect("get").is_some(), "the node still exists");
+
+    nodes.delete("doomed", &DeleteParams::default()).await.expect("delete node");
+    eventually("the orphaned pod to go", Duration::from_secs(10), async || {
+        pods.get_opt("on-doomed").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(pods.get_opt("on-alive").await.expect("get").is_some());
+}
+
+#[tokio::test]
+async fn terminated_pods_beyond_the_threshold_are_deleted_oldest_first() {
+    let c = cluster(fast_pod_gc(2)).await;
+    let nodes: Api<Node> = Api::all(c.client.clone());
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), "default");
+    nodes.create(&PostParams::default(), &named("n1")).await.expect("node");
+    for name in ["done-1", "done-2", "done-3", "done-4"] {
+        pods.create(&PostParams::default(), &pod_on(name, "n1")).await.expect("pod");
+        // Creation timestamps have a resolution of a second; names break ties as upstream.
+        pods.patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"status": {"phase": "Succeeded"}})),
+        )
+        .await
+        .expect("finish the pod");
+    }
+    pods.create(&PostParams::default(), &pod_on("busy", "n1")).await.expect("pod");
+    let left =
+        eventually("two terminated pods to be collected", Duration::from_secs(10), async || {
+            let mut names: Vec<String> = pods
+                .list(&Default::default())
+                .await
+                .ok()?
+                .items
+                .iter()
+                .map(|p| p.name_any())
+                .collect();
+            names.sort();
+            (names.len() == 3).then_some(names)
+        })
+        .await;
+    assert_eq!(left, ["busy", "done-3", "done-4"]);
 }
