@@ -4,6 +4,7 @@
 pub mod cli;
 mod daemonset;
 mod deployment;
+mod disruption;
 mod endpoints;
 mod informer;
 mod nodeipam;
@@ -16,6 +17,8 @@ mod util;
 use std::time::Duration;
 
 use kube::Client;
+
+pub use crate::disruption::Limits as EvictionLimits;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +50,8 @@ pub struct Config {
     pub pod_gc_period: Duration,
     /// How long a pod's node must be missing before the pod is collected (upstream: 40 s).
     pub pod_gc_quarantine: Duration,
+    /// `--node-eviction-rate` and friends: how fast lost nodes get NoExecute taints per zone.
+    pub eviction_limits: EvictionLimits,
 }
 
 impl Default for Config {
@@ -64,6 +69,7 @@ impl Default for Config {
             terminated_pod_gc_threshold: 12500,
             pod_gc_period: Duration::from_secs(20),
             pod_gc_quarantine: Duration::from_secs(40),
+            eviction_limits: EvictionLimits::default(),
         }
     }
 }

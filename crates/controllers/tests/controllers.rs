@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Service, ServiceAccount};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
@@ -260,4 +261,91 @@ async fn terminated_pods_beyond_the_threshold_are_deleted_oldest_first() {
         })
         .await;
     assert_eq!(left, ["busy", "done-3", "done-4"]);
+}
+
+/// A kubelet's heartbeat: Lease renewed and the Ready condition posted as True.
+async fn heartbeat(client: &Client, node: &str) {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(jiff::Timestamp::now());
+    let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                       "metadata": {"name": node},
+                       "spec": {"holderIdentity": node, "leaseDurationSeconds": 40, "renewTime": now}});
+    let _ = leases
+        .patch(node, &PatchParams::apply("test-kubelet").force(), &Patch::Apply(&lease))
+        .await;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let status = json!({"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+        "message": "kubelet is posting ready status", "lastHeartbeatTime": jiff::Timestamp::now().to_string(),
+        "lastTransitionTime": jiff::Timestamp::now().to_string()}]}});
+    let _ = nodes.patch_status(node, &PatchParams::default(), &Patch::Strategic(&status)).await;
+}
+
+fn lifecycle_taints(n: &Node) -> Vec<String> {
+    let mut t: Vec<String> = n
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|t| t.key.starts_with("node.kubernetes.io/"))
+        .map(|t| format!("{}:{}", t.key, t.effect))
+        .collect();
+    t.sort();
+    t
+}
+
+#[tokio::test]
+async fn when_every_node_is_lost_no_node_gets_a_no_execute_taint_until_one_is_back() {
+    let c = cluster(rkube_controllers::Config {
+        node_monitor_grace_period: Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await;
+    let nodes: Api<Node> = Api::all(c.client.clone());
+    for n in ["a", "b"] {
+        nodes.create(&PostParams::default(), &named(n)).await.expect("node");
+        heartbeat(&c.client, n).await;
+    }
+    // Both kubelets fall silent: full disruption.
+    eventually("both nodes unreachable", Duration::from_secs(15), async || {
+        let a = nodes.get("a").await.ok()?;
+        let b = nodes.get("b").await.ok()?;
+        let want = ["node.kubernetes.io/unreachable:NoSchedule".to_string()];
+        (lifecycle_taints(&a) == want && lifecycle_taints(&b) == want).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for n in ["a", "b"] {
+        let node = nodes.get(n).await.expect("node");
+        assert_eq!(
+            lifecycle_taints(&node),
+            ["node.kubernetes.io/unreachable:NoSchedule"],
+            "no NoExecute taint while every node is lost"
+        );
+    }
+    // Node a comes back: the zone is out of full disruption and b is tainted NoExecute.
+    let stop = CancellationToken::new();
+    let beat = {
+        let (client, stop) = (c.client.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                heartbeat(&client, "a").await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+    eventually("b to get the NoExecute taint", Duration::from_secs(15), async || {
+        let b = nodes.get("b").await.ok()?;
+        let a = nodes.get("a").await.ok()?;
+        (lifecycle_taints(&b)
+            == [
+                "node.kubernetes.io/unreachable:NoExecute",
+                "node.kubernetes.io/unreachable:NoSchedule",
+            ]
+            && lifecycle_taints(&a).is_empty())
+        .then_some(())
+    })
+    .await;
+    stop.cancel();
+    let _ = beat.await;
 }
