@@ -1469,6 +1469,14 @@ fn after_delete(st: Arc<Inner>, r: &'static ResourceInfo, obj: &Value, propagati
                                 {
                                     refs.retain(|x| x["uid"].as_str() != Some(&owner));
                                 }
+                                // An empty list is no list, as upstream encodes it.
+                                if n["metadata"]["ownerReferences"]
+                                    .as_array()
+                                    .is_some_and(Vec::is_empty)
+                                    && let Some(m) = n["metadata"].as_object_mut()
+                                {
+                                    m.remove("ownerReferences");
+                                }
                                 Ok(n)
                             },
                             None,
