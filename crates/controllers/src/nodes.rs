@@ -155,7 +155,10 @@ pub async fn run(
             let no_execute = match (want, no_execute_lifecycle_taint(node)) {
                 _ if full => None,
                 (Some(k), Some(_)) => Some(k),
-                (Some(k), None) if allowed.contains(&name) => Some(k),
+                (Some(k), None) if allowed.contains(&name) => {
+                    tracing::info!("node {name} is not ready: adding the NoExecute taint {k}");
+                    Some(k)
+                }
                 _ => None,
             };
             set_taints(&nodes_api, node, want, no_execute).await;
@@ -287,13 +290,42 @@ async fn mark_unknown(api: &Api<Node>, node: &Node) {
 }
 
 /// Keeps exactly the wanted lifecycle taints on the node: the NoSchedule one follows the Ready
-/// status at once; the NoExecute one (which evicts) only as the zone's rate allows.
+/// status at once; the NoExecute one (which evicts) only as the zone's rate allows. The patch
+/// carries the resourceVersion (it replaces the whole taint list); on a conflict — this pass may
+/// just have written the node's status — it re-reads the node and tries again, so a granted
+/// NoExecute taint is not lost with its token.
 async fn set_taints(
     api: &Api<Node>,
     node: &Node,
     no_schedule: Option<&str>,
     no_execute: Option<&str>,
 ) {
+    let mut current = node.clone();
+    for _ in 0..3 {
+        let Some(patch) = taint_patch(&current, no_schedule, no_execute) else { return };
+        match api.patch(&node.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
+            Ok(_) => return,
+            Err(kube::Error::Api(e)) if e.code == 409 => match api.get(&node.name_any()).await {
+                Ok(n) => current = n,
+                Err(e) => {
+                    tracing::debug!("re-reading {}: {e}", node.name_any());
+                    return;
+                }
+            },
+            Err(e) => {
+                tracing::debug!("tainting {}: {e}", node.name_any());
+                return;
+            }
+        }
+    }
+}
+
+/// The merge patch that leaves exactly the wanted lifecycle taints, or None if they are there.
+fn taint_patch(
+    node: &Node,
+    no_schedule: Option<&str>,
+    no_execute: Option<&str>,
+) -> Option<serde_json::Value> {
     let taints = node.spec.as_ref().and_then(|s| s.taints.clone()).unwrap_or_default();
     let ours = |t: &Taint| t.key == UNREACHABLE || t.key == NOT_READY;
     let has = |key: Option<&str>, effect: &str| {
@@ -304,7 +336,7 @@ async fn set_taints(
         }
     };
     if has(no_schedule, "NoSchedule") && has(no_execute, "NoExecute") {
-        return;
+        return None;
     }
     let now = crate::util::now();
     let keep = |key: Option<&str>, effect: &str| -> Option<serde_json::Value> {
@@ -323,12 +355,10 @@ async fn set_taints(
         .collect();
     next.extend(keep(no_schedule, "NoSchedule"));
     next.extend(keep(no_execute, "NoExecute"));
-    let patch = json!({"metadata": {"resourceVersion": node.resource_version()}, "spec": {"taints": if next.is_empty() { serde_json::Value::Null } else { json!(next) }}});
-    if let Err(e) =
-        api.patch(&node.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await
-    {
-        tracing::debug!("tainting {}: {e}", node.name_any());
-    }
+    let taints = if next.is_empty() { serde_json::Value::Null } else { json!(next) };
+    Some(
+        json!({"metadata": {"resourceVersion": node.resource_version()}, "spec": {"taints": taints}}),
+    )
 }
 
 async fn mark_pods_not_ready(client: &Client, inf: &Informers, recorder: &Recorder, node: &str) {
@@ -388,5 +418,31 @@ mod tests {
             value: None,
         };
         assert_eq!(eviction_due(&pod(vec![forever]), &[taint], 1001), None);
+    }
+
+    #[test]
+    fn the_no_execute_taint_comes_later_without_resetting_the_no_schedule_one() {
+        let node: Node = serde_json::from_value(json!({
+            "metadata": {"name": "n", "resourceVersion": "7"},
+            "spec": {"taints": [
+                {"key": "example.com/dedicated", "effect": "NoSchedule"},
+                {"key": UNREACHABLE, "effect": "NoSchedule", "timeAdded": "2026-01-01T00:00:00Z"},
+            ]}
+        }))
+        .expect("node");
+        assert_eq!(taint_patch(&node, Some(UNREACHABLE), None), None, "nothing to change");
+        let patch = taint_patch(&node, Some(UNREACHABLE), Some(UNREACHABLE)).expect("a patch");
+        let taints = patch["spec"]["taints"].as_array().expect("taints");
+        assert_eq!(patch["metadata"]["resourceVersion"], "7");
+        assert_eq!(taints.len(), 3);
+        assert_eq!(taints[0]["key"], "example.com/dedicated");
+        assert_eq!(taints[1]["timeAdded"], "2026-01-01T00:00:00Z");
+        assert_eq!(
+            (taints[2]["key"].clone(), taints[2]["effect"].clone()),
+            (json!(UNREACHABLE), json!("NoExecute"))
+        );
+        // Ready again: only the foreign taint stays.
+        let patch = taint_patch(&node, None, None).expect("a patch");
+        assert_eq!(patch["spec"]["taints"].as_array().map(Vec::len), Some(1));
     }
 }
