@@ -1514,6 +1514,27 @@ fn waits_for_dependents(obj: &Value) -> bool {
             .is_some_and(|f| f.iter().any(|x| x == registry::FOREGROUND_DELETION))
 }
 
+/// Owners (by uid) whose foreground deletion has a task in this process: one task per owner,
+/// however often it is deleted again or found as a dependent.
+static FOREGROUND_IN_FLIGHT: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashSet<String>>,
+> = std::sync::LazyLock::new(Default::default);
+
+struct InFlight(String);
+
+impl InFlight {
+    fn claim(uid: &str) -> Option<InFlight> {
+        let mut set = FOREGROUND_IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner());
+        set.insert(uid.to_string()).then(|| InFlight(uid.to_string()))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        FOREGROUND_IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.0);
+    }
+}
+
 /// Foreground garbage collection of one owner, as upstream: every dependent is deleted (in the
 /// foreground too, so a whole tree goes leaves first); the owner stays, readable and with its
 /// deletionTimestamp, while a dependent with `blockOwnerDeletion: true` exists; then the
@@ -1525,9 +1546,10 @@ fn spawn_foreground_deletion(st: Arc<Inner>, r: &'static ResourceInfo, obj: &Val
         return;
     };
     let (uid, name) = (uid.to_string(), name.to_string());
+    let Some(guard) = InFlight::claim(&uid) else { return };
     let ns = obj["metadata"]["namespace"].as_str().map(String::from);
     tokio::spawn(async move {
-        let mut started = std::collections::HashSet::new();
+        let _guard = guard;
         loop {
             if st.shutdown.is_cancelled() {
                 return;
@@ -1547,12 +1569,9 @@ fn spawn_foreground_deletion(st: Arc<Inner>, r: &'static ResourceInfo, obj: &Val
                     blocking += 1;
                 }
                 if item["metadata"]["deletionTimestamp"].is_string() {
-                    // Already going; one that waits for its own dependents needs a task of its
-                    // own (one per dependent, not one per pass).
-                    if waits_for_dependents(&item)
-                        && let Some(u) = item["metadata"]["uid"].as_str()
-                        && started.insert(u.to_string())
-                    {
+                    // Already going; one that waits for its own dependents needs its task
+                    // (started unless one runs already).
+                    if waits_for_dependents(&item) {
                         spawn_foreground_deletion(st.clone(), dep, &item);
                     }
                     continue;
@@ -1571,9 +1590,6 @@ fn spawn_foreground_deletion(st: Arc<Inner>, r: &'static ResourceInfo, obj: &Val
                         after_delete(st.clone(), dep, &gone_obj, "Background");
                     }
                     Ok((left, false)) if waits_for_dependents(&left) => {
-                        if let Some(u) = left["metadata"]["uid"].as_str() {
-                            started.insert(u.to_string());
-                        }
                         spawn_foreground_deletion(st.clone(), dep, &left);
                     }
                     _ => {}
