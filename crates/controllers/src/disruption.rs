@@ -236,6 +236,13 @@ impl Disruption {
         }
     }
 
+    /// Forgets queued nodes that no longer exist, so a deleted node spends no zone's turn.
+    pub fn retain_nodes(&mut self, exists: impl Fn(&str) -> bool) {
+        for z in self.zones.values_mut() {
+            z.queue.retain(|n| exists(n));
+        }
+    }
+
     /// The queued nodes whose taint the zones' rates allow now, taken off their queues.
     pub fn take_allowed(&mut self, now: Instant) -> HashSet<String> {
         let mut out = HashSet::new();
@@ -288,6 +295,10 @@ mod tests {
         assert_eq!(d.take_allowed(secs(t0, 10)), HashSet::from(["b".to_string()]));
         d.dequeue("c");
         assert!(d.take_allowed(secs(t0, 30)).is_empty(), "c came back before its turn");
+        d.enqueue("", "deleted");
+        d.enqueue("", "d");
+        d.retain_nodes(|n| n != "deleted");
+        assert_eq!(d.take_allowed(secs(t0, 40)), HashSet::from(["d".to_string()]));
     }
 
     #[test]

@@ -148,6 +148,8 @@ pub async fn run(
                 (Some(_), None) => disruption.enqueue(&zone_key(node), &name),
             }
         }
+        let names: HashSet<String> = nodes.iter().map(|n| n.name_any()).collect();
+        disruption.retain_nodes(|n| names.contains(n));
         let allowed = disruption.take_allowed(clock);
         for node in &nodes {
             let name = node.name_any();
