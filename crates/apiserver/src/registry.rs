@@ -136,6 +136,9 @@ pub struct ListParams {
     pub resource_version: Option<String>,
 }
 
+/// The finalizer a `propagationPolicy: Foreground` delete puts on the owner.
+pub const FOREGROUND_DELETION: &str = "foregroundDeletion";
+
 pub struct DeleteParams {
     pub grace_period: Option<i64>,
     pub propagation: String,
@@ -735,6 +738,9 @@ impl Registry {
                     .unwrap_or(30);
                 bound && !terminal && grace > 0
             };
+            // Foreground propagation: the owner waits for its dependents (upstream puts the
+            // finalizer on every kind; a pod being stopped gracefully keeps that path instead).
+            let foreground = p.propagation == "Foreground" && r.plural != "namespaces" && !graceful;
             if r.plural == "namespaces" {
                 if obj["status"]["phase"] == "Terminating" {
                     return Ok((obj, false));
@@ -755,12 +761,26 @@ impl Registry {
                 obj["metadata"]["deletionTimestamp"] =
                     json!(when.strftime("%Y-%m-%dT%H:%M:%SZ").to_string());
                 obj["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
-            } else if has_finalizers {
-                if obj["metadata"]["deletionTimestamp"].is_string() {
+            } else if has_finalizers || foreground {
+                let deleting = obj["metadata"]["deletionTimestamp"].is_string();
+                let has_fg = obj["metadata"]["finalizers"]
+                    .as_array()
+                    .is_some_and(|f| f.iter().any(|x| x == FOREGROUND_DELETION));
+                if deleting && (!foreground || has_fg) {
                     return Ok((obj, false));
                 }
-                obj["metadata"]["deletionTimestamp"] = json!(strategy::now_rfc3339());
-                obj["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+                if !deleting {
+                    obj["metadata"]["deletionTimestamp"] = json!(strategy::now_rfc3339());
+                    obj["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+                }
+                if foreground && !has_fg {
+                    // The garbage collector removes it once the blocking dependents are gone;
+                    // until then the owner stays readable, with its deletionTimestamp.
+                    match obj["metadata"]["finalizers"].as_array_mut() {
+                        Some(f) => f.push(json!(FOREGROUND_DELETION)),
+                        None => obj["metadata"]["finalizers"] = json!([FOREGROUND_DELETION]),
+                    }
+                }
             } else {
                 if p.dry_run {
                     return Ok((obj, true));

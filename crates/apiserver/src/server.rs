@@ -259,10 +259,8 @@ impl ApiServer {
             }
             Err(e) => return Err(e),
         }
-        for n in ["default", "kube-system", "kube-public", "kube-node-lease"] {
-            let sa = res("", "serviceaccounts")?;
-            ensure(reg.create(sa, Some(n), json!({"metadata": {"name": "default"}}), false).await)?;
-        }
+        // The `default` ServiceAccount of each namespace comes from the controller manager's
+        // serviceaccount controller, as upstream, for these namespaces and every later one.
         Ok(())
     }
 
@@ -1085,6 +1083,10 @@ async fn handle(st: Arc<Inner>, user: User, req: Request) -> Result<Response> {
                 after_delete(st.clone(), r, &obj, &dp.propagation);
             } else if r.plural == "namespaces" && !dry_run {
                 spawn_namespace_cleanup(st.clone(), name.to_string());
+            } else if !dry_run && waits_for_dependents(&obj) {
+                // Also on a repeated DELETE, so an owner left waiting (say, by a restart of the
+                // API server) can be finished by deleting it again.
+                spawn_foreground_deletion(st.clone(), r, &obj);
             }
             Ok(object_response(StatusCode::OK, r, obj, false, &q))
         }
@@ -1104,6 +1106,8 @@ async fn handle(st: Arc<Inner>, user: User, req: Request) -> Result<Response> {
                     Ok((obj, gone)) => {
                         if gone && !dry_run {
                             after_delete(st.clone(), r, &obj, &dp.propagation);
+                        } else if !dry_run && waits_for_dependents(&obj) {
+                            spawn_foreground_deletion(st.clone(), r, &obj);
                         }
                         out.push(obj);
                     }
@@ -1398,6 +1402,46 @@ async fn apply_patch(
     }
 }
 
+/// Kinds that can be dependents of an owner: every namespaced kind that can be deleted, but
+/// events (they name their object in `involvedObject`, never in ownerReferences).
+fn dependent_kinds() -> impl Iterator<Item = &'static ResourceInfo> {
+    resources::RESOURCES
+        .iter()
+        .filter(|d| d.namespaced && d.verbs.contains(&"delete") && d.plural != "events")
+}
+
+/// Objects whose ownerReferences name `uid`, in `ns` (all namespaces for a cluster-scoped owner).
+async fn dependents_of(
+    st: &Inner,
+    uid: &str,
+    ns: Option<&str>,
+) -> Vec<(&'static ResourceInfo, Value)> {
+    let mut out = Vec::new();
+    for dep in dependent_kinds() {
+        let Ok((items, _)) = st.registry.list(dep, ns, &ListParams::default()).await else {
+            continue;
+        };
+        out.extend(
+            items.into_iter().filter(|item| owner_ref(item, uid).is_some()).map(|item| (dep, item)),
+        );
+    }
+    out
+}
+
+fn owner_ref<'a>(item: &'a Value, uid: &str) -> Option<&'a Value> {
+    item["metadata"]["ownerReferences"].as_array()?.iter().find(|x| x["uid"].as_str() == Some(uid))
+}
+
+fn delete_with(propagation: &str) -> DeleteParams {
+    DeleteParams {
+        grace_period: None,
+        propagation: propagation.into(),
+        precondition_uid: None,
+        precondition_rv: None,
+        dry_run: false,
+    }
+}
+
 /// Background garbage collection: dependents of a deleted owner are deleted (or orphaned).
 fn after_delete(st: Arc<Inner>, r: &'static ResourceInfo, obj: &Value, propagation: &str) {
     let Some(uid) = obj["metadata"]["uid"].as_str().map(String::from) else { return };
@@ -1407,74 +1451,177 @@ fn after_delete(st: Arc<Inner>, r: &'static ResourceInfo, obj: &Value, propagati
     tokio::spawn(async move {
         let mut queue = vec![(uid, ns)];
         while let Some((uid, ns)) = queue.pop() {
-            for dep in resources::RESOURCES.iter().filter(|d| {
-                d.namespaced
-                    && matches!(
-                        d.plural,
-                        "replicasets"
-                            | "pods"
-                            | "endpointslices"
-                            | "events"
-                            | "leases"
-                            | "configmaps"
-                            | "secrets"
-                    )
-            }) {
-                if dep.plural == "events" {
+            for (dep, item) in dependents_of(&st, &uid, ns.as_deref()).await {
+                let name = item["metadata"]["name"].as_str().unwrap_or("").to_string();
+                let ins = item["metadata"]["namespace"].as_str().map(String::from);
+                if orphan {
+                    let owner = uid.clone();
+                    let _ = st
+                        .registry
+                        .guaranteed_update(
+                            dep,
+                            ins.as_deref(),
+                            &name,
+                            false,
+                            |old| {
+                                let mut n = old.clone();
+                                if let Some(refs) = n["metadata"]["ownerReferences"].as_array_mut()
+                                {
+                                    refs.retain(|x| x["uid"].as_str() != Some(&owner));
+                                }
+                                // An empty list is no list, as upstream encodes it.
+                                if n["metadata"]["ownerReferences"]
+                                    .as_array()
+                                    .is_some_and(Vec::is_empty)
+                                    && let Some(m) = n["metadata"].as_object_mut()
+                                {
+                                    m.remove("ownerReferences");
+                                }
+                                Ok(n)
+                            },
+                            None,
+                        )
+                        .await;
                     continue;
                 }
-                let Ok((items, _)) =
-                    st.registry.list(dep, ns.as_deref(), &ListParams::default()).await
-                else {
-                    continue;
-                };
-                for item in items {
-                    let owned = item["metadata"]["ownerReferences"]
-                        .as_array()
-                        .is_some_and(|o| o.iter().any(|x| x["uid"].as_str() == Some(&uid)));
-                    if !owned {
-                        continue;
+                match st
+                    .registry
+                    .delete(dep, ins.as_deref(), &name, &delete_with("Background"))
+                    .await
+                {
+                    Ok((gone_obj, true)) => {
+                        if let Some(u) = gone_obj["metadata"]["uid"].as_str() {
+                            queue.push((u.to_string(), ins.clone()));
+                        }
                     }
-                    let name = item["metadata"]["name"].as_str().unwrap_or("").to_string();
-                    let ins = item["metadata"]["namespace"].as_str().map(String::from);
-                    if orphan {
-                        let owner = uid.clone();
-                        let _ = st
-                            .registry
-                            .guaranteed_update(
-                                dep,
-                                ins.as_deref(),
-                                &name,
-                                false,
-                                |old| {
-                                    let mut n = old.clone();
-                                    if let Some(refs) =
-                                        n["metadata"]["ownerReferences"].as_array_mut()
-                                    {
-                                        refs.retain(|x| x["uid"].as_str() != Some(&owner));
-                                    }
-                                    Ok(n)
-                                },
-                                None,
-                            )
-                            .await;
-                        continue;
+                    // A dependent that waits for its own dependents (a foreground delete already
+                    // under way) is finished by its own task.
+                    Ok((left, false)) if waits_for_dependents(&left) => {
+                        spawn_foreground_deletion(st.clone(), dep, &left);
                     }
-                    let dp = DeleteParams {
-                        grace_period: None,
-                        propagation: "Background".into(),
-                        precondition_uid: None,
-                        precondition_rv: None,
-                        dry_run: false,
-                    };
-                    if let Ok((gone_obj, true)) =
-                        st.registry.delete(dep, ins.as_deref(), &name, &dp).await
-                        && let Some(u) = gone_obj["metadata"]["uid"].as_str()
-                    {
-                        queue.push((u.to_string(), ins.clone()));
-                    }
+                    _ => {}
                 }
             }
+        }
+    });
+}
+
+/// Whether an object is being deleted in the foreground: it carries the finalizer.
+fn waits_for_dependents(obj: &Value) -> bool {
+    obj["metadata"]["deletionTimestamp"].is_string()
+        && obj["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|x| x == registry::FOREGROUND_DELETION))
+}
+
+/// Owners (by uid) whose foreground deletion has a task in this process: one task per owner,
+/// however often it is deleted again or found as a dependent.
+static FOREGROUND_IN_FLIGHT: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashSet<String>>,
+> = std::sync::LazyLock::new(Default::default);
+
+struct InFlight(String);
+
+impl InFlight {
+    fn claim(uid: &str) -> Option<InFlight> {
+        let mut set = FOREGROUND_IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner());
+        set.insert(uid.to_string()).then(|| InFlight(uid.to_string()))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        FOREGROUND_IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.0);
+    }
+}
+
+/// Foreground garbage collection of one owner, as upstream: every dependent is deleted (in the
+/// foreground too, so a whole tree goes leaves first); the owner stays, readable and with its
+/// deletionTimestamp, while a dependent with `blockOwnerDeletion: true` exists; then the
+/// `foregroundDeletion` finalizer is removed, which removes the owner once it has no other.
+fn spawn_foreground_deletion(st: Arc<Inner>, r: &'static ResourceInfo, obj: &Value) {
+    let (Some(uid), Some(name)) =
+        (obj["metadata"]["uid"].as_str(), obj["metadata"]["name"].as_str())
+    else {
+        return;
+    };
+    let (uid, name) = (uid.to_string(), name.to_string());
+    let Some(guard) = InFlight::claim(&uid) else { return };
+    let ns = obj["metadata"]["namespace"].as_str().map(String::from);
+    tokio::spawn(async move {
+        let _guard = guard;
+        loop {
+            if st.shutdown.is_cancelled() {
+                return;
+            }
+            // The owner may be gone, recreated under the same name, or no longer waiting.
+            match st.registry.get(r, ns.as_deref(), &name).await {
+                Ok(cur) if cur["metadata"]["uid"].as_str() == Some(&uid) => {
+                    if !waits_for_dependents(&cur) {
+                        return;
+                    }
+                }
+                _ => return,
+            }
+            let mut blocking = 0;
+            for (dep, item) in dependents_of(&st, &uid, ns.as_deref()).await {
+                if owner_ref(&item, &uid).is_some_and(|o| o["blockOwnerDeletion"] == true) {
+                    blocking += 1;
+                }
+                if item["metadata"]["deletionTimestamp"].is_string() {
+                    // Already going; one that waits for its own dependents needs its task
+                    // (started unless one runs already).
+                    if waits_for_dependents(&item) {
+                        spawn_foreground_deletion(st.clone(), dep, &item);
+                    }
+                    continue;
+                }
+                let dname = item["metadata"]["name"].as_str().unwrap_or("").to_string();
+                let dns = item["metadata"]["namespace"].as_str().map(String::from);
+                match st
+                    .registry
+                    .delete(dep, dns.as_deref(), &dname, &delete_with("Foreground"))
+                    .await
+                {
+                    Ok((gone_obj, true)) => {
+                        if owner_ref(&item, &uid).is_some_and(|o| o["blockOwnerDeletion"] == true) {
+                            blocking -= 1;
+                        }
+                        after_delete(st.clone(), dep, &gone_obj, "Background");
+                    }
+                    Ok((left, false)) if waits_for_dependents(&left) => {
+                        spawn_foreground_deletion(st.clone(), dep, &left);
+                    }
+                    _ => {}
+                }
+            }
+            if blocking == 0 {
+                let removed = st
+                    .registry
+                    .guaranteed_update(
+                        r,
+                        ns.as_deref(),
+                        &name,
+                        false,
+                        |old| {
+                            if old["metadata"]["uid"].as_str() != Some(&uid) {
+                                return Err(Error::conflict(&qualified(r), &name));
+                            }
+                            let mut n = old.clone();
+                            if let Some(f) = n["metadata"]["finalizers"].as_array_mut() {
+                                f.retain(|x| x != registry::FOREGROUND_DELETION);
+                            }
+                            Ok(n)
+                        },
+                        None,
+                    )
+                    .await;
+                match removed {
+                    Ok(_) => return,
+                    Err(e) => tracing::debug!("finishing foreground deletion of {name}: {e}"),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     });
 }

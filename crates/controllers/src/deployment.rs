@@ -137,6 +137,7 @@ async fn reconcile(
     let paused = spec.paused == Some(true);
     let recreate = spec.strategy.as_ref().and_then(|s| s.type_.as_deref()) == Some("Recreate");
     let mut new_rs = new_rs;
+    let mut created_new = false;
     if new_rs.is_none() && !paused {
         let hash = template_hash(&spec.template);
         let mut tpl = spec.template.clone();
@@ -197,6 +198,7 @@ async fn reconcile(
                         .await;
                 }
                 new_rs = Some(Arc::new(created));
+                created_new = true;
             }
             Err(kube::Error::Api(e)) if e.code == 409 => return Ok(()),
             Err(e) => return Err(e.into()),
@@ -311,85 +313,73 @@ async fn reconcile(
     };
     let available_ok = avail >= want - max_unavail;
     let rs_name = new_rs.as_ref().map(|n| n.name_any()).unwrap_or_default();
-    let complete = updated == want
-        && cur_replicas == want
-        && avail >= want
-        && d.status.as_ref().and_then(|s| s.observed_generation).is_some();
-    let progressing = if paused {
-        cond("Progressing", "Unknown", "DeploymentPaused", "Deployment is paused".into())
-    } else if complete {
-        cond(
+    let prev_progressing = prev_conds.iter().find(|c| c["type"] == "Progressing");
+    let before = d
+        .status
+        .as_ref()
+        .map(|s| Counts {
+            replicas: s.replicas.unwrap_or(0),
+            updated: s.updated_replicas.unwrap_or(0),
+            ready: s.ready_replicas.unwrap_or(0),
+            available: s.available_replicas.unwrap_or(0),
+        })
+        .unwrap_or_default();
+    let after = Counts { replicas: cur_replicas, updated, ready, available: avail };
+    let deadline = spec.progress_deadline_seconds.filter(|s| *s != i32::MAX).map(i64::from);
+    let state = if paused {
+        Progress::Paused
+    } else if created_new {
+        Progress::NewReplicaSet
+    } else {
+        progress(prev_progressing, before, after, want, deadline, jiff::Timestamp::now())
+    };
+    let progressing = match state {
+        Progress::Paused => {
+            Some(cond("Progressing", "Unknown", "DeploymentPaused", "Deployment is paused".into()))
+        }
+        Progress::NewReplicaSet => Some(cond(
+            "Progressing",
+            "True",
+            "NewReplicaSetCreated",
+            format!("Created new replica set \"{rs_name}\""),
+        )),
+        Progress::Complete => Some(cond(
             "Progressing",
             "True",
             "NewReplicaSetAvailable",
             format!("ReplicaSet \"{rs_name}\" has successfully progressed."),
+        )),
+        // Progress refreshes lastUpdateTime, the clock the deadline runs on.
+        Progress::Progressed => Some(cond(
+            "Progressing",
+            "True",
+            "ReplicaSetUpdated",
+            format!("ReplicaSet \"{rs_name}\" is progressing."),
+        )),
+        Progress::TimedOut => Some(cond(
+            "Progressing",
+            "False",
+            "ProgressDeadlineExceeded",
+            format!("ReplicaSet \"{rs_name}\" has timed out progressing."),
+        )),
+        Progress::Unchanged => prev_progressing.cloned(),
+    };
+    let conditions = vec![if available_ok {
+        cond(
+            "Available",
+            "True",
+            "MinimumReplicasAvailable",
+            "Deployment has minimum availability.".into(),
         )
     } else {
-        let deadline = spec.progress_deadline_seconds.unwrap_or(600) as i64;
-        let last_progress = prev_conds
-            .iter()
-            .find(|c| c["type"] == "Progressing")
-            .and_then(|c| c["lastUpdateTime"].as_str())
-            .and_then(|t| t.parse::<jiff::Timestamp>().ok());
-        let stalled = last_progress
-            .is_some_and(|t| jiff::Timestamp::now().as_second() - t.as_second() > deadline)
-            && prev_conds
-                .iter()
-                .any(|c| c["type"] == "Progressing" && c["reason"] != "NewReplicaSetAvailable");
-        if stalled {
-            cond(
-                "Progressing",
-                "False",
-                "ProgressDeadlineExceeded",
-                format!("ReplicaSet \"{rs_name}\" has timed out progressing."),
-            )
-        } else {
-            let mut c = cond(
-                "Progressing",
-                "True",
-                "ReplicaSetUpdated",
-                format!("ReplicaSet \"{rs_name}\" is progressing."),
-            );
-            // Only real progress (a count moving) refreshes lastUpdateTime.
-            let before = d
-                .status
-                .as_ref()
-                .map(|s| {
-                    (
-                        s.updated_replicas.unwrap_or(0),
-                        s.available_replicas.unwrap_or(0),
-                        s.ready_replicas.unwrap_or(0),
-                    )
-                })
-                .unwrap_or_default();
-            if before == (updated, avail, ready)
-                && let Some(p) = prev_conds
-                    .iter()
-                    .find(|c| c["type"] == "Progressing" && c["reason"] == "ReplicaSetUpdated")
-            {
-                c["lastUpdateTime"] = p["lastUpdateTime"].clone();
-            }
-            c
-        }
-    };
-    let conditions = vec![
-        if available_ok {
-            cond(
-                "Available",
-                "True",
-                "MinimumReplicasAvailable",
-                "Deployment has minimum availability.".into(),
-            )
-        } else {
-            cond(
-                "Available",
-                "False",
-                "MinimumReplicasUnavailable",
-                "Deployment does not have minimum availability.".into(),
-            )
-        },
-        progressing,
-    ];
+        cond(
+            "Available",
+            "False",
+            "MinimumReplicasUnavailable",
+            "Deployment does not have minimum availability.".into(),
+        )
+    }];
+    let conditions: Vec<Value> = conditions.into_iter().chain(progressing).collect();
     let status = json!({
         "observedGeneration": d.metadata.generation.unwrap_or(0),
         "replicas": cur_replicas, "updatedReplicas": updated, "readyReplicas": ready,
@@ -437,4 +427,140 @@ async fn reconcile(
         }
     }
     Ok(())
+}
+
+/// The replica counts the Progressing condition compares between passes.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Counts {
+    replicas: i32,
+    updated: i32,
+    ready: i32,
+    available: i32,
+}
+
+/// What the Progressing condition should say after a pass.
+#[derive(Debug, PartialEq)]
+enum Progress {
+    Paused,
+    NewReplicaSet,
+    /// Every replica updated and available (NewReplicaSetAvailable).
+    Complete,
+    /// Some count moved the right way since the last pass (ReplicaSetUpdated, new lastUpdateTime).
+    Progressed,
+    /// No progress for progressDeadlineSeconds since lastUpdateTime (ProgressDeadlineExceeded).
+    TimedOut,
+    /// Keep the condition as it is, lastUpdateTime included, so the deadline keeps running.
+    Unchanged,
+}
+
+/// Upstream's rollout status: a complete rollout stays complete while its replicas are all
+/// updated; otherwise completion, then progress, then the deadline decide. A timed-out rollout
+/// stays timed out until something moves again.
+fn progress(
+    prev: Option<&Value>,
+    before: Counts,
+    after: Counts,
+    want: i32,
+    deadline: Option<i64>,
+    now: jiff::Timestamp,
+) -> Progress {
+    let reason = prev.and_then(|c| c["reason"].as_str());
+    if after.replicas == after.updated && reason == Some("NewReplicaSetAvailable") {
+        return Progress::Complete;
+    }
+    if after.updated == want && after.replicas == want && after.available == want {
+        return Progress::Complete;
+    }
+    let old_before = before.replicas - before.updated;
+    let old_after = after.replicas - after.updated;
+    if after.updated > before.updated
+        || old_after < old_before
+        || after.ready > before.ready
+        || after.available > before.available
+    {
+        return Progress::Progressed;
+    }
+    let Some(deadline) = deadline else { return Progress::Unchanged };
+    match reason {
+        None | Some("NewReplicaSetAvailable") => Progress::Unchanged,
+        Some("ProgressDeadlineExceeded") => Progress::TimedOut,
+        Some(_) => {
+            let since = prev
+                .and_then(|c| c["lastUpdateTime"].as_str())
+                .and_then(|t| t.parse::<jiff::Timestamp>().ok());
+            match since {
+                Some(t) if now.as_second() > t.as_second() + deadline => Progress::TimedOut,
+                _ => Progress::Unchanged,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(replicas: i32, updated: i32, ready: i32, available: i32) -> Counts {
+        Counts { replicas, updated, ready, available }
+    }
+
+    fn at(s: i64) -> jiff::Timestamp {
+        jiff::Timestamp::from_second(s).expect("valid time")
+    }
+
+    fn updating_since(s: i64) -> Value {
+        json!({"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated",
+               "lastUpdateTime": at(s).to_string()})
+    }
+
+    #[test]
+    fn a_rollout_without_progress_times_out_after_the_deadline_and_not_before() {
+        let c = updating_since(1000);
+        let stuck = counts(2, 2, 0, 0);
+        assert_eq!(progress(Some(&c), stuck, stuck, 2, Some(10), at(1010)), Progress::Unchanged);
+        assert_eq!(progress(Some(&c), stuck, stuck, 2, Some(10), at(1011)), Progress::TimedOut);
+        assert_eq!(progress(Some(&c), stuck, stuck, 2, None, at(99_999)), Progress::Unchanged);
+    }
+
+    #[test]
+    fn a_timed_out_rollout_stays_timed_out_until_a_count_moves() {
+        let c = json!({"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                       "lastUpdateTime": at(5000).to_string()});
+        let stuck = counts(2, 2, 0, 0);
+        assert_eq!(progress(Some(&c), stuck, stuck, 2, Some(10), at(5001)), Progress::TimedOut);
+        assert_eq!(
+            progress(Some(&c), stuck, counts(2, 2, 1, 1), 2, Some(10), at(5001)),
+            Progress::Progressed
+        );
+    }
+
+    #[test]
+    fn progress_is_a_count_moving_towards_the_goal() {
+        let c = updating_since(1000);
+        let before = counts(4, 2, 2, 2);
+        // An old replica gone counts as progress; fewer ready pods does not.
+        assert_eq!(
+            progress(Some(&c), before, counts(3, 2, 2, 2), 3, Some(10), at(2000)),
+            Progress::Progressed
+        );
+        assert_eq!(
+            progress(Some(&c), before, counts(4, 2, 1, 1), 3, Some(10), at(2000)),
+            Progress::TimedOut
+        );
+    }
+
+    #[test]
+    fn a_complete_rollout_stays_complete_while_every_replica_is_updated() {
+        let done = json!({"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable",
+                          "lastUpdateTime": at(0).to_string()});
+        // A pod dying later is not a stalled rollout.
+        assert_eq!(
+            progress(Some(&done), counts(3, 3, 3, 3), counts(3, 3, 2, 2), 3, Some(1), at(9999)),
+            Progress::Complete
+        );
+        assert_eq!(
+            progress(None, counts(0, 0, 0, 0), counts(3, 3, 3, 3), 3, Some(1), at(0)),
+            Progress::Complete
+        );
+    }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
@@ -23,6 +23,8 @@ pub struct Informers {
     pub nodes: Store<Node>,
     pub services: Store<Service>,
     pub leases: Store<Lease>,
+    pub namespaces: Store<Namespace>,
+    pub serviceaccounts: Store<ServiceAccount>,
     pub changed: watch::Receiver<u64>,
 }
 
@@ -78,7 +80,13 @@ impl Informers {
             daemonsets: start(Api::<DaemonSet>::all(client.clone()), tx.clone(), shutdown.clone()),
             nodes: start(Api::<Node>::all(client.clone()), tx.clone(), shutdown.clone()),
             services: start(Api::<Service>::all(client.clone()), tx.clone(), shutdown.clone()),
-            leases: start(Api::<Lease>::namespaced(client, "kube-node-lease"), tx, shutdown),
+            leases: start(
+                Api::<Lease>::namespaced(client.clone(), "kube-node-lease"),
+                tx.clone(),
+                shutdown.clone(),
+            ),
+            namespaces: start(Api::<Namespace>::all(client.clone()), tx.clone(), shutdown.clone()),
+            serviceaccounts: start(Api::<ServiceAccount>::all(client), tx, shutdown),
             changed: rx,
         }
     }
@@ -91,6 +99,8 @@ impl Informers {
         let _ = self.nodes.wait_until_ready().await;
         let _ = self.services.wait_until_ready().await;
         let _ = self.leases.wait_until_ready().await;
+        let _ = self.namespaces.wait_until_ready().await;
+        let _ = self.serviceaccounts.wait_until_ready().await;
     }
 }
 

@@ -4,16 +4,21 @@
 pub mod cli;
 mod daemonset;
 mod deployment;
+mod disruption;
 mod endpoints;
 mod informer;
 mod nodeipam;
 mod nodes;
+mod podgc;
 mod replicaset;
+mod serviceaccounts;
 mod util;
 
 use std::time::Duration;
 
 use kube::Client;
+
+pub use crate::disruption::Limits as EvictionLimits;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +43,15 @@ pub struct Config {
     pub cluster_cidr: Option<String>,
     /// The prefix length of each node's pod CIDR (`--node-cidr-mask-size`, upstream 24).
     pub node_cidr_mask_size: u8,
+    /// Terminated pods kept before the oldest are deleted (`--terminated-pod-gc-threshold`,
+    /// upstream 12500); 0 keeps them all.
+    pub terminated_pod_gc_threshold: usize,
+    /// How often the pod garbage collector runs (upstream: 20 s).
+    pub pod_gc_period: Duration,
+    /// How long a pod's node must be missing before the pod is collected (upstream: 40 s).
+    pub pod_gc_quarantine: Duration,
+    /// `--node-eviction-rate` and friends: how fast lost nodes get NoExecute taints per zone.
+    pub eviction_limits: EvictionLimits,
 }
 
 impl Default for Config {
@@ -52,6 +66,10 @@ impl Default for Config {
             lease_duration: Duration::from_secs(15),
             cluster_cidr: Some("10.244.0.0/16".into()),
             node_cidr_mask_size: 24,
+            terminated_pod_gc_threshold: 12500,
+            pod_gc_period: Duration::from_secs(20),
+            pod_gc_quarantine: Duration::from_secs(40),
+            eviction_limits: EvictionLimits::default(),
         }
     }
 }
@@ -110,7 +128,17 @@ pub async fn run_with_client(
         config.clone(),
         shutdown.clone(),
     ));
-    let mut tasks = vec![rs, dep, ds, ep, nodes];
+    let sa =
+        tokio::spawn(serviceaccounts::run(client.clone(), informers.clone(), shutdown.clone()));
+    let podgc = tokio::spawn(podgc::run(
+        client.clone(),
+        informers.clone(),
+        config.terminated_pod_gc_threshold,
+        config.pod_gc_period,
+        config.pod_gc_quarantine,
+        shutdown.clone(),
+    ));
+    let mut tasks = vec![rs, dep, ds, ep, nodes, sa, podgc];
     if let Some(cidr) = cluster_cidr {
         let recorder = rkube_client::events::Recorder::new(client.clone(), "node-ipam", None);
         tasks.push(tokio::spawn(nodeipam::run(

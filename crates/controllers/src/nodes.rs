@@ -1,9 +1,12 @@
 //! Node lifecycle: a node whose Lease and status stop being renewed for the grace period is
 //! marked Unknown and tainted unreachable (NotReady → not-ready); pods that do not tolerate the
 //! taint long enough are evicted (TaintManagerEviction); taints go when heartbeats come back.
-//! Timer-driven every `node_monitor_period`, so a node is declared lost within grace + 1 s.
+//! NoExecute taints are added at the zones' eviction rates and not at all in full disruption
+//! (see `disruption.rs`). Timer-driven every `node_monitor_period`, so a node is declared lost
+//! within grace + 1 s.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Instant;
 
 use k8s_openapi::api::core::v1::{Node, Pod, Taint};
 use kube::api::{DeleteParams, Patch, PatchParams};
@@ -13,6 +16,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::Config;
+use crate::disruption::{Disruption, Transition, excluded, zone_key};
 use crate::informer::Informers;
 
 const UNREACHABLE: &str = "node.kubernetes.io/unreachable";
@@ -60,10 +64,13 @@ pub async fn run(
     let mut lost: HashSet<String> = HashSet::new();
     let mut known: HashSet<String> = HashSet::new();
     let mut evicted: HashMap<String, ()> = HashMap::new();
+    let mut disruption = Disruption::new(config.eviction_limits);
     let grace = config.node_monitor_grace_period.as_secs() as i64;
     loop {
         let now = jiff::Timestamp::now().as_second();
         let nodes = inf.nodes.state();
+        // What each node's Ready condition is (or is about to be, once marked Unknown).
+        let mut status: HashMap<String, String> = HashMap::new();
         for node in &nodes {
             let name = node.name_any();
             if known.insert(name.clone()) {
@@ -92,13 +99,6 @@ pub async fn run(
                 mark_pods_not_ready(&client, &inf, &recorder, &name).await;
                 lost.insert(name.clone());
             }
-            let want_taint = if silent || ready == "Unknown" {
-                Some(UNREACHABLE)
-            } else if ready == "False" {
-                Some(NOT_READY)
-            } else {
-                None
-            };
             if !silent && ready == "True" && lost.remove(&name) {
                 recorder
                     .record(
@@ -109,41 +109,94 @@ pub async fn run(
                     )
                     .await;
             }
-            set_taints(&nodes_api, node, want_taint).await;
+            status.insert(name, if silent { "Unknown".into() } else { ready });
         }
         known.retain(|n| nodes.iter().any(|x| x.name_any() == *n));
-        // Taint-based eviction, paused when every node is down (full disruption), as upstream.
-        let all_down = !nodes.is_empty() && nodes.iter().all(|n| ready_status(n) != "True");
-        if !all_down {
-            for node in &nodes {
-                let taints: Vec<Taint> = node
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.taints.clone())
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter(|t| t.effect == "NoExecute")
-                    .collect();
-                if taints.is_empty() {
+
+        // Zone health decides how fast NoExecute taints may be added, or whether at all.
+        let mut zones: BTreeMap<String, Vec<bool>> = BTreeMap::new();
+        for node in nodes.iter().filter(|n| !excluded(n)) {
+            let ready = status.get(&node.name_any()).is_some_and(|s| s == "True");
+            zones.entry(zone_key(node)).or_default().push(ready);
+        }
+        let clock = Instant::now();
+        for t in disruption.observe(&zones, clock) {
+            match t {
+                Transition::EnteredFullDisruption => tracing::warn!(
+                    "every node is NotReady: entering full disruption mode, no NoExecute taints \
+                     are added and the ones of the node lifecycle come off until a node is back"
+                ),
+                Transition::ExitedFullDisruption => {
+                    tracing::info!("some nodes are Ready: exiting full disruption mode")
+                }
+                Transition::Zone(z, state) => {
+                    let zone =
+                        if z.is_empty() { "<default>".to_string() } else { z.replace('\x00', "") };
+                    tracing::info!("zone {zone} is now in state {state:?}")
+                }
+            }
+        }
+        let full = disruption.all_fully_disrupted();
+        for node in &nodes {
+            let name = node.name_any();
+            let want = lifecycle_taint(status.get(&name).map(String::as_str).unwrap_or("Unknown"));
+            match (want, no_execute_lifecycle_taint(node)) {
+                (None, _) => disruption.dequeue(&name),
+                // Already tainted: a change between not-ready and unreachable is immediate.
+                (Some(_), Some(_)) => {}
+                // Queued even in full disruption (the rate is 0 then), to go first after it.
+                (Some(_), None) => disruption.enqueue(&zone_key(node), &name),
+            }
+        }
+        let names: HashSet<String> = nodes.iter().map(|n| n.name_any()).collect();
+        disruption.retain_nodes(|n| names.contains(n));
+        let allowed = disruption.take_allowed(clock);
+        for node in &nodes {
+            let name = node.name_any();
+            let want = lifecycle_taint(status.get(&name).map(String::as_str).unwrap_or("Unknown"));
+            let no_execute = match (want, no_execute_lifecycle_taint(node)) {
+                _ if full => None,
+                (Some(k), Some(_)) => Some(k),
+                (Some(k), None) if allowed.contains(&name) => {
+                    tracing::info!("node {name} is not ready: adding the NoExecute taint {k}");
+                    Some(k)
+                }
+                _ => None,
+            };
+            set_taints(&nodes_api, node, want, no_execute).await;
+        }
+
+        // Taint-based eviction. In full disruption the lifecycle taints are on their way off
+        // (this snapshot may still show them), so they evict nobody.
+        for node in &nodes {
+            let taints: Vec<Taint> = node
+                .spec
+                .as_ref()
+                .and_then(|s| s.taints.clone())
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|t| t.effect == "NoExecute")
+                .filter(|t| !(full && (t.key == UNREACHABLE || t.key == NOT_READY)))
+                .collect();
+            if taints.is_empty() {
+                continue;
+            }
+            for pod in inf.pods.state().iter().filter(|p| {
+                p.spec.as_ref().and_then(|s| s.node_name.as_deref())
+                    == Some(node.name_any().as_str())
+            }) {
+                if pod.metadata.deletion_timestamp.is_some() {
                     continue;
                 }
-                for pod in inf.pods.state().iter().filter(|p| {
-                    p.spec.as_ref().and_then(|s| s.node_name.as_deref())
-                        == Some(node.name_any().as_str())
-                }) {
-                    if pod.metadata.deletion_timestamp.is_some() {
-                        continue;
-                    }
-                    let uid = pod.uid().unwrap_or_default();
-                    if evicted.contains_key(&uid) {
-                        continue;
-                    }
-                    if let Some(due) = eviction_due(pod, &taints, now)
-                        && due <= now
-                    {
-                        evict(&client, &recorder, pod).await;
-                        evicted.insert(uid, ());
-                    }
+                let uid = pod.uid().unwrap_or_default();
+                if evicted.contains_key(&uid) {
+                    continue;
+                }
+                if let Some(due) = eviction_due(pod, &taints, now)
+                    && due <= now
+                {
+                    evict(&client, &recorder, pod).await;
+                    evicted.insert(uid, ());
                 }
             }
         }
@@ -155,6 +208,22 @@ pub async fn run(
             _ = tokio::time::sleep(config.node_monitor_period) => {}
         }
     }
+}
+
+/// The lifecycle taint key a node's Ready status calls for.
+fn lifecycle_taint(ready: &str) -> Option<&'static str> {
+    match ready {
+        "True" => None,
+        "False" => Some(NOT_READY),
+        _ => Some(UNREACHABLE),
+    }
+}
+
+fn no_execute_lifecycle_taint(node: &Node) -> Option<String> {
+    node.spec.as_ref()?.taints.as_ref()?.iter().find_map(|t| {
+        (t.effect == "NoExecute" && (t.key == UNREACHABLE || t.key == NOT_READY))
+            .then(|| t.key.clone())
+    })
 }
 
 /// When a pod must leave a node with these NoExecute taints: now if some taint is not tolerated,
@@ -222,34 +291,76 @@ async fn mark_unknown(api: &Api<Node>, node: &Node) {
     }
 }
 
-/// Keeps exactly the wanted lifecycle taint (NoExecute, plus NoSchedule) on the node.
-async fn set_taints(api: &Api<Node>, node: &Node, want: Option<&str>) {
+/// Keeps exactly the wanted lifecycle taints on the node: the NoSchedule one follows the Ready
+/// status at once; the NoExecute one (which evicts) only as the zone's rate allows. The patch
+/// carries the resourceVersion (it replaces the whole taint list); on a conflict — this pass may
+/// just have written the node's status — it re-reads the node and tries again, so a granted
+/// NoExecute taint is not lost with its token.
+async fn set_taints(
+    api: &Api<Node>,
+    node: &Node,
+    no_schedule: Option<&str>,
+    no_execute: Option<&str>,
+) {
+    let mut current = node.clone();
+    for _ in 0..3 {
+        let Some(patch) = taint_patch(&current, no_schedule, no_execute) else { return };
+        match api.patch(&node.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
+            Ok(_) => return,
+            Err(kube::Error::Api(e)) if e.code == 409 => match api.get(&node.name_any()).await {
+                Ok(n) => current = n,
+                Err(e) => {
+                    tracing::debug!("re-reading {}: {e}", node.name_any());
+                    return;
+                }
+            },
+            Err(e) => {
+                tracing::debug!("tainting {}: {e}", node.name_any());
+                return;
+            }
+        }
+    }
+}
+
+/// The merge patch that leaves exactly the wanted lifecycle taints, or None if they are there.
+fn taint_patch(
+    node: &Node,
+    no_schedule: Option<&str>,
+    no_execute: Option<&str>,
+) -> Option<serde_json::Value> {
     let taints = node.spec.as_ref().and_then(|s| s.taints.clone()).unwrap_or_default();
     let ours = |t: &Taint| t.key == UNREACHABLE || t.key == NOT_READY;
-    let have: Vec<&Taint> = taints.iter().filter(|t| ours(t)).collect();
-    let ok = match want {
-        None => have.is_empty(),
-        Some(k) => have.len() == 2 && have.iter().all(|t| t.key == k),
+    let has = |key: Option<&str>, effect: &str| {
+        let mine: Vec<&Taint> = taints.iter().filter(|t| ours(t) && t.effect == effect).collect();
+        match key {
+            None => mine.is_empty(),
+            Some(k) => mine.len() == 1 && mine[0].key == k,
+        }
     };
-    if ok {
-        return;
+    if has(no_schedule, "NoSchedule") && has(no_execute, "NoExecute") {
+        return None;
     }
+    let now = crate::util::now();
+    let keep = |key: Option<&str>, effect: &str| -> Option<serde_json::Value> {
+        let k = key?;
+        // An unchanged taint keeps its timeAdded: tolerationSeconds count from it.
+        let existing = taints.iter().find(|t| t.key == k && t.effect == effect);
+        Some(match existing {
+            Some(t) => serde_json::to_value(t).unwrap_or_default(),
+            None => json!({"key": k, "effect": effect, "timeAdded": now}),
+        })
+    };
     let mut next: Vec<serde_json::Value> = taints
         .iter()
         .filter(|t| !ours(t))
         .map(|t| serde_json::to_value(t).unwrap_or_default())
         .collect();
-    if let Some(k) = want {
-        let now = crate::util::now();
-        next.push(json!({"key": k, "effect": "NoSchedule", "timeAdded": now}));
-        next.push(json!({"key": k, "effect": "NoExecute", "timeAdded": now}));
-    }
-    let patch = json!({"metadata": {"resourceVersion": node.resource_version()}, "spec": {"taints": if next.is_empty() { serde_json::Value::Null } else { json!(next) }}});
-    if let Err(e) =
-        api.patch(&node.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await
-    {
-        tracing::debug!("tainting {}: {e}", node.name_any());
-    }
+    next.extend(keep(no_schedule, "NoSchedule"));
+    next.extend(keep(no_execute, "NoExecute"));
+    let taints = if next.is_empty() { serde_json::Value::Null } else { json!(next) };
+    Some(
+        json!({"metadata": {"resourceVersion": node.resource_version()}, "spec": {"taints": taints}}),
+    )
 }
 
 async fn mark_pods_not_ready(client: &Client, inf: &Informers, recorder: &Recorder, node: &str) {
@@ -309,5 +420,31 @@ mod tests {
             value: None,
         };
         assert_eq!(eviction_due(&pod(vec![forever]), &[taint], 1001), None);
+    }
+
+    #[test]
+    fn the_no_execute_taint_comes_later_without_resetting_the_no_schedule_one() {
+        let node: Node = serde_json::from_value(json!({
+            "metadata": {"name": "n", "resourceVersion": "7"},
+            "spec": {"taints": [
+                {"key": "example.com/dedicated", "effect": "NoSchedule"},
+                {"key": UNREACHABLE, "effect": "NoSchedule", "timeAdded": "2026-01-01T00:00:00Z"},
+            ]}
+        }))
+        .expect("node");
+        assert_eq!(taint_patch(&node, Some(UNREACHABLE), None), None, "nothing to change");
+        let patch = taint_patch(&node, Some(UNREACHABLE), Some(UNREACHABLE)).expect("a patch");
+        let taints = patch["spec"]["taints"].as_array().expect("taints");
+        assert_eq!(patch["metadata"]["resourceVersion"], "7");
+        assert_eq!(taints.len(), 3);
+        assert_eq!(taints[0]["key"], "example.com/dedicated");
+        assert_eq!(taints[1]["timeAdded"], "2026-01-01T00:00:00Z");
+        assert_eq!(
+            (taints[2]["key"].clone(), taints[2]["effect"].clone()),
+            (json!(UNREACHABLE), json!("NoExecute"))
+        );
+        // Ready again: only the foreign taint stays.
+        let patch = taint_patch(&node, None, None).expect("a patch");
+        assert_eq!(patch["spec"]["taints"].as_array().map(Vec::len), Some(1));
     }
 }

@@ -1,0 +1,351 @@
+//! The controller manager against the real API server (in-process, no nodes): what users see
+//! through the API once the loops have run.
+
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Service, ServiceAccount};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use rkube_apiserver::testing::TestServer;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+struct Cluster {
+    _server: TestServer,
+    client: Client,
+    stop: CancellationToken,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn cluster(config: rkube_controllers::Config) -> Cluster {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    let stop = CancellationToken::new();
+    tokio::spawn(rkube_controllers::run_with_client(client.clone(), config, stop.clone()));
+    Cluster { _server: server, client, stop }
+}
+
+async fn eventually<T>(what: &str, limit: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let start = tokio::time::Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_deployment_whose_pods_never_become_ready_exceeds_its_progress_deadline() {
+    let c = cluster(Default::default()).await;
+    let deps: Api<Deployment> = Api::namespaced(c.client.clone(), "default");
+    let d: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "stuck"},
+        "spec": {"replicas": 2, "progressDeadlineSeconds": 2,
+                 "selector": {"matchLabels": {"app": "stuck"}},
+                 "template": {"metadata": {"labels": {"app": "stuck"}},
+                              "spec": {"containers": [{"name": "c", "image": "nginx"}]}}}
+    }))
+    .expect("deployment");
+    deps.create(&PostParams::default(), &d).await.expect("create");
+    // No node exists, so the pods stay Pending and nothing ever becomes ready.
+    let cond = eventually("ProgressDeadlineExceeded", Duration::from_secs(20), async || {
+        let d = deps.get("stuck").await.ok()?;
+        d.status?.conditions?.into_iter().find(|c| {
+            c.type_ == "Progressing" && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+        })
+    })
+    .await;
+    assert_eq!(cond.status, "False");
+    assert_eq!(
+        cond.message.as_deref(),
+        Some(
+            format!("ReplicaSet \"stuck-{}\" has timed out progressing.", hash_of(&deps).await)
+                .as_str()
+        )
+    );
+}
+
+async fn hash_of(deps: &Api<Deployment>) -> String {
+    let d = deps.get("stuck").await.expect("get");
+    let rs: Api<k8s_openapi::api::apps::v1::ReplicaSet> =
+        Api::namespaced(deps.clone().into_client(), "default");
+    let list = rs.list(&Default::default()).await.expect("list");
+    let owned = list
+        .items
+        .into_iter()
+        .find(|r| {
+            r.metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| Some(&o.uid) == d.metadata.uid.as_ref())
+        })
+        .expect("a ReplicaSet of the deployment");
+    owned.metadata.labels.unwrap_or_default().get("pod-template-hash").cloned().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn every_namespace_gets_a_default_service_account_and_gets_it_back() {
+    let c = cluster(Default::default()).await;
+    let nss: Api<Namespace> = Api::all(c.client.clone());
+    nss.create(&PostParams::default(), &named("later")).await.expect("namespace");
+    for ns in ["default", "kube-system", "kube-public", "kube-node-lease", "later"] {
+        let sas: Api<ServiceAccount> = Api::namespaced(c.client.clone(), ns);
+        eventually(
+            &format!("the default ServiceAccount of {ns}"),
+            Duration::from_secs(10),
+            async || sas.get_opt("default").await.ok().flatten(),
+        )
+        .await;
+    }
+    let sas: Api<ServiceAccount> = Api::namespaced(c.client.clone(), "later");
+    sas.delete("default", &DeleteParams::default()).await.expect("delete");
+    eventually("the default ServiceAccount to come back", Duration::from_secs(10), async || {
+        sas.get_opt("default").await.ok().flatten()
+    })
+    .await;
+}
+
+fn named<K: serde::de::DeserializeOwned>(name: &str) -> K {
+    serde_json::from_value(json!({"metadata": {"name": name}})).expect("object")
+}
+
+#[tokio::test]
+async fn deleting_a_namespace_terminates_it_and_everything_in_it() {
+    let c = cluster(Default::default()).await;
+    let nss: Api<Namespace> = Api::all(c.client.clone());
+    nss.create(&PostParams::default(), &named("shop")).await.expect("namespace");
+    let deps: Api<Deployment> = Api::namespaced(c.client.clone(), "shop");
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), "shop");
+    let svcs: Api<Service> = Api::namespaced(c.client.clone(), "shop");
+    let cms: Api<ConfigMap> = Api::namespaced(c.client.clone(), "shop");
+    let rss: Api<ReplicaSet> = Api::namespaced(c.client.clone(), "shop");
+    let sas: Api<ServiceAccount> = Api::namespaced(c.client.clone(), "shop");
+    let d: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}},
+                              "spec": {"containers": [{"name": "c", "image": "nginx"}]}}}
+    }))
+    .expect("deployment");
+    deps.create(&PostParams::default(), &d).await.expect("deployment");
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}
+    }))
+    .expect("service");
+    svcs.create(&PostParams::default(), &svc).await.expect("service");
+    // A finalizer of someone else's holds the namespace in Terminating until it is released.
+    let cm: ConfigMap = serde_json::from_value(
+        json!({"metadata": {"name": "settings", "finalizers": ["example.com/hold"]}}),
+    )
+    .expect("configmap");
+    cms.create(&PostParams::default(), &cm).await.expect("configmap");
+    eventually("two pods", Duration::from_secs(10), async || {
+        (pods.list(&Default::default()).await.ok()?.items.len() == 2).then_some(())
+    })
+    .await;
+    eventually("the default ServiceAccount", Duration::from_secs(10), async || {
+        sas.get_opt("default").await.ok().flatten()
+    })
+    .await;
+
+    nss.delete("shop", &DeleteParams::default()).await.expect("delete namespace");
+    let phase = |ns: &Namespace| ns.status.as_ref().and_then(|s| s.phase.clone());
+    let ns = nss.get("shop").await.expect("still there while terminating");
+    assert_eq!(phase(&ns).as_deref(), Some("Terminating"));
+    eventually("the content to go", Duration::from_secs(15), async || {
+        let empty = deps.list(&Default::default()).await.ok()?.items.is_empty()
+            && rss.list(&Default::default()).await.ok()?.items.is_empty()
+            && pods.list(&Default::default()).await.ok()?.items.is_empty()
+            && svcs.list(&Default::default()).await.ok()?.items.is_empty()
+            && sas.list(&Default::default()).await.ok()?.items.is_empty();
+        empty.then_some(())
+    })
+    .await;
+    let held = cms.get("settings").await.expect("the held configmap");
+    assert!(held.metadata.deletion_timestamp.is_some());
+    let ns = nss.get("shop").await.expect("held by the configmap's finalizer");
+    assert_eq!(phase(&ns).as_deref(), Some("Terminating"));
+
+    cms.patch(
+        "settings",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .expect("release");
+    eventually("the namespace to be gone", Duration::from_secs(15), async || {
+        nss.get_opt("shop").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(cms.list(&Default::default()).await.expect("list").items.is_empty());
+}
+
+fn pod_on(name: &str, node: &str) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "nginx"}]}
+    }))
+    .expect("pod")
+}
+
+fn fast_pod_gc(threshold: usize) -> rkube_controllers::Config {
+    rkube_controllers::Config {
+        terminated_pod_gc_threshold: threshold,
+        pod_gc_period: Duration::from_millis(200),
+        pod_gc_quarantine: Duration::from_secs(1),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn pods_bound_to_a_node_that_is_gone_are_force_deleted() {
+    let c = cluster(fast_pod_gc(100)).await;
+    let nodes: Api<Node> = Api::all(c.client.clone());
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), "default");
+    nodes.create(&PostParams::default(), &named("doomed")).await.expect("node");
+    nodes.create(&PostParams::default(), &named("alive")).await.expect("node");
+    pods.create(&PostParams::default(), &pod_on("on-doomed", "doomed")).await.expect("pod");
+    pods.create(&PostParams::default(), &pod_on("on-alive", "alive")).await.expect("pod");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(pods.get_opt("on-doomed").await.expect("get").is_some(), "the node still exists");
+
+    nodes.delete("doomed", &DeleteParams::default()).await.expect("delete node");
+    eventually("the orphaned pod to go", Duration::from_secs(10), async || {
+        pods.get_opt("on-doomed").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(pods.get_opt("on-alive").await.expect("get").is_some());
+}
+
+#[tokio::test]
+async fn terminated_pods_beyond_the_threshold_are_deleted_oldest_first() {
+    let c = cluster(fast_pod_gc(2)).await;
+    let nodes: Api<Node> = Api::all(c.client.clone());
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), "default");
+    nodes.create(&PostParams::default(), &named("n1")).await.expect("node");
+    for name in ["done-1", "done-2", "done-3", "done-4"] {
+        pods.create(&PostParams::default(), &pod_on(name, "n1")).await.expect("pod");
+        // Creation timestamps have a resolution of a second; names break ties as upstream.
+        pods.patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"status": {"phase": "Succeeded"}})),
+        )
+        .await
+        .expect("finish the pod");
+    }
+    pods.create(&PostParams::default(), &pod_on("busy", "n1")).await.expect("pod");
+    let left =
+        eventually("two terminated pods to be collected", Duration::from_secs(10), async || {
+            let mut names: Vec<String> = pods
+                .list(&Default::default())
+                .await
+                .ok()?
+                .items
+                .iter()
+                .map(|p| p.name_any())
+                .collect();
+            names.sort();
+            (names.len() == 3).then_some(names)
+        })
+        .await;
+    assert_eq!(left, ["busy", "done-3", "done-4"]);
+}
+
+/// A kubelet's heartbeat: Lease renewed and the Ready condition posted as True.
+async fn heartbeat(client: &Client, node: &str) {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(jiff::Timestamp::now());
+    let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                       "metadata": {"name": node},
+                       "spec": {"holderIdentity": node, "leaseDurationSeconds": 40, "renewTime": now}});
+    let _ = leases
+        .patch(node, &PatchParams::apply("test-kubelet").force(), &Patch::Apply(&lease))
+        .await;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let status = json!({"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+        "message": "kubelet is posting ready status", "lastHeartbeatTime": jiff::Timestamp::now().to_string(),
+        "lastTransitionTime": jiff::Timestamp::now().to_string()}]}});
+    let _ = nodes.patch_status(node, &PatchParams::default(), &Patch::Strategic(&status)).await;
+}
+
+fn lifecycle_taints(n: &Node) -> Vec<String> {
+    let mut t: Vec<String> = n
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|t| t.key.starts_with("node.kubernetes.io/"))
+        .map(|t| format!("{}:{}", t.key, t.effect))
+        .collect();
+    t.sort();
+    t
+}
+
+#[tokio::test]
+async fn when_every_node_is_lost_no_node_gets_a_no_execute_taint_until_one_is_back() {
+    let c = cluster(rkube_controllers::Config {
+        node_monitor_grace_period: Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await;
+    let nodes: Api<Node> = Api::all(c.client.clone());
+    for n in ["a", "b"] {
+        nodes.create(&PostParams::default(), &named(n)).await.expect("node");
+        heartbeat(&c.client, n).await;
+    }
+    // Both kubelets fall silent: full disruption.
+    eventually("both nodes unreachable", Duration::from_secs(15), async || {
+        let a = nodes.get("a").await.ok()?;
+        let b = nodes.get("b").await.ok()?;
+        let want = ["node.kubernetes.io/unreachable:NoSchedule".to_string()];
+        (lifecycle_taints(&a) == want && lifecycle_taints(&b) == want).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for n in ["a", "b"] {
+        let node = nodes.get(n).await.expect("node");
+        assert_eq!(
+            lifecycle_taints(&node),
+            ["node.kubernetes.io/unreachable:NoSchedule"],
+            "no NoExecute taint while every node is lost"
+        );
+    }
+    // Node a comes back: the zone is out of full disruption and b is tainted NoExecute.
+    let stop = CancellationToken::new();
+    let beat = {
+        let (client, stop) = (c.client.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                heartbeat(&client, "a").await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+    eventually("b to get the NoExecute taint", Duration::from_secs(15), async || {
+        let b = nodes.get("b").await.ok()?;
+        let a = nodes.get("a").await.ok()?;
+        (lifecycle_taints(&b)
+            == [
+                "node.kubernetes.io/unreachable:NoExecute",
+                "node.kubernetes.io/unreachable:NoSchedule",
+            ]
+            && lifecycle_taints(&a).is_empty())
+        .then_some(())
+    })
+    .await;
+    stop.cancel();
+    let _ = beat.await;
+}
