@@ -244,6 +244,11 @@ impl PodNetwork {
     pub fn route_to(&self, pod_cidr: &str, node_ip: &str) -> Result<()> {
         self.run(&["ip", "route", "replace", pod_cidr, "via", node_ip]).map(|_| ())
     }
+
+    /// Forgets the route to a node that left.
+    pub fn remove_route(&self, pod_cidr: &str) -> Result<()> {
+        self.run(&["ip", "route", "del", pod_cidr]).map(|_| ())
+    }
 }
 
 fn run_argv(argv: &[&str], input: Option<&str>) -> Result<String> {

@@ -3,6 +3,7 @@
 //! container from its image through runc (`rkube_oci::runc`). Shared by all pod workers of one
 //! node.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -18,11 +19,15 @@ pub struct OciNode {
     pub runtime: Runtime,
     pub images: ImageStore,
     network: tokio::sync::Mutex<Option<Arc<PodNetwork>>>,
+    shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl OciNode {
     /// The runtime state under `<data dir>/oci`, images under the configured image store.
-    pub fn open(config: &Config) -> Result<OciNode, String> {
+    pub fn open(
+        config: &Config,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Result<OciNode, String> {
         let shim = if config.runc_shim.is_empty() {
             return Err(
                 "the oci runtime needs the shim command (rkube's hidden `runc-shim`)".into()
@@ -40,7 +45,7 @@ impl OciNode {
             ..StoreConfig::default()
         };
         let images = ImageStore::open_with(images_root, store_config).map_err(|e| e.to_string())?;
-        Ok(OciNode { runtime, images, network: tokio::sync::Mutex::new(None) })
+        Ok(OciNode { runtime, images, network: tokio::sync::Mutex::new(None), shutdown })
     }
 
     /// The node's pod network, once the node has a podCIDR; until then pods wait in
@@ -75,7 +80,70 @@ impl OciNode {
             .map_err(|e| format!("network is not ready: {e}"))?;
         let net = Arc::new(net);
         *slot = Some(net.clone());
+        tokio::spawn(routes(client.clone(), config.clone(), net.clone(), self.shutdown.clone()));
         Ok(net)
+    }
+}
+
+/// Host-gw routing: the pod CIDR of every other node is reached through that node's
+/// InternalIP, kept as nodes come, change and go. Nodes sharing this node's address (several
+/// nodes of one machine) need no route: their bridges are local.
+async fn routes(
+    client: Client,
+    config: Config,
+    net: Arc<PodNetwork>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let api: Api<Node> = Api::all(client);
+    let (reader, writer) = kube::runtime::reflector::store();
+    let mut stream = kube::runtime::reflector(
+        writer,
+        watcher(api, watcher::Config::default()).default_backoff(),
+    )
+    .boxed();
+    let mut installed: BTreeMap<String, String> = BTreeMap::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            ev = stream.next() => if ev.is_none() { return },
+        }
+        let mut want: BTreeMap<String, String> = BTreeMap::new();
+        for node in reader.state() {
+            if node.metadata.name.as_deref() == Some(config.node_name.as_str()) {
+                continue;
+            }
+            let cidr = node.spec.as_ref().and_then(|s| s.pod_cidr.clone());
+            let ip = node.status.as_ref().and_then(|s| s.addresses.as_ref()).and_then(|a| {
+                a.iter().find(|a| a.type_ == "InternalIP").map(|a| a.address.clone())
+            });
+            if let (Some(cidr), Some(ip)) = (cidr, ip)
+                && ip != config.node_ip
+                && !ip.starts_with("127.")
+            {
+                want.insert(cidr, ip);
+            }
+        }
+        for (cidr, ip) in &want {
+            if installed.get(cidr) != Some(ip) {
+                let (n, c, i) = (net.clone(), cidr.clone(), ip.clone());
+                match tokio::task::spawn_blocking(move || n.route_to(&c, &i)).await {
+                    Ok(Ok(())) => {
+                        installed.insert(cidr.clone(), ip.clone());
+                    }
+                    Ok(Err(e)) => tracing::warn!(%cidr, %ip, "route to another node's pods: {e}"),
+                    Err(e) => tracing::warn!("route task: {e}"),
+                }
+            }
+        }
+        let gone: Vec<String> =
+            installed.keys().filter(|c| !want.contains_key(*c)).cloned().collect();
+        for cidr in gone {
+            let (n, c) = (net.clone(), cidr.clone());
+            let _ = tokio::task::spawn_blocking(move || n.remove_route(&c)).await;
+            installed.remove(&cidr);
+        }
     }
 }
 

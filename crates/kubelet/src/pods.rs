@@ -34,9 +34,9 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) ->
     let api: Api<Pod> = Api::all(client.clone());
     let recorder = Recorder::new(client.clone(), "kubelet", Some(&config.node_name));
     let oci = match config.runtime {
-        RuntimeKind::Oci => {
-            Some(Arc::new(crate::oci::OciNode::open(&config).map_err(crate::Error::Config)?))
-        }
+        RuntimeKind::Oci => Some(Arc::new(
+            crate::oci::OciNode::open(&config, shutdown.clone()).map_err(crate::Error::Config)?,
+        )),
         _ => None,
     };
     let wc = watcher::Config::default().fields(&format!("spec.nodeName={}", config.node_name));
