@@ -205,13 +205,18 @@ fn machine_with_registry() -> (Machine, PathBuf, String) {
     let mut machine = Machine::new();
     let work = std::env::temp_dir().join(format!("{}-work", machine.name));
     std::fs::create_dir_all(&work).unwrap();
-    // The registry, inside the machine.
+    let registry = start_registry(&mut machine, &work, "127.0.0.1");
+    (machine, work, registry)
+}
+
+/// Runs a registry on `ip:5000` inside `machine` and pushes `test/busybox:1` to it.
+fn start_registry(machine: &mut Machine, work: &Path, ip: &str) -> String {
     let port = 5000;
     let config = work.join("registry.yml");
     std::fs::write(
         &config,
         format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {ip}:{port}\n",
             work.join("registry").display()
         ),
     )
@@ -226,7 +231,7 @@ fn machine_with_registry() -> (Machine, PathBuf, String) {
     );
     let layout = work.join("layout");
     busybox_layout(&layout);
-    let registry = format!("127.0.0.1:{port}");
+    let registry = format!("{ip}:{port}");
     let target = format!("docker://{registry}/test/busybox:1");
     let source = format!("oci:{}:1", layout.display());
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -248,8 +253,7 @@ fn machine_with_registry() -> (Machine, PathBuf, String) {
         assert!(Instant::now() < deadline, "push: {}", String::from_utf8_lossy(&out.stderr));
         std::thread::sleep(Duration::from_millis(200));
     }
-
-    (machine, work, registry)
+    registry
 }
 
 #[test]
@@ -449,5 +453,112 @@ fn services_route_to_every_replica_by_name_and_node_port() {
     s.ok(&["delete", "pod", "client"]);
     drop(s);
     drop(machine);
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// Two machines (two network namespaces joined by a veth pair, nothing else) each running an
+/// agent; pods on both are reached through one Service by name from either side, NodePorts
+/// answer on both node addresses, and scaling to zero refuses.
+#[test]
+fn two_nodes_route_services_across_machines() {
+    if !have_everything() {
+        return;
+    }
+    let mut a = Machine::new();
+    let b = Machine::new();
+    let work = std::env::temp_dir().join(format!("{}-work", a.name));
+    std::fs::create_dir_all(&work).unwrap();
+    // The cable between the two machines.
+    a.run(&[
+        "ip",
+        "link",
+        "add",
+        "rkl0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "rkl1",
+        "netns",
+        b.path().to_str().unwrap(),
+    ]);
+    a.run(&["ip", "addr", "add", "192.168.78.1/24", "dev", "rkl0"]);
+    a.run(&["ip", "link", "set", "rkl0", "up"]);
+    b.run(&["ip", "addr", "add", "192.168.78.2/24", "dev", "rkl1"]);
+    b.run(&["ip", "link", "set", "rkl1", "up"]);
+    // Default routes over the cable, as real machines have (traffic stays in these two).
+    a.run(&["ip", "route", "add", "default", "via", "192.168.78.2"]);
+    b.run(&["ip", "route", "add", "default", "via", "192.168.78.1"]);
+    let registry = start_registry(&mut a, &work, "192.168.78.1");
+    let mut s = Server::start_in_netns(
+        &a.path(),
+        &["--bind-address", "192.168.78.1", "--cluster-dns-address", "192.168.78.1"],
+    );
+    s.agent(
+        "node-a",
+        &["--runtime", "oci", "--insecure-registry", &registry, "--node-ip", "192.168.78.1"],
+    );
+    s.agent_in(
+        &b.path(),
+        "node-b",
+        &["--runtime", "oci", "--insecure-registry", &registry, "--node-ip", "192.168.78.2"],
+    );
+    s.wait("two Ready nodes", Duration::from_secs(60), || {
+        let out = s.ok(&["get", "nodes", "--no-headers"]);
+        (out.lines().filter(|l| l.contains(" Ready ")).count() == 2).then_some(())
+    });
+    let web = WEB.replace("REGISTRY", &registry).replace("replicas: 2", "replicas: 4");
+    s.ok_stdin(&["apply", "-f", "-"], &web);
+    s.wait("four web replicas and the client Running", Duration::from_secs(120), || {
+        let out = s.ok(&["get", "pods", "--no-headers"]);
+        (out.lines().filter(|l| l.contains("Running")).count() == 5).then_some(())
+    });
+    let wide = s.ok(&["get", "pods", "-o", "wide", "--no-headers"]);
+    assert!(wide.contains("node-a") && wide.contains("node-b"), "pods on both nodes:\n{wide}");
+    let fetch = |target: &str| -> String {
+        let script = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {target} | tail -n 1");
+        let out = s.kubectl(&["exec", "client", "--", "sh", "-c", &script]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let pods = s.ok(&["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].metadata.name}"]);
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while seen.len() < 4 && Instant::now() < deadline {
+        let who = fetch("web.default.svc.cluster.local 80");
+        if !who.is_empty() {
+            assert!(pods.contains(&who), "{who} is not one of {pods}");
+            seen.insert(who);
+        }
+    }
+    assert_eq!(
+        seen.len(),
+        4,
+        "replicas reached by name across both nodes: {seen:?} of {pods}\n{wide}"
+    );
+    for node_ip in ["192.168.78.1", "192.168.78.2"] {
+        let who = fetch(&format!("{node_ip} 30080"));
+        assert!(!who.is_empty() && pods.contains(&who), "NodePort on {node_ip} answered {who:?}");
+    }
+    s.ok(&["scale", "deployment", "web", "--replicas=0"]);
+    s.wait("the web replicas gone", Duration::from_secs(60), || {
+        s.ok(&["get", "pods", "-l", "app=web", "--no-headers"]).trim().is_empty().then_some(())
+    });
+    s.wait("connection refused", Duration::from_secs(10), || {
+        let out = s.kubectl(&[
+            "exec",
+            "client",
+            "--",
+            "sh",
+            "-c",
+            "nc -w 2 web 80 </dev/null; echo rc=$?",
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        text.to_lowercase().contains("refused").then_some(())
+    });
+    s.ok(&["delete", "pod", "client"]);
+    drop(s);
+    drop(b);
+    drop(a);
     let _ = std::fs::remove_dir_all(&work);
 }
