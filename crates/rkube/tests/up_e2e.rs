@@ -127,6 +127,7 @@ fn the_seed_lab_runs_for_real_from_up_to_down() {
     let _ = std::fs::remove_dir_all(&home);
     std::fs::create_dir_all(&home).unwrap();
     let port = free_port().to_string();
+    let dns_port = free_port().to_string();
     let mut c = Cluster {
         data: home.join("data"),
         kubeconfig: home.join(".kube").join("config"),
@@ -145,6 +146,10 @@ fn the_seed_lab_runs_for_real_from_up_to_down() {
         &port,
         "--runtime",
         "process",
+        "--cluster-dns-address",
+        "127.0.0.1",
+        "--cluster-dns-port",
+        &dns_port,
     ]);
     assert!(
         up.status.success(),
@@ -196,9 +201,23 @@ fn the_seed_lab_runs_for_real_from_up_to_down() {
         assert!(line.contains("Healthy"), "{line}");
     }
     assert!(String::from_utf8_lossy(&cs.stderr).contains("ComponentStatus is deprecated"));
-    let info = c.kubectl_ok(&["cluster-info"]);
+    // The DNS line appears once the cluster DNS has published kube-dns.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let info = loop {
+        let info = c.kubectl_ok(&["cluster-info"]);
+        if info.contains("KubeDNS is running at") || Instant::now() > deadline {
+            break info;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     assert!(
         info.contains(&format!("Kubernetes control plane is running at https://127.0.0.1:{port}")),
+        "{info}"
+    );
+    assert!(
+        info.contains(&format!(
+            "KubeDNS is running at https://127.0.0.1:{port}/api/v1/namespaces/kube-system/services/kube-dns:dns/proxy"
+        )),
         "{info}"
     );
 

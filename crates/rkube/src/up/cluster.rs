@@ -416,6 +416,18 @@ async fn run_cluster(
     let cm =
         tokio::spawn(rkube_controllers::run_with_client(client.clone(), cm_config, stop.clone()));
     done(&pb, "controller manager", t);
+    let dns = super::dns::start(client.clone(), &args.dns, stop.clone()).await;
+    // One Service proxy for the machine (its nodes share one network namespace) when pods have
+    // their own addresses.
+    let proxy = (runtime == RuntimeChoice::Oci).then(|| {
+        let pc = super::dns::proxy_config("rkube-worker-1", "10.244.0.0/16");
+        let (c, s) = (client.clone(), stop.clone());
+        tokio::spawn(async move {
+            if let Err(e) = rkube_proxy::run(c, pc, s).await {
+                tracing::error!("service proxy stopped: {e}");
+            }
+        })
+    });
 
     let cluster = Arc::new(Cluster {
         kubeconfig: admin_kubeconfig.clone(),
@@ -577,6 +589,9 @@ async fn run_cluster(
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), sched).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), cm).await;
+    for t in dns.into_iter().chain(proxy) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
     let _ = tokio::time::timeout(Duration::from_secs(5), server_task).await;
     serve.abort();
     println!("cluster stopped (data kept in {})", paths.root.display());
@@ -627,6 +642,15 @@ async fn detach(args: &UpArgs, paths: &Paths) -> Result<()> {
         .arg("--detached-child");
     if let Some(r) = args.runtime {
         cmd.arg("--runtime").arg(r.as_str());
+    }
+    if let Some(ip) = args.dns.cluster_dns_address {
+        cmd.arg("--cluster-dns-address").arg(ip.to_string());
+    }
+    if let Some(port) = args.dns.cluster_dns_port {
+        cmd.arg("--cluster-dns-port").arg(port.to_string());
+    }
+    if args.dns.disable_dns {
+        cmd.arg("--disable-dns");
     }
     if args.upstream_timings {
         cmd.arg("--upstream-timings");

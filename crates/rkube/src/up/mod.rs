@@ -65,6 +65,8 @@ pub struct UpArgs {
     pub quiet: bool,
     #[arg(long, hide = true)]
     pub detached_child: bool,
+    #[command(flatten)]
+    pub dns: dns::DnsArgs,
 }
 
 #[derive(Args, Debug, Clone)]
