@@ -80,10 +80,12 @@ fn main() -> Result<()> {
         std::process::exit(rkube_oci::runc::shim::main(std::env::args_os().skip(2)));
     }
     let cli = Cli::parse();
+    // `rkube up` prints its own reconciliation log; component chatter would drown it.
+    let default_level = if matches!(cli.command, Command::Up(_)) { "warn" } else { "info" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .init();

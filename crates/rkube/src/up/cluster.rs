@@ -68,6 +68,7 @@ struct Cluster {
     server_url: String,
     data_dir: PathBuf,
     runtime: RuntimeChoice,
+    insecure_registries: Vec<String>,
     nodes: Mutex<BTreeMap<String, NodeHandle>>,
     ready: std::sync::atomic::AtomicBool,
     stop: CancellationToken,
@@ -178,6 +179,7 @@ impl Cluster {
                 ..Default::default()
             };
             node_runtime(&mut config, kind, &self.data_dir);
+            config.insecure_registries = self.insecure_registries.clone();
             nodes.insert(
                 name.to_string(),
                 NodeHandle {
@@ -434,6 +436,7 @@ async fn run_cluster(
         server_url: server_url.clone(),
         data_dir: paths.root.clone(),
         runtime,
+        insecure_registries: args.insecure_registries.clone(),
         nodes: Mutex::new(BTreeMap::new()),
         ready: std::sync::atomic::AtomicBool::new(false),
         stop: stop.clone(),
@@ -468,6 +471,7 @@ async fn run_cluster(
             ..Default::default()
         };
         node_runtime(&mut config, kind, &paths.root);
+        config.insecure_registries = args.insecure_registries.clone();
         cluster.nodes.lock().await.insert(
             name.clone(),
             NodeHandle {
@@ -648,6 +652,9 @@ async fn detach(args: &UpArgs, paths: &Paths) -> Result<()> {
     }
     if let Some(port) = args.dns.cluster_dns_port {
         cmd.arg("--cluster-dns-port").arg(port.to_string());
+    }
+    for r in &args.insecure_registries {
+        cmd.arg("--insecure-registry").arg(r);
     }
     if args.dns.disable_dns {
         cmd.arg("--disable-dns");

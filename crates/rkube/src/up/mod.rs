@@ -67,6 +67,9 @@ pub struct UpArgs {
     pub detached_child: bool,
     #[command(flatten)]
     pub dns: dns::DnsArgs,
+    /// oci runtime: a registry reached over plain HTTP, `host:port` (repeatable).
+    #[arg(long = "insecure-registry")]
+    pub insecure_registries: Vec<String>,
 }
 
 #[derive(Args, Debug, Clone)]
