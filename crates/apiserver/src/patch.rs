@@ -273,4 +273,160 @@ mod tests {
                 .unwrap();
         assert_eq!(out, json!({"a": 2}));
     }
+
+    /// A pod as kubectl's client-side apply would find it stored.
+    fn pod() -> Value {
+        json!({
+            "metadata": {"name": "web", "labels": {"app": "web", "tier": "front"},
+                         "finalizers": ["a.example/x", "b.example/y"]},
+            "spec": {
+                "containers": [
+                    {"name": "app", "image": "nginx:1.26",
+                     "ports": [{"containerPort": 80, "name": "http"}, {"containerPort": 443, "name": "https"}],
+                     "env": [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}],
+                     "volumeMounts": [{"name": "cfg", "mountPath": "/etc/app"}]},
+                    {"name": "sidecar", "image": "busybox:1", "args": ["sleep", "3600"]}
+                ],
+                "volumes": [{"name": "cfg", "configMap": {"name": "app-cfg"}},
+                            {"name": "data", "emptyDir": {}}],
+                "imagePullSecrets": [{"name": "reg-a"}],
+                "tolerations": [{"key": "k1", "operator": "Exists"}],
+                "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1}}
+            },
+            "status": {"conditions": [{"type": "Ready", "status": "False"}, {"type": "PodScheduled", "status": "True"}]}
+        })
+    }
+
+    fn smp(patch: Value) -> Value {
+        strategic_merge(&pod(), &patch, "")
+    }
+
+    #[test]
+    fn containers_ports_env_and_mounts_merge_by_their_keys() {
+        let out = smp(json!({"spec": {"containers": [{
+            "name": "app", "image": "nginx:1.27",
+            "ports": [{"containerPort": 443, "name": "tls"}, {"containerPort": 8080}],
+            "env": [{"name": "B", "value": "3"}, {"name": "C", "value": "4"}],
+            "volumeMounts": [{"name": "data", "mountPath": "/data"}]
+        }]}}));
+        let app = &out["spec"]["containers"][0];
+        assert_eq!(app["image"], "nginx:1.27");
+        assert_eq!(
+            app["ports"],
+            json!([{"containerPort": 80, "name": "http"}, {"containerPort": 443, "name": "tls"}, {"containerPort": 8080}])
+        );
+        assert_eq!(
+            app["env"],
+            json!([{"name": "A", "value": "1"}, {"name": "B", "value": "3"}, {"name": "C", "value": "4"}])
+        );
+        assert_eq!(app["volumeMounts"].as_array().unwrap().len(), 2);
+        assert_eq!(out["spec"]["containers"][1]["name"], "sidecar", "untouched containers stay");
+    }
+
+    #[test]
+    fn volumes_pull_secrets_and_conditions_merge_by_name_and_type() {
+        let out = smp(json!({
+            "spec": {"volumes": [{"name": "cache", "emptyDir": {"medium": "Memory"}}],
+                     "imagePullSecrets": [{"name": "reg-b"}]},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]}
+        }));
+        let names: Vec<&str> = out["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["cfg", "data", "cache"]);
+        assert_eq!(out["spec"]["imagePullSecrets"], json!([{"name": "reg-a"}, {"name": "reg-b"}]));
+        assert_eq!(
+            out["status"]["conditions"],
+            json!([{"type": "Ready", "status": "True"}, {"type": "PodScheduled", "status": "True"}])
+        );
+    }
+
+    #[test]
+    fn lists_without_a_merge_key_are_replaced() {
+        let out = smp(json!({"spec": {
+            "tolerations": [{"key": "k2", "operator": "Exists"}],
+            "containers": [{"name": "sidecar", "args": ["sleep", "10"]}]
+        }}));
+        assert_eq!(out["spec"]["tolerations"], json!([{"key": "k2", "operator": "Exists"}]));
+        assert_eq!(out["spec"]["containers"][1]["args"], json!(["sleep", "10"]));
+    }
+
+    #[test]
+    fn patch_delete_removes_a_list_element_or_a_map() {
+        let out = smp(json!({"spec": {
+            "containers": [{"name": "app", "env": [{"name": "A", "$patch": "delete"}]},
+                           {"name": "sidecar", "$patch": "delete"}],
+            "strategy": {"$patch": "delete"}
+        }}));
+        assert_eq!(out["spec"]["containers"].as_array().unwrap().len(), 1);
+        assert_eq!(out["spec"]["containers"][0]["env"], json!([{"name": "B", "value": "2"}]));
+        assert!(out["spec"].get("strategy").is_none());
+    }
+
+    #[test]
+    fn patch_replace_replaces_a_whole_list_or_map() {
+        let out = smp(json!({"spec": {
+            "volumes": [{"$patch": "replace"}, {"name": "only", "emptyDir": {}}],
+            "strategy": {"$patch": "replace", "type": "Recreate"}
+        }}));
+        assert_eq!(out["spec"]["volumes"], json!([{"name": "only", "emptyDir": {}}]));
+        assert_eq!(out["spec"]["strategy"], json!({"type": "Recreate"}));
+    }
+
+    #[test]
+    fn patch_merge_is_the_default_and_leaves_no_directive_behind() {
+        let out = smp(
+            json!({"spec": {"strategy": {"$patch": "merge", "rollingUpdate": {"maxUnavailable": 0}}}}),
+        );
+        assert_eq!(
+            out["spec"]["strategy"],
+            json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}})
+        );
+    }
+
+    #[test]
+    fn set_element_order_reorders_merged_lists() {
+        let out = smp(json!({"spec": {
+            "$setElementOrder/containers": [{"name": "sidecar"}, {"name": "app"}],
+            "containers": [{"name": "app", "image": "nginx:1.27"}]
+        }}));
+        let names: Vec<&str> = out["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["sidecar", "app"]);
+        assert_eq!(out["spec"]["containers"][1]["image"], "nginx:1.27");
+        assert!(out["spec"].as_object().unwrap().keys().all(|k| !k.starts_with('$')));
+    }
+
+    #[test]
+    fn retain_keys_drops_fields_the_patch_does_not_keep() {
+        // What kubectl sends when a volume changes its source (volumes are merge,retainKeys).
+        let out = smp(json!({"spec": {"volumes": [
+            {"name": "cfg", "$retainKeys": ["name", "secret"], "secret": {"secretName": "s"}}
+        ]}}));
+        assert_eq!(
+            out["spec"]["volumes"][0],
+            json!({"name": "cfg", "secret": {"secretName": "s"}})
+        );
+    }
+
+    #[test]
+    fn delete_from_primitive_list_removes_only_the_named_values() {
+        let out = smp(
+            json!({"metadata": {"$deleteFromPrimitiveList/finalizers": ["a.example/x"], "finalizers": ["c.example/z"]}}),
+        );
+        assert_eq!(out["metadata"]["finalizers"], json!(["b.example/y", "c.example/z"]));
+    }
+
+    #[test]
+    fn null_removes_a_field_and_labels_merge() {
+        let out = smp(json!({"metadata": {"labels": {"tier": null, "version": "2"}}}));
+        assert_eq!(out["metadata"]["labels"], json!({"app": "web", "version": "2"}));
+    }
 }
