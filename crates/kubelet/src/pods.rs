@@ -472,6 +472,25 @@ impl Worker {
         }
     }
 
+    /// The pod cannot start `c` yet: it waits in ContainerCreating with `msg`, is tried again
+    /// after `retry`, and an event (`reason`) says why — once, not on every retry.
+    async fn not_yet(
+        &mut self,
+        pod: &Pod,
+        c: &Container,
+        reason: &str,
+        msg: String,
+        retry: Duration,
+    ) {
+        let x = self.ctr(&c.name);
+        let repeated = x.waiting.as_ref().is_some_and(|(_, m)| *m == msg);
+        x.waiting = Some(("ContainerCreating".into(), msg.clone()));
+        x.retry_at = Some(Instant::now() + retry);
+        if !repeated {
+            self.recorder.record(&reference(pod), "Warning", reason, &msg).await;
+        }
+    }
+
     /// The pod's sandbox (network namespace on the pod network, hosts/resolv.conf) and its
     /// volumes, made once; `Err` means wait (the reason is set and an event recorded).
     async fn ensure_pod_ready(&mut self, pod: &Pod, c: &Container) -> Result<(), ()> {
@@ -495,15 +514,7 @@ impl Worker {
                 match oci.network(&self.client, &self.config).await {
                     Ok(n) => Some(n),
                     Err(msg) => {
-                        let x = self.ctr(&c.name);
-                        let repeated = x.waiting.as_ref().is_some_and(|(_, m)| *m == msg);
-                        x.waiting = Some(("ContainerCreating".into(), msg.clone()));
-                        x.retry_at = Some(Instant::now() + Duration::from_secs(1));
-                        if !repeated {
-                            self.recorder
-                                .record(&reference(pod), "Warning", "NetworkNotReady", &msg)
-                                .await;
-                        }
+                        self.not_yet(pod, c, "NetworkNotReady", msg, Duration::from_secs(1)).await;
                         return Err(());
                     }
                 }
@@ -524,11 +535,8 @@ impl Worker {
                 Ok(sb) => sb,
                 Err(e) => {
                     let msg = format!("Failed to create pod sandbox: {e}");
-                    self.ctr(&c.name).waiting = Some(("ContainerCreating".into(), msg.clone()));
-                    self.ctr(&c.name).retry_at = Some(Instant::now() + Duration::from_secs(2));
-                    self.recorder
-                        .record(&reference(pod), "Warning", "FailedCreatePodSandBox", &msg)
-                        .await;
+                    let retry = Duration::from_secs(2);
+                    self.not_yet(pod, c, "FailedCreatePodSandBox", msg, retry).await;
                     return Err(());
                 }
             };
@@ -550,11 +558,8 @@ impl Worker {
                         };
                         let msg = format!("Failed to create pod sandbox: plugin rkube-bridge: {e}");
                         let _ = oci.runtime.remove_sandbox(&uid).await;
-                        self.ctr(&c.name).waiting = Some(("ContainerCreating".into(), msg.clone()));
-                        self.ctr(&c.name).retry_at = Some(Instant::now() + Duration::from_secs(2));
-                        self.recorder
-                            .record(&reference(pod), "Warning", "FailedCreatePodSandBox", &msg)
-                            .await;
+                        let retry = Duration::from_secs(2);
+                        self.not_yet(pod, c, "FailedCreatePodSandBox", msg, retry).await;
                         return Err(());
                     }
                 }
@@ -579,15 +584,7 @@ impl Worker {
                         ready.insert(v.name.clone(), r);
                     }
                     Err(msg) => {
-                        let x = self.ctr(&c.name);
-                        let repeated = x.waiting.as_ref().is_some_and(|(_, m)| *m == msg);
-                        x.waiting = Some(("ContainerCreating".into(), msg.clone()));
-                        x.retry_at = Some(Instant::now() + Duration::from_secs(2));
-                        if !repeated {
-                            self.recorder
-                                .record(&reference(pod), "Warning", "FailedMount", &msg)
-                                .await;
-                        }
+                        self.not_yet(pod, c, "FailedMount", msg, Duration::from_secs(2)).await;
                         return Err(());
                     }
                 }

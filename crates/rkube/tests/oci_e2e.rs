@@ -384,6 +384,43 @@ spec:
     command: ["sleep", "3600"]
 "#;
 
+/// One HTTP request from the `client` pod to `target` (`host port`): the body's last line.
+fn fetch(s: &Server, target: &str) -> String {
+    let script = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {target} | tail -n 1");
+    let out = s.kubectl(&["exec", "client", "--", "sh", "-c", &script]);
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Asks `web` by name until `want` distinct replicas answered; every answer must be a web pod.
+fn replicas_reached_by_name(s: &Server, want: usize, limit: Duration) -> (usize, String) {
+    let pods = s.ok(&["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].metadata.name}"]);
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + limit;
+    while seen.len() < want && Instant::now() < deadline {
+        let who = fetch(s, "web.default.svc.cluster.local 80");
+        if !who.is_empty() {
+            assert!(pods.contains(&who), "{who} is not one of {pods}");
+            seen.insert(who);
+        }
+    }
+    (seen.len(), pods)
+}
+
+/// Scales `web` to zero and waits until the client is refused at once.
+fn refused_without_endpoints(s: &Server) {
+    s.ok(&["scale", "deployment", "web", "--replicas=0"]);
+    s.wait("the web replicas gone", Duration::from_secs(60), || {
+        s.ok(&["get", "pods", "-l", "app=web", "--no-headers"]).trim().is_empty().then_some(())
+    });
+    s.wait("connection refused", Duration::from_secs(10), || {
+        let script = "nc -w 2 web 80 </dev/null; echo rc=$?";
+        let out = s.kubectl(&["exec", "client", "--", "sh", "-c", script]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (text.contains("rc=1") && text.to_lowercase().contains("refused")).then_some(())
+    });
+}
+
 /// Services through the cluster DNS and the proxy: a client pod reaches every replica by name,
 /// the NodePort answers on the node's address, and a Service without endpoints refuses.
 #[test]
@@ -411,45 +448,14 @@ fn services_route_to_every_replica_by_name_and_node_port() {
         let out = s.ok(&["get", "pods", "--no-headers"]);
         (out.lines().filter(|l| l.contains("Running")).count() == 3).then_some(())
     });
-    let fetch = |target: &str| -> String {
-        let script = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {target} | tail -n 1");
-        let out = s.kubectl(&["exec", "client", "--", "sh", "-c", &script]);
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
     // By name: every replica answers over many requests.
-    let pods = s.ok(&["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].metadata.name}"]);
-    let mut seen = std::collections::BTreeSet::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while seen.len() < 2 && Instant::now() < deadline {
-        let who = fetch("web.default.svc.cluster.local 80");
-        if !who.is_empty() {
-            assert!(pods.contains(&who), "{who} is not one of {pods}");
-            seen.insert(who);
-        }
-    }
-    assert_eq!(seen.len(), 2, "replicas reached by name: {seen:?} of {pods}");
+    let (reached, pods) = replicas_reached_by_name(&s, 2, Duration::from_secs(60));
+    assert_eq!(reached, 2, "replicas reached by name of {pods}");
     // The NodePort on the node's address.
-    let who = fetch("192.168.77.1 30080");
+    let who = fetch(&s, "192.168.77.1 30080");
     assert!(pods.contains(&who) && !who.is_empty(), "NodePort answered {who:?}");
     // No endpoints: refused at once.
-    s.ok(&["scale", "deployment", "web", "--replicas=0"]);
-    s.wait("the web replicas gone", Duration::from_secs(30), || {
-        s.ok(&["get", "pods", "-l", "app=web", "--no-headers"]).trim().is_empty().then_some(())
-    });
-    let refused = s.wait("connection refused", Duration::from_secs(10), || {
-        let out = s.kubectl(&[
-            "exec",
-            "client",
-            "--",
-            "sh",
-            "-c",
-            "nc -w 2 web 80 </dev/null; echo rc=$?",
-        ]);
-        let text = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
-        text.contains("rc=1").then_some(text)
-    });
-    assert!(refused.to_lowercase().contains("refused"), "{refused}");
+    refused_without_endpoints(&s);
     s.ok(&["delete", "pod", "client"]);
     drop(s);
     drop(machine);
@@ -515,47 +521,13 @@ fn two_nodes_route_services_across_machines() {
     });
     let wide = s.ok(&["get", "pods", "-o", "wide", "--no-headers"]);
     assert!(wide.contains("node-a") && wide.contains("node-b"), "pods on both nodes:\n{wide}");
-    let fetch = |target: &str| -> String {
-        let script = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {target} | tail -n 1");
-        let out = s.kubectl(&["exec", "client", "--", "sh", "-c", &script]);
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
-    let pods = s.ok(&["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].metadata.name}"]);
-    let mut seen = std::collections::BTreeSet::new();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while seen.len() < 4 && Instant::now() < deadline {
-        let who = fetch("web.default.svc.cluster.local 80");
-        if !who.is_empty() {
-            assert!(pods.contains(&who), "{who} is not one of {pods}");
-            seen.insert(who);
-        }
-    }
-    assert_eq!(
-        seen.len(),
-        4,
-        "replicas reached by name across both nodes: {seen:?} of {pods}\n{wide}"
-    );
+    let (reached, pods) = replicas_reached_by_name(&s, 4, Duration::from_secs(90));
+    assert_eq!(reached, 4, "replicas reached by name across both nodes, of {pods}\n{wide}");
     for node_ip in ["192.168.78.1", "192.168.78.2"] {
-        let who = fetch(&format!("{node_ip} 30080"));
+        let who = fetch(&s, &format!("{node_ip} 30080"));
         assert!(!who.is_empty() && pods.contains(&who), "NodePort on {node_ip} answered {who:?}");
     }
-    s.ok(&["scale", "deployment", "web", "--replicas=0"]);
-    s.wait("the web replicas gone", Duration::from_secs(60), || {
-        s.ok(&["get", "pods", "-l", "app=web", "--no-headers"]).trim().is_empty().then_some(())
-    });
-    s.wait("connection refused", Duration::from_secs(10), || {
-        let out = s.kubectl(&[
-            "exec",
-            "client",
-            "--",
-            "sh",
-            "-c",
-            "nc -w 2 web 80 </dev/null; echo rc=$?",
-        ]);
-        let text = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
-        text.to_lowercase().contains("refused").then_some(())
-    });
+    refused_without_endpoints(&s);
     s.ok(&["delete", "pod", "client"]);
     drop(s);
     drop(b);

@@ -129,26 +129,19 @@ impl Server {
 
     /// An agent on another simulated machine: inside the network namespace pinned at `netns`.
     pub fn agent_in(&mut self, netns: &Path, node: &str, extra: &[&str]) {
-        let log = std::fs::File::create(self.dir.join(format!("{node}.log"))).unwrap();
-        let child = Command::new("nsenter")
-            .arg(format!("--net={}", netns.display()))
-            .arg(env!("CARGO_BIN_EXE_rkube"))
-            .args(["agent", "--kubeconfig"])
-            .arg(&self.kubeconfig)
-            .args(["--node-name", node, "--data-dir"])
-            .arg(self.dir.join(node))
-            .args(extra)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.agents.push(child);
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", netns.display())).arg(env!("CARGO_BIN_EXE_rkube"));
+        self.spawn_agent(cmd, node, extra);
     }
 
     pub fn agent(&mut self, node: &str, extra: &[&str]) {
+        let cmd = self.command(env!("CARGO_BIN_EXE_rkube"));
+        self.spawn_agent(cmd, node, extra);
+    }
+
+    fn spawn_agent(&mut self, mut cmd: Command, node: &str, extra: &[&str]) {
         let log = std::fs::File::create(self.dir.join(format!("{node}.log"))).unwrap();
-        let child = self
-            .command(env!("CARGO_BIN_EXE_rkube"))
+        let child = cmd
             .args(["agent", "--kubeconfig"])
             .arg(&self.kubeconfig)
             .args(["--node-name", node, "--data-dir"])
