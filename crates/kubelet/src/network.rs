@@ -200,6 +200,13 @@ impl PodNetwork {
             argv.extend_from_slice(args);
             self.run(&argv)
         };
+        // Already wired (a kubelet restarted under a running pod): leave it as it is.
+        if self.run(&["ip", "link", "show", "dev", &host_if]).is_ok()
+            && in_pod(&["ip", "-4", "-o", "addr", "show", "dev", "eth0"])
+                .is_ok_and(|out| out.contains(&format!(" {ip}/")))
+        {
+            return Ok(ip);
+        }
         let result = (|| {
             // A half-made pair from an interrupted attempt is replaced.
             let _ = self.run(&["ip", "link", "del", "dev", &host_if]);

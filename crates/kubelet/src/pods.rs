@@ -500,14 +500,6 @@ impl Worker {
         let spec = pod.spec.clone().unwrap_or_default();
         let host_network = spec.host_network.unwrap_or(false);
         if self.sandbox.is_none() {
-            // Containers a previous kubelet left for this pod are not adopted: they go, so
-            // this worker's ids and state are the only ones.
-            for old in oci.runtime.list().await.unwrap_or_default() {
-                if old.container.pod_uid == uid {
-                    let _ = oci.runtime.kill(&old.container, Signal::SIGKILL).await;
-                    let _ = oci.runtime.remove(&old.container).await;
-                }
-            }
             let network = if host_network {
                 None
             } else {
@@ -566,6 +558,7 @@ impl Worker {
             }
             self.network = network;
             self.sandbox = Some(sandbox);
+            self.adopt(pod, &oci, &uid).await;
         }
         if self.volumes.is_none() {
             let mut ready = BTreeMap::new();
@@ -595,6 +588,86 @@ impl Worker {
         Ok(())
     }
 
+    /// A kubelet that restarts finds the containers its predecessor left: running ones of
+    /// this pod's spec are adopted as they are (same process, same restart count, waited on
+    /// again through their shim's exit file); anything else of the pod is removed.
+    async fn adopt(&mut self, pod: &Pod, oci: &Arc<crate::oci::OciNode>, uid: &str) {
+        let spec_names: Vec<String> = init_containers(pod)
+            .iter()
+            .chain(pod_containers(pod).iter())
+            .map(|c| c.name.clone())
+            .collect();
+        let mut found = oci.runtime.list().await.unwrap_or_default();
+        found.retain(|i| i.container.pod_uid == uid);
+        // Newest attempt last: ids end in the attempt number.
+        found.sort_by_key(|i| i.container.created_at.clone());
+        let statuses: Vec<k8s_openapi::api::core::v1::ContainerStatus> = pod
+            .status
+            .as_ref()
+            .map(|s| {
+                s.container_statuses
+                    .iter()
+                    .flatten()
+                    .chain(s.init_container_statuses.iter().flatten())
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        for info in found.into_iter().rev() {
+            let name = info.container.name.clone();
+            let running = matches!(info.status, rkube_oci::runc::ContainerStatus::Running { .. });
+            let taken = self.ctrs.get(&name).is_some_and(|x| x.running);
+            if !running || taken || !spec_names.contains(&name) {
+                let _ = oci.runtime.kill(&info.container, Signal::SIGKILL).await;
+                let _ = oci.runtime.remove(&info.container).await;
+                continue;
+            }
+            let image = pod_containers(pod)
+                .iter()
+                .chain(init_containers(pod).iter())
+                .find(|c| c.name == name)
+                .and_then(|c| c.image.clone())
+                .unwrap_or_default();
+            let image_id = match oci.images.get(&image).await {
+                Ok(Some(img)) => img.repo_digest(),
+                _ => String::new(),
+            };
+            let restarts =
+                statuses.iter().find(|s| s.name == name).map(|s| s.restart_count).unwrap_or(0);
+            let started_at = statuses
+                .iter()
+                .find(|s| s.name == name)
+                .and_then(|s| s.state.as_ref()?.running.as_ref()?.started_at.as_ref())
+                .map(|t| t.0.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+                .or(info.started_at.clone())
+                .unwrap_or_else(now);
+            let handle =
+                Handle::Oci { runtime: oci.runtime.clone(), container: info.container.clone() };
+            let x = self.ctr(&name);
+            x.generation += 1;
+            let generation = x.generation;
+            x.running = true;
+            x.kill = handle.killer();
+            x.id = handle.id();
+            x.started_at = Some(started_at);
+            x.started_instant = Some(Instant::now());
+            x.restart_count = restarts;
+            x.oci = Some(info.container.clone());
+            x.image_id = image_id;
+            let tx = self.exits.clone();
+            let n = name.clone();
+            tokio::spawn(async move {
+                let mut h = handle;
+                let exit = h.wait().await;
+                let _ = tx.send((n, generation, exit)).await;
+            });
+            if let Some(c) = pod_containers(pod).iter().find(|c| c.name == name) {
+                self.start_probes(c, generation);
+            }
+            tracing::info!(pod = uid, container = %name, "adopted a running container");
+        }
+    }
+
     /// Pulls the image as the pod's policy says and starts the container through runc.
     async fn start_oci(
         &mut self,
@@ -603,6 +676,10 @@ impl Worker {
         env: &[(String, String)],
     ) -> Result<Handle, OciStart> {
         self.ensure_pod_ready(pod, c).await.map_err(|_| OciStart::Wait)?;
+        if self.ctrs.get(&c.name).is_some_and(|x| x.running) {
+            // Adopted from the kubelet that ran before this one.
+            return Err(OciStart::Wait);
+        }
         let oci = self.oci.clone().ok_or(OciStart::Wait)?;
         let cref = container_ref(pod, &c.name);
         let image_name = c.image.clone().unwrap_or_default();

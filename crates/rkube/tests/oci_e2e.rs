@@ -534,3 +534,47 @@ fn two_nodes_route_services_across_machines() {
     drop(a);
     let _ = std::fs::remove_dir_all(&work);
 }
+
+/// A kubelet that crashes and comes back adopts the containers it left running: the same
+/// process keeps serving (same start time, no restart, its files intact) and exec still works.
+#[test]
+fn a_restarted_kubelet_adopts_running_containers() {
+    if !have_everything() {
+        return;
+    }
+    let (machine, work, registry) = machine_with_registry();
+    let mut s = Server::start_in_netns(&machine.path(), &[]);
+    let agent_args = ["--runtime", "oci", "--insecure-registry", registry.as_str()];
+    s.agent("node-1", &agent_args);
+    let pod = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: keeper}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: {registry}/test/busybox:1\n    command: [\"sleep\", \"3600\"]\n"
+    );
+    s.ok_stdin(&["apply", "-f", "-"], &pod);
+    let status = "jsonpath={.status.phase} {.status.containerStatuses[0].restartCount} {.status.containerStatuses[0].state.running.startedAt} {.status.podIP}";
+    let before = s.wait("keeper Running", Duration::from_secs(60), || {
+        let out = s.ok(&["get", "pod", "keeper", "-o", status]);
+        out.starts_with("Running").then_some(out)
+    });
+    s.ok(&["exec", "keeper", "--", "touch", "/tmp/still-here"]);
+    s.kill_agents();
+    std::thread::sleep(Duration::from_secs(2));
+    s.agent("node-1", &agent_args);
+    // The new kubelet reports again (its status write lands) without restarting anything.
+    std::thread::sleep(Duration::from_secs(5));
+    let after = s.ok(&["get", "pod", "keeper", "-o", status]);
+    assert_eq!(after, before, "the pod was restarted or changed");
+    s.ok(&["exec", "keeper", "--", "test", "-f", "/tmp/still-here"]);
+    let events = s.ok(&["get", "events", "--field-selector", "involvedObject.name=keeper"]);
+    assert_eq!(events.matches("Started container main").count(), 1, "{events}");
+    s.ok(&["delete", "pod", "keeper"]);
+    let node_dir = s.dir.join("node-1");
+    s.wait("keeper's containers gone", Duration::from_secs(20), || {
+        std::fs::read_dir(node_dir.join("oci/containers"))
+            .map(|r| r.count() == 0)
+            .unwrap_or(true)
+            .then_some(())
+    });
+    drop(s);
+    drop(machine);
+    let _ = std::fs::remove_dir_all(&work);
+}

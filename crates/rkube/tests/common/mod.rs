@@ -134,6 +134,14 @@ impl Server {
         self.spawn_agent(cmd, node, extra);
     }
 
+    /// SIGKILLs every agent (a crashed kubelet: nothing it runs is told).
+    pub fn kill_agents(&mut self) {
+        for mut a in self.agents.drain(..) {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+    }
+
     pub fn agent(&mut self, node: &str, extra: &[&str]) {
         let cmd = self.command(env!("CARGO_BIN_EXE_rkube"));
         self.spawn_agent(cmd, node, extra);
