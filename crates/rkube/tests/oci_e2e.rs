@@ -118,7 +118,7 @@ fn busybox_layout(dir: &Path) {
     add("bin/busybox", &std::fs::read("/bin/busybox").unwrap(), 0o755, None);
     for applet in [
         "sh", "echo", "sleep", "cat", "ls", "hostname", "id", "env", "touch", "test", "ip", "nc",
-        "httpd", "true", "false", "kill",
+        "httpd", "true", "false", "kill", "ps",
     ] {
         add(&format!("bin/{applet}"), b"", 0o777, Some("busybox"));
     }
@@ -295,6 +295,15 @@ fn pods_run_real_images_through_runc_on_their_own_network() {
         text.contains("configmap").then_some(text)
     });
     assert_eq!(logs, "hello from box image=yes\nhi from a configmap\n");
+    // Its own PID namespace: only the pod's processes, the container's command as PID 1.
+    let ps = s.ok(&["exec", "box", "--", "ps", "-o", "pid,args"]);
+    let procs: Vec<&str> = ps.lines().skip(1).collect();
+    assert!(procs.iter().any(|l| l.trim_start().starts_with("1 ") && l.contains("sh -c")), "{ps}");
+    assert!(
+        procs.iter().all(|l| l.contains("sh") || l.contains("sleep") || l.contains("ps")),
+        "{ps}"
+    );
+    assert!(procs.len() <= 4, "{ps}");
     let addr = s.ok(&["exec", "box", "--", "ip", "-4", "-o", "addr", "show", "eth0"]);
     assert!(addr.contains(&format!("{ip}/24")), "{addr}");
     // The root filesystem is the image's, writable; volumes are where the pod put them.
