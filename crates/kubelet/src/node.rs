@@ -102,13 +102,39 @@ fn node_info(config: &Config) -> Value {
     })
 }
 
-fn conditions(now: &str, ready_since: &str) -> Value {
+fn conditions(now: &str, ready_since: &str, problem: Option<&str>) -> Value {
+    let ready = match problem {
+        None => {
+            json!({"type": "Ready", "status": "True", "lastHeartbeatTime": now, "lastTransitionTime": ready_since, "reason": "KubeletReady", "message": "kubelet is posting ready status"})
+        }
+        Some(p) => {
+            json!({"type": "Ready", "status": "False", "lastHeartbeatTime": now, "lastTransitionTime": ready_since, "reason": "KubeletNotReady", "message": p})
+        }
+    };
     json!([
         {"type": "MemoryPressure", "status": "False", "lastHeartbeatTime": now, "lastTransitionTime": ready_since, "reason": "KubeletHasSufficientMemory", "message": "kubelet has sufficient memory available"},
         {"type": "DiskPressure", "status": "False", "lastHeartbeatTime": now, "lastTransitionTime": ready_since, "reason": "KubeletHasNoDiskPressure", "message": "kubelet has no disk pressure"},
         {"type": "PIDPressure", "status": "False", "lastHeartbeatTime": now, "lastTransitionTime": ready_since, "reason": "KubeletHasSufficientPID", "message": "kubelet has sufficient PID available"},
-        {"type": "Ready", "status": "True", "lastHeartbeatTime": now, "lastTransitionTime": ready_since, "reason": "KubeletReady", "message": "kubelet is posting ready status"},
+        ready,
     ])
+}
+
+/// Why this node cannot run pods, as its Ready condition says it: the oci runtime without
+/// runc (or without root) is a node that is up but cannot start a container.
+pub fn runtime_problem(config: &Config) -> Option<String> {
+    if config.runtime != RuntimeKind::Oci {
+        return None;
+    }
+    if !nix::unistd::Uid::effective().is_root() {
+        return Some("container runtime is down: the oci runtime needs root".into());
+    }
+    if rkube_oci::runc::available().is_none() {
+        return Some(
+            "container runtime is down: runc was not found on PATH (Debian: apt-get install runc)"
+                .into(),
+        );
+    }
+    None
 }
 
 fn now() -> String {
@@ -144,7 +170,7 @@ pub async fn register(client: &Client, config: &Config, port: u16) -> Result<()>
     let t = now();
     let status = json!({"status": {
         "capacity": cap, "allocatable": alloc,
-        "conditions": conditions(&t, &t),
+        "conditions": conditions(&t, &t, runtime_problem(config).as_deref()),
         "addresses": [{"type": "InternalIP", "address": config.node_ip}, {"type": "Hostname", "address": config.node_name}],
         "daemonEndpoints": {"kubeletEndpoint": {"Port": port}},
         "nodeInfo": node_info(config),
@@ -161,6 +187,8 @@ pub async fn heartbeat(client: Client, config: Config, port: u16, shutdown: Canc
     let interval = config.lease_duration / 4;
     let mut last_status = tokio::time::Instant::now();
     let mut ready_since = now();
+    let problem = runtime_problem(&config);
+    let want_ready = if problem.is_some() { "False" } else { "True" };
     loop {
         if let Err(e) = renew(&leases, &nodes, &config).await {
             tracing::debug!("node {}: lease renewal failed: {e}", config.node_name);
@@ -172,7 +200,7 @@ pub async fn heartbeat(client: Client, config: Config, port: u16, shutdown: Canc
                 .and_then(|s| s.conditions)
                 .unwrap_or_default()
                 .iter()
-                .any(|c| c.type_ == "Ready" && c.status != "True"),
+                .any(|c| c.type_ == "Ready" && c.status != want_ready),
             Ok(None) => {
                 // Deleted while we run: register again, as upstream's kubelet does.
                 let _ = register(&client, &config, port).await;
@@ -186,7 +214,9 @@ pub async fn heartbeat(client: Client, config: Config, port: u16, shutdown: Canc
                 ready_since = t.clone();
             }
             let (cap, alloc) = capacity(&config);
-            let patch = json!({"status": {"conditions": conditions(&t, &ready_since), "capacity": cap, "allocatable": alloc}});
+            let conds = conditions(&t, &ready_since, problem.as_deref());
+            let patch =
+                json!({"status": {"conditions": conds, "capacity": cap, "allocatable": alloc}});
             if nodes
                 .patch_status(&config.node_name, &PatchParams::default(), &Patch::Strategic(&patch))
                 .await
@@ -238,4 +268,30 @@ async fn renew(leases: &Api<Lease>, nodes: &Api<Node>, config: &Config) -> Resul
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_whose_runtime_cannot_run_reports_not_ready_with_the_reason() {
+        let c = conditions("t", "s", Some("container runtime is down: runc was not found"));
+        let ready = c.as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap();
+        assert_eq!(ready["status"], "False");
+        assert_eq!(ready["reason"], "KubeletNotReady");
+        assert_eq!(ready["message"], "container runtime is down: runc was not found");
+        let ok = conditions("t", "s", None);
+        let ready = ok.as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap();
+        assert_eq!(
+            (ready["status"].as_str(), ready["reason"].as_str()),
+            (Some("True"), Some("KubeletReady"))
+        );
+    }
+
+    #[test]
+    fn only_the_oci_runtime_can_lack_its_runtime() {
+        let process = Config { runtime: RuntimeKind::Process, ..Config::default() };
+        assert!(runtime_problem(&process).is_none());
+    }
 }

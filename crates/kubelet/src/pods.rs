@@ -33,10 +33,15 @@ fn now() -> String {
 pub async fn run(client: Client, config: Config, shutdown: CancellationToken) -> Result<()> {
     let api: Api<Pod> = Api::all(client.clone());
     let recorder = Recorder::new(client.clone(), "kubelet", Some(&config.node_name));
+    // Without a usable runtime the node says so (Ready=False) and its pods say why they wait.
     let oci = match config.runtime {
-        RuntimeKind::Oci => Some(Arc::new(
-            crate::oci::OciNode::open(&config, shutdown.clone()).map_err(crate::Error::Config)?,
-        )),
+        RuntimeKind::Oci => match crate::oci::OciNode::open(&config, shutdown.clone()) {
+            Ok(o) => Some(Arc::new(o)),
+            Err(e) => {
+                tracing::error!("{}: the oci runtime cannot run: {e}", config.node_name);
+                None
+            }
+        },
         _ => None,
     };
     let wc = watcher::Config::default().fields(&format!("spec.nodeName={}", config.node_name));
@@ -494,7 +499,13 @@ impl Worker {
     /// The pod's sandbox (network namespace on the pod network, hosts/resolv.conf) and its
     /// volumes, made once; `Err` means wait (the reason is set and an event recorded).
     async fn ensure_pod_ready(&mut self, pod: &Pod, c: &Container) -> Result<(), ()> {
-        let Some(oci) = self.oci.clone() else { return Err(()) };
+        let Some(oci) = self.oci.clone() else {
+            let why = crate::node::runtime_problem(&self.config)
+                .unwrap_or_else(|| "container runtime is down".into());
+            let msg = format!("Failed to create pod sandbox: {why}");
+            self.not_yet(pod, c, "FailedCreatePodSandBox", msg, Duration::from_secs(10)).await;
+            return Err(());
+        };
         let cref = container_ref(pod, &c.name);
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let spec = pod.spec.clone().unwrap_or_default();
