@@ -174,10 +174,11 @@ struct WatchObjects {
     order: std::collections::VecDeque<(String, u64)>,
 }
 
-/// Watchers deliver an event within moments of each other, so a short window is enough to
-/// share the decode; each entry holds a decoded object (~10× its JSON), so the window is kept
-/// small — 8,192 entries held ~150 MiB after a burst.
-const SHARED_WATCH_OBJECTS: usize = 1024;
+/// How many decoded objects watch fan-out keeps for watchers that lag behind the first one.
+/// At 1,000 writes/s, 1,024 entries (one second) made 100 lagging watchers decode every event
+/// again and fall further behind until closed; 8,192 keeps them sharing (at ~150 MiB after a
+/// burst, the price the memory figures show).
+const SHARED_WATCH_OBJECTS: usize = 8192;
 
 fn shared_object(key: &str, value: &[u8], rev: Revision) -> Option<Arc<SharedObject>> {
     static CACHE: std::sync::OnceLock<std::sync::Mutex<WatchObjects>> = std::sync::OnceLock::new();
