@@ -463,6 +463,19 @@ fn services_route_to_every_replica_by_name_and_node_port() {
     // The NodePort on the node's address.
     let who = fetch(&s, "192.168.77.1 30080");
     assert!(pods.contains(&who) && !who.is_empty(), "NodePort answered {who:?}");
+    // A deleted pod leaves the Service's rotation as soon as its endpoint goes away (the pod
+    // itself is still terminating).
+    let victim = pods.split_whitespace().next().unwrap().to_string();
+    s.ok(&["delete", "pod", &victim, "--wait=false"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    for _ in 0..10 {
+        let who = fetch(&s, "web.default.svc.cluster.local 80");
+        assert!(
+            !who.is_empty(),
+            "a request was lost: the Service still pointed at the deleted pod"
+        );
+        assert_ne!(who, victim, "a deleted pod still got traffic");
+    }
     // No endpoints: refused at once.
     refused_without_endpoints(&s);
     s.ok(&["delete", "pod", "client"]);
