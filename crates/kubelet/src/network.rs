@@ -28,6 +28,14 @@ pub enum NetError {
 
 pub type Result<T, E = NetError> = std::result::Result<T, E>;
 
+/// One `hostPort` of a pod: `protocol` is `tcp`, `udp` or `sctp`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostPort {
+    pub protocol: String,
+    pub host_port: u16,
+    pub container_port: u16,
+}
+
 #[derive(Clone, Debug)]
 pub struct PodNetwork {
     /// The bridge's name (≤ 15 characters, as Linux wants).
@@ -243,8 +251,55 @@ impl PodNetwork {
 
     /// Disconnects pod `pod_uid` and releases its address. Idempotent.
     pub fn detach(&self, pod_uid: &str) {
+        if self.state_dir.with_file_name("hostports").join(pod_uid).exists() {
+            let _ = self.set_host_ports(pod_uid, Ipv4Addr::UNSPECIFIED, &[]);
+        }
         let _ = self.run(&["ip", "link", "del", "dev", &if_name("veth", pod_uid)]);
         self.release(pod_uid);
+    }
+
+    /// `hostPort`s: the pod's ports published on this node's addresses (not loopback), as
+    /// the CNI portmap plugin does. Each pod's mappings are kept in a file and the node's
+    /// hostport table is rewritten from all of them in one nft transaction; an empty list
+    /// removes the pod's mappings.
+    pub fn set_host_ports(&self, pod_uid: &str, ip: Ipv4Addr, ports: &[HostPort]) -> Result<()> {
+        let dir = self.state_dir.with_file_name("hostports");
+        std::fs::create_dir_all(&dir)
+            .map_err(|source| NetError::State { path: dir.clone(), source })?;
+        let file = dir.join(pod_uid);
+        if ports.is_empty() {
+            let _ = std::fs::remove_file(&file);
+        } else {
+            let text: String = ports
+                .iter()
+                .map(|p| format!("{} {} {ip} {}\n", p.protocol, p.host_port, p.container_port))
+                .collect();
+            std::fs::write(&file, text)
+                .map_err(|source| NetError::State { path: file.clone(), source })?;
+        }
+        let mut rules = Vec::new();
+        let mut entries: Vec<(PathBuf, String)> = std::fs::read_dir(&dir)
+            .map_err(|source| NetError::State { path: dir.clone(), source })?
+            .flatten()
+            .map(|e| (e.path(), std::fs::read_to_string(e.path()).unwrap_or_default()))
+            .collect();
+        entries.sort();
+        for (_, text) in entries {
+            for line in text.lines() {
+                let w: Vec<&str> = line.split_whitespace().collect();
+                if let [proto, host, pod_ip, port] = w.as_slice() {
+                    rules.push(format!(
+                        "    fib daddr type local ip daddr != 127.0.0.0/8 {proto} dport {host} dnat ip to {pod_ip}:{port}"
+                    ));
+                }
+            }
+        }
+        let table = format!("rkube-hostports-{}", self.bridge);
+        let body = rules.join("\n");
+        let text = format!(
+            "add table ip {table}\ndelete table ip {table}\ntable ip {table} {{\n  chain prerouting {{\n    type nat hook prerouting priority -101; policy accept;\n{body}\n  }}\n  chain output {{\n    type nat hook output priority -101; policy accept;\n{body}\n  }}\n}}\n"
+        );
+        self.run_stdin(&["nft", "-f", "-"], &text).map(|_| ())
     }
 
     /// Host-gw routing: the pods of another node are reached through that node's address.

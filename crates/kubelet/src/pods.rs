@@ -260,6 +260,21 @@ async fn worker(
     }
 }
 
+/// The `hostPort`s the pod's containers ask for.
+fn host_ports(pod: &Pod) -> Vec<crate::network::HostPort> {
+    pod_containers(pod)
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| {
+            Some(crate::network::HostPort {
+                protocol: p.protocol.as_deref().unwrap_or("TCP").to_lowercase(),
+                host_port: u16::try_from(p.host_port?).ok().filter(|h| *h > 0)?,
+                container_port: u16::try_from(p.container_port).ok()?,
+            })
+        })
+        .collect()
+}
+
 fn pod_containers(pod: &Pod) -> Vec<Container> {
     pod.spec.as_ref().map(|s| s.containers.clone()).unwrap_or_default()
 }
@@ -550,6 +565,17 @@ impl Worker {
                 match attached {
                     Ok(Ok(ip)) => {
                         self.pod_ip = ip.to_string();
+                        let ports = host_ports(pod);
+                        if !ports.is_empty() {
+                            let (n, u) = (net.clone(), uid.clone());
+                            let published = tokio::task::spawn_blocking(move || {
+                                n.set_host_ports(&u, ip, &ports)
+                            })
+                            .await;
+                            if let Ok(Err(e)) = published {
+                                tracing::warn!(pod = %uid, "hostPort: {e}");
+                            }
+                        }
                         let hosts = crate::oci::hosts_file(pod, &self.pod_ip, &hostname);
                         let _ = std::fs::write(&sandbox.hosts_path, hosts);
                     }

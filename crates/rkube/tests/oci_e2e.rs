@@ -463,6 +463,34 @@ fn services_route_to_every_replica_by_name_and_node_port() {
     // The NodePort on the node's address.
     let who = fetch(&s, "192.168.77.1 30080");
     assert!(pods.contains(&who) && !who.is_empty(), "NodePort answered {who:?}");
+    // A hostPort publishes a pod on the node's address.
+    let hp = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: hp}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: httpd\n    image: {registry}/test/busybox:1\n    command: [\"sh\", \"-c\", \"mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 80 -h /www\"]\n    ports: [{{containerPort: 80, hostPort: 31888}}]\n"
+    );
+    s.ok_stdin(&["apply", "-f", "-"], &hp);
+    s.wait("hp Running", Duration::from_secs(60), || {
+        s.ok(&["get", "pod", "hp", "--no-headers"]).contains("Running").then_some(())
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let who = loop {
+        let who = fetch(&s, "192.168.77.1 31888");
+        if !who.is_empty() {
+            break who;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "hostPort 31888 does not answer; agent:\n{}",
+            std::fs::read_to_string(s.dir.join("node-1.log"))
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains("hostPort") || l.contains("WARN"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(who, "hp");
+    s.ok(&["delete", "pod", "hp"]);
     // A deleted pod leaves the Service's rotation as soon as its endpoint goes away (the pod
     // itself is still terminating).
     let victim = pods.split_whitespace().next().unwrap().to_string();
