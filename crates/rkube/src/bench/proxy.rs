@@ -106,15 +106,15 @@ fn resource_version(meta: &kube::api::ObjectMeta) -> anyhow::Result<u64> {
         .context("the API server returned no numeric resourceVersion")
 }
 
-/// Creates Services `svc-0..n` and their slices with 32 writers; returns the highest version.
+/// Creates Services `svc-0..n` and their slices with 64 writers; returns the highest version.
 async fn populate(client: &kube::Client, n: usize) -> anyhow::Result<u64> {
     let mut tasks = Vec::new();
-    for t in 0..32 {
+    for t in 0..64 {
         let services: Api<Service> = Api::namespaced(client.clone(), NAMESPACE);
         let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NAMESPACE);
         tasks.push(tokio::spawn(async move {
             let mut newest = 0;
-            for i in (t..n).step_by(32) {
+            for i in (t..n).step_by(64) {
                 let name = format!("svc-{i}");
                 let svc: Service = serde_json::from_value(json!({
                     "metadata": {"name": name},
@@ -145,11 +145,13 @@ async fn populate(client: &kube::Client, n: usize) -> anyhow::Result<u64> {
     Ok(newest)
 }
 
-/// Waits until the proxy reports an apply including version `rv`.
+/// Waits until the proxy reports an apply including version `rv`. Generous: a whole table of
+/// 10,000 Services takes the kernel minutes to load (see the module comment).
 async fn live(status: &mut watch::Receiver<rkube_proxy::Applied>, rv: u64) -> anyhow::Result<()> {
-    tokio::time::timeout(Duration::from_secs(120), status.wait_for(|a| a.resource_version >= rv))
+    let limit = Duration::from_secs(900);
+    tokio::time::timeout(limit, status.wait_for(|a| a.resource_version >= rv))
         .await
-        .with_context(|| format!("the proxy did not apply version {rv} within 120 s"))?
+        .with_context(|| format!("the proxy did not apply version {rv} within {limit:?}"))?
         .context("the proxy stopped")?;
     Ok(())
 }
@@ -209,7 +211,7 @@ async fn one_size(n: usize, changes: usize) -> anyhow::Result<Value> {
         // configured pause.
         coalesce: Duration::from_millis(1),
         min_sync_period: Duration::ZERO,
-        nft_timeout: Duration::from_secs(120),
+        nft_timeout: Duration::from_secs(900),
         ..Default::default()
     };
     let (tx, mut status) = watch::channel(rkube_proxy::Applied::default());
@@ -327,10 +329,15 @@ pub async fn run(args: &super::BenchArgs) -> anyhow::Result<Value> {
         );
     }
     let (sizes, changes): (&[usize], usize) =
-        if args.quick { (&[100, 1000], 50) } else { (&[1000, 10_000], 200) };
+        if args.quick { (&[100, 1000], 50) } else { (&[1000, 10_000], 100) };
     let mut runs = Vec::new();
     for &n in sizes {
-        runs.push(one_size(n, changes).await.with_context(|| format!("{n} Services"))?);
+        // On Ctrl-C the run is dropped, so its namespace guard still deletes the namespace.
+        let run = tokio::select! {
+            r = one_size(n, changes) => r.with_context(|| format!("{n} Services"))?,
+            _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+        };
+        runs.push(run);
     }
     Ok(json!({
         "measured": "EndpointSlice write acknowledged by the API server -> the proxy's nft run \
