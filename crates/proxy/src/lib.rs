@@ -3,8 +3,11 @@
 //! mode does.
 //!
 //! The loop: two reflectors feed in-memory stores and bump a change counter; after a short
-//! coalescing pause the whole rule set is rendered (`rules::render`, pure) and, if its text
-//! differs from what was last applied, handed to `nft -f -` as one atomic transaction.
+//! coalescing pause the whole rule set is rendered (`rules::render_model`, pure) and compared
+//! with what was last applied. On start, after a failure and every `full_sync_period` the table
+//! is replaced whole; otherwise only the difference (`rules::changes`: changed chains flushed
+//! and refilled, map elements added and deleted) goes to `nft -f -`, each as one atomic
+//! transaction, and nothing at all when nothing differs.
 
 pub mod cidr;
 pub mod cli;
@@ -101,9 +104,11 @@ impl Default for Config {
 /// # Guarantees
 /// - Nothing is applied before both watches have listed everything once, so a restart never
 ///   installs a rule set missing Services that exist.
-/// - The first apply replaces whatever table a previous (perhaps crashed) proxy left.
-/// - An unchanged rendering is never re-applied, and a changed one carries the live ClientIP
-///   affinity entries over (read back just before the apply; an entry made in between is lost).
+/// - The first apply replaces whatever table a previous (perhaps crashed) proxy left, and so
+///   does every apply after a failed one and one every `full_sync_period`.
+/// - An unchanged rendering is never re-applied. A change is applied in place, so live ClientIP
+///   affinity entries stay; a full replace carries them over (read back just before the
+///   apply; an entry made in between is lost).
 /// - Apply failures are logged and retried with backoff; they never end the loop.
 ///
 /// # Caveats
