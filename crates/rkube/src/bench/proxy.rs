@@ -8,6 +8,12 @@
 //! write returned: the proxy publishes it only after `nft` exited successfully). The last change
 //! is then checked in the kernel itself (`nft list chain`), and a burst of changes at 100/s must
 //! leave the table with exactly as many chains and map elements as before.
+//!
+//! Where the time goes (nft 1.0.6, kernel 6.18, 10,000 Services = 60,000 chains): every `nft`
+//! run dumps the whole table into its cache before applying even a one-element change
+//! (~0.5-0.75 s, most of a change's latency), and loading the table whole is superlinear in the
+//! kernel (~140 s; declaring the chains in one transaction and adding rules in a second took a
+//! quarter of that in a trial). Rendering the model is ~0.2 s of CPU per change.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
