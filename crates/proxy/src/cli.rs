@@ -39,6 +39,10 @@ pub struct Args {
     /// How often to check that the table is still installed, e.g. 30s.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub sync_period: Duration,
+    /// How often the table is replaced whole instead of changed in place, clearing anything
+    /// else that altered it, e.g. 1h.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub full_sync_period: Duration,
     /// Delete the proxy's table and exit.
     #[arg(long)]
     pub cleanup: bool,
@@ -92,6 +96,7 @@ impl Args {
             conntrack: vec![self.conntrack_path.clone()],
             min_sync_period: self.min_sync_period,
             check_period: self.sync_period,
+            full_sync_period: self.full_sync_period,
             ..Config::default()
         })
     }
@@ -148,6 +153,8 @@ mod tests {
             "192.168.0.0/16,10.0.0.1/32",
             "--min-sync-period",
             "250ms",
+            "--full-sync-period",
+            "10m",
         ])
         .expect("parse");
         let c = cmd.args.config().expect("config");
@@ -157,6 +164,7 @@ mod tests {
         assert_eq!(c.rules.table, "rkube");
         assert_eq!(c.nft, vec!["nft".to_string()]);
         assert_eq!(c.min_sync_period, Duration::from_millis(250));
+        assert_eq!(c.full_sync_period, Duration::from_secs(600));
     }
 
     #[test]

@@ -3,8 +3,11 @@
 //! mode does.
 //!
 //! The loop: two reflectors feed in-memory stores and bump a change counter; after a short
-//! coalescing pause the whole rule set is rendered (`rules::render`, pure) and, if its text
-//! differs from what was last applied, handed to `nft -f -` as one atomic transaction.
+//! coalescing pause the whole rule set is rendered (`rules::render_model`, pure) and compared
+//! with what was last applied. On start, after a failure and every `full_sync_period` the table
+//! is replaced whole; otherwise only the difference (`rules::changes`: changed chains flushed
+//! and refilled, map elements added and deleted) goes to `nft -f -`, each as one atomic
+//! transaction, and nothing at all when nothing differs.
 
 pub mod cidr;
 pub mod cli;
@@ -26,7 +29,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use cidr::Ipv4Cidr;
-pub use rules::{AffinityEntry, RulesConfig, Ruleset, UdpBackend, UdpFront, render};
+pub use rules::{
+    AffinityEntry, Model, RulesConfig, Ruleset, UdpBackend, UdpFront, changes, render, render_model,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -66,6 +71,9 @@ pub struct Config {
     pub check_period: Duration,
     /// Bound on a single nft run.
     pub nft_timeout: Duration,
+    /// How often the table is replaced whole even though only changes were applied since
+    /// (upstream's FullSyncPeriod, one hour): it clears anything else that altered it.
+    pub full_sync_period: Duration,
     /// Longest wait between retries after a failed apply (doubling from `min_sync_period`).
     pub retry_period_max: Duration,
     /// The program (and leading arguments) that deletes conntrack entries of UDP flows whose
@@ -83,6 +91,7 @@ impl Default for Config {
             min_sync_period: Duration::from_secs(1),
             check_period: Duration::from_secs(30),
             nft_timeout: Duration::from_secs(30),
+            full_sync_period: Duration::from_secs(3600),
             retry_period_max: Duration::from_secs(60),
             conntrack: vec!["conntrack".into()],
         }
@@ -95,15 +104,47 @@ impl Default for Config {
 /// # Guarantees
 /// - Nothing is applied before both watches have listed everything once, so a restart never
 ///   installs a rule set missing Services that exist.
-/// - The first apply replaces whatever table a previous (perhaps crashed) proxy left.
-/// - An unchanged rendering is never re-applied, and a changed one carries the live ClientIP
-///   affinity entries over (read back just before the apply; an entry made in between is lost).
+/// - The first apply replaces whatever table a previous (perhaps crashed) proxy left, and so
+///   does every apply after a failed one and one every `full_sync_period`.
+/// - An unchanged rendering is never re-applied. A change is applied in place, so live ClientIP
+///   affinity entries stay; a full replace carries them over (read back just before the
+///   apply; an entry made in between is lost).
 /// - Apply failures are logged and retried with backoff; they never end the loop.
 ///
 /// # Caveats
 /// - On shutdown the rules stay in place, as upstream's: Services keep working while the
 ///   proxy restarts. Call [`cleanup`] to remove them.
 pub async fn run(client: Client, config: Config, shutdown: CancellationToken) -> Result<()> {
+    run_reporting(client, config, shutdown, watch::Sender::new(Applied::default())).await
+}
+
+/// What the kernel holds, as of the proxy's last successful apply; published by
+/// [`run_reporting`] so a caller (the benchmark, a readiness check) can tell when a change is
+/// live without listing the table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Successful applies so far.
+    pub applies: u64,
+    /// The highest `resourceVersion` among the Services and EndpointSlices the applied rules
+    /// were rendered from: a write acknowledged with a version at or below it is in the kernel
+    /// (versions are one global counter). A deletion leaves no object to carry its version,
+    /// so it is not seen here.
+    pub resource_version: u64,
+    /// Whether the last apply replaced the whole table (rather than changing parts of it).
+    pub full: bool,
+    /// How long the last `nft` run took.
+    pub nft_time: Duration,
+    /// Bytes of the last transaction.
+    pub bytes: usize,
+}
+
+/// [`run`], publishing on `status` after every successful apply.
+pub async fn run_reporting(
+    client: Client,
+    config: Config,
+    shutdown: CancellationToken,
+    status: watch::Sender<Applied>,
+) -> Result<()> {
     let (tx, mut changed) = watch::channel(0u64);
     let services: Store<Service> =
         start_reflector(Api::all(client.clone()), tx.clone(), shutdown.clone());
@@ -117,7 +158,9 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) ->
     }
     tracing::info!(table = %config.rules.table, node = %config.rules.node_name, "proxy: watches synced");
 
-    let mut applied: Option<String> = None;
+    // What the kernel holds, as far as this loop knows; None: replace the table whole.
+    let mut applied: Option<rules::Model> = None;
+    let mut last_full: Option<Instant> = None;
     let mut reported_skips: Vec<String> = Vec::new();
     let mut last_apply: Option<Instant> = None;
     let mut failures: u32 = 0;
@@ -129,30 +172,62 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) ->
         changed.borrow_and_update();
         let svcs = services.state();
         let eps = slices.state();
-        let set =
-            render(svcs.iter().map(|s| s.as_ref()), eps.iter().map(|s| s.as_ref()), &config.rules);
-        if set.skipped != reported_skips {
-            for s in &set.skipped {
+        let model = render_model(
+            svcs.iter().map(|s| s.as_ref()),
+            eps.iter().map(|s| s.as_ref()),
+            &config.rules,
+        );
+        if model.skipped != reported_skips {
+            for s in &model.skipped {
                 tracing::warn!("proxy: left out of the rules: {s}");
             }
-            reported_skips = set.skipped.clone();
+            reported_skips = model.skipped.clone();
         }
+        // A full replace now and then clears whatever else changed the table (upstream's
+        // FullSyncPeriod); otherwise only the difference from what was applied is sent.
+        let full_due = last_full.is_none_or(|t| t.elapsed() >= config.full_sync_period);
+        let incremental = match &applied {
+            Some(old) if !full_due => rules::changes(old, &model, &config.rules),
+            _ => None,
+        };
         let mut wait = config.check_period;
-        if applied.as_deref() != Some(set.text.as_str()) {
-            last_apply = Some(Instant::now());
-            match apply_keeping_affinity(&config, &set).await {
+        if incremental.as_deref() != Some("") {
+            let started = Instant::now();
+            last_apply = Some(started);
+            let resource_version = newest_version(&svcs, &eps);
+            let (result, bytes) = match &incremental {
+                Some(text) => (apply(&config, text).await, text.len()),
+                None => {
+                    let set = model.ruleset(&config.rules);
+                    (apply_keeping_affinity(&config, &set).await, set.text.len())
+                }
+            };
+            match result {
                 Ok(()) => {
-                    tracing::info!(
-                        services = svcs.len(),
-                        endpoint_slices = eps.len(),
-                        bytes = set.text.len(),
-                        "proxy: applied nftables rules"
-                    );
+                    let full = incremental.is_none();
+                    status.send_modify(|s| {
+                        s.applies += 1;
+                        s.resource_version = s.resource_version.max(resource_version);
+                        s.full = full;
+                        s.nft_time = started.elapsed();
+                        s.bytes = bytes;
+                    });
+                    if full {
+                        last_full = Some(started);
+                        tracing::info!(
+                            services = svcs.len(),
+                            endpoint_slices = eps.len(),
+                            bytes,
+                            "proxy: replaced the nftables table"
+                        );
+                    } else {
+                        tracing::debug!(bytes, "proxy: updated the nftables table");
+                    }
                     let stale: Vec<rules::UdpBackend> =
-                        udp_backends.difference(&set.udp_backends).copied().collect();
+                        udp_backends.difference(model.udp_backends()).copied().collect();
                     clear_udp_flows(&config, &stale, &mut conntrack_missing_reported).await;
-                    udp_backends = set.udp_backends;
-                    applied = Some(set.text);
+                    udp_backends = model.udp_backends().clone();
+                    applied = Some(model);
                     failures = 0;
                 }
                 Err(e) => {
@@ -162,8 +237,10 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) ->
                         table = %config.rules.table,
                         attempt = failures,
                         retry_in = ?wait,
+                        full = incremental.is_none(),
                         "proxy: apply nftables rules: {e}"
                     );
+                    // The table's state is now uncertain: the retry replaces it whole.
                     applied = None;
                 }
             }
@@ -197,6 +274,16 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) ->
     }
     tracing::info!("proxy: stopped; rules left in place");
     Ok(())
+}
+
+/// The highest resourceVersion among `svcs` and `eps` (0 when none parses as a number).
+fn newest_version(svcs: &[std::sync::Arc<Service>], eps: &[std::sync::Arc<EndpointSlice>]) -> u64 {
+    let rv = |m: &kube::api::ObjectMeta| -> u64 {
+        m.resource_version.as_deref().and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
+    let a = svcs.iter().map(|s| rv(&s.metadata)).max().unwrap_or(0);
+    let b = eps.iter().map(|s| rv(&s.metadata)).max().unwrap_or(0);
+    a.max(b)
 }
 
 /// `min_sync_period` doubled per consecutive failure, capped at `retry_period_max`.

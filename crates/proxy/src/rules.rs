@@ -1,12 +1,13 @@
-//! Services and EndpointSlices → the text of one nftables transaction that replaces the proxy's
-//! whole table. Pure and deterministic (everything sorted), so the same objects give the same text
-//! and the caller can skip an apply when nothing changed.
+//! Services and EndpointSlices → the nftables transactions of the proxy's table: one that replaces
+//! the whole table (`render`, `Model::ruleset`), and one that changes only what differs from the
+//! previous content (`changes`). Pure and deterministic (everything sorted), so the same objects
+//! give the same text and the caller can skip an apply when nothing changed.
 //!
 //! The layout follows upstream kube-proxy's nftables mode (pkg/proxy/nftables): verdict maps keyed
 //! by `address . protocol . port` send new connections to a per-service-port chain, which picks an
 //! endpoint chain at random (`numgen random mod N vmap`), which DNATs. Filter chains that run
-//! before DNAT reject (or drop) traffic to Services without usable endpoints. Unlike upstream, the
-//! table is rebuilt whole in one transaction instead of diffed; see `render` for what that costs.
+//! before DNAT reject (or drop) traffic to Services without usable endpoints. As upstream, the
+//! table is replaced whole on start (and periodically, by the caller), and otherwise diffed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -263,6 +264,47 @@ pub fn render<'a>(
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
     config: &RulesConfig,
 ) -> Ruleset {
+    render_model(services, slices, config).ruleset(config)
+}
+
+/// What the proxy's table holds besides its fixed skeleton (base chains, dispatch chains, the
+/// maps' declarations), as [`render`] computes it: the input to both a full transaction
+/// ([`Model::ruleset`]) and an incremental one ([`changes`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Model {
+    tables: Tables,
+    /// As [`Ruleset::skipped`].
+    pub skipped: Vec<String>,
+}
+
+impl Model {
+    /// The full transaction that replaces the table with this content.
+    pub fn ruleset(&self, config: &RulesConfig) -> Ruleset {
+        Ruleset {
+            text: self.tables.write(config),
+            skipped: self.skipped.clone(),
+            affinity_sets: self.tables.affinity_sets.clone(),
+            udp_backends: self.tables.udp_backends.clone(),
+        }
+    }
+
+    /// As [`Ruleset::udp_backends`].
+    pub fn udp_backends(&self) -> &BTreeSet<UdpBackend> {
+        &self.tables.udp_backends
+    }
+
+    /// Chains beyond the fixed skeleton: one per Service port policy and per endpoint in use.
+    pub fn chain_count(&self) -> usize {
+        self.tables.chains.len()
+    }
+}
+
+/// [`render`] without writing the text, for callers that may only need [`changes`].
+pub fn render_model<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    config: &RulesConfig,
+) -> Model {
     let mut skipped = Vec::new();
     let index = index_endpoints(slices, &config.node_name, &mut skipped);
     let mut ports: Vec<ServicePort> =
@@ -287,13 +329,141 @@ pub fn render<'a>(
     }
     skipped.sort();
     skipped.dedup();
-    let text = tables.write(config);
-    Ruleset {
-        text,
-        skipped,
-        affinity_sets: tables.affinity_sets,
-        udp_backends: tables.udp_backends,
+    Model { tables, skipped }
+}
+
+/// The transaction that turns a table holding `old` (as applied by [`Model::ruleset`] or by
+/// earlier `changes`) into one holding `new`, touching only what differs, as upstream
+/// kube-proxy's partial syncs do: map and set elements are added and deleted one by one, and
+/// only chains whose rules differ are flushed and refilled. An empty string: nothing differs.
+///
+/// The order keeps every reference valid at each step of the (atomic) transaction: new sets
+/// and chains are declared first, chains are filled, map elements are swapped, and only then
+/// are chains no longer referenced flushed and deleted, and their affinity sets after them.
+/// Affinity sets that stay keep their live entries, which a full replace would have to copy.
+///
+/// `None` when the change cannot be made in place and the table must be replaced whole: an
+/// affinity set whose timeout changed (nft cannot alter a set's timeout).
+pub fn changes(old: &Model, new: &Model, config: &RulesConfig) -> Option<String> {
+    let t = &config.table;
+    let (o, n) = (&old.tables, &new.tables);
+    if n.affinity_sets
+        .iter()
+        .any(|(name, timeout)| o.affinity_sets.get(name).is_some_and(|x| x != timeout))
+    {
+        return None;
     }
+    let mut out = String::new();
+    for (name, timeout) in &n.affinity_sets {
+        if !o.affinity_sets.contains_key(name) {
+            let _ = writeln!(
+                out,
+                "add set ip {t} {name} {{ type ipv4_addr; flags dynamic,timeout; timeout {timeout}s; }}"
+            );
+        }
+    }
+    for name in n.chains.keys().filter(|c| !o.chains.contains_key(*c)) {
+        let _ = writeln!(out, "add chain ip {t} {name}");
+    }
+    for (name, rules) in &n.chains {
+        match o.chains.get(name) {
+            Some(before) if before == rules => continue,
+            Some(_) => {
+                let _ = writeln!(out, "flush chain ip {t} {name}");
+            }
+            None => {}
+        }
+        for r in rules {
+            let _ = writeln!(out, "add rule ip {t} {name} {r}");
+        }
+    }
+    diff_map(&mut out, t, "service-ips", &o.service_ips, &n.service_ips, addr_elem);
+    diff_map(
+        &mut out,
+        t,
+        "service-nodeports",
+        &o.service_nodeports,
+        &n.service_nodeports,
+        port_elem,
+    );
+    diff_map(
+        &mut out,
+        t,
+        "no-endpoint-services",
+        &o.no_endpoint_services,
+        &n.no_endpoint_services,
+        addr_elem,
+    );
+    diff_map(&mut out, t, "firewall-ips", &o.firewall_ips, &n.firewall_ips, addr_elem);
+    diff_map(
+        &mut out,
+        t,
+        "no-endpoint-nodeports",
+        &o.no_endpoint_nodeports,
+        &n.no_endpoint_nodeports,
+        port_elem,
+    );
+    let gone: Vec<String> =
+        o.cluster_ips.difference(&n.cluster_ips).map(ToString::to_string).collect();
+    let came: Vec<String> =
+        n.cluster_ips.difference(&o.cluster_ips).map(ToString::to_string).collect();
+    write_elements(&mut out, "delete", t, "cluster-ips", &gone);
+    write_elements(&mut out, "add", t, "cluster-ips", &came);
+    // Flushed first, all of them: a chain about to go may still be the target of another
+    // chain that goes too.
+    let removed: Vec<&String> = o.chains.keys().filter(|c| !n.chains.contains_key(*c)).collect();
+    for name in &removed {
+        let _ = writeln!(out, "flush chain ip {t} {name}");
+    }
+    for name in &removed {
+        let _ = writeln!(out, "delete chain ip {t} {name}");
+    }
+    for name in o.affinity_sets.keys().filter(|s| !n.affinity_sets.contains_key(*s)) {
+        let _ = writeln!(out, "delete set ip {t} {name}");
+    }
+    Some(out)
+}
+
+/// `delete element` for keys that went or whose verdict changed, then `add element` for keys
+/// that came or changed: nft cannot overwrite a map element's verdict in place.
+fn diff_map<K: Ord>(
+    out: &mut String,
+    table: &str,
+    map: &str,
+    old: &BTreeMap<K, (String, String)>,
+    new: &BTreeMap<K, (String, String)>,
+    key: fn(&K) -> String,
+) {
+    let gone: Vec<String> = old
+        .iter()
+        .filter(|(k, (v, _))| new.get(*k).is_none_or(|(nv, _)| nv != v))
+        .map(|(k, _)| key(k))
+        .collect();
+    let came: Vec<String> = new
+        .iter()
+        .filter(|(k, (v, _))| old.get(*k).is_none_or(|(ov, _)| ov != v))
+        .map(|(k, (v, _))| format!("{} : {v}", key(k)))
+        .collect();
+    write_elements(out, "delete", table, map, &gone);
+    write_elements(out, "add", table, map, &came);
+}
+
+/// One `add element`/`delete element` command per 1,000 elements (nft reads each command into
+/// memory whole; the bound keeps a mass change from making one huge line).
+fn write_elements(out: &mut String, verb: &str, table: &str, set: &str, elements: &[String]) {
+    for chunk in elements.chunks(1000) {
+        let _ = writeln!(out, "{verb} element ip {table} {set} {{ {} }}", chunk.join(", "));
+    }
+}
+
+/// A map key of `address . protocol . port`, as nft writes it.
+fn addr_elem(k: &(Ipv4Addr, Proto, u16)) -> String {
+    format!("{} . {} . {}", k.0, k.1.nft(), k.2)
+}
+
+/// A map key of `protocol . port`, as nft writes it.
+fn port_elem(k: &(Proto, u16)) -> String {
+    format!("{} . {}", k.0.nft(), k.1)
 }
 
 /// Which endpoints serve new connections, following upstream's CategorizeEndpoints: ready ones;
@@ -530,7 +700,7 @@ fn service_ports(svc: &Service, skipped: &mut Vec<String>) -> Vec<ServicePort> {
 }
 
 /// Everything the table will hold, collected per Service port and written out sorted.
-#[derive(Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Tables {
     /// `address . proto . port` → verdict, with the Service that claimed the key first.
     service_ips: BTreeMap<(Ipv4Addr, Proto, u16), (String, String)>,
@@ -772,12 +942,10 @@ impl Tables {
         let addr_key = "ipv4_addr . inet_proto . inet_service";
         let port_key = "inet_proto . inet_service";
         let elems = |m: &BTreeMap<(Ipv4Addr, Proto, u16), (String, String)>| -> Vec<String> {
-            m.iter()
-                .map(|((ip, p, port), (v, _))| format!("{ip} . {} . {port} : {v}", p.nft()))
-                .collect()
+            m.iter().map(|(k, (v, _))| format!("{} : {v}", addr_elem(k))).collect()
         };
         let port_elems = |m: &BTreeMap<(Proto, u16), (String, String)>| -> Vec<String> {
-            m.iter().map(|((p, port), (v, _))| format!("{} . {port} : {v}", p.nft())).collect()
+            m.iter().map(|(k, (v, _))| format!("{} : {v}", port_elem(k))).collect()
         };
         write_set(
             &mut out,
@@ -1713,6 +1881,75 @@ mod tests {
         let took = start.elapsed();
         assert_eq!(elements(&r.text, "map", "service-ips").len(), 2000);
         assert!(took < Duration::from_secs(2), "took {took:?}");
+    }
+
+    fn model(services: &[Service], slices: &[EndpointSlice]) -> Model {
+        render_model(services, slices, &config())
+    }
+
+    #[test]
+    fn unchanged_objects_need_no_incremental_change() {
+        let m = model(&[web(json!({}))], &[web_slice("w1", &[ready("10.244.1.5", "node-a")])]);
+        assert_eq!(changes(&m, &m.clone(), &config()).as_deref(), Some(""));
+    }
+
+    #[test]
+    fn a_new_endpoint_adds_its_chain_and_rewrites_only_the_service_chain() {
+        let before = model(&[web(json!({}))], &[web_slice("w1", &[ready("10.244.1.5", "node-a")])]);
+        let after = model(
+            &[web(json!({}))],
+            &[web_slice("w1", &[ready("10.244.1.5", "node-a"), ready("10.244.1.6", "node-a")])],
+        );
+        let text = changes(&before, &after, &config()).expect("in place");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], format!("add chain ip rkube {EP6}"));
+        let flush = format!("flush chain ip rkube {SVC}");
+        let refill = format!("add rule ip rkube {SVC} numgen random mod 2");
+        let pos = |l: &str| lines.iter().position(|x| x.starts_with(l));
+        assert!(pos(&flush).is_some_and(|f| pos(&refill).is_some_and(|r| f < r)), "{text}");
+        // The map still points at the same Service chain: no element changes.
+        assert!(!text.contains("element"), "{text}");
+        assert!(
+            !text.contains(&format!("ip rkube {EP5}")),
+            "the unchanged endpoint chain is left alone: {text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "add rule ip rkube {EP6} meta l4proto tcp dnat to 10.244.1.6:8080"
+            )),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn losing_the_last_endpoint_swaps_the_verdict_and_removes_chains_after_their_users() {
+        let before = model(&[web(json!({}))], &[web_slice("w1", &[ready("10.244.1.5", "node-a")])]);
+        let after = model(&[web(json!({}))], &[]);
+        let text = changes(&before, &after, &config()).expect("in place");
+        let at = |s: &str| text.find(s).unwrap_or_else(|| panic!("{s:?} missing from {text}"));
+        let unmap = at("delete element ip rkube service-ips { 10.96.0.50 . tcp . 80 }");
+        at(
+            "add element ip rkube no-endpoint-services { 10.96.0.50 . tcp . 80 : goto reject-chain }",
+        );
+        let delete_svc = at(&format!("delete chain ip rkube {SVC}\n"));
+        let delete_ep = at(&format!("delete chain ip rkube {EP5}\n"));
+        assert!(unmap < delete_svc && unmap < delete_ep, "{text}");
+        assert!(at(&format!("flush chain ip rkube {SVC}\n")) < delete_ep, "{text}");
+    }
+
+    #[test]
+    fn a_changed_affinity_timeout_needs_a_full_replace() {
+        let eps = [web_slice("w1", &[ready("10.244.1.5", "node-a")])];
+        let sticky = |secs: i32| {
+            web(json!({"sessionAffinity": "ClientIP",
+                       "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": secs}}}))
+        };
+        let (a, b) = (model(&[sticky(60)], &eps), model(&[sticky(120)], &eps));
+        assert_eq!(changes(&a, &b, &config()), None);
+        let plain = model(&[web(json!({}))], &eps);
+        let text = changes(&plain, &a, &config()).expect("new sets can be added in place");
+        assert!(text.starts_with("add set ip rkube affinity-"), "{text}");
+        assert!(text.contains("timeout 60s"), "{text}");
     }
 
     #[test]

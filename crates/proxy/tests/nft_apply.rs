@@ -104,3 +104,153 @@ async fn every_feature_renders_text_that_nft_applies_repeatedly_and_cleanup_remo
     assert!(!String::from_utf8_lossy(&after.stdout).contains("rkube"));
     cleanup(&config).await.expect("cleanup is idempotent");
 }
+
+/// `nft -j list table ip rkube` in `ns`, made comparable between two tables built by different
+/// transactions: handles (allocation order) are dropped, set and map elements sorted (the
+/// kernel lists hash sets in no fixed order), sets and chains sorted by name; rules keep their
+/// order within their chain, which is what matters to packets.
+fn canonical_table(ns: &common::Netns) -> Vec<String> {
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                m.remove("handle");
+                m.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let out = ns.exec(&["nft", "-j", "list", "table", "ip", "rkube"]);
+    assert!(out.status.success(), "list: {}", String::from_utf8_lossy(&out.stderr));
+    let mut doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("nft json");
+    strip(&mut doc);
+    let mut items: Vec<String> = Vec::new();
+    let mut rules: Vec<(String, usize, String)> = Vec::new();
+    for item in doc["nftables"].as_array().into_iter().flatten() {
+        if let Some(set) = item.get("set").or_else(|| item.get("map")) {
+            let mut set = set.clone();
+            if let Some(elems) = set.get_mut("elem").and_then(|e| e.as_array_mut()) {
+                elems.sort_by_key(|e| e.to_string());
+            }
+            items.push(set.to_string());
+        } else if let Some(rule) = item.get("rule") {
+            let chain = rule["chain"].as_str().unwrap_or_default().to_string();
+            rules.push((chain, rules.len(), rule.to_string()));
+        } else if item.get("metainfo").is_none() {
+            items.push(item.to_string());
+        }
+    }
+    items.sort();
+    rules.sort();
+    items.extend(rules.into_iter().map(|(chain, _, rule)| format!("{chain}: {rule}")));
+    items
+}
+
+/// The differences between two canonical listings, for a readable failure.
+fn differences(a: &[String], b: &[String]) -> String {
+    let only_a: Vec<&String> = a.iter().filter(|x| !b.contains(x)).collect();
+    let only_b: Vec<&String> = b.iter().filter(|x| !a.contains(x)).collect();
+    format!("only incremental: {only_a:#?}\nonly full: {only_b:#?}")
+}
+
+#[tokio::test]
+async fn changes_applied_incrementally_leave_the_same_table_as_a_full_render() {
+    let test = "changes_applied_incrementally_leave_the_same_table_as_a_full_render";
+    let Some(inc) = common::Netns::create(test) else { return };
+    let Some(full) = common::Netns::create(test) else { return };
+    let rules = RulesConfig {
+        node_name: "node-a".into(),
+        cluster_cidr: Some("10.244.0.0/16".parse().expect("cidr")),
+        ..RulesConfig::default()
+    };
+    let inc_config = Config { rules: rules.clone(), nft: inc.nft_command(), ..Config::default() };
+    let full_config = Config { rules: rules.clone(), nft: full.nft_command(), ..Config::default() };
+    let (services, slices) = everything();
+
+    // Each step edits the previous state; together they add, change and remove Services,
+    // endpoints, node ports, affinity sets, firewall chains and map verdicts.
+    type Step = Box<dyn Fn(&mut Vec<Service>, &mut Vec<EndpointSlice>)>;
+    let by_name = |name: &'static str| move |s: &Service| s.metadata.name.as_deref() == Some(name);
+    let steps: Vec<(&str, Step)> = vec![
+        ("nothing", Box::new(|_, _| {})),
+        (
+            "plain loses an endpoint",
+            Box::new(|_, sl| {
+                sl[0].endpoints.truncate(1);
+            }),
+        ),
+        (
+            "sticky loses every endpoint (its affinity sets go, it is rejected)",
+            Box::new(|_, sl| {
+                sl[1].endpoints.clear();
+            }),
+        ),
+        (
+            "empty gets an endpoint (reject becomes a service chain)",
+            Box::new(|_, sl| {
+                let mut s = sl[0].clone();
+                s.metadata.name = Some("empty-1".into());
+                s.metadata.labels =
+                    Some([("kubernetes.io/service-name".into(), "empty".into())].into());
+                sl.push(s);
+            }),
+        ),
+        (
+            "etp is deleted (external, local, firewall chains and their elements go)",
+            Box::new(move |sv, _| sv.retain(|s| !by_name("etp")(s))),
+        ),
+        (
+            "plain becomes a NodePort and sticky gets its endpoints back",
+            Box::new(move |sv, sl| {
+                if let Some(s) = sv.iter_mut().find(|s| by_name("plain")(s)) {
+                    let spec = s.spec.as_mut().expect("spec");
+                    spec.type_ = Some("NodePort".into());
+                    spec.ports.as_mut().expect("ports")[0].node_port = Some(30099);
+                }
+                sl[1] = everything().1[1].clone();
+            }),
+        ),
+        (
+            "a new Service with the address of a deleted one",
+            Box::new(|sv, _| {
+                let (svcs, _) = everything();
+                let mut s = svcs[3].clone();
+                s.metadata.name = Some("etp2".into());
+                sv.push(s);
+            }),
+        ),
+        (
+            "everything goes",
+            Box::new(|sv, sl| {
+                sv.clear();
+                sl.clear();
+            }),
+        ),
+        (
+            "everything comes back",
+            Box::new(|sv, sl| {
+                (*sv, *sl) = everything();
+            }),
+        ),
+    ];
+
+    let (mut svcs, mut slcs) = (services, slices);
+    let mut model = rkube_proxy::render_model(&svcs, &slcs, &rules);
+    rkube_proxy::apply(&inc_config, &model.ruleset(&rules).text).await.expect("first apply");
+    for (what, step) in &steps {
+        step(&mut svcs, &mut slcs);
+        let next = rkube_proxy::render_model(&svcs, &slcs, &rules);
+        let text = rkube_proxy::changes(&model, &next, &rules).expect("an incremental change");
+        assert_eq!(text.is_empty(), next == model, "{what}: empty exactly when nothing changed");
+        assert!(!text.contains("table"), "{what}: the table itself is left alone:\n{text}");
+        if !text.is_empty() {
+            rkube_proxy::apply(&inc_config, &text)
+                .await
+                .unwrap_or_else(|e| panic!("{what}: {e}\n{text}"));
+        }
+        rkube_proxy::apply(&full_config, &next.ruleset(&rules).text).await.expect("full apply");
+        let (a, b) = (canonical_table(&inc), canonical_table(&full));
+        assert!(a == b, "{what}: the tables differ\n{}", differences(&a, &b));
+        model = next;
+    }
+}

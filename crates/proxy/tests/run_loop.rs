@@ -97,22 +97,26 @@ async fn bursts_are_coalesced_and_unchanged_rules_are_not_reapplied() {
     assert!(first.starts_with("add table ip rkube\ndelete table ip rkube\n"), "{first}");
     assert!(first.contains("10.96.0.1 . tcp . 443"), "the default kubernetes Service: {first}");
 
-    // A burst of 10 Services lands in few applies, the last holding them all.
+    // A burst of 10 Services lands in few applies; after the first, each apply only adds what
+    // is new, so together they hold every Service once.
     for i in 0..10 {
         services
             .create(&PostParams::default(), &service(&format!("s{i}"), &format!("10.96.1.{i}")))
             .await
             .expect("create");
     }
+    let since_first = |dir: &Path| applies(dir)[1..].concat();
     wait_for("the burst applied", Duration::from_secs(10), || {
-        applies(&dir).last().is_some_and(|t| t.contains("10.96.1.9 . tcp . 80"))
+        since_first(&dir).contains("10.96.1.9 . tcp . 80")
     })
     .await;
     let after_burst = applies(&dir).len();
     assert!(after_burst <= 4, "10 creations took {} applies", after_burst - 1);
-    let last = applies(&dir).pop().expect("last");
+    let updates = since_first(&dir);
+    assert!(!updates.contains("delete table"), "updates leave the table in place: {updates}");
     for i in 0..10 {
-        assert!(last.contains(&format!("10.96.1.{i} . tcp . 80")), "s{i} missing");
+        let elem = format!("10.96.1.{i} . tcp . 80 : goto reject-chain");
+        assert_eq!(updates.matches(&elem).count(), 1, "s{i} added once: {updates}");
     }
 
     // A change that does not alter the rules (a label), and the periodic checks, apply nothing.
@@ -121,12 +125,16 @@ async fn bursts_are_coalesced_and_unchanged_rules_are_not_reapplied() {
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(applies(&dir).len(), after_burst);
 
-    // A deletion is applied.
+    // A deletion is applied as the removal of its elements, and only that.
     services.delete("s3", &Default::default()).await.expect("delete");
-    wait_for("deletion applied", Duration::from_secs(10), || {
-        applies(&dir).last().is_some_and(|t| !t.contains("10.96.1.3 "))
-    })
-    .await;
+    wait_for("deletion applied", Duration::from_secs(10), || applies(&dir).len() > after_burst)
+        .await;
+    let deletion = applies(&dir).pop().expect("last");
+    assert_eq!(
+        deletion,
+        "delete element ip rkube no-endpoint-services { 10.96.1.3 . tcp . 80 }\n\
+         delete element ip rkube cluster-ips { 10.96.1.3 }\n"
+    );
 
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(10), proxy)

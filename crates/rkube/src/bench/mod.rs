@@ -4,6 +4,7 @@
 mod api;
 mod heal;
 mod nodes;
+mod proxy;
 mod scheduler;
 mod store;
 
@@ -14,6 +15,7 @@ pub enum Area {
     Scheduler,
     Heal,
     Nodes,
+    Proxy,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -35,6 +37,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Area::Scheduler => scheduler::run(&args).await?,
         Area::Heal => heal::run(&args).await?,
         Area::Nodes => nodes::run(&args).await?,
+        Area::Proxy => proxy::run(&args).await?,
     };
     if args.json {
         println!("{figures}");
@@ -45,6 +48,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Area::Scheduler => scheduler::table(&figures),
             Area::Heal => heal::table(&figures),
             Area::Nodes => nodes::table(&figures),
+            Area::Proxy => proxy::table(&figures),
         };
         println!("{table}");
     }
