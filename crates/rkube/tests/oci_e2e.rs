@@ -373,6 +373,9 @@ spec:
         image: REGISTRY/test/busybox:1
         command: ["sh", "-c", "mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 8080 -h /www"]
         ports: [{containerPort: 8080}]
+        readinessProbe:
+          tcpSocket: {port: 8080}
+          periodSeconds: 1
 ---
 apiVersion: v1
 kind: Service
@@ -500,7 +503,10 @@ fn services_route_to_every_replica_by_name_and_node_port() {
         let who = fetch(&s, "web.default.svc.cluster.local 80");
         assert!(
             !who.is_empty(),
-            "a request was lost: the Service still pointed at the deleted pod"
+            "a request was lost: the Service still pointed at the deleted pod\n{}\n{}\n{}",
+            s.ok(&["get", "pods", "-o", "wide"]),
+            s.ok(&["get", "endpointslices", "-o", "yaml"]),
+            machine.run(&["nft", "list", "table", "ip", "rkube"])
         );
         assert_ne!(who, victim, "a deleted pod still got traffic");
     }
