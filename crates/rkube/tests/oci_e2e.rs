@@ -14,6 +14,14 @@ use std::time::{Duration, Instant};
 use common::Server;
 use sha2::{Digest, Sha256};
 
+/// These tests each run a whole cluster with real containers; one at a time keeps a 2-core CI
+/// machine from turning their timings into noise.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn have_everything() -> bool {
     let root = nix::unistd::Uid::effective().is_root();
     let tools = ["kubectl", "runc", "docker-registry", "skopeo", "nsenter", "ip", "nft"];
@@ -258,6 +266,7 @@ fn start_registry(machine: &mut Machine, work: &Path, ip: &str) -> String {
 
 #[test]
 fn pods_run_real_images_through_runc_on_their_own_network() {
+    let _serial = serial();
     if !have_everything() {
         return;
     }
@@ -437,6 +446,7 @@ fn refused_without_endpoints(s: &Server) {
 /// the NodePort answers on the node's address, and a Service without endpoints refuses.
 #[test]
 fn services_route_to_every_replica_by_name_and_node_port() {
+    let _serial = serial();
     if !have_everything() {
         return;
     }
@@ -523,6 +533,7 @@ fn services_route_to_every_replica_by_name_and_node_port() {
 /// answer on both node addresses, and scaling to zero refuses.
 #[test]
 fn two_nodes_route_services_across_machines() {
+    let _serial = serial();
     if !have_everything() {
         return;
     }
@@ -569,7 +580,12 @@ fn two_nodes_route_services_across_machines() {
         let out = s.ok(&["get", "nodes", "--no-headers"]);
         (out.lines().filter(|l| l.contains(" Ready ")).count() == 2).then_some(())
     });
-    let web = WEB.replace("REGISTRY", &registry).replace("replicas: 2", "replicas: 4");
+    // Spread over both machines, as a user who wants that says so.
+    let web = WEB.replace("REGISTRY", &registry).replace("replicas: 2", "replicas: 4").replace(
+        "      terminationGracePeriodSeconds: 1\n      containers:\n      - name: httpd",
+        "      terminationGracePeriodSeconds: 1\n      topologySpreadConstraints: [{maxSkew: 1, topologyKey: kubernetes.io/hostname, whenUnsatisfiable: DoNotSchedule, labelSelector: {matchLabels: {app: web}}}]\n      containers:\n      - name: httpd",
+    );
+    assert!(web.contains("topologySpreadConstraints"));
     s.ok_stdin(&["apply", "-f", "-"], &web);
     s.wait("four web replicas and the client Running", Duration::from_secs(120), || {
         let out = s.ok(&["get", "pods", "--no-headers"]);
@@ -595,6 +611,7 @@ fn two_nodes_route_services_across_machines() {
 /// process keeps serving (same start time, no restart, its files intact) and exec still works.
 #[test]
 fn a_restarted_kubelet_adopts_running_containers() {
+    let _serial = serial();
     if !have_everything() {
         return;
     }

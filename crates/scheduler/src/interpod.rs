@@ -12,6 +12,8 @@ use crate::plugins::Refusal;
 /// The pods already placed, with the labels of the node each runs on.
 pub struct Placed<'a> {
     pub pods: Vec<(&'a Pod, BTreeMap<String, String>)>,
+    /// Every node's labels: a topology domain with no matching pod still counts, at 0.
+    pub nodes: Vec<BTreeMap<String, String>>,
 }
 
 fn selector_matches(sel: Option<&LabelSelector>, labels: &BTreeMap<String, String>) -> bool {
@@ -95,8 +97,10 @@ pub fn filter(pod: &Pod, node: &Node, placed: &Placed) -> Result<(), Refusal> {
         };
         let counts = domain_counts(pod, &c.topology_key, c.label_selector.as_ref(), placed);
         let here = counts.get(domain).copied().unwrap_or(0);
-        let min = counts.values().copied().min().unwrap_or(0);
-        if here + 1 - min > c.max_skew as usize {
+        // This node's domain counts too, even when no matching pod is in it yet (then the
+        // minimum is 0); signed, so a domain below the others can never underflow.
+        let min = counts.values().copied().chain([here]).min().unwrap_or(0);
+        if here as i64 + 1 - min as i64 > i64::from(c.max_skew) {
             return refuse("node(s) didn't match pod topology spread constraints");
         }
     }
@@ -111,6 +115,11 @@ fn domain_counts(
     placed: &Placed,
 ) -> BTreeMap<String, usize> {
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for nl in &placed.nodes {
+        if let Some(d) = nl.get(key) {
+            counts.entry(d.clone()).or_default();
+        }
+    }
     for (p, nl) in &placed.pods {
         if let Some(d) = nl.get(key) {
             let e = counts.entry(d.clone()).or_default();
@@ -184,7 +193,10 @@ mod tests {
             {"labelSelector": {"matchLabels": {"app": "web"}}, "topologyKey": "kubernetes.io/hostname"}]}}});
         let existing = pod("web-1", "web", anti.clone());
         let n1 = node("n1");
-        let placed = Placed { pods: vec![(&existing, n1.metadata.labels.clone().unwrap())] };
+        let placed = Placed {
+            pods: vec![(&existing, n1.metadata.labels.clone().unwrap())],
+            nodes: vec![n1.metadata.labels.clone().unwrap()],
+        };
         let new = pod("web-2", "web", anti);
         assert_eq!(
             filter(&new, &n1, &placed).unwrap_err().reasons,
@@ -204,9 +216,30 @@ mod tests {
                 (&a, n1.metadata.labels.clone().unwrap()),
                 (&other, n2.metadata.labels.clone().unwrap()),
             ],
+            nodes: vec![n1.metadata.labels.clone().unwrap(), n2.metadata.labels.clone().unwrap()],
         };
         let new = pod("b", "web", spread);
         assert!(filter(&new, &n1, &placed).is_err());
         assert!(filter(&new, &n2, &placed).is_ok());
+    }
+
+    #[test]
+    fn topology_spread_on_a_node_no_pod_has_reached_yet_is_allowed_and_never_underflows() {
+        // n1 holds two matching pods; n2 has none and no placed pod of any kind, so its
+        // domain is absent from the counts: placing there is a skew of 1, not an overflow.
+        let spread = serde_json::json!({"topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule", "labelSelector": {"matchLabels": {"app": "web"}}}]});
+        let (a, b) =
+            (pod("a", "web", serde_json::json!({})), pod("b", "web", serde_json::json!({})));
+        let (n1, n2) = (node("n1"), node("n2"));
+        let placed = Placed {
+            pods: vec![
+                (&a, n1.metadata.labels.clone().unwrap()),
+                (&b, n1.metadata.labels.clone().unwrap()),
+            ],
+            nodes: vec![n1.metadata.labels.clone().unwrap(), n2.metadata.labels.clone().unwrap()],
+        };
+        let new = pod("c", "web", spread);
+        assert!(filter(&new, &n2, &placed).is_ok());
+        assert!(filter(&new, &n1, &placed).is_err());
     }
 }

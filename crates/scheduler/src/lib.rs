@@ -327,6 +327,7 @@ async fn schedule_one(
                 Some((p, node_labels.get(n).cloned().unwrap_or_default()))
             })
             .collect(),
+        nodes: node_labels.values().cloned().collect(),
     };
     let empty = NodeUsage::default();
     let mut feasible: Vec<(i64, &Node)> = Vec::new();
