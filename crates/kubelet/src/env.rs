@@ -5,8 +5,8 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Secret};
-use kube::{Api, Client};
+use k8s_openapi::api::core::v1::{Container, Pod};
+use kube::Client;
 
 use crate::Config;
 
@@ -33,16 +33,8 @@ impl Fetched {
         name: &str,
     ) -> Result<Option<&BTreeMap<String, String>>, String> {
         if !self.config_maps.contains_key(name) {
-            let api: Api<ConfigMap> = Api::namespaced(s.client.clone(), ns);
-            let got = api.get_opt(name).await.map_err(|e| e.to_string())?;
-            let data = got.map(|cm| {
-                let mut d = cm.data.unwrap_or_default();
-                for (k, v) in cm.binary_data.unwrap_or_default() {
-                    d.entry(k).or_insert_with(|| String::from_utf8_lossy(&v.0).into_owned());
-                }
-                d
-            });
-            self.config_maps.insert(name.to_string(), data);
+            let data = crate::volumes::config_map_data(s.client, ns, name).await?;
+            self.config_maps.insert(name.to_string(), data.map(as_text));
         }
         Ok(self.config_maps.get(name).and_then(Option::as_ref))
     }
@@ -54,24 +46,16 @@ impl Fetched {
         name: &str,
     ) -> Result<Option<&BTreeMap<String, String>>, String> {
         if !self.secrets.contains_key(name) {
-            let api: Api<Secret> = Api::namespaced(s.client.clone(), ns);
-            let got = api.get_opt(name).await.map_err(|e| e.to_string())?;
-            let data = got.map(|sec| {
-                let mut d: BTreeMap<String, String> = sec
-                    .data
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned()))
-                    .collect();
-                for (k, v) in sec.string_data.unwrap_or_default() {
-                    d.insert(k, v);
-                }
-                d
-            });
-            self.secrets.insert(name.to_string(), data);
+            let data = crate::volumes::secret_data(s.client, ns, name).await?;
+            self.secrets.insert(name.to_string(), data.map(as_text));
         }
         Ok(self.secrets.get(name).and_then(Option::as_ref))
     }
+}
+
+/// Environment values are text; bytes that are not UTF-8 are replaced, as elsewhere in rkube.
+fn as_text(data: BTreeMap<String, Vec<u8>>) -> BTreeMap<String, String> {
+    data.into_iter().map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned())).collect()
 }
 
 /// Environment variable names upstream accepts from `envFrom` (C identifiers, plus `-` and `.`).

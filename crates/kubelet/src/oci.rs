@@ -325,15 +325,8 @@ pub fn container_id(uid: &str, name: &str, attempt: u64) -> String {
 }
 
 /// The command prefix that runs a command inside container `c` (`runc --root … exec <id>`).
-pub fn exec_argv(runtime: &Runtime, c: &runc::Container) -> Vec<String> {
-    let runc = runc::find_runc().unwrap_or_else(|| PathBuf::from("runc"));
-    vec![
-        runc.to_string_lossy().into_owned(),
-        "--root".into(),
-        runtime.root().join("runc-state").to_string_lossy().into_owned(),
-        "exec".into(),
-        c.id.clone(),
-    ]
+pub fn exec_argv(runtime: &Runtime, c: &runc::Container, tty: bool) -> Vec<String> {
+    runtime.exec_prefix(c, tty).into_iter().map(|a| a.to_string_lossy().into_owned()).collect()
 }
 
 /// The running runc container of container `name` of pod `uid` on this node, for `exec`.

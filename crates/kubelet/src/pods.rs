@@ -888,7 +888,7 @@ impl Worker {
             if let Some(p) = probe {
                 let exec_prefix =
                     match (&self.oci, self.ctrs.get(&c.name).and_then(|x| x.oci.as_ref())) {
-                        (Some(oci), Some(ctr)) => crate::oci::exec_argv(&oci.runtime, ctr),
+                        (Some(oci), Some(ctr)) => crate::oci::exec_argv(&oci.runtime, ctr, false),
                         _ => Vec::new(),
                     };
                 let target = crate::probes::Target {

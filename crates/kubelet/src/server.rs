@@ -251,14 +251,7 @@ async fn exec(
     if ctx.config.runtime == crate::RuntimeKind::Oci {
         let uid = p.metadata.uid.clone().unwrap_or_default();
         match crate::oci::running_container(&ctx.config, &uid, &container).await {
-            Some((runtime, ctr)) => {
-                prefix = crate::oci::exec_argv(&runtime, &ctr);
-                if tty {
-                    let id = prefix.pop().unwrap_or_default();
-                    prefix.push("--tty".into());
-                    prefix.push(id);
-                }
-            }
+            Some((runtime, ctr)) => prefix = crate::oci::exec_argv(&runtime, &ctr, tty),
             None => {
                 return status(
                     StatusCode::BAD_REQUEST,

@@ -122,7 +122,8 @@ fn key_files(
     Ok(out)
 }
 
-async fn config_map_data(
+/// A ConfigMap's `data` and `binaryData` as bytes; `None` when it does not exist.
+pub(crate) async fn config_map_data(
     client: &Client,
     ns: &str,
     name: &str,
@@ -139,7 +140,8 @@ async fn config_map_data(
     }))
 }
 
-async fn secret_data(
+/// A Secret's `data` and `stringData` as bytes; `None` when it does not exist.
+pub(crate) async fn secret_data(
     client: &Client,
     ns: &str,
     name: &str,

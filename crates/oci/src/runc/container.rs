@@ -284,13 +284,22 @@ impl Runtime {
         if argv.is_empty() {
             return Err(Error::Config("exec needs a command".into()));
         }
-        let mut cmd = tokio::process::Command::new(&self.runc);
-        cmd.arg("--root").arg(self.state_dir()).arg("exec");
-        if tty {
-            cmd.arg("--tty");
-        }
-        cmd.arg(&c.id).args(argv).kill_on_drop(true);
+        let prefix = self.exec_prefix(c, tty);
+        let mut cmd = tokio::process::Command::new(&prefix[0]);
+        cmd.args(&prefix[1..]).args(argv).kill_on_drop(true);
         Ok(cmd)
+    }
+
+    /// The argv that runs a command inside `c` (the command's own argv follows it): for callers
+    /// that spawn it themselves, such as exec probes or an exec on the caller's own pty.
+    pub fn exec_prefix(&self, c: &Container, tty: bool) -> Vec<std::ffi::OsString> {
+        let mut argv: Vec<std::ffi::OsString> =
+            vec![self.runc.clone().into(), "--root".into(), self.state_dir().into(), "exec".into()];
+        if tty {
+            argv.push("--tty".into());
+        }
+        argv.push(c.id.clone().into());
+        argv
     }
 
     /// Runs `argv` in the running container, for `kubectl exec`. Without `tty` its stdin, stdout
