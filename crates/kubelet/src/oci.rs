@@ -190,62 +190,20 @@ pub fn hosts_file(pod: &Pod, pod_ip: &str, hostname: &str) -> String {
     s
 }
 
-/// The pod's /etc/resolv.conf for its dnsPolicy: ClusterFirst searches the namespace, the
-/// cluster and the host's domains through the cluster DNS with `ndots:5`; Default is the node's.
+/// The pod's resolv.conf as the kubelet computes it for its DNS policy (see
+/// [`rkube_dns::resolv::pod_resolv_conf`]), from the node's resolv.conf and the cluster DNS.
 pub fn resolv_conf(pod: &Pod, config: &Config) -> String {
-    let spec = pod.spec.as_ref();
-    let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
-    let policy = spec.and_then(|s| s.dns_policy.clone()).unwrap_or_else(|| "ClusterFirst".into());
-    let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    let host_search: Vec<String> = host
-        .lines()
-        .filter_map(|l| l.strip_prefix("search "))
-        .flat_map(|l| l.split_whitespace().map(String::from))
+    let host = rkube_dns::resolv::ResolvConf::parse(
+        &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+    );
+    let dns: Vec<String> = config
+        .cluster_dns
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
         .collect();
-    let cluster =
-        policy == "ClusterFirstWithHostNet" || (policy == "ClusterFirst" && !host_network);
-    let mut nameservers: Vec<String> = Vec::new();
-    let mut search: Vec<String> = Vec::new();
-    let mut options: Vec<String> = Vec::new();
-    if cluster {
-        let ns = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-        nameservers.push(config.cluster_dns.clone());
-        search = vec![
-            format!("{ns}.svc.{}", config.cluster_domain),
-            format!("svc.{}", config.cluster_domain),
-            config.cluster_domain.clone(),
-        ];
-        search.extend(host_search);
-        options.push("ndots:5".into());
-    } else if policy != "None" {
-        nameservers = host
-            .lines()
-            .filter_map(|l| l.strip_prefix("nameserver "))
-            .map(|n| n.trim().to_string())
-            .collect();
-        search = host_search;
-    }
-    if let Some(dc) = spec.and_then(|s| s.dns_config.clone()) {
-        nameservers.extend(dc.nameservers.unwrap_or_default());
-        search.extend(dc.searches.unwrap_or_default());
-        for o in dc.options.unwrap_or_default() {
-            options.push(match o.value {
-                Some(v) => format!("{}:{v}", o.name.unwrap_or_default()),
-                None => o.name.unwrap_or_default(),
-            });
-        }
-    }
-    let mut out = String::new();
-    if !search.is_empty() {
-        out.push_str(&format!("search {}\n", search.join(" ")));
-    }
-    for n in nameservers.iter().take(3) {
-        out.push_str(&format!("nameserver {n}\n"));
-    }
-    if !options.is_empty() {
-        out.push_str(&format!("options {}\n", options.join(" ")));
-    }
-    out
+    rkube_dns::resolv::pod_resolv_conf(pod, &config.cluster_domain, &dns, &host)
 }
 
 fn milli(q: Option<&k8s_openapi::apimachinery::pkg::api::resource::Quantity>) -> Option<u64> {
