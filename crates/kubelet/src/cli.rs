@@ -48,6 +48,12 @@ pub struct Args {
     pub cluster_dns: String,
     #[arg(long, default_value = "cluster.local")]
     pub cluster_domain: String,
+    /// oci runtime: the disk usage (percent) at which unused images are collected.
+    #[arg(long, default_value_t = 85, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub image_gc_high_threshold: u8,
+    /// oci runtime: the disk usage (percent) image collection frees down to.
+    #[arg(long, default_value_t = 80, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub image_gc_low_threshold: u8,
 }
 
 fn kv(s: &str) -> Result<(String, String), String> {
@@ -93,6 +99,14 @@ impl Args {
         c.cluster_cidr = self.cluster_cidr.clone();
         c.cluster_dns = self.cluster_dns.clone();
         c.cluster_domain = self.cluster_domain.clone();
+        if self.image_gc_low_threshold > self.image_gc_high_threshold {
+            return Err(format!(
+                "--image-gc-low-threshold ({}) must not exceed --image-gc-high-threshold ({})",
+                self.image_gc_low_threshold, self.image_gc_high_threshold
+            ));
+        }
+        c.image_gc_high_threshold = self.image_gc_high_threshold;
+        c.image_gc_low_threshold = self.image_gc_low_threshold;
         // The oci runtime's shim is this very binary's hidden subcommand.
         if let Ok(exe) = std::env::current_exe() {
             c.runc_shim = vec![exe.to_string_lossy().into_owned(), "runc-shim".into()];

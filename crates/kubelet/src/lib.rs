@@ -71,6 +71,10 @@ pub struct Config {
     /// The cluster DNS Service's address and domain, written into pods' resolv.conf.
     pub cluster_dns: String,
     pub cluster_domain: String,
+    /// oci runtime: image garbage collection starts at this disk usage (percent) and frees
+    /// down to the low threshold (upstream: 85 / 80).
+    pub image_gc_high_threshold: u8,
+    pub image_gc_low_threshold: u8,
 }
 
 impl Default for Config {
@@ -96,6 +100,8 @@ impl Default for Config {
             cluster_cidr: "10.244.0.0/16".into(),
             cluster_dns: "10.96.0.10".into(),
             cluster_domain: "cluster.local".into(),
+            image_gc_high_threshold: 85,
+            image_gc_low_threshold: 80,
         }
     }
 }

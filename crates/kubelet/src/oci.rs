@@ -190,6 +190,80 @@ pub fn hosts_file(pod: &Pod, pod_ip: &str, hostname: &str) -> String {
     s
 }
 
+/// Image garbage collection, as the kubelet's image manager does it: every `period`, when the
+/// image filesystem is at least `high`% full, the least recently used images no pod of this
+/// node names (and no mounted container uses) are removed until usage is down to `low`%.
+/// Not freeing enough is a `FreeDiskSpaceFailed` warning on the Node.
+pub async fn image_gc_loop(
+    oci: Arc<OciNode>,
+    client: Client,
+    config: Config,
+    recorder: rkube_client::events::Recorder,
+    period: std::time::Duration,
+) {
+    let pods: Api<Pod> = Api::all(client);
+    let node_ref = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Node".into()),
+        name: Some(config.node_name.clone()),
+        uid: Some(config.node_name.clone()),
+        ..Default::default()
+    };
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = oci.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let lp =
+            kube::api::ListParams::default().fields(&format!("spec.nodeName={}", config.node_name));
+        let Ok(list) = pods.list(&lp).await else { continue };
+        let in_use = images_named_by(&list.items);
+        match oci
+            .images
+            .gc(config.image_gc_high_threshold, config.image_gc_low_threshold, &in_use)
+            .await
+        {
+            Ok(report) if report.freed_bytes < report.wanted_bytes => {
+                let msg = format!(
+                    "Failed to garbage collect required amount of images. Attempted to free {} bytes, but only found {} bytes eligible to free.",
+                    report.wanted_bytes, report.freed_bytes
+                );
+                recorder.record(&node_ref, "Warning", "FreeDiskSpaceFailed", &msg).await;
+            }
+            Ok(report) if !report.removed.is_empty() => {
+                tracing::info!(node = %config.node_name, removed = ?report.removed, freed = report.freed_bytes, "image garbage collection");
+            }
+            Ok(_) => {}
+            Err(e) => recorder.record(&node_ref, "Warning", "ImageGCFailed", &e.to_string()).await,
+        }
+    }
+}
+
+/// Every image the pods name, by reference and by the image ID their statuses report.
+fn images_named_by(pods: &[Pod]) -> Vec<String> {
+    let mut out = Vec::new();
+    for p in pods {
+        let spec = p.spec.iter();
+        let containers =
+            spec.flat_map(|s| s.containers.iter().chain(s.init_containers.iter().flatten()));
+        out.extend(containers.filter_map(|c| c.image.clone()));
+        let statuses = p.status.iter().flat_map(|s| {
+            s.container_statuses.iter().flatten().chain(s.init_container_statuses.iter().flatten())
+        });
+        for cs in statuses {
+            out.push(cs.image.clone());
+            out.push(cs.image_id.clone());
+        }
+    }
+    out.retain(|i| !i.is_empty());
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// The pod's resolv.conf as the kubelet computes it for its DNS policy (see
 /// [`rkube_dns::resolv::pod_resolv_conf`]), from the node's resolv.conf and the cluster DNS.
 pub fn resolv_conf(pod: &Pod, config: &Config) -> String {
@@ -365,6 +439,22 @@ mod tests {
         let h = hosts_file(&p, "10.244.0.5", "web");
         assert!(h.contains("127.0.0.1\tlocalhost\n") && h.contains("10.244.0.5\tweb\n"), "{h}");
         assert!(h.contains("10.1.2.3\tdb\tdb.local\n"), "{h}");
+    }
+
+    #[test]
+    fn image_gc_keeps_what_pods_name_in_spec_and_status() {
+        let mut p = pod(serde_json::json!({
+            "containers": [{"name": "a", "image": "web:1"}],
+            "initContainers": [{"name": "i", "image": "init:1"}],
+        }));
+        p.status = serde_json::from_value(serde_json::json!({"containerStatuses": [{
+            "name": "a", "image": "docker.io/library/web:1", "imageID": "docker.io/library/web@sha256:ab",
+            "ready": true, "restartCount": 0}]}))
+        .unwrap();
+        assert_eq!(
+            images_named_by(&[p]),
+            ["docker.io/library/web:1", "docker.io/library/web@sha256:ab", "init:1", "web:1"]
+        );
     }
 
     #[test]

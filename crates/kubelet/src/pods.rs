@@ -30,13 +30,26 @@ fn now() -> String {
     jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
+/// How often the oci runtime's images are garbage collected (upstream's ImageGCPeriod).
+const IMAGE_GC_PERIOD: Duration = Duration::from_secs(300);
+
 pub async fn run(client: Client, config: Config, shutdown: CancellationToken) -> Result<()> {
     let api: Api<Pod> = Api::all(client.clone());
     let recorder = Recorder::new(client.clone(), "kubelet", Some(&config.node_name));
     // Without a usable runtime the node says so (Ready=False) and its pods say why they wait.
     let oci = match config.runtime {
         RuntimeKind::Oci => match crate::oci::OciNode::open(&config, shutdown.clone()) {
-            Ok(o) => Some(Arc::new(o)),
+            Ok(o) => {
+                let o = Arc::new(o);
+                tokio::spawn(crate::oci::image_gc_loop(
+                    o.clone(),
+                    client.clone(),
+                    config.clone(),
+                    recorder.clone(),
+                    IMAGE_GC_PERIOD,
+                ));
+                Some(o)
+            }
             Err(e) => {
                 tracing::error!("{}: the oci runtime cannot run: {e}", config.node_name);
                 None

@@ -920,12 +920,17 @@ impl Inner {
                 names
             })
             .collect();
+        // A snapshot some container's overlay still has as its lower layer is in use whoever
+        // runs it (nodes of one machine may share the store), whatever `in_use` says.
+        let lowers = mounted_lower_dirs();
         // Images, not references: an ID is in use if any of its references or digests is.
         let mut images: BTreeMap<String, (u64, bool)> = BTreeMap::new();
         for r in &records {
+            let snapshot = self.snapshot_dir(&r.id)?;
             let used = protected.contains(&r.reference)
                 || protected.contains(&r.id)
-                || protected.contains(&self.image(r).repo_digest());
+                || protected.contains(&self.image(r).repo_digest())
+                || lowers.iter().any(|l| l.starts_with(&snapshot));
             let entry = images.entry(r.id.clone()).or_insert((0, false));
             entry.0 = entry.0.max(r.last_used_ns);
             entry.1 |= used;
@@ -947,6 +952,49 @@ impl Inner {
         }
         Ok(report)
     }
+}
+
+/// The lower directories of every overlay mounted in this mount namespace.
+fn mounted_lower_dirs() -> Vec<PathBuf> {
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    lower_dirs(&text)
+}
+
+/// The `lowerdir=` paths of the overlay mounts in a mountinfo text (octal escapes undone).
+fn lower_dirs(mountinfo: &str) -> Vec<PathBuf> {
+    let unescape = |s: &str| {
+        let b = s.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            let octal = b.get(i + 1..i + 4).and_then(|d| {
+                std::str::from_utf8(d).ok().and_then(|d| u8::from_str_radix(d, 8).ok())
+            });
+            match (b[i], octal) {
+                (b'\\', Some(c)) => {
+                    out.push(c);
+                    i += 4;
+                }
+                (c, _) => {
+                    out.push(c);
+                    i += 1;
+                }
+            }
+        }
+        PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(out))
+    };
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (_, after) = line.split_once(" - ")?;
+            let mut fields = after.split(' ');
+            (fields.next()? == "overlay").then_some(())?;
+            let options = fields.nth(1)?;
+            let lower = options.split(',').find_map(|o| o.strip_prefix("lowerdir="))?;
+            Some(lower.split(':').map(unescape).collect::<Vec<_>>())
+        })
+        .flatten()
+        .collect()
 }
 
 fn read_unpacked_bytes(snapshot: &Path) -> u64 {
@@ -1155,6 +1203,17 @@ mod tests {
         let report = store.inner.collect(10_000_000, 5_000_000, 90, 80, &[]).unwrap();
         assert!(report.removed.is_empty());
         assert_eq!(names(&store).await.len(), 2);
+    }
+
+    #[test]
+    fn overlay_lower_dirs_are_read_from_mountinfo() {
+        let info = "36 35 98:0 / /mnt1 rw,noatime master:1 - ext3 /dev/root rw,errors=continue\n\
+            120 29 0:52 / /data/c/rootfs rw,relatime - overlay overlay rw,lowerdir=/img/snapshots/ab/rootfs,upperdir=/data/c/upper,workdir=/data/c/work\n\
+            121 29 0:53 / /x rw - overlay overlay rw,lowerdir=/a\\040b:/c,upperdir=/u,workdir=/w\n";
+        assert_eq!(
+            lower_dirs(info),
+            [PathBuf::from("/img/snapshots/ab/rootfs"), PathBuf::from("/a b"), PathBuf::from("/c")]
+        );
     }
 
     #[tokio::test]
