@@ -119,12 +119,16 @@ fn metadata_body_start(raw: &[u8]) -> Option<usize> {
     None
 }
 
-fn encode(v: &Value) -> Result<Bytes> {
+/// The stored form of an object: its JSON without resourceVersion (the store's revision is it).
+pub(crate) fn encode(v: &Value) -> Result<Bytes> {
     let mut v = v.clone();
     if let Some(m) = v["metadata"].as_object_mut() {
         m.remove("resourceVersion");
     }
-    Ok(Bytes::from(serde_json::to_vec(&v).map_err(|e| Error::internal(e.to_string()))?))
+    let json = serde_json::to_vec(&v).map_err(|e| Error::internal(e.to_string()))?;
+    // The store keeps every value in memory: trim the writer's spare capacity (up to half
+    // of the buffer after its doubling growth) instead of keeping it for the object's life.
+    Ok(Bytes::from(json.into_boxed_slice()))
 }
 
 #[derive(Default, Clone)]

@@ -1320,12 +1320,7 @@ async fn bind_pod(
         if dry_run {
             return Ok(());
         }
-        let mut stored = pod.clone();
-        if let Some(m) = stored["metadata"].as_object_mut() {
-            m.remove("resourceVersion");
-        }
-        let bytes =
-            Bytes::from(serde_json::to_vec(&stored).map_err(|e| Error::internal(e.to_string()))?);
+        let bytes = crate::registry::encode(&pod)?;
         match reg.store.update(&key, bytes, kv.mod_revision).await {
             Ok(_) => return Ok(()),
             Err(rkube_store::Error::Conflict { .. }) => continue,

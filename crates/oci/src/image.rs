@@ -27,6 +27,7 @@
 
 mod auth;
 mod import;
+pub mod layout;
 mod reference;
 mod registry;
 mod store;

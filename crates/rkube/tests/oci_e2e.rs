@@ -6,13 +6,11 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::Server;
-use sha2::{Digest, Sha256};
 
 /// These tests each run a whole cluster with real containers; one at a time keeps a 2-core CI
 /// machine from turning their timings into noise.
@@ -90,79 +88,10 @@ impl Drop for Machine {
     }
 }
 
-fn sha(bytes: &[u8]) -> String {
-    format!("sha256:{:x}", Sha256::digest(bytes))
-}
-
 /// An OCI image layout of one layer: /bin/busybox with its applets, and /etc/passwd.
 fn busybox_layout(dir: &Path) {
-    let mut tar = tar::Builder::new(Vec::new());
-    let mut add = |path: &str, data: &[u8], mode: u32, link: Option<&str>| {
-        let mut h = tar::Header::new_ustar();
-        h.set_mtime(1_700_000_000);
-        h.set_mode(mode);
-        h.set_uid(0);
-        h.set_gid(0);
-        match link {
-            Some(target) => {
-                h.set_entry_type(tar::EntryType::Symlink);
-                h.set_size(0);
-                tar.append_link(&mut h, path, target).unwrap();
-            }
-            None if data.is_empty() && path.ends_with('/') => {
-                h.set_entry_type(tar::EntryType::Directory);
-                h.set_size(0);
-                tar.append_data(&mut h, path, std::io::empty()).unwrap();
-            }
-            None => {
-                h.set_size(data.len() as u64);
-                tar.append_data(&mut h, path, data).unwrap();
-            }
-        }
-    };
-    add("bin/", b"", 0o755, None);
-    add("etc/", b"", 0o755, None);
-    add("tmp/", b"", 0o1777, None);
-    add("bin/busybox", &std::fs::read("/bin/busybox").unwrap(), 0o755, None);
-    for applet in [
-        "sh", "echo", "sleep", "cat", "ls", "hostname", "id", "env", "touch", "test", "ip", "nc",
-        "httpd", "true", "false", "kill", "ps",
-    ] {
-        add(&format!("bin/{applet}"), b"", 0o777, Some("busybox"));
-    }
-    add("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n", 0o644, None);
-    let raw = tar.into_inner().unwrap();
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&raw).unwrap();
-    let layer = gz.finish().unwrap();
-    std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
-    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    let blob = |bytes: &[u8]| {
-        let d = sha(bytes);
-        std::fs::write(dir.join("blobs/sha256").join(&d[7..]), bytes).unwrap();
-        serde_json::json!({"digest": d, "size": bytes.len()})
-    };
-    let mut l = blob(&layer);
-    l["mediaType"] = "application/vnd.oci.image.layer.v1.tar+gzip".into();
-    let arch = if cfg!(target_arch = "aarch64") { "arm64" } else { "amd64" };
-    let config = serde_json::json!({
-        "architecture": arch, "os": "linux",
-        "config": {"Cmd": ["sh"], "Env": ["PATH=/bin", "FROM_IMAGE=yes"]},
-        "rootfs": {"type": "layers", "diff_ids": [sha(&raw)]},
-    });
-    let mut c = blob(&serde_json::to_vec(&config).unwrap());
-    c["mediaType"] = "application/vnd.oci.image.config.v1+json".into();
-    let manifest = serde_json::json!({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": c, "layers": [l],
-    });
-    let m = blob(&serde_json::to_vec(&manifest).unwrap());
-    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "digest": m["digest"], "size": m["size"],
-        "annotations": {"org.opencontainers.image.ref.name": "1"},
-    }]});
-    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    let busybox = std::fs::read("/bin/busybox").unwrap();
+    rkube_oci::image::layout::write_busybox_layout(dir, &busybox, "1").unwrap();
 }
 
 const PODS: &str = r#"apiVersion: v1

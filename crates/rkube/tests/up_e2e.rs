@@ -23,11 +23,52 @@ struct Cluster {
     data: PathBuf,
     kubeconfig: PathBuf,
     extra: Vec<std::process::Child>,
+    /// The simulated machine every command runs in (oci), if any.
+    netns: Option<Netns>,
+}
+
+/// A network namespace of its own: a machine with loopback only, so the oci cluster's bridge,
+/// routes and nftables never touch the host's. Deleted on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn create() -> Netns {
+        let name = format!("rkube-up-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        assert!(Command::new("ip").args(["netns", "add", &name]).status().unwrap().success());
+        let ns = Netns { name };
+        let lo = ns.command("ip").args(["link", "set", "lo", "up"]).status().unwrap();
+        assert!(lo.success());
+        ns
+    }
+
+    /// `program` inside the namespace. nsenter (not `ip netns exec`, which remounts /sys)
+    /// keeps the host's cgroup mounts that runc needs.
+    fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.name)).arg(program);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
 }
 
 impl Cluster {
+    fn command(&self, program: &str) -> Command {
+        match &self.netns {
+            Some(ns) => ns.command(program),
+            None => Command::new(program),
+        }
+    }
+
     fn rkube(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_rkube"))
+        self.command(env!("CARGO_BIN_EXE_rkube"))
             .args(args)
             .env("HOME", &self.home)
             .env_remove("KUBECONFIG")
@@ -37,7 +78,7 @@ impl Cluster {
     }
 
     fn kubectl(&self, args: &[&str]) -> Output {
-        Command::new("kubectl")
+        self.command("kubectl")
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
             .arg("--cache-dir")
@@ -123,7 +164,41 @@ fn the_seed_lab_runs_for_real_from_up_to_down() {
     if !kubectl_available() {
         return;
     }
-    let home = std::env::temp_dir().join(format!("rkube-up-e2e-{}", std::process::id()));
+    seed_lab(Runtime::Process);
+}
+
+/// The same lab on real images: as root with runc, `rkube up` runs containers through runc on
+/// its pod network, here inside a network namespace of the test's own.
+#[test]
+fn the_seed_lab_runs_real_images_when_the_machine_allows() {
+    if !kubectl_available() {
+        return;
+    }
+    let root = nix::unistd::Uid::effective().is_root();
+    let runc = Command::new("runc").arg("--version").output().is_ok();
+    let busybox = Path::new("/bin/busybox").is_file();
+    if !(root && runc && busybox) {
+        let why = format!("root={root}, runc={runc}, /bin/busybox={busybox}");
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true needs them: {why}");
+        eprintln!("SKIPPED: the oci lab needs root, runc and busybox-static ({why})");
+        return;
+    }
+    seed_lab(Runtime::Oci);
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Runtime {
+    Process,
+    Oci,
+}
+
+fn seed_lab(runtime: Runtime) {
+    let oci = runtime == Runtime::Oci;
+    let home = std::env::temp_dir().join(format!(
+        "rkube-up-e2e-{}-{}",
+        std::process::id(),
+        if oci { "oci" } else { "process" }
+    ));
     let _ = std::fs::remove_dir_all(&home);
     std::fs::create_dir_all(&home).unwrap();
     let port = free_port().to_string();
@@ -133,8 +208,24 @@ fn the_seed_lab_runs_for_real_from_up_to_down() {
         kubeconfig: home.join(".kube").join("config"),
         home,
         extra: Vec::new(),
+        netns: oci.then(Netns::create),
     };
     let data = c.data.to_str().unwrap().to_string();
+
+    // The oci lab's image, pre-pulled: built from the static busybox and imported into the
+    // store `rkube up` gives its nodes.
+    let image = if oci {
+        let layout = c.home.join("busybox");
+        let busybox = std::fs::read("/bin/busybox").unwrap();
+        rkube_oci::image::layout::write_busybox_layout(&layout, &busybox, "1").unwrap();
+        let archive = c.home.join("busybox.tar");
+        rkube_oci::image::layout::archive_layout(&layout, &archive).unwrap();
+        let out = c.rkube(&["image", "import", "--data-dir", &data, archive.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        "localhost/busybox:1\n        imagePullPolicy: Never"
+    } else {
+        "busybox"
+    };
 
     let started = Instant::now();
     let up = c.rkube(&[
@@ -145,7 +236,7 @@ fn the_seed_lab_runs_for_real_from_up_to_down() {
         "--secure-port",
         &port,
         "--runtime",
-        "process",
+        if oci { "oci" } else { "process" },
         "--cluster-dns-address",
         "127.0.0.1",
         "--cluster-dns-port",
@@ -228,7 +319,7 @@ fn the_seed_lab_runs_for_real_from_up_to_down() {
     let manifest = c.home.join("web.yaml");
     std::fs::write(
         &manifest,
-        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 3\n  selector:\n    matchLabels: {app: web}\n  template:\n    metadata:\n      labels: {app: web}\n    spec:\n      terminationGracePeriodSeconds: 1\n      containers:\n      - name: web\n        image: busybox\n        command: [\"sleep\", \"7207\"]\n",
+        format!("apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 3\n  selector:\n    matchLabels: {{app: web}}\n  template:\n    metadata:\n      labels: {{app: web}}\n    spec:\n      terminationGracePeriodSeconds: 1\n      containers:\n      - name: web\n        image: {image}\n        command: [\"sleep\", \"7207\"]\n"),
     )
     .unwrap();
     let applied = c.kubectl_ok(&["apply", "-f", manifest.to_str().unwrap()]);
@@ -238,6 +329,27 @@ fn the_seed_lab_runs_for_real_from_up_to_down() {
         (p.len() == 3).then_some(p)
     });
     assert!(pods.iter().all(|(_, n)| *n != control_plane), "control-plane taint ignored: {pods:?}");
+    if oci {
+        // Real containers on the pod network: each replica has its own address in the
+        // cluster CIDR, and runs the image's busybox, not the host's.
+        let ips = c.kubectl_ok(&[
+            "get",
+            "pods",
+            "-l",
+            "app=web",
+            "-o",
+            "jsonpath={.items[*].status.podIP}",
+        ]);
+        let ips: Vec<&str> = ips.split_whitespace().collect();
+        assert_eq!(ips.len(), 3, "{ips:?}");
+        assert!(ips.iter().all(|ip| ip.starts_with("10.244.")), "{ips:?}");
+        let (first, _) = &pods[0];
+        let ps = c.kubectl_ok(&["exec", first, "--", "ps"]);
+        assert!(
+            ps.contains("sleep 7207") && ps.lines().count() <= 4,
+            "the pod sees only itself:\n{ps}"
+        );
+    }
 
     // Crash the worker holding most replicas; every replica must come back on the survivor.
     let mut counts = std::collections::BTreeMap::<String, usize>::new();
@@ -297,7 +409,7 @@ fn the_seed_lab_runs_for_real_from_up_to_down() {
     let gpu = c.home.join("gpu.yaml");
     std::fs::write(
         &gpu,
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: production-gpu-pod\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: trainer\n    image: busybox\n    command: [\"sleep\", \"7207\"]\n    resources:\n      limits:\n        nvidia.com/gpu: 1\n",
+        format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: production-gpu-pod\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: trainer\n    image: {}\n    command: [\"sleep\", \"7207\"]\n    resources:\n      limits:\n        nvidia.com/gpu: 1\n", image.replace("\n        ", "\n    ")),
     )
     .unwrap();
     c.kubectl_ok(&["apply", "-f", gpu.to_str().unwrap()]);

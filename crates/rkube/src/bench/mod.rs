@@ -4,6 +4,7 @@
 mod api;
 mod heal;
 mod nodes;
+mod pods;
 mod proxy;
 mod scheduler;
 mod store;
@@ -15,6 +16,7 @@ pub enum Area {
     Scheduler,
     Heal,
     Nodes,
+    Pods,
     Proxy,
 }
 
@@ -37,6 +39,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Area::Scheduler => scheduler::run(&args).await?,
         Area::Heal => heal::run(&args).await?,
         Area::Nodes => nodes::run(&args).await?,
+        Area::Pods => pods::run(&args).await?,
         Area::Proxy => proxy::run(&args).await?,
     };
     if args.json {
@@ -48,6 +51,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Area::Scheduler => scheduler::table(&figures),
             Area::Heal => heal::table(&figures),
             Area::Nodes => nodes::table(&figures),
+            Area::Pods => pods::table(&figures),
             Area::Proxy => proxy::table(&figures),
         };
         println!("{table}");
