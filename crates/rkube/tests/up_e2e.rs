@@ -36,7 +36,7 @@ struct Netns {
 impl Netns {
     fn create() -> Netns {
         let name = format!("rkube-up-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
         assert!(Command::new("ip").args(["netns", "add", &name]).status().unwrap().success());
         let ns = Netns { name };
         let lo = ns.command("ip").args(["link", "set", "lo", "up"]).status().unwrap();
