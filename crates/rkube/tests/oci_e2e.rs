@@ -272,6 +272,31 @@ fn pods_run_real_images_through_runc_on_their_own_network() {
     });
     assert_eq!(code, "Failed 3");
 
+    // The image is on the node now: a new pod starts from it without pulling, and its memory
+    // limit is the kernel's to enforce.
+    let hog = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: hog}}\nspec:\n  restartPolicy: Never\n  containers:\n  - name: main\n    image: {registry}/test/busybox:1\n    command: [\"sh\", \"-c\", \"x=a; while true; do x=$x$x; done\"]\n    resources:\n      limits: {{memory: 16Mi}}\n"
+    );
+    s.ok_stdin(&["apply", "-f", "-"], &hog);
+    let killed = s.wait("hog OOMKilled", Duration::from_secs(60), || {
+        let out = s.ok(&[
+            "get",
+            "pod",
+            "hog",
+            "-o",
+            "jsonpath={.status.containerStatuses[0].state.terminated.reason} {.status.containerStatuses[0].state.terminated.exitCode}",
+        ]);
+        (!out.trim().is_empty()).then_some(out)
+    });
+    assert_eq!(killed, "OOMKilled 137");
+    let described = s.ok(&["describe", "pod", "hog"]);
+    assert!(
+        described.contains(&format!(
+            "Container image \"{registry}/test/busybox:1\" already present on machine"
+        )) && !described.contains("Pulling image"),
+        "{described}"
+    );
+
     // An image that does not exist: ErrImagePull, then ImagePullBackOff.
     s.wait("missing in image pull back-off", Duration::from_secs(60), || {
         let out = s.ok(&["get", "pod", "missing", "--no-headers"]);
@@ -282,7 +307,7 @@ fn pods_run_real_images_through_runc_on_their_own_network() {
 
     // Graceful deletion: SIGTERM reaches the container; everything it held goes.
     let started = Instant::now();
-    s.ok(&["delete", "pod", "box", "fails", "missing"]);
+    s.ok(&["delete", "pod", "box", "fails", "missing", "hog"]);
     assert!(started.elapsed() < Duration::from_secs(15));
     let node_dir = s.dir.join("node-1");
     s.wait("the pod's runc containers and sandbox gone", Duration::from_secs(20), || {
