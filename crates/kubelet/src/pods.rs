@@ -503,7 +503,8 @@ impl Worker {
                     self.ctr(&c.name).waiting = Some((
                         "CreateContainerConfigError".into(),
                         format!(
-                            "the process runtime runs a container's command on the host and cannot run image {image} by itself: set `command`"
+                            "container {} has no command: the process runtime runs a container's `command` (with `args`), not its image {image}: set `command`",
+                            c.name
                         ),
                     ));
                     return;
@@ -523,7 +524,7 @@ impl Worker {
                     log_path: self.pod_dir.join("logs").join(format!("{}.log", c.name)),
                     isolation,
                 };
-                let started = runtime::start_process(&spec).map_err(|e| e.to_string());
+                let started = runtime::start_process(&spec).await.map_err(|e| e.to_string());
                 if let (Ok(Handle::Process { pid, cgroup: Some(cg), .. }), Some(iso)) =
                     (&started, &spec.isolation)
                 {
@@ -1101,7 +1102,9 @@ impl Worker {
                 // preStop, SIGTERM, the grace period, SIGKILL — without holding up the worker.
                 let c = pod_containers(pod).into_iter().find(|c| c.name == o.container);
                 if let (Some(kill), Some(c)) = (kill, c) {
-                    let grace = grace_of(pod, None);
+                    let probe_grace =
+                        c.liveness_probe.as_ref().and_then(|p| p.termination_grace_period_seconds);
+                    let grace = grace_of(pod, probe_grace);
                     let pre_stop = c.lifecycle.as_ref().and_then(|l| l.pre_stop.clone());
                     let (pod, target, recorder) =
                         (pod.clone(), self.target(&c), self.recorder.clone());

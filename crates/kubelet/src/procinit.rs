@@ -186,8 +186,12 @@ fn close_inherited_fds() {
 
 fn run() -> Result<i32, String> {
     close_inherited_fds();
+    // stdin is a socket to the kubelet: the spec comes in, `ready` goes back once the
+    // container's namespaces are set up (so exec and hooks never find them half made).
+    let kubelet = std::io::stdin().as_fd().try_clone_to_owned().map_err(|e| format!("dup: {e}"))?;
+    let mut kubelet = std::fs::File::from(kubelet);
     let mut input = String::new();
-    std::io::stdin().read_to_string(&mut input).map_err(|e| format!("read the spec: {e}"))?;
+    kubelet.read_to_string(&mut input).map_err(|e| format!("read the spec: {e}"))?;
     let null = std::fs::File::open("/dev/null").map_err(|e| format!("open /dev/null: {e}"))?;
     nix::unistd::dup2_stdin(&null).map_err(err("stdin"))?;
     let spec: InitSpec =
@@ -218,6 +222,7 @@ fn run() -> Result<i32, String> {
     match unsafe { nix::unistd::fork() }.map_err(err("fork"))? {
         ForkResult::Child => {
             drop(status_r);
+            drop(kubelet);
             let code = match namespace_init(&spec, status_w, own_adj.trim()) {
                 Ok(code) => code,
                 Err(e) => {
@@ -229,9 +234,16 @@ fn run() -> Result<i32, String> {
         }
         ForkResult::Parent { child } => {
             drop(status_w);
+            let mut status = std::io::BufReader::new(std::fs::File::from(status_r));
+            let mut line = String::new();
+            let _ = std::io::BufRead::read_line(&mut status, &mut line);
+            if line == "ready\n" {
+                let _ = kubelet.write_all(b"ready\n");
+            }
+            drop(kubelet);
             let ended = wait_forwarding(child, false);
             let mut told = String::new();
-            let _ = std::fs::File::from(status_r).read_to_string(&mut told);
+            let _ = status.read_to_string(&mut told);
             Ok(Ended::parse(&told).unwrap_or(ended).mirror())
         }
     }
@@ -252,6 +264,8 @@ fn namespace_init(spec: &InitSpec, status: OwnedFd, own_adj: &str) -> Result<i32
     )
     .map_err(err("mount /proc"))?;
     nix::unistd::sethostname(&spec.hostname).map_err(err("set the hostname"))?;
+    let mut status = std::fs::File::from(status);
+    status.write_all(b"ready\n").map_err(|e| format!("tell the outer init: {e}"))?;
     // A namespace's init gets only the signals it handles: give the forwarded ones a handler
     // (they stay blocked and are taken with sigwait).
     for s in FORWARDED {
@@ -272,7 +286,7 @@ fn namespace_init(spec: &InitSpec, status: OwnedFd, own_adj: &str) -> Result<i32
         }
         ForkResult::Parent { child } => {
             let ended = wait_forwarding(child, true);
-            let _ = std::fs::File::from(status).write_all(ended.line().as_bytes());
+            let _ = status.write_all(ended.line().as_bytes());
             Ok(match ended {
                 Ended::Code(c) => c,
                 Ended::Signal(s) => 128 + s,

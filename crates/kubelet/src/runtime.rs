@@ -157,7 +157,7 @@ impl Handle {
 /// (rotated by size), which `kubectl logs` reads through the kubelet. With `isolation`, the
 /// container's cgroup is made with its limits first and the command runs under
 /// `crate::procinit` in its own namespaces.
-pub fn start_process(spec: &ContainerSpec) -> std::io::Result<Handle> {
+pub async fn start_process(spec: &ContainerSpec) -> std::io::Result<Handle> {
     if spec.argv.is_empty() {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no command"));
     }
@@ -175,6 +175,8 @@ pub fn start_process(spec: &ContainerSpec) -> std::io::Result<Handle> {
         rkube_oci::log::DEFAULT_MAX_FILES,
     )?;
     let log = std::sync::Arc::new(std::sync::Mutex::new(log));
+    // The init's stdin is a socket: the spec goes in, `ready` comes back.
+    let mut init_socket = None;
     let mut cmd = match &spec.isolation {
         None => {
             let mut cmd = tokio::process::Command::new(&spec.argv[0]);
@@ -183,8 +185,12 @@ pub fn start_process(spec: &ContainerSpec) -> std::io::Result<Handle> {
         }
         Some(iso) => {
             rkube_oci::cgroup::create(&iso.cgroup, &iso.limits)?;
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+            init_socket = Some(ours);
             let mut cmd = tokio::process::Command::new(&iso.init[0]);
-            cmd.args(&iso.init[1..]).arg("run").stdin(Stdio::piped());
+            cmd.args(&iso.init[1..])
+                .arg("run")
+                .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)));
             cmd
         }
     };
@@ -196,7 +202,10 @@ pub fn start_process(spec: &ContainerSpec) -> std::io::Result<Handle> {
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let mut child = match cmd.spawn() {
+    let spawned = cmd.spawn();
+    // Our copy of the init's end of the socket must go, or its death would not be seen.
+    drop(cmd);
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
             if let Some(iso) = &spec.isolation {
@@ -205,27 +214,51 @@ pub fn start_process(spec: &ContainerSpec) -> std::io::Result<Handle> {
             return Err(e);
         }
     };
-    if let (Some(iso), Some(mut stdin)) = (&spec.isolation, child.stdin.take()) {
-        let init = crate::procinit::InitSpec {
-            argv: spec.argv.clone(),
-            hostname: iso.hostname.clone(),
-            cgroup: Some(iso.cgroup.clone()),
-        };
-        let json = serde_json::to_vec(&init).unwrap_or_default();
-        tokio::spawn(async move {
-            use tokio::io::AsyncWriteExt;
-            let _ = stdin.write_all(&json).await;
-        });
-    }
     if let Some(out) = child.stdout.take() {
         copy_to_log(out.into_owned_fd()?, "stdout", log.clone());
     }
     if let Some(err) = child.stderr.take() {
         copy_to_log(err.into_owned_fd()?, "stderr", log);
     }
+    if let (Some(iso), Some(socket)) = (&spec.isolation, init_socket) {
+        let init = crate::procinit::InitSpec {
+            argv: spec.argv.clone(),
+            hostname: iso.hostname.clone(),
+            cgroup: Some(iso.cgroup.clone()),
+        };
+        let ready = handshake(socket, serde_json::to_vec(&init).unwrap_or_default()).await;
+        if let Err(e) = ready {
+            let _ = child.kill().await;
+            let cg = iso.cgroup.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                rkube_oci::cgroup::remove_when_empty(&cg, Duration::from_secs(2))
+            })
+            .await;
+            return Err(e);
+        }
+    }
     let pid = child.id().map(|p| p as i32).unwrap_or(0);
     let cgroup = spec.isolation.as_ref().map(|i| i.cgroup.clone());
     Ok(Handle::Process { child, pid, cgroup })
+}
+
+/// Sends the init its spec and waits until the container's namespaces are set up.
+async fn handshake(socket: std::os::unix::net::UnixStream, spec: Vec<u8>) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    socket.set_nonblocking(true)?;
+    let mut socket = tokio::net::UnixStream::from_std(socket)?;
+    socket.write_all(&spec).await?;
+    socket.shutdown().await?;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), socket.read_to_end(&mut answer));
+    match read.await {
+        Ok(Ok(_)) if answer == b"ready\n" => Ok(()),
+        Ok(Ok(_)) => Err(std::io::Error::other(
+            "the container init failed before the command started (see the container's log)",
+        )),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(std::io::Error::other("the container init did not get ready within 30s")),
+    }
 }
 
 /// Copies one output stream into the CRI log on a thread of its own, as the runc shim does.

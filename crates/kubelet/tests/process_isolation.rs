@@ -94,7 +94,7 @@ async fn a_container_has_its_own_namespaces_and_ends_with_its_commands_status() 
         "hostname; echo pid=$$; echo procs=$(ls /proc | grep -c '^[0-9]'); echo $GREETING; pwd; exit 7",
         Limits::default(),
     );
-    let mut h = start_process(&s).unwrap();
+    let mut h = start_process(&s).await.unwrap();
     let exit = h.wait().await;
     assert_eq!((exit.code, exit.signal, exit.oom_killed), (7, None, false));
     let out = log(&s);
@@ -123,7 +123,7 @@ async fn sigterm_reaches_the_command_and_a_signal_death_is_reported_as_such() {
         "trap 'echo got TERM; exit 0' TERM; echo up; while true; do sleep 0.1; done",
         Limits::default(),
     );
-    let mut h = start_process(&s).unwrap();
+    let mut h = start_process(&s).await.unwrap();
     wait_for_log(&s, "stdout F up").await;
     h.killer().unwrap().signal(Signal::SIGTERM);
     let exit = h.wait().await;
@@ -131,14 +131,14 @@ async fn sigterm_reaches_the_command_and_a_signal_death_is_reported_as_such() {
     assert!(log(&s).contains("stdout F got TERM"), "{}", log(&s));
     // One that does not dies of it, and the kubelet sees that signal.
     let s = spec(dir.path(), "plain", "echo up; exec sleep 100", Limits::default());
-    let mut h = start_process(&s).unwrap();
+    let mut h = start_process(&s).await.unwrap();
     wait_for_log(&s, "stdout F up").await;
     h.killer().unwrap().signal(Signal::SIGTERM);
     let exit = h.wait().await;
     assert_eq!((exit.code, exit.signal), (143, Some(15)));
     // SIGKILL takes the whole namespace down, children included.
     let s = spec(dir.path(), "kill", "sleep 100 & echo up; wait", Limits::default());
-    let mut h = start_process(&s).unwrap();
+    let mut h = start_process(&s).await.unwrap();
     wait_for_log(&s, "stdout F up").await;
     h.killer().unwrap().signal(Signal::SIGKILL);
     let exit = tokio::time::timeout(Duration::from_secs(10), h.wait()).await.unwrap();
@@ -155,8 +155,8 @@ async fn a_command_entered_into_a_running_container_shares_its_namespaces_and_cg
     }
     let dir = tempfile::tempdir().unwrap();
     let s = spec(dir.path(), "enter", "echo up; exec sleep 100", Limits::default());
-    let mut h = start_process(&s).unwrap();
-    wait_for_log(&s, "stdout F up").await;
+    let mut h = start_process(&s).await.unwrap();
+    // Right away: once started, the namespaces are complete (as postStart hooks need them).
     let Handle::Process { pid, .. } = &h else { panic!("not a process") };
     let cg = cgroup("enter");
     let out = tokio::process::Command::new(init())
@@ -194,7 +194,7 @@ async fn exceeding_the_memory_limit_is_an_oom_kill_and_the_cgroup_goes_afterward
         cpu_request_milli: Some(100),
     };
     let s = spec(dir.path(), "hog", "x=a; while true; do x=$x$x; done", limits);
-    let mut h = start_process(&s).unwrap();
+    let mut h = start_process(&s).await.unwrap();
     let rel = cgroup("hog");
     // The limits are in place while it runs.
     let memory = rkube_oci::cgroup::hierarchies()
