@@ -110,6 +110,8 @@ impl Args {
         // The oci runtime's shim is this very binary's hidden subcommand.
         if let Ok(exe) = std::env::current_exe() {
             c.runc_shim = vec![exe.to_string_lossy().into_owned(), "runc-shim".into()];
+            c.process_init =
+                vec![exe.to_string_lossy().into_owned(), crate::procinit::SUBCOMMAND.into()];
         }
         Ok(c)
     }

@@ -3,11 +3,13 @@
 
 pub mod cli;
 mod env;
+mod hooks;
 pub mod network;
 mod node;
 mod oci;
 mod pods;
 mod probes;
+pub mod procinit;
 pub mod runtime;
 mod server;
 mod tty;
@@ -62,6 +64,9 @@ pub struct Config {
     pub max_pods: i64,
     /// The command that runs rkube's runc shim (the rkube binary and its hidden subcommand).
     pub runc_shim: Vec<String>,
+    /// The command that runs the process runtime's container init (the rkube binary and its
+    /// hidden `process-init`); empty: process containers run as plain host processes.
+    pub process_init: Vec<String>,
     /// Where images are stored; nodes of one machine may share it (default: `<data dir>/images`).
     pub image_dir: Option<PathBuf>,
     /// Registries reached over plain HTTP (`host:port`).
@@ -95,6 +100,7 @@ impl Default for Config {
             reserved_memory_bytes: 0,
             max_pods: 110,
             runc_shim: Vec::new(),
+            process_init: Vec::new(),
             image_dir: None,
             insecure_registries: Vec::new(),
             cluster_cidr: "10.244.0.0/16".into(),

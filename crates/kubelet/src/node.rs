@@ -88,7 +88,11 @@ fn node_info(config: &Config) -> Value {
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
     let runtime = match config.runtime {
-        RuntimeKind::Process => format!("process://{}", env!("CARGO_PKG_VERSION")),
+        // The build metadata says what a container is: host processes (not root), or
+        // processes in their own namespaces and cgroup (`ns.cgroupv1` / `ns.cgroupv2`).
+        RuntimeKind::Process => {
+            format!("process://{}+{}", env!("CARGO_PKG_VERSION"), process_isolation(config))
+        }
         RuntimeKind::Simulated => format!("simulated://{}", env!("CARGO_PKG_VERSION")),
         RuntimeKind::Oci => match rkube_oci::runc::available() {
             Some(v) => format!("runc://{}", v.rsplit(' ').next().unwrap_or(&v)),
@@ -100,6 +104,18 @@ fn node_info(config: &Config) -> Value {
         "kernelVersion": kernel, "osImage": os_image(), "containerRuntimeVersion": runtime,
         "kubeletVersion": KUBELET_VERSION, "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": arch(),
     })
+}
+
+/// What isolates a process container on this node.
+fn process_isolation(config: &Config) -> &'static str {
+    if !crate::pods::isolated(config) {
+        return "host";
+    }
+    match rkube_oci::cgroup::version_of(&rkube_oci::cgroup::hierarchies()) {
+        Some(rkube_oci::cgroup::Version::V1) => "ns.cgroupv1",
+        Some(rkube_oci::cgroup::Version::V2) => "ns.cgroupv2",
+        None => "ns",
+    }
 }
 
 fn conditions(now: &str, ready_since: &str, problem: Option<&str>) -> Value {

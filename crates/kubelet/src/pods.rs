@@ -120,6 +120,9 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) ->
     for (_, (_, task)) in workers.drain() {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
+    // The node's cgroup parent goes once nothing is left in it (runc containers of a crashed
+    // kubelet, still running, keep theirs).
+    rkube_oci::cgroup::remove_empty_parents(&format!("/rkube/{}", config.node_name));
     Ok(())
 }
 
@@ -159,6 +162,8 @@ struct Ctr {
     /// Image pull back-off (ErrImagePull → ImagePullBackOff).
     pull_backoff: Duration,
     pull_backoff_until: Option<Instant>,
+    /// The command prefix that runs a command inside this isolated process container.
+    enter: Vec<String>,
 }
 
 struct Worker {
@@ -212,12 +217,12 @@ async fn worker(
         let pod = rx.borrow_and_update().clone();
         let Some(pod) = pod else {
             // The pod is gone from the API: stop everything at once.
-            w.stop_all(Duration::from_secs(0), &mut exits_rx).await;
+            w.stop_all(None, Duration::from_secs(0), &mut exits_rx).await;
             w.release(&uid).await;
             return;
         };
         if shutdown.is_cancelled() {
-            w.stop_all(Duration::from_secs(0), &mut exits_rx).await;
+            w.stop_all(None, Duration::from_secs(0), &mut exits_rx).await;
             w.release(&uid).await;
             return;
         }
@@ -235,7 +240,7 @@ async fn worker(
                         .await;
                 }
             }
-            w.stop_all(Duration::from_secs(grace), &mut exits_rx).await;
+            w.stop_all(Some(&pod), Duration::from_secs(grace), &mut exits_rx).await;
             let _ = w.report(&pod).await;
             let api: Api<Pod> = Api::namespaced(
                 w.client.clone(),
@@ -265,7 +270,7 @@ async fn worker(
             .min();
         tokio::select! {
             _ = shutdown.cancelled() => {}
-            changed = rx.changed() => { if changed.is_err() { w.stop_all(Duration::from_secs(0), &mut exits_rx).await; w.release(&uid).await; return; } }
+            changed = rx.changed() => { if changed.is_err() { w.stop_all(None, Duration::from_secs(0), &mut exits_rx).await; w.release(&uid).await; return; } }
             Some((name, generation, exit)) = exits_rx.recv() => w.on_exit(&pod, &name, generation, exit).await,
             Some(outcome) = probes_rx.recv() => w.on_probe(&pod, outcome).await,
             _ = async { match wake { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {}
@@ -300,6 +305,96 @@ fn container_ref(pod: &Pod, name: &str) -> k8s_openapi::api::core::v1::ObjectRef
     let mut r = reference(pod);
     r.field_path = Some(format!("spec.containers{{{name}}}"));
     r
+}
+
+/// The terminated state's reason.
+fn exit_reason(exit: &Exit) -> &'static str {
+    if exit.oom_killed {
+        "OOMKilled"
+    } else if exit.code == 0 {
+        "Completed"
+    } else {
+        "Error"
+    }
+}
+
+/// What remains of a grace period after the preStop hooks is never less than this (upstream's
+/// minimumGracePeriodInSeconds).
+const MIN_GRACE: Duration = Duration::from_secs(2);
+
+/// The pod's terminationGracePeriodSeconds (default 30), or a probe's own.
+fn grace_of(pod: &Pod, probe_override: Option<i64>) -> Duration {
+    let s = probe_override
+        .or(pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds))
+        .unwrap_or(30);
+    Duration::from_secs(s.max(0) as u64)
+}
+
+/// Runs a preStop hook bounded by `grace`; a failure is a FailedPreStopHook event.
+async fn run_pre_stop(
+    pod: &Pod,
+    c: &Container,
+    h: &k8s_openapi::api::core::v1::LifecycleHandler,
+    target: &crate::probes::Target,
+    grace: Duration,
+    recorder: &Recorder,
+) {
+    if let Err(msg) = crate::hooks::run(pod, c, h, target, Some(grace)).await {
+        recorder.record(&container_ref(pod, &c.name), "Warning", "FailedPreStopHook", &msg).await;
+    }
+}
+
+/// Whether process containers get namespaces and cgroups: the kubelet runs as root and knows
+/// how to run the container init.
+pub fn isolated(config: &Config) -> bool {
+    config.runtime == RuntimeKind::Process
+        && !config.process_init.is_empty()
+        && nix::unistd::Uid::effective().is_root()
+}
+
+/// The pod's hostname: spec.hostname, else its name (as upstream).
+fn pod_hostname(pod: &Pod) -> String {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.hostname.clone())
+        .or(pod.metadata.name.clone())
+        .unwrap_or_default()
+}
+
+/// `/rkube/<node>/pod<uid>`: the pod's cgroup, as the oci runtime names it.
+fn pod_cgroup(config: &Config, pod: &Pod) -> String {
+    format!("/rkube/{}/pod{}", config.node_name, pod.metadata.uid.as_deref().unwrap_or(""))
+}
+
+/// The cgroup limits of container `c`: memory and CPU limits, CPU request.
+fn cgroup_limits(c: &Container) -> rkube_oci::cgroup::Limits {
+    let milli = |q: Option<&k8s_openapi::apimachinery::pkg::api::resource::Quantity>| {
+        rkube_client::quantity::parse_milli(&q?.0).and_then(|m| u64::try_from(m).ok())
+    };
+    let res = c.resources.as_ref();
+    let limits = res.and_then(|r| r.limits.as_ref());
+    let requests = res.and_then(|r| r.requests.as_ref());
+    rkube_oci::cgroup::Limits {
+        memory_bytes: milli(limits.and_then(|l| l.get("memory"))).map(|m| m / 1000),
+        cpu_limit_milli: milli(limits.and_then(|l| l.get("cpu"))),
+        // Without a request, a limit is the request (as the API server defaults it).
+        cpu_request_milli: milli(requests.and_then(|r| r.get("cpu")))
+            .or(milli(limits.and_then(|l| l.get("cpu")))),
+    }
+}
+
+/// Records how to run a command inside container `name` for the kubelet's exec endpoint.
+fn write_enter(pod_dir: &std::path::Path, name: &str, enter: &[String]) -> std::io::Result<()> {
+    let dir = pod_dir.join("run");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join(format!("{name}.enter")), serde_json::to_vec(enter)?)
+}
+
+/// The command prefix that runs a command inside isolated process container `name`, while it
+/// runs (see `write_enter`).
+pub fn read_enter(pod_dir: &std::path::Path, name: &str) -> Option<Vec<String>> {
+    let text = std::fs::read(pod_dir.join("run").join(format!("{name}.enter"))).ok()?;
+    serde_json::from_slice(&text).ok()
 }
 
 fn restart_policy(pod: &Pod) -> String {
@@ -421,19 +516,37 @@ impl Worker {
                     self.ctr(&c.name).waiting = Some((
                         "CreateContainerConfigError".into(),
                         format!(
-                            "the process runtime runs a container's command on the host and cannot run image {image} by itself: set `command`"
+                            "container {} has no command: the process runtime runs a container's `command` (with `args`), not its image {image}: set `command`",
+                            c.name
                         ),
                     ));
                     return;
                 }
+                let attempt = self.ctrs.get(&c.name).map(|x| x.generation + 1).unwrap_or(1);
+                let isolation = isolated(&self.config).then(|| runtime::Isolation {
+                    init: self.config.process_init.clone(),
+                    hostname: pod_hostname(pod),
+                    cgroup: format!("{}/{}-{attempt}", pod_cgroup(&self.config, pod), c.name),
+                    limits: cgroup_limits(c),
+                });
                 let spec = ContainerSpec {
                     name: c.name.clone(),
                     argv,
                     env,
                     workdir: self.pod_dir.join("work"),
                     log_path: self.pod_dir.join("logs").join(format!("{}.log", c.name)),
+                    isolation,
                 };
-                runtime::start_process(&spec).map_err(|e| e.to_string())
+                let started = runtime::start_process(&spec).await.map_err(|e| e.to_string());
+                if let (Ok(Handle::Process { pid, cgroup: Some(cg), .. }), Some(iso)) =
+                    (&started, &spec.isolation)
+                {
+                    let mut enter = iso.init.clone();
+                    enter.extend(["enter".into(), pid.to_string(), cg.clone(), "--".into()]);
+                    let _ = write_enter(&self.pod_dir, &c.name, &enter);
+                    self.ctr(&c.name).enter = enter;
+                }
+                started
             }
         };
         match handle {
@@ -464,7 +577,6 @@ impl Worker {
                     let exit = h.wait().await;
                     let _ = tx.send((name, generation, exit)).await;
                 });
-                self.start_probes(c, generation);
                 let cref = container_ref(pod, &c.name);
                 if first && self.config.runtime != RuntimeKind::Oci {
                     self.recorder
@@ -485,6 +597,22 @@ impl Worker {
                 self.recorder
                     .record(&cref, "Normal", "Started", &format!("Started container {}", c.name))
                     .await;
+                // postStart: the pod's status is not written until the hook is done, so the
+                // container is not Running before; a failure kills it, as upstream's kubelet.
+                if let Some(h) = c.lifecycle.as_ref().and_then(|l| l.post_start.as_ref()) {
+                    let target = self.target(c);
+                    if let Err(msg) = crate::hooks::run(pod, c, h, &target, None).await {
+                        self.recorder.record(&cref, "Warning", "FailedPostStartHook", &msg).await;
+                        self.recorder
+                            .record(&cref, "Normal", "Killing", "FailedPostStartHook")
+                            .await;
+                        if let Some(k) = self.ctrs.get(&c.name).and_then(|x| x.kill.clone()) {
+                            k.signal(Signal::SIGKILL);
+                        }
+                        return;
+                    }
+                }
+                self.start_probes(c, generation);
             }
             Err(e) => {
                 self.ctr(&c.name).waiting = Some((
@@ -864,6 +992,20 @@ impl Worker {
 
     /// Gives back what the pod held on the node: its containers, address, sandbox and mounts.
     async fn release(&mut self, uid: &str) {
+        for x in self.ctrs.values_mut() {
+            x.enter.clear();
+        }
+        let _ = std::fs::remove_dir_all(self.pod_dir.join("run"));
+        if isolated(&self.config) {
+            let cg = format!("/rkube/{}/pod{uid}", self.config.node_name);
+            let removed = tokio::task::spawn_blocking(move || {
+                rkube_oci::cgroup::remove_when_empty(&cg, Duration::from_secs(5))
+            })
+            .await;
+            if let Ok(Err(e)) = removed {
+                tracing::warn!(pod = uid, "pod cgroup left behind: {e}");
+            }
+        }
         let Some(oci) = self.oci.clone() else { return };
         for x in self.ctrs.values_mut() {
             if let Some(c) = x.oci.take() {
@@ -883,6 +1025,22 @@ impl Worker {
         self.volumes = None;
     }
 
+    /// Where exec probes and hooks of `c` run: inside its runc container, inside its
+    /// namespaces (isolated process container), or on the host with its environment.
+    fn target(&self, c: &Container) -> crate::probes::Target {
+        let x = self.ctrs.get(&c.name);
+        let exec_prefix = match (&self.oci, x.and_then(|x| x.oci.as_ref())) {
+            (Some(oci), Some(ctr)) => crate::oci::exec_argv(&oci.runtime, ctr, false),
+            _ => x.map(|x| x.enter.clone()).unwrap_or_default(),
+        };
+        crate::probes::Target {
+            exec_prefix,
+            host: self.pod_ip.clone(),
+            env: x.map(|x| x.env.clone()).unwrap_or_default(),
+            workdir: self.pod_dir.join("work"),
+        }
+    }
+
     fn start_probes(&mut self, c: &Container, generation: u64) {
         let stop = CancellationToken::new();
         let x = self.ctr(&c.name);
@@ -899,17 +1057,7 @@ impl Worker {
             (crate::probes::Kind::Liveness, &c.liveness_probe),
         ] {
             if let Some(p) = probe {
-                let exec_prefix =
-                    match (&self.oci, self.ctrs.get(&c.name).and_then(|x| x.oci.as_ref())) {
-                        (Some(oci), Some(ctr)) => crate::oci::exec_argv(&oci.runtime, ctr, false),
-                        _ => Vec::new(),
-                    };
-                let target = crate::probes::Target {
-                    exec_prefix,
-                    host: self.pod_ip.clone(),
-                    env: self.ctrs.get(&c.name).map(|x| x.env.clone()).unwrap_or_default(),
-                    workdir: self.pod_dir.join("work"),
-                };
+                let target = self.target(c);
                 crate::probes::spawn(
                     c.clone(),
                     kind,
@@ -944,9 +1092,7 @@ impl Worker {
                 }
             }
             crate::probes::Kind::Liveness => {
-                if let Some(k) = &x.kill {
-                    k.signal(Signal::SIGKILL);
-                }
+                let kill = x.kill.clone();
                 self.recorder
                     .record(
                         &cref,
@@ -966,6 +1112,32 @@ impl Worker {
                         ),
                     )
                     .await;
+                // preStop, SIGTERM, the grace period, SIGKILL — without holding up the worker.
+                let c = pod_containers(pod).into_iter().find(|c| c.name == o.container);
+                if let (Some(kill), Some(c)) = (kill, c) {
+                    let probe_grace =
+                        c.liveness_probe.as_ref().and_then(|p| p.termination_grace_period_seconds);
+                    let grace = grace_of(pod, probe_grace);
+                    let pre_stop = c.lifecycle.as_ref().and_then(|l| l.pre_stop.clone());
+                    let (pod, target, recorder) =
+                        (pod.clone(), self.target(&c), self.recorder.clone());
+                    tokio::spawn(async move {
+                        let started = Instant::now();
+                        if let (Some(h), false) = (pre_stop, grace.is_zero()) {
+                            run_pre_stop(&pod, &c, &h, &target, grace, &recorder).await;
+                        }
+                        kill.signal(if grace.is_zero() {
+                            Signal::SIGKILL
+                        } else {
+                            Signal::SIGTERM
+                        });
+                        let rest = grace.saturating_sub(started.elapsed()).max(MIN_GRACE);
+                        if !grace.is_zero() {
+                            tokio::time::sleep(rest).await;
+                            kill.signal(Signal::SIGKILL);
+                        }
+                    });
+                }
             }
         }
     }
@@ -989,16 +1161,12 @@ impl Worker {
         }
         x.running = false;
         x.kill = None;
+        x.enter.clear();
+        let _ = std::fs::remove_file(self.pod_dir.join("run").join(format!("{name}.enter")));
         if let Some(stop) = x.probe_stop.take() {
             stop.cancel();
         }
-        let reason = if exit.oom_killed {
-            "OOMKilled"
-        } else if exit.code == 0 {
-            "Completed"
-        } else {
-            "Error"
-        };
+        let reason = exit_reason(&exit);
         let mut t = json!({
             "exitCode": exit.code, "reason": reason,
             "startedAt": x.started_at.clone(), "finishedAt": now(), "containerID": x.id.clone(),
@@ -1036,11 +1204,36 @@ impl Worker {
         }
     }
 
-    /// SIGTERM to every container, SIGKILL after `grace`.
-    async fn stop_all(&mut self, grace: Duration, exits: &mut mpsc::Receiver<(String, u64, Exit)>) {
+    /// preStop hooks (with a grace period and the pod), SIGTERM to every container, SIGKILL
+    /// after `grace` (less what the hooks took, but at least 2 s, as upstream).
+    async fn stop_all(
+        &mut self,
+        pod: Option<&Pod>,
+        grace: Duration,
+        exits: &mut mpsc::Receiver<(String, u64, Exit)>,
+    ) {
         for x in self.ctrs.values_mut() {
             if let Some(stop) = x.probe_stop.take() {
                 stop.cancel();
+            }
+        }
+        let mut grace = grace;
+        if let (Some(pod), false) = (pod, grace.is_zero()) {
+            let started = Instant::now();
+            let mut hooks = Vec::new();
+            for c in init_containers(pod).iter().chain(pod_containers(pod).iter()) {
+                if !self.ctrs.get(&c.name).is_some_and(|x| x.running) {
+                    continue;
+                }
+                if let Some(h) = c.lifecycle.as_ref().and_then(|l| l.pre_stop.clone()) {
+                    let (pod, c, t, rec) =
+                        (pod.clone(), c.clone(), self.target(c), self.recorder.clone());
+                    hooks.push(async move { run_pre_stop(&pod, &c, &h, &t, grace, &rec).await });
+                }
+            }
+            if !hooks.is_empty() {
+                futures::future::join_all(hooks).await;
+                grace = grace.saturating_sub(started.elapsed()).max(MIN_GRACE);
             }
         }
         for x in self.ctrs.values() {
@@ -1058,7 +1251,7 @@ impl Worker {
                     if let Some(x) = self.ctrs.get_mut(&name) && x.generation == generation {
                         x.running = false;
                         x.kill = None;
-                        x.terminated = Some(json!({"exitCode": exit.code, "reason": if exit.code == 0 { "Completed" } else { "Error" }, "startedAt": x.started_at.clone(), "finishedAt": now(), "containerID": x.id.clone()}));
+                        x.terminated = Some(json!({"exitCode": exit.code, "reason": exit_reason(&exit), "startedAt": x.started_at.clone(), "finishedAt": now(), "containerID": x.id.clone()}));
                     }
                 }
                 _ = tokio::time::sleep_until(deadline) => {

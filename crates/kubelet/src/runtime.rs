@@ -1,6 +1,7 @@
 //! Container runtimes behind one small interface: `process` runs the container's command as a
-//! host process in its own process group (logs to a file); `oci` runs the image's container
-//! through runc (see `crate::oci`); `simulated` runs nothing.
+//! host process in its own process group (logs to a rotated file) — as root inside its own PID,
+//! mount, UTS and IPC namespaces and cgroup, through `crate::procinit`; `oci` runs the image's
+//! container through runc (see `crate::oci`); `simulated` runs nothing.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -17,11 +18,24 @@ pub struct ContainerSpec {
     pub env: Vec<(String, String)>,
     pub workdir: PathBuf,
     pub log_path: PathBuf,
+    /// Namespaces and a cgroup (the kubelet runs as root); `None`: a plain host process.
+    pub isolation: Option<Isolation>,
+}
+
+/// How a process container is isolated when the kubelet runs as root.
+#[derive(Clone, Debug)]
+pub struct Isolation {
+    /// The command that runs `crate::procinit` (the rkube binary and its hidden subcommand).
+    pub init: Vec<String>,
+    pub hostname: String,
+    /// The container's cgroup, relative to the hierarchies' roots.
+    pub cgroup: String,
+    pub limits: rkube_oci::cgroup::Limits,
 }
 
 /// A started container.
 pub enum Handle {
-    Process { child: tokio::process::Child, pid: i32 },
+    Process { child: tokio::process::Child, pid: i32, cgroup: Option<String> },
     Oci { runtime: rkube_oci::runc::Runtime, container: rkube_oci::runc::Container },
     Simulated { stop: tokio::sync::watch::Receiver<bool>, exit_after: Option<Duration> },
 }
@@ -37,7 +51,11 @@ pub struct Exit {
 /// How to signal a started container, kept after its `Handle` went to the task that waits.
 #[derive(Clone, Debug)]
 pub enum Killer {
+    /// A host process container: its process group gets every signal.
     Process(i32),
+    /// An isolated process container: its outer init passes polite signals on to the command;
+    /// SIGKILL goes to the whole process group (the namespace dies with its init).
+    Isolated(i32),
     Oci(Box<(rkube_oci::runc::Runtime, rkube_oci::runc::Container)>),
 }
 
@@ -48,6 +66,12 @@ impl Killer {
         match self {
             Killer::Process(pid) => {
                 let _ = nix::sys::signal::killpg(Pid::from_raw(*pid), sig);
+            }
+            Killer::Isolated(pid) if sig == Signal::SIGKILL => {
+                let _ = nix::sys::signal::killpg(Pid::from_raw(*pid), sig);
+            }
+            Killer::Isolated(pid) => {
+                let _ = nix::sys::signal::kill(Pid::from_raw(*pid), sig);
             }
             Killer::Oci(both) => {
                 let (rt, c) = (both.0.clone(), both.1.clone());
@@ -73,17 +97,32 @@ impl Handle {
     /// Waits for the container to end.
     pub async fn wait(&mut self) -> Exit {
         match self {
-            Handle::Process { child, .. } => match child.wait().await {
-                Ok(status) => {
-                    use std::os::unix::process::ExitStatusExt;
-                    Exit {
-                        code: status.code().unwrap_or(128 + status.signal().unwrap_or(9)),
-                        signal: status.signal(),
-                        oom_killed: false,
+            Handle::Process { child, cgroup, .. } => {
+                let mut exit = match child.wait().await {
+                    Ok(status) => {
+                        use std::os::unix::process::ExitStatusExt;
+                        Exit {
+                            code: status.code().unwrap_or(128 + status.signal().unwrap_or(9)),
+                            signal: status.signal(),
+                            oom_killed: false,
+                        }
+                    }
+                    Err(_) => Exit { code: 128, signal: None, oom_killed: false },
+                };
+                if let Some(cg) = cgroup.take() {
+                    // Read the OOM counter while the cgroup exists, then remove it (its last
+                    // processes may still be on their way out).
+                    exit.oom_killed = rkube_oci::cgroup::oom_kills(&cg) > 0;
+                    let removed = tokio::task::spawn_blocking(move || {
+                        rkube_oci::cgroup::remove_when_empty(&cg, Duration::from_secs(5))
+                    })
+                    .await;
+                    if let Ok(Err(e)) = removed {
+                        tracing::warn!("container cgroup left behind: {e}");
                     }
                 }
-                Err(_) => Exit { code: 128, signal: None, oom_killed: false },
-            },
+                exit
+            }
             Handle::Oci { runtime, container } => match runtime.wait(container).await {
                 Ok(e) => Exit { code: e.code, signal: e.signal, oom_killed: e.oom_killed },
                 Err(e) => {
@@ -104,7 +143,8 @@ impl Handle {
     /// What can signal this container once the handle is waited on.
     pub fn killer(&self) -> Option<Killer> {
         match self {
-            Handle::Process { pid, .. } => Some(Killer::Process(*pid)),
+            Handle::Process { pid, cgroup: None, .. } => Some(Killer::Process(*pid)),
+            Handle::Process { pid, cgroup: Some(_), .. } => Some(Killer::Isolated(*pid)),
             Handle::Oci { runtime, container } => {
                 Some(Killer::Oci(Box::new((runtime.clone(), container.clone()))))
             }
@@ -113,12 +153,14 @@ impl Handle {
     }
 }
 
-/// Starts a process container in its own process group; stdout and stderr are appended to
-/// `log_path`, which `kubectl logs` reads through the kubelet.
-pub fn start_process(spec: &ContainerSpec) -> std::io::Result<Handle> {
-    let Some((program, args)) = spec.argv.split_first() else {
+/// Starts a process container in its own process group; stdout and stderr go to `log_path`
+/// (rotated by size), which `kubectl logs` reads through the kubelet. With `isolation`, the
+/// container's cgroup is made with its limits first and the command runs under
+/// `crate::procinit` in its own namespaces.
+pub async fn start_process(spec: &ContainerSpec) -> std::io::Result<Handle> {
+    if spec.argv.is_empty() {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no command"));
-    };
+    }
     std::fs::create_dir_all(&spec.workdir)?;
     if let Some(dir) = spec.log_path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -127,42 +169,110 @@ pub fn start_process(spec: &ContainerSpec) -> std::io::Result<Handle> {
     if spec.log_path.exists() {
         let _ = std::fs::rename(&spec.log_path, spec.log_path.with_extension("log.1"));
     }
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(&spec.log_path)?;
+    let log = rkube_oci::log::RotatingLog::open(
+        &spec.log_path,
+        rkube_oci::log::DEFAULT_MAX_SIZE,
+        rkube_oci::log::DEFAULT_MAX_FILES,
+    )?;
     let log = std::sync::Arc::new(std::sync::Mutex::new(log));
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args)
-        .env_clear()
+    // The init's stdin is a socket: the spec goes in, `ready` comes back.
+    let mut init_socket = None;
+    let mut cmd = match &spec.isolation {
+        None => {
+            let mut cmd = tokio::process::Command::new(&spec.argv[0]);
+            cmd.args(&spec.argv[1..]).stdin(Stdio::null());
+            cmd
+        }
+        Some(iso) => {
+            rkube_oci::cgroup::create(&iso.cgroup, &iso.limits)?;
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+            init_socket = Some(ours);
+            let mut cmd = tokio::process::Command::new(&iso.init[0]);
+            cmd.args(&iso.init[1..])
+                .arg("run")
+                .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)));
+            cmd
+        }
+    };
+    cmd.env_clear()
         .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
         .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .current_dir(&spec.workdir)
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let mut child = cmd.spawn()?;
+    let spawned = cmd.spawn();
+    // Our copy of the init's end of the socket must go, or its death would not be seen.
+    drop(cmd);
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(iso) = &spec.isolation {
+                let _ = rkube_oci::cgroup::remove(&iso.cgroup);
+            }
+            return Err(e);
+        }
+    };
     if let Some(out) = child.stdout.take() {
-        tokio::spawn(copy_lines(out, "stdout", log.clone()));
+        copy_to_log(out.into_owned_fd()?, "stdout", log.clone());
     }
     if let Some(err) = child.stderr.take() {
-        tokio::spawn(copy_lines(err, "stderr", log));
+        copy_to_log(err.into_owned_fd()?, "stderr", log);
+    }
+    if let (Some(iso), Some(socket)) = (&spec.isolation, init_socket) {
+        let init = crate::procinit::InitSpec {
+            argv: spec.argv.clone(),
+            hostname: iso.hostname.clone(),
+            cgroup: Some(iso.cgroup.clone()),
+        };
+        let ready = handshake(socket, serde_json::to_vec(&init).unwrap_or_default()).await;
+        if let Err(e) = ready {
+            let _ = child.kill().await;
+            let cg = iso.cgroup.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                rkube_oci::cgroup::remove_when_empty(&cg, Duration::from_secs(2))
+            })
+            .await;
+            return Err(e);
+        }
     }
     let pid = child.id().map(|p| p as i32).unwrap_or(0);
-    Ok(Handle::Process { child, pid })
+    let cgroup = spec.isolation.as_ref().map(|i| i.cgroup.clone());
+    Ok(Handle::Process { child, pid, cgroup })
 }
 
-/// Writes each line as CRI logs do: `<RFC 3339 nano time> <stream> F <line>`.
-async fn copy_lines<R: tokio::io::AsyncRead + Unpin>(
-    r: R,
-    stream: &'static str,
-    log: std::sync::Arc<std::sync::Mutex<std::fs::File>>,
-) {
-    use std::io::Write;
-    use tokio::io::AsyncBufReadExt;
-    let mut lines = tokio::io::BufReader::new(r).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let ts = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S.%fZ").to_string();
-        let mut f = log.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = writeln!(f, "{ts} {stream} F {line}");
+/// Sends the init its spec and waits until the container's namespaces are set up.
+async fn handshake(socket: std::os::unix::net::UnixStream, spec: Vec<u8>) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    socket.set_nonblocking(true)?;
+    let mut socket = tokio::net::UnixStream::from_std(socket)?;
+    socket.write_all(&spec).await?;
+    socket.shutdown().await?;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), socket.read_to_end(&mut answer));
+    match read.await {
+        Ok(Ok(_)) if answer == b"ready\n" => Ok(()),
+        Ok(Ok(_)) => Err(std::io::Error::other(
+            "the container init failed before the command started (see the container's log)",
+        )),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(std::io::Error::other("the container init did not get ready within 30s")),
     }
+}
+
+/// Copies one output stream into the CRI log on a thread of its own, as the runc shim does.
+fn copy_to_log(
+    fd: std::os::fd::OwnedFd,
+    stream: &'static str,
+    log: std::sync::Arc<std::sync::Mutex<rkube_oci::log::RotatingLog>>,
+) {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    if let Ok(flags) = fcntl(&fd, FcntlArg::F_GETFL) {
+        let blocking = OFlag::from_bits_truncate(flags) & !OFlag::O_NONBLOCK;
+        let _ = fcntl(&fd, FcntlArg::F_SETFL(blocking));
+    }
+    std::thread::spawn(move || {
+        rkube_oci::runc::shim::copy_cri(std::fs::File::from(fd), stream, &log);
+    });
 }

@@ -261,6 +261,19 @@ async fn exec(
             }
         }
     }
+    // An isolated process container runs it inside its namespaces and cgroup.
+    if crate::pods::isolated(&ctx.config) {
+        match crate::pods::read_enter(&dir, &container) {
+            Some(enter) => prefix = enter,
+            None => {
+                return status(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    format!("container {container} is not running in pod {pod}"),
+                );
+            }
+        }
+    }
     ws.protocols(["v5.channel.k8s.io", "v4.channel.k8s.io", "channel.k8s.io"]).on_upgrade(
         move |socket| async move {
             if tty {

@@ -1,7 +1,7 @@
 //! Terminals for `kubectl exec -it`: a pseudo-terminal whose slave becomes the command's
 //! controlling terminal, and window resizes from the client.
 //!
-//! This is the one module of the kubelet that needs `unsafe`: making a terminal the controlling
+//! This module needs `unsafe` (as does `procinit`, which forks): making a terminal the controlling
 //! terminal of a new session (setsid + TIOCSCTTY) must happen between fork and exec, and setting
 //! the window size is an ioctl. Both are single libc calls with no memory handed across.
 #![allow(unsafe_code)]

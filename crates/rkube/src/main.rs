@@ -79,6 +79,10 @@ fn main() -> Result<()> {
     if std::env::args_os().nth(1).is_some_and(|a| a == "runc-shim") {
         std::process::exit(rkube_oci::runc::shim::main(std::env::args_os().skip(2)));
     }
+    // So is the process runtime's container init, which forks and changes namespaces.
+    if std::env::args_os().nth(1).is_some_and(|a| a == rkube_kubelet::procinit::SUBCOMMAND) {
+        std::process::exit(rkube_kubelet::procinit::main(std::env::args_os().skip(2)));
+    }
     let cli = Cli::parse();
     // `rkube up` prints its own reconciliation log; component chatter would drown it.
     let default_level = if matches!(cli.command, Command::Up(_)) { "warn" } else { "info" };

@@ -319,50 +319,7 @@ fn teardown(dir: &Path) -> Result<()> {
     std::fs::remove_dir_all(dir).map_err(io_err(format!("remove {}", dir.display())))
 }
 
-/// Removes a cgroup directory (relative to each hierarchy root) from every mounted hierarchy,
-/// deepest first; empty cgroups can be removed with rmdir only.
+/// Removes a cgroup directory (relative to each hierarchy root) from every mounted hierarchy.
 pub(crate) fn remove_cgroup(rel: &str) -> Result<()> {
-    for root in cgroup_roots() {
-        let path = root.join(rel.trim_start_matches('/'));
-        if !path.exists() {
-            continue;
-        }
-        let mut dirs = vec![path.clone()];
-        let mut i = 0;
-        while i < dirs.len() {
-            if let Ok(rd) = std::fs::read_dir(&dirs[i]) {
-                dirs.extend(
-                    rd.flatten()
-                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                        .map(|e| e.path()),
-                );
-            }
-            i += 1;
-        }
-        for d in dirs.iter().rev() {
-            match std::fs::remove_dir(d) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err(format!("remove cgroup {}", d.display()))(e)),
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Mount points of every cgroup hierarchy (v1 controllers and the v2 unified tree).
-pub(crate) fn cgroup_roots() -> Vec<PathBuf> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut roots: Vec<PathBuf> = mountinfo
-        .lines()
-        .filter_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            let fstype = post.split_whitespace().next()?;
-            let mount_point = pre.split_whitespace().nth(4)?;
-            matches!(fstype, "cgroup" | "cgroup2").then(|| PathBuf::from(mount_point))
-        })
-        .collect();
-    roots.sort();
-    roots.dedup();
-    roots
+    crate::cgroup::remove(rel).map_err(io_err("remove cgroup"))
 }

@@ -83,11 +83,12 @@ fn run(dir: &Path, status: &mut std::io::Stdout) -> Result<()> {
     if let Some(parent) = cfg.log_path.parent() {
         std::fs::create_dir_all(parent).map_err(io_err(format!("create {}", parent.display())))?;
     }
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&cfg.log_path)
-        .map_err(io_err(format!("open log {}", cfg.log_path.display())))?;
+    let log = crate::log::RotatingLog::open(
+        &cfg.log_path,
+        crate::log::DEFAULT_MAX_SIZE,
+        crate::log::DEFAULT_MAX_FILES,
+    )
+    .map_err(io_err(format!("open log {}", cfg.log_path.display())))?;
     let log = Arc::new(Mutex::new(log));
 
     let pid_file = dir.join("init.pid");
@@ -189,7 +190,7 @@ fn run(dir: &Path, status: &mut std::io::Stdout) -> Result<()> {
     let exit = Exit {
         code,
         signal,
-        oom_killed: oom_kills(&cfg.cgroups_path) > 0,
+        oom_killed: crate::cgroup::oom_kills(&cfg.cgroups_path) > 0,
         finished_at: jiff::Timestamp::now().to_string(),
     };
     let json = serde_json::to_vec(&exit)
@@ -223,42 +224,10 @@ fn runc_error(dir: &Path) -> String {
         .unwrap_or_else(|| "failed without a message (see runc.log)".into())
 }
 
-/// OOM kills in the container's memory cgroup: `oom_kill` of memory.oom_control (v1) or
-/// memory.events (v2); 0 when neither can be read.
-pub(crate) fn oom_kills(cgroups_path: &str) -> u64 {
-    let rel = cgroups_path.trim_start_matches('/');
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut files = Vec::new();
-    for l in mountinfo.lines() {
-        let Some((pre, post)) = l.split_once(" - ") else { continue };
-        let mut post = post.split_whitespace();
-        let (Some(fstype), Some(mount_point)) = (post.next(), pre.split_whitespace().nth(4)) else {
-            continue;
-        };
-        let super_opts = post.nth(1).unwrap_or("");
-        let base = Path::new(mount_point).join(rel);
-        if fstype == "cgroup" && super_opts.split(',').any(|o| o == "memory") {
-            files.push(base.join("memory.oom_control"));
-        } else if fstype == "cgroup2" {
-            files.push(base.join("memory.events"));
-        }
-    }
-    files
-        .iter()
-        .filter_map(|f| std::fs::read_to_string(f).ok())
-        .flat_map(|text| {
-            text.lines()
-                .filter_map(|l| l.strip_prefix("oom_kill ")?.trim().parse::<u64>().ok())
-                .collect::<Vec<_>>()
-        })
-        .max()
-        .unwrap_or(0)
-}
-
 fn spawn_copy<R: Read + Send + 'static>(
     r: R,
     stream: &'static str,
-    log: Arc<Mutex<std::fs::File>>,
+    log: Arc<Mutex<crate::log::RotatingLog>>,
     done: std::sync::mpsc::Sender<()>,
 ) {
     std::thread::spawn(move || {
@@ -269,7 +238,7 @@ fn spawn_copy<R: Read + Send + 'static>(
 
 /// Copies a stream into the CRI log: `<RFC 3339 nano time> <stream> <F|P> <line>`, one write per
 /// record so stdout and stderr records never interleave inside a line.
-pub fn copy_cri<R: Read>(r: R, stream: &str, log: &Mutex<std::fs::File>) {
+pub fn copy_cri<R: Read, W: Write>(r: R, stream: &str, log: &Mutex<W>) {
     let mut reader = std::io::BufReader::with_capacity(MAX_LINE, r);
     let mut line = Vec::with_capacity(256);
     loop {

@@ -327,6 +327,10 @@ fn node_runtime(
     root: &std::path::Path,
 ) {
     config.runtime = kind;
+    if let Ok(exe) = std::env::current_exe() {
+        config.process_init =
+            vec![exe.to_string_lossy().into_owned(), rkube_kubelet::procinit::SUBCOMMAND.into()];
+    }
     if kind == rkube_kubelet::RuntimeKind::Oci {
         if let Ok(exe) = std::env::current_exe() {
             config.runc_shim = vec![exe.to_string_lossy().into_owned(), "runc-shim".into()];

@@ -142,6 +142,19 @@ impl Server {
         }
     }
 
+    /// Stops every agent as a service manager would (SIGTERM) and waits for them to exit.
+    pub fn stop_agents(&mut self) {
+        for mut a in self.agents.drain(..) {
+            let _ = Command::new("kill").arg("-TERM").arg(a.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline && a.try_wait().ok().flatten().is_none() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+    }
+
     pub fn agent(&mut self, node: &str, extra: &[&str]) {
         let cmd = self.command(env!("CARGO_BIN_EXE_rkube"));
         self.spawn_agent(cmd, node, extra);
