@@ -526,23 +526,44 @@ fn ns_name<K: kube::Resource>(o: &K) -> (String, String) {
     (o.meta().namespace.clone().unwrap_or_default(), o.meta().name.clone().unwrap_or_default())
 }
 
-/// Runs the scheduler until `shutdown`: leader lease, informers, and the scheduling loop.
+/// Runs the scheduler until `shutdown`: it waits to hold the `kube-system/kube-scheduler`
+/// lease, schedules while it holds it, and when leadership is lost stops scheduling (its cache
+/// is dropped) and waits to lead again.
 pub async fn run_with_client(
     client: Client,
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    rkube_client::lease::lead(
-        client.clone(),
-        "kube-scheduler",
-        &config.identity,
-        config.lease_duration,
-        shutdown.clone(),
-    )
-    .await;
-    if shutdown.is_cancelled() {
-        return Ok(());
+    loop {
+        let lost = rkube_client::lease::lead(
+            client.clone(),
+            "kube-scheduler",
+            &config.identity,
+            config.lease_duration,
+            shutdown.clone(),
+        )
+        .await;
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        let leading = shutdown.child_token();
+        let guard = {
+            let leading = leading.clone();
+            tokio::spawn(async move {
+                lost.cancelled().await;
+                leading.cancel();
+            })
+        };
+        schedule_while(client.clone(), &config, leading).await;
+        guard.abort();
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
     }
+}
+
+/// Informers and the scheduling loop, until `shutdown`.
+async fn schedule_while(client: Client, config: &Config, shutdown: CancellationToken) {
     let cache = Arc::new(Mutex::new(Cache::default()));
     let queue = Arc::new(Queue::new());
     let recorder = Recorder::new(client.clone(), "default-scheduler", None);
@@ -781,7 +802,6 @@ pub async fn run_with_client(
     for t in tasks {
         t.abort();
     }
-    Ok(())
 }
 
 /// The binding cycle, asynchronous as upstream's: the pod is assumed on the node, so the next

@@ -405,3 +405,39 @@ async fn preemption_takes_the_victim_no_disruption_budget_protects() {
     );
     let _ = pods.delete("urgent", &DeleteParams::default()).await;
 }
+
+#[tokio::test]
+async fn only_the_lease_holder_schedules_and_a_lost_lease_stops_scheduling() {
+    let env = start().await;
+    node(&env.client, "n1", cpu("4"), json!({})).await;
+    pod(&env.client, "first", json!({}), json!({})).await;
+    wait("first bound", || async { node_of(&env.client, "first").await }).await;
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(env.client.clone(), "kube-system");
+    let lease = leases.get("kube-scheduler").await.unwrap();
+    let ours = lease.spec.as_ref().and_then(|s| s.holder_identity.clone()).unwrap();
+    // Another scheduler takes the lease (as if ours had missed its renewals): ours must stop.
+    let take = |who: &str| json!({"spec": {"holderIdentity": who, "renewTime": rkube_client::now_micro(), "leaseDurationSeconds": 3}});
+    leases
+        .patch("kube-scheduler", &PatchParams::default(), &Patch::Merge(&take("intruder")))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    pod(&env.client, "second", json!({}), json!({})).await;
+    // The intruder renews for a while; nothing binds the pod meanwhile.
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        leases
+            .patch("kube-scheduler", &PatchParams::default(), &Patch::Merge(&take("intruder")))
+            .await
+            .unwrap();
+        assert!(
+            node_of(&env.client, "second").await.is_none(),
+            "a scheduler without the lease bound a pod"
+        );
+    }
+    // The intruder goes away; once its lease expires ours leads again and schedules.
+    assert_eq!(wait("second bound", || async { node_of(&env.client, "second").await }).await, "n1");
+    let holder = leases.get("kube-scheduler").await.unwrap().spec.and_then(|s| s.holder_identity);
+    assert_eq!(holder.as_deref(), Some(ours.as_str()));
+}
