@@ -66,9 +66,34 @@ pub fn node_allocatable(node: &Node) -> Resources {
     out
 }
 
-/// What one node already carries.
+/// A node's allocatable room: cpu, memory and pods as fields (every cycle reads them for every
+/// node), everything else by name.
+#[derive(Default, Clone, Debug)]
+pub struct Alloc {
+    pub cpu: i128,
+    pub memory: i128,
+    pub pods: i128,
+    pub all: Resources,
+}
+
+impl Alloc {
+    pub fn of(node: &Node) -> Alloc {
+        let all = node_allocatable(node);
+        Alloc {
+            cpu: all.get("cpu").copied().unwrap_or(0),
+            memory: all.get("memory").copied().unwrap_or(0),
+            pods: all.get("pods").copied().unwrap_or(110),
+            all,
+        }
+    }
+}
+
+/// What one node already carries: cpu and memory requests as fields, other resources by name.
 #[derive(Default, Clone, Debug)]
 pub struct NodeUsage {
+    pub cpu: i128,
+    pub memory: i128,
+    /// Requests of resources other than cpu and memory.
     pub requested: Resources,
     pub pods: usize,
     pub host_ports: Vec<(String, i32)>,
@@ -80,7 +105,9 @@ impl NodeUsage {
     }
 
     pub fn add_info(&mut self, pi: &PodInfo) {
-        for (k, v) in &pi.requests {
+        self.cpu += pi.cpu;
+        self.memory += pi.memory;
+        for (k, v) in &pi.other {
             *self.requested.entry(k.clone()).or_default() += v;
         }
         self.pods += 1;
@@ -88,7 +115,9 @@ impl NodeUsage {
     }
 
     pub fn remove_info(&mut self, pi: &PodInfo) {
-        for (k, v) in &pi.requests {
+        self.cpu -= pi.cpu;
+        self.memory -= pi.memory;
+        for (k, v) in &pi.other {
             if let Some(e) = self.requested.get_mut(k) {
                 *e -= v;
             }
@@ -108,14 +137,26 @@ impl NodeUsage {
 pub struct PodInfo {
     pub pod: Arc<Pod>,
     pub requests: Resources,
+    pub cpu: i128,
+    pub memory: i128,
+    /// Requests other than cpu and memory.
+    pub other: Vec<(String, i128)>,
     pub host_ports: Vec<(String, i32)>,
     pub priority: i32,
 }
 
 impl PodInfo {
     pub fn new(pod: Arc<Pod>) -> PodInfo {
+        let requests = pod_requests(&pod);
         PodInfo {
-            requests: pod_requests(&pod),
+            cpu: requests.get("cpu").copied().unwrap_or(0),
+            memory: requests.get("memory").copied().unwrap_or(0),
+            other: requests
+                .iter()
+                .filter(|(k, _)| *k != "cpu" && *k != "memory")
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
+            requests,
             host_ports: host_ports(&pod),
             priority: pod.spec.as_ref().and_then(|s| s.priority).unwrap_or(0),
             pod,
@@ -128,7 +169,7 @@ impl PodInfo {
 #[derive(Debug)]
 pub struct NodeInfo {
     pub node: Arc<Node>,
-    pub alloc: Resources,
+    pub alloc: Alloc,
     pub usage: NodeUsage,
     pub pods: HashMap<String, Arc<PodInfo>>,
 }
@@ -136,7 +177,7 @@ pub struct NodeInfo {
 impl NodeInfo {
     pub fn new(node: Arc<Node>) -> NodeInfo {
         NodeInfo {
-            alloc: node_allocatable(&node),
+            alloc: Alloc::of(&node),
             node,
             usage: NodeUsage::default(),
             pods: HashMap::new(),
@@ -144,7 +185,7 @@ impl NodeInfo {
     }
 
     pub fn set_node(&mut self, node: Arc<Node>) {
-        self.alloc = node_allocatable(&node);
+        self.alloc = Alloc::of(&node);
         self.node = node;
     }
 
@@ -247,7 +288,7 @@ fn term_matches(node: &Node, term: &k8s_openapi::api::core::v1::NodeSelectorTerm
 /// Every filter plugin, in upstream's order; `Ok` when the pod fits the node.
 pub fn filter(pod: &Pod, node: &Node, usage: &NodeUsage) -> Result<(), Refusal> {
     let pi = PodInfo::new(Arc::new(pod.clone()));
-    filter_info(&pi, node, &node_allocatable(node), usage)
+    filter_info(&pi, node, &Alloc::of(node), usage)
 }
 
 /// Whether the node satisfies the pod's nodeSelector and required node affinity.
@@ -270,7 +311,7 @@ pub fn matches_node_affinity(pod: &Pod, node: &Node) -> bool {
 pub fn filter_info(
     pi: &PodInfo,
     node: &Node,
-    alloc: &Resources,
+    alloc: &Alloc,
     usage: &NodeUsage,
 ) -> Result<(), Refusal> {
     let default_spec = k8s_openapi::api::core::v1::PodSpec::default();
@@ -313,16 +354,21 @@ pub fn filter_info(
     }
     // NodeResourcesFit
     let mut reasons = Vec::new();
-    let max_pods = alloc.get("pods").copied().unwrap_or(110);
-    if usage.pods as i128 + 1 > max_pods {
+    if usage.pods as i128 + 1 > alloc.pods {
         reasons.push("Too many pods".to_string());
     }
-    for (res, want) in &pi.requests {
+    if pi.cpu > 0 && usage.cpu + pi.cpu > alloc.cpu {
+        reasons.push("Insufficient cpu".to_string());
+    }
+    if pi.memory > 0 && usage.memory + pi.memory > alloc.memory {
+        reasons.push("Insufficient memory".to_string());
+    }
+    for (res, want) in &pi.other {
         let want = *want;
         if want <= 0 {
             continue;
         }
-        let have = alloc.get(res).copied().unwrap_or(0);
+        let have = alloc.all.get(res).copied().unwrap_or(0);
         let used = usage.requested.get(res).copied().unwrap_or(0);
         if used + want > have {
             reasons.push(format!("Insufficient {res}"));
@@ -338,26 +384,22 @@ pub fn filter_info(
 /// TaintToleration (PreferNoSchedule) and preferred NodeAffinity.
 pub fn score(pod: &Pod, node: &Node, usage: &NodeUsage) -> i64 {
     let pi = PodInfo::new(Arc::new(pod.clone()));
-    score_info(&pi, node, &node_allocatable(node), usage)
+    score_info(&pi, node, &Alloc::of(node), usage)
 }
 
 /// [`score`] on parsed inputs.
-pub fn score_info(pi: &PodInfo, node: &Node, alloc: &Resources, usage: &NodeUsage) -> i64 {
+pub fn score_info(pi: &PodInfo, node: &Node, alloc: &Alloc, usage: &NodeUsage) -> i64 {
     let pod = &*pi.pod;
     // Upstream scores a pod without requests as if it asked for 100m CPU and 200Mi memory.
-    let want = |res: &str, default: i128| match pi.requests.get(res).copied() {
-        Some(v) if v != 0 => v,
-        _ => default,
-    };
-    let frac = |res: &str, req: i128| {
-        let cap = alloc.get(res).copied().unwrap_or(0);
+    let want = |v: i128, default: i128| if v != 0 { v } else { default };
+    let frac = |cap: i128, used: i128, req: i128| {
         if cap <= 0 {
             return 1.0;
         }
-        let used = usage.requested.get(res).copied().unwrap_or(0) + req;
-        (used as f64 / cap as f64).min(1.0)
+        ((used + req) as f64 / cap as f64).min(1.0)
     };
-    let (cpu, mem) = (frac("cpu", want("cpu", 100)), frac("memory", want("memory", 200 << 20)));
+    let cpu = frac(alloc.cpu, usage.cpu, want(pi.cpu, 100));
+    let mem = frac(alloc.memory, usage.memory, want(pi.memory, 200 << 20));
     let least = (((1.0 - cpu) + (1.0 - mem)) / 2.0 * 100.0) as i64;
     let balanced = ((1.0 - (cpu - mem).abs()) * 100.0) as i64;
     let tols: &[Toleration] =
