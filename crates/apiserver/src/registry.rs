@@ -36,6 +36,10 @@ pub struct Registry {
     pub service_cidr: (u32, u8),
     pub node_port_range: (u16, u16),
     alloc_lock: tokio::sync::Mutex<()>,
+    /// Decoded watch objects shared by this registry's watchers. Per registry, never global:
+    /// (key, revision) names an object only within one store, and tests run several API
+    /// servers in one process.
+    watch_objects: Arc<std::sync::Mutex<WatchObjects>>,
 }
 
 /// `group/resource` as upstream names objects in messages: `pods`, `deployments.apps`.
@@ -173,6 +177,7 @@ impl SharedObject {
 }
 
 /// The most recent watch objects by (key, revision), shared between watchers.
+#[derive(Default)]
 struct WatchObjects {
     map: std::collections::HashMap<(String, u64), Arc<SharedObject>>,
     order: std::collections::VecDeque<(String, u64)>,
@@ -184,11 +189,12 @@ struct WatchObjects {
 /// burst, the price the memory figures show).
 const SHARED_WATCH_OBJECTS: usize = 8192;
 
-fn shared_object(key: &str, value: &[u8], rev: Revision) -> Option<Arc<SharedObject>> {
-    static CACHE: std::sync::OnceLock<std::sync::Mutex<WatchObjects>> = std::sync::OnceLock::new();
-    let cache = CACHE.get_or_init(|| {
-        std::sync::Mutex::new(WatchObjects { map: Default::default(), order: Default::default() })
-    });
+fn shared_object(
+    cache: &std::sync::Mutex<WatchObjects>,
+    key: &str,
+    value: &[u8],
+    rev: Revision,
+) -> Option<Arc<SharedObject>> {
     let id = (key.to_string(), rev.0);
     if let Some(o) = cache.lock().unwrap_or_else(|p| p.into_inner()).map.get(&id) {
         return Some(o.clone());
@@ -214,6 +220,7 @@ impl Registry {
             service_cidr: (u32::from(std::net::Ipv4Addr::new(10, 96, 0, 0)), 12),
             node_port_range: (30000, 32767),
             alloc_lock: tokio::sync::Mutex::new(()),
+            watch_objects: Default::default(),
         }
     }
 
@@ -831,10 +838,12 @@ impl Registry {
                 || (p.labels.matches(&o["metadata"]["labels"])
                     && p.fields.matches(r.group, r.plural, o))
         };
+        let cache = self.watch_objects.clone();
         let out = stream.filter_map(move |ev| {
             let res: Option<WatchOut> = match ev {
                 Ok(WatchEvent::Put { kv, prev }) => {
-                    let Some(new) = shared_object(&kv.key, &kv.value, kv.mod_revision) else {
+                    let Some(new) = shared_object(&cache, &kv.key, &kv.value, kv.mod_revision)
+                    else {
                         return futures::future::ready(None);
                     };
                     let now = matches(&new.value);
@@ -856,7 +865,7 @@ impl Registry {
                     }
                 }
                 Ok(WatchEvent::Delete { revision, prev }) => {
-                    match shared_object(&prev.key, &prev.value, revision) {
+                    match shared_object(&cache, &prev.key, &prev.value, revision) {
                         Some(old) if matches(&old.value) => Some(("DELETED", old)),
                         _ => None,
                     }

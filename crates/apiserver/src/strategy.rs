@@ -160,6 +160,14 @@ pub fn prepare_create(r: &ResourceInfo, o: &mut Value, default_toleration_second
             add_default_tolerations(&mut o["spec"], default_toleration_seconds);
             let qos = qos_class(&o["spec"]);
             o["status"] = json!({"phase": "Pending", "qosClass": qos});
+            // A gated pod says why it waits (upstream's applySchedulingGatedCondition).
+            if o["spec"]["schedulingGates"].as_array().is_some_and(|g| !g.is_empty()) {
+                o["status"]["conditions"] = json!([{
+                    "type": "PodScheduled", "status": "False", "reason": "SchedulingGated",
+                    "message": "Scheduling is blocked due to non-empty scheduling gates",
+                    "lastProbeTime": null, "lastTransitionTime": now_rfc3339(),
+                }]);
+            }
         }
         ("", "namespaces") => {
             o["spec"] = json!({"finalizers": ["kubernetes"]});
@@ -397,7 +405,30 @@ pub fn prepare_update(r: &ResourceInfo, new: &mut Value, old: &Value) -> Result<
                 if let Some(m) = spec.as_object_mut() {
                     m.remove("activeDeadlineSeconds");
                     m.remove("tolerations");
+                    m.remove("schedulingGates");
                 }
+            }
+            // Scheduling gates may only be removed, never added.
+            let gates = |v: &Value| -> Vec<String> {
+                v["spec"]["schedulingGates"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|g| g["name"].as_str().map(String::from))
+                    .collect()
+            };
+            let old_gates = gates(old);
+            if let Some(added) = gates(new).into_iter().find(|g| !old_gates.contains(g)) {
+                return Err(Error::invalid(
+                    "Pod",
+                    name,
+                    vec![(
+                        "spec.schedulingGates".into(),
+                        format!(
+                            "Forbidden: only deletion is allowed, but found new scheduling gate '{added}'"
+                        ),
+                    )],
+                ));
             }
             if a != b {
                 return Err(Error::invalid(
@@ -492,5 +523,40 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_gated_pod_says_so_and_its_gates_can_only_be_removed() {
+        let mut o = json!({"metadata": {"name": "p"}, "spec": {"schedulingGates": [{"name": "a"}, {"name": "b"}],
+            "containers": [{"name": "c", "image": "nginx:1.26"}]}});
+        prepare_create(pods(), &mut o, 300);
+        let c = &o["status"]["conditions"][0];
+        assert_eq!(
+            (c["type"].as_str(), c["status"].as_str()),
+            (Some("PodScheduled"), Some("False"))
+        );
+        assert_eq!(c["reason"], "SchedulingGated");
+        assert_eq!(c["message"], "Scheduling is blocked due to non-empty scheduling gates");
+        let mut fewer = o.clone();
+        fewer["spec"]["schedulingGates"] = json!([{"name": "b"}]);
+        prepare_update(pods(), &mut fewer, &o).unwrap();
+        let mut more = o.clone();
+        more["spec"]["schedulingGates"] = json!([{"name": "a"}, {"name": "b"}, {"name": "z"}]);
+        match prepare_update(pods(), &mut more, &o) {
+            Err(Error::Status { code: 422, message, .. }) => {
+                assert!(
+                    message.contains("only deletion is allowed, but found new scheduling gate 'z'"),
+                    "{message}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        // Other spec changes stay forbidden.
+        let mut other = o.clone();
+        other["spec"]["nodeName"] = json!("n1");
+        assert!(prepare_update(pods(), &mut other, &o).is_err());
+        let mut plain = json!({"metadata": {"name": "q"}, "spec": {"containers": [{"name": "c", "image": "nginx:1.26"}]}});
+        prepare_create(pods(), &mut plain, 300);
+        assert!(plain["status"].get("conditions").is_none());
     }
 }

@@ -63,12 +63,14 @@ impl Recorder {
         let message = truncate(message);
         let key = (obj.uid.clone().unwrap_or_default(), reason.to_string(), message.clone());
         let now = crate::now_time();
-        let mut seen = self.seen.lock().await;
-        if let Some((name, _ns, count)) = seen.get(&key).cloned() {
+        // The lock covers only the bookkeeping, never an API call: events about different
+        // objects are written concurrently (the scheduler records one per binding).
+        let known = self.seen.lock().await.get(&key).cloned();
+        if let Some((name, _ns, count)) = known {
             let patch = serde_json::json!({"count": count + 1, "lastTimestamp": now});
             match api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
                 Ok(_) => {
-                    seen.insert(key, (name, ns, count + 1));
+                    self.seen.lock().await.insert(key, (name, ns, count + 1));
                     return Ok(());
                 }
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
@@ -103,6 +105,7 @@ impl Recorder {
             ..Default::default()
         };
         api.create(&PostParams::default(), &ev).await?;
+        let mut seen = self.seen.lock().await;
         if seen.len() > 4096 {
             seen.clear();
         }

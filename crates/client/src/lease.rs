@@ -10,19 +10,23 @@ use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
 
 /// Acquires (waiting while another live holder owns it) and then renews the lease every
-/// `duration / 5` until `shutdown`. Returns once leadership is held; renewal runs in the background.
+/// `duration / 5` until `shutdown`. Returns once leadership is held; renewal runs in the
+/// background. The returned token is cancelled when leadership is lost: another holder took
+/// the lease, or renewals kept failing for two thirds of `duration` (upstream's renew deadline
+/// is 10 s of a 15 s lease) — the leader must stop acting then.
 pub async fn lead(
     client: Client,
     name: &str,
     identity: &str,
     duration: Duration,
     shutdown: CancellationToken,
-) {
+) -> CancellationToken {
+    let lost = CancellationToken::new();
     let api: Api<Lease> = Api::namespaced(client, "kube-system");
     let secs = duration.as_secs().max(1) as i32;
     loop {
         if shutdown.is_cancelled() {
-            return;
+            return lost;
         }
         match try_acquire(&api, name, identity, secs).await {
             Ok(true) => break,
@@ -30,23 +34,39 @@ pub async fn lead(
             Err(e) => tracing::debug!("lease {name}: {e}"),
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return lost,
             _ = tokio::time::sleep(duration / 5) => {}
         }
     }
     let name = name.to_string();
     let identity = identity.to_string();
+    let signal = lost.clone();
     tokio::spawn(async move {
+        let mut renewed = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(duration / 5) => {}
             }
-            if let Err(e) = try_acquire(&api, &name, &identity, secs).await {
-                tracing::debug!("renewing lease {name}: {e}");
+            match try_acquire(&api, &name, &identity, secs).await {
+                Ok(true) => renewed = tokio::time::Instant::now(),
+                Ok(false) => {
+                    tracing::warn!("lease {name}: another holder took it; leadership lost");
+                    signal.cancel();
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!("renewing lease {name}: {e}");
+                    if renewed.elapsed() >= duration * 2 / 3 {
+                        tracing::warn!("lease {name}: not renewed in time; leadership lost");
+                        signal.cancel();
+                        return;
+                    }
+                }
             }
         }
     });
+    lost
 }
 
 async fn try_acquire(

@@ -1,6 +1,6 @@
 //! Plugins that look at other pods: InterPodAffinity (required and preferred affinity and
 //! anti-affinity by topology domain, including existing pods' anti-affinity) and
-//! PodTopologySpread (DoNotSchedule as a filter, ScheduleAnyway in scoring).
+//! PodTopologySpread's DoNotSchedule filter (its scoring is in `spread`).
 
 use std::collections::BTreeMap;
 
@@ -11,9 +11,9 @@ use crate::plugins::Refusal;
 
 /// The pods already placed, with the labels of the node each runs on.
 pub struct Placed<'a> {
-    pub pods: Vec<(&'a Pod, BTreeMap<String, String>)>,
+    pub pods: Vec<(&'a Pod, &'a BTreeMap<String, String>)>,
     /// Every node's labels: a topology domain with no matching pod still counts, at 0.
-    pub nodes: Vec<BTreeMap<String, String>>,
+    pub nodes: Vec<&'a BTreeMap<String, String>>,
 }
 
 fn selector_matches(sel: Option<&LabelSelector>, labels: &BTreeMap<String, String>) -> bool {
@@ -131,7 +131,7 @@ fn domain_counts(
     counts
 }
 
-/// Extra score: preferred (anti-)affinity weights and ScheduleAnyway spreading.
+/// Extra score: preferred (anti-)affinity weights.
 pub fn score(pod: &Pod, node: &Node, placed: &Placed) -> i64 {
     let node_labels = node.metadata.labels.clone().unwrap_or_default();
     let affinity = pod.spec.as_ref().and_then(|s| s.affinity.as_ref());
@@ -160,16 +160,6 @@ pub fn score(pod: &Pod, node: &Node, placed: &Placed) -> i64 {
             score -= w.weight as i64;
         }
     }
-    for c in
-        pod.spec.as_ref().and_then(|s| s.topology_spread_constraints.clone()).unwrap_or_default()
-    {
-        if c.when_unsatisfiable == "ScheduleAnyway"
-            && let Some(d) = node_labels.get(&c.topology_key)
-        {
-            let counts = domain_counts(pod, &c.topology_key, c.label_selector.as_ref(), placed);
-            score -= 10 * counts.get(d).copied().unwrap_or(0) as i64;
-        }
-    }
     score
 }
 
@@ -194,8 +184,8 @@ mod tests {
         let existing = pod("web-1", "web", anti.clone());
         let n1 = node("n1");
         let placed = Placed {
-            pods: vec![(&existing, n1.metadata.labels.clone().unwrap())],
-            nodes: vec![n1.metadata.labels.clone().unwrap()],
+            pods: vec![(&existing, n1.metadata.labels.as_ref().unwrap())],
+            nodes: vec![n1.metadata.labels.as_ref().unwrap()],
         };
         let new = pod("web-2", "web", anti);
         assert_eq!(
@@ -213,10 +203,10 @@ mod tests {
         let other = pod("x", "other", serde_json::json!({}));
         let placed = Placed {
             pods: vec![
-                (&a, n1.metadata.labels.clone().unwrap()),
-                (&other, n2.metadata.labels.clone().unwrap()),
+                (&a, n1.metadata.labels.as_ref().unwrap()),
+                (&other, n2.metadata.labels.as_ref().unwrap()),
             ],
-            nodes: vec![n1.metadata.labels.clone().unwrap(), n2.metadata.labels.clone().unwrap()],
+            nodes: vec![n1.metadata.labels.as_ref().unwrap(), n2.metadata.labels.as_ref().unwrap()],
         };
         let new = pod("b", "web", spread);
         assert!(filter(&new, &n1, &placed).is_err());
@@ -233,10 +223,10 @@ mod tests {
         let (n1, n2) = (node("n1"), node("n2"));
         let placed = Placed {
             pods: vec![
-                (&a, n1.metadata.labels.clone().unwrap()),
-                (&b, n1.metadata.labels.clone().unwrap()),
+                (&a, n1.metadata.labels.as_ref().unwrap()),
+                (&b, n1.metadata.labels.as_ref().unwrap()),
             ],
-            nodes: vec![n1.metadata.labels.clone().unwrap(), n2.metadata.labels.clone().unwrap()],
+            nodes: vec![n1.metadata.labels.as_ref().unwrap(), n2.metadata.labels.as_ref().unwrap()],
         };
         let new = pod("c", "web", spread);
         assert!(filter(&new, &n2, &placed).is_ok());

@@ -4,22 +4,26 @@
 pub mod cli;
 mod interpod;
 pub mod plugins;
+mod preemption;
 mod queue;
+mod spread;
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::apps::v1::{ReplicaSet, StatefulSet};
+use k8s_openapi::api::core::v1::{Node, Pod, ReplicationController, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Api, Client};
 use rkube_client::events::{Recorder, reference};
-use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use plugins::{NodeUsage, Refusal};
+use plugins::{NodeInfo, PodInfo, Refusal};
 use queue::Queue;
 
 #[derive(Debug, thiserror::Error)]
@@ -59,13 +63,29 @@ fn uuid_like() -> String {
     format!("{:x}", jiff::Timestamp::now().as_nanosecond() as u64)
 }
 
-/// The cluster as the scheduler sees it: nodes, pods, and pods it bound but has not yet seen
-/// come back through the watch ("assumed"), so two pods never take the same free room.
+/// The cluster as the scheduler sees it, kept up to date by watches: every node with the pods
+/// counted on it — bound ones, and ones this scheduler assumed onto it while their binding is in
+/// flight, so two pods never take the same free room and nothing waits for a list.
 #[derive(Default)]
 struct Cache {
-    nodes: BTreeMap<String, Node>,
-    pods: HashMap<String, Pod>,
-    assumed: HashMap<String, (String, Pod)>,
+    /// The nodes the watch shows, in a vector every cycle walks without rebuilding it.
+    nodes: Vec<NodeInfo>,
+    node_index: HashMap<String, usize>,
+    /// Pods bound to nodes the watch does not show (yet, or any more), by node.
+    ghosts: HashMap<String, NodeInfo>,
+    pods: HashMap<String, Arc<PodInfo>>,
+    /// Pods assumed onto a node (key → node) until the watch shows them bound.
+    assumed: HashMap<String, (String, Arc<PodInfo>)>,
+    /// Where each pod is counted now.
+    placed_on: HashMap<String, String>,
+    /// Counted pods with required anti-affinity terms (they can refuse incoming pods).
+    anti_affinity: HashSet<String>,
+    /// Unbound pods nominated to a node by preemption (key → node).
+    nominated: HashMap<String, (String, Arc<PodInfo>)>,
+    pdbs: HashMap<String, Arc<PodDisruptionBudget>>,
+    owners: spread::Owners,
+    /// Where the next cycle starts looking (upstream's nextStartNodeIndex).
+    next_start: usize,
 }
 
 fn key(p: &Pod) -> String {
@@ -80,75 +100,537 @@ fn is_terminal(p: &Pod) -> bool {
     matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
 }
 
+fn bound_node(p: &Pod) -> Option<&str> {
+    p.spec.as_ref().and_then(|s| s.node_name.as_deref()).filter(|n| !n.is_empty())
+}
+
+fn has_required_anti_affinity(p: &Pod) -> bool {
+    p.spec
+        .as_ref()
+        .and_then(|s| s.affinity.as_ref())
+        .and_then(|a| a.pod_anti_affinity.as_ref())
+        .and_then(|a| a.required_during_scheduling_ignored_during_execution.as_ref())
+        .is_some_and(|t| !t.is_empty())
+}
+
+/// Whether a node change could make an unschedulable pod fit (upstream ignores heartbeats).
+fn node_change_matters(old: &Node, new: &Node) -> bool {
+    old.metadata.labels != new.metadata.labels
+        || old.spec != new.spec
+        || old.status.as_ref().map(|s| (&s.allocatable, &s.capacity))
+            != new.status.as_ref().map(|s| (&s.allocatable, &s.capacity))
+}
+
 impl Cache {
-    fn usage(&self) -> HashMap<String, NodeUsage> {
-        let mut out: HashMap<String, NodeUsage> = HashMap::new();
-        for p in self.pods.values() {
-            if is_terminal(p) {
-                continue;
+    /// Re-counts pod `k` on the node it belongs to now.
+    fn place(&mut self, k: &str) {
+        if let Some(n) = self.placed_on.remove(k) {
+            if let Some(&i) = self.node_index.get(&n) {
+                self.nodes[i].remove(k);
+            } else if let Some(g) = self.ghosts.get_mut(&n) {
+                g.remove(k);
+                if g.pods.is_empty() {
+                    self.ghosts.remove(&n);
+                }
             }
-            if let Some(n) =
-                p.spec.as_ref().and_then(|s| s.node_name.clone()).filter(|n| !n.is_empty())
+        }
+        self.anti_affinity.remove(k);
+        let target = match self.pods.get(k) {
+            Some(pi) if bound_node(&pi.pod).is_some() => (!is_terminal(&pi.pod))
+                .then(|| (bound_node(&pi.pod).unwrap_or("").to_string(), pi.clone())),
+            _ => self.assumed.get(k).map(|(n, pi)| (n.clone(), pi.clone())),
+        };
+        if let Some((n, pi)) = target {
+            if has_required_anti_affinity(&pi.pod) {
+                self.anti_affinity.insert(k.to_string());
+            }
+            match self.node_index.get(&n) {
+                Some(&i) => self.nodes[i].add(k, pi),
+                None => self
+                    .ghosts
+                    .entry(n.clone())
+                    .or_insert_with(|| {
+                        NodeInfo::new(Arc::new(Node {
+                            metadata: kube::api::ObjectMeta {
+                                name: Some(n.clone()),
+                                ..Default::default()
+                            },
+                            ..Default::default()
+                        }))
+                    })
+                    .add(k, pi),
+            }
+            self.placed_on.insert(k.to_string(), n);
+        }
+    }
+
+    fn apply_pod(&mut self, p: Pod) -> (String, Arc<PodInfo>, Option<Arc<PodInfo>>) {
+        let k = key(&p);
+        let pi = Arc::new(PodInfo::new(Arc::new(p)));
+        let bound = bound_node(&pi.pod).is_some();
+        if bound {
+            self.assumed.remove(&k);
+            self.nominated.remove(&k);
+        } else {
+            match pi
+                .pod
+                .status
+                .as_ref()
+                .and_then(|s| s.nominated_node_name.clone())
+                .filter(|n| !n.is_empty())
             {
-                out.entry(n).or_default().add(p);
+                Some(n) => {
+                    self.nominated.insert(k.clone(), (n, pi.clone()));
+                }
+                None => {
+                    self.nominated.remove(&k);
+                }
             }
         }
-        for (k, (node, p)) in &self.assumed {
-            let seen_bound = self
-                .pods
-                .get(k)
-                .is_some_and(|x| x.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some());
-            if !seen_bound {
-                out.entry(node.clone()).or_default().add(p);
-            }
+        let old = self.pods.insert(k.clone(), pi.clone());
+        self.place(&k);
+        (k, pi, old)
+    }
+
+    fn delete_pod(&mut self, k: &str) {
+        self.pods.remove(k);
+        self.assumed.remove(k);
+        self.nominated.remove(k);
+        self.place(k);
+    }
+
+    /// Returns whether the change could help unschedulable pods.
+    fn apply_node(&mut self, n: Node) -> bool {
+        let name = n.metadata.name.clone().unwrap_or_default();
+        let n = Arc::new(n);
+        if let Some(&i) = self.node_index.get(&name) {
+            let matters = node_change_matters(&self.nodes[i].node, &n);
+            self.nodes[i].set_node(n);
+            return matters;
         }
-        out
+        let info = match self.ghosts.remove(&name) {
+            Some(mut g) => {
+                g.set_node(n);
+                g
+            }
+            None => NodeInfo::new(n),
+        };
+        self.node_index.insert(name, self.nodes.len());
+        self.nodes.push(info);
+        true
+    }
+
+    fn delete_node(&mut self, name: &str) {
+        let Some(i) = self.node_index.remove(name) else { return };
+        let info = self.nodes.swap_remove(i);
+        if let Some(moved) = self.nodes.get(i) {
+            self.node_index.insert(moved.name().to_string(), i);
+        }
+        if !info.pods.is_empty() {
+            self.ghosts.insert(name.to_string(), info);
+        }
     }
 }
 
-/// Runs the scheduler until `shutdown`: leader lease, informers, and the scheduling loop.
+/// Upstream's adaptive percentageOfNodesToScore: every node below 100; above, 50% less 1% per
+/// 125 nodes, at least 5% and at least 100 nodes.
+pub fn num_feasible_nodes_to_find(all: usize) -> usize {
+    if all < 100 {
+        return all;
+    }
+    let pct = 50usize.saturating_sub(all / 125).max(5);
+    (all * pct / 100).max(100)
+}
+
+static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
+
+fn labels_of(ni: &NodeInfo) -> &BTreeMap<String, String> {
+    ni.node.metadata.labels.as_ref().unwrap_or(&NO_LABELS)
+}
+
+/// What one scheduling cycle decided.
+enum Decision {
+    /// Gone, bound or being deleted meanwhile: nothing to do.
+    Skip,
+    /// Assumed onto `node`; bind it.
+    Bind { pod: Arc<Pod>, node: String },
+    /// No node fits. `preempt`: victims to evict and the node to nominate.
+    Unschedulable {
+        pod: Arc<Pod>,
+        message: String,
+        preempt: Option<preemption::Candidate>,
+        clear_nomination: bool,
+    },
+}
+
+/// Filter results of one pass: feasible nodes (in the order looked at) and refusals.
+type Filtered<'a> = (Vec<&'a NodeInfo>, Vec<(&'a NodeInfo, Refusal)>, usize);
+
+/// Runs `check` on nodes from `start` round the list until `want` fit or all were looked at,
+/// on up to `workers` threads (upstream's parallel findNodesThatPassFilters).
+fn find_feasible<'a, F>(
+    nodes: &[&'a NodeInfo],
+    start: usize,
+    want: usize,
+    workers: usize,
+    check: F,
+) -> Filtered<'a>
+where
+    F: Fn(&NodeInfo) -> Result<(), Refusal> + Sync,
+{
+    let n = nodes.len();
+    let found = AtomicUsize::new(0);
+    let next = AtomicUsize::new(0);
+    const CHUNK: usize = 32;
+    let work = || {
+        let mut ok: Vec<(usize, &'a NodeInfo)> = Vec::new();
+        let mut refused: Vec<(usize, &'a NodeInfo, Refusal)> = Vec::new();
+        loop {
+            if found.load(AtomicOrdering::Relaxed) >= want {
+                break;
+            }
+            let from = next.fetch_add(CHUNK, AtomicOrdering::Relaxed);
+            if from >= n {
+                break;
+            }
+            for i in from..(from + CHUNK).min(n) {
+                let ni = nodes[(start + i) % n];
+                match check(ni) {
+                    Ok(()) => {
+                        ok.push((i, ni));
+                        found.fetch_add(1, AtomicOrdering::Relaxed);
+                    }
+                    Err(r) => refused.push((i, ni, r)),
+                }
+            }
+        }
+        (ok, refused)
+    };
+    let parts: Vec<_> = if workers > 1 && n >= 4 * CHUNK {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (1..workers).map(|_| s.spawn(work)).collect();
+            let mut parts = vec![work()];
+            parts.extend(handles.into_iter().filter_map(|h| h.join().ok()));
+            parts
+        })
+    } else {
+        vec![work()]
+    };
+    let mut ok = Vec::new();
+    let mut refused = Vec::new();
+    for (o, r) in parts {
+        ok.extend(o);
+        refused.extend(r);
+    }
+    ok.sort_by_key(|(i, _)| *i);
+    ok.truncate(want);
+    // Nodes looked at: up to the last feasible one kept, or all of them.
+    let processed = if ok.len() >= want && want > 0 { ok[ok.len() - 1].0 + 1 } else { n };
+    refused.sort_by_key(|(i, _, _)| *i);
+    let refusals = refused.into_iter().filter(|(i, _, _)| *i < processed).map(|(_, ni, r)| (ni, r));
+    (ok.into_iter().map(|(_, ni)| ni).collect(), refusals.collect(), processed)
+}
+
+/// Threads for one cycle's filters. Resource and taint filters cost well under a microsecond
+/// a node: spawning threads costs more than it saves (5,000 nodes: 108 µs a cycle serial, 274
+/// µs on two threads), so only the pods whose filters look at other pods (affinity,
+/// anti-affinity, spread constraints) — or every node, when existing pods carry anti-affinity —
+/// are filtered in parallel.
+fn workers(expensive: bool) -> usize {
+    if !expensive {
+        return 1;
+    }
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(16)
+}
+
+/// One scheduling cycle on the cache (synchronous, under the cache lock): filter, score,
+/// assume — or explain the refusal and pick preemption victims.
+fn decide(c: &mut Cache, k: &str) -> Decision {
+    let Some(pi) = c.pods.get(k).cloned() else { return Decision::Skip };
+    if bound_node(&pi.pod).is_some()
+        || pi.pod.metadata.deletion_timestamp.is_some()
+        || c.assumed.contains_key(k)
+    {
+        return Decision::Skip;
+    }
+    let nodes: Vec<&NodeInfo> = c.nodes.iter().collect();
+    let spec = pi.pod.spec.as_ref();
+    let own_terms = spec
+        .and_then(|s| s.affinity.as_ref())
+        .is_some_and(|a| a.pod_affinity.is_some() || a.pod_anti_affinity.is_some())
+        || spec
+            .and_then(|s| s.topology_spread_constraints.as_ref())
+            .is_some_and(|t| t.iter().any(|c| c.when_unsatisfiable == "DoNotSchedule"));
+    let needs_others = own_terms || !c.anti_affinity.is_empty();
+    let placed = if needs_others {
+        let mut pods = Vec::new();
+        for ni in &nodes {
+            let nl = labels_of(ni);
+            for (pk, p) in &ni.pods {
+                if own_terms || c.anti_affinity.contains(pk) {
+                    pods.push((&*p.pod, nl));
+                }
+            }
+        }
+        interpod::Placed { pods, nodes: nodes.iter().map(|ni| labels_of(ni)).collect() }
+    } else {
+        interpod::Placed { pods: Vec::new(), nodes: Vec::new() }
+    };
+    let mut nominated_by_node: HashMap<&str, Vec<Arc<PodInfo>>> = HashMap::new();
+    for (pk, (n, p)) in &c.nominated {
+        if p.priority >= pi.priority && pk != k {
+            nominated_by_node.entry(n.as_str()).or_default().push(p.clone());
+        }
+    }
+    let check = |ni: &NodeInfo| -> Result<(), Refusal> {
+        let extra = nominated_by_node.get(ni.name());
+        let res = match extra {
+            None => plugins::filter_info(&pi, &ni.node, &ni.alloc, &ni.usage),
+            Some(extra) => {
+                let mut u = ni.usage.clone();
+                for p in extra {
+                    u.add_info(p);
+                }
+                plugins::filter_info(&pi, &ni.node, &ni.alloc, &u)
+            }
+        };
+        res.and_then(|()| {
+            if needs_others { interpod::filter(&pi.pod, &ni.node, &placed) } else { Ok(()) }
+        })
+    };
+    // A pod nominated by an earlier preemption tries its nominated node first.
+    let nominated_node = pi
+        .pod
+        .status
+        .as_ref()
+        .and_then(|s| s.nominated_node_name.as_deref())
+        .filter(|n| !n.is_empty());
+    let mut chosen: Option<String> = nominated_node
+        .and_then(|n| nodes.iter().find(|ni| ni.name() == n))
+        .filter(|ni| check(ni).is_ok())
+        .map(|ni| ni.name().to_string());
+    let mut refusals = Vec::new();
+    if chosen.is_none() && !nodes.is_empty() {
+        let want = num_feasible_nodes_to_find(nodes.len());
+        let start = c.next_start % nodes.len();
+        let (feasible, refused, processed) =
+            find_feasible(&nodes, start, want, workers(needs_others), check);
+        c.next_start = (start + processed) % nodes.len();
+        refusals = refused;
+        chosen = pick_best(c, &pi, &nodes, &feasible, needs_others.then_some(&placed));
+    }
+    if let Some(node) = chosen {
+        drop(placed);
+        c.assumed.insert(k.to_string(), (node.clone(), pi.clone()));
+        c.place(k);
+        return Decision::Bind { pod: pi.pod.clone(), node };
+    }
+    let all_refusals: Vec<Refusal> = refusals.iter().map(|(_, r)| r.clone()).collect();
+    let fit = plugins::fit_error(nodes.len(), &all_refusals);
+    if nodes.is_empty() {
+        return Decision::Unschedulable {
+            pod: pi.pod.clone(),
+            message: fit,
+            preempt: None,
+            clear_nomination: false,
+        };
+    }
+    let pdbs: Vec<Arc<PodDisruptionBudget>> = c.pdbs.values().cloned().collect();
+    let outcome = preemption::preempt(&pi, &nodes, &refusals, &pdbs, &|n| {
+        nominated_by_node.get(n).cloned().unwrap_or_default()
+    });
+    drop(placed);
+    match outcome {
+        preemption::Outcome::Nominate(cand) => {
+            c.nominated.insert(k.to_string(), (cand.node.clone(), pi.clone()));
+            Decision::Unschedulable {
+                pod: pi.pod.clone(),
+                message: fit,
+                preempt: Some(cand),
+                clear_nomination: false,
+            }
+        }
+        preemption::Outcome::Fail(msg) => Decision::Unschedulable {
+            pod: pi.pod.clone(),
+            message: format!("{fit} {msg}"),
+            preempt: None,
+            clear_nomination: nominated_node.is_some(),
+        },
+    }
+}
+
+/// Scores the feasible nodes and picks one of the best at random (upstream's selectHost).
+fn pick_best(
+    c: &Cache,
+    pi: &PodInfo,
+    all: &[&NodeInfo],
+    feasible: &[&NodeInfo],
+    placed: Option<&interpod::Placed>,
+) -> Option<String> {
+    match feasible {
+        [] => return None,
+        [one] => return Some(one.name().to_string()),
+        _ => {}
+    }
+    let (constraints, system) = spread::constraints(&pi.pod, &c.owners);
+    let spreader = spread::Scorer::new(&pi.pod, constraints, system, feasible, all);
+    let mut spread_scores: Vec<i64> = Vec::new();
+    if let Some(s) = &spreader {
+        spread_scores = feasible.iter().map(|ni| s.score(ni)).collect();
+        let names: Vec<&str> = feasible.iter().map(|ni| ni.name()).collect();
+        s.normalize(&names, &mut spread_scores);
+    }
+    let mut best = i64::MIN;
+    let mut top: Vec<&NodeInfo> = Vec::new();
+    for (i, ni) in feasible.iter().enumerate() {
+        let mut score = plugins::score_info(pi, &ni.node, &ni.alloc, &ni.usage);
+        if let Some(p) = placed {
+            score += interpod::score(&pi.pod, &ni.node, p);
+        }
+        // PodTopologySpread, weight 2.
+        score += 2 * spread_scores.get(i).copied().unwrap_or(0);
+        match score.cmp(&best) {
+            std::cmp::Ordering::Greater => {
+                best = score;
+                top.clear();
+                top.push(ni);
+            }
+            std::cmp::Ordering::Equal => top.push(ni),
+            std::cmp::Ordering::Less => {}
+        }
+    }
+    Some(top[rand::random_range(0..top.len())].name().to_string())
+}
+
+/// Runs a watch on `api` into the cache with `apply` (object, present?) and `reset` on re-list.
+fn watch_into<K>(
+    api: Api<K>,
+    cache: Arc<Mutex<Cache>>,
+    stop: CancellationToken,
+    apply: fn(&mut Cache, K, bool),
+    reset: fn(&mut Cache),
+) -> tokio::task::JoinHandle<()>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + 'static,
+{
+    tokio::spawn(async move {
+        let mut s = watcher(api, watcher::Config::default()).boxed();
+        loop {
+            let ev = tokio::select! { _ = stop.cancelled() => return, e = s.next() => e };
+            match ev {
+                Some(Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o))) => {
+                    apply(&mut lock(&cache), o, true)
+                }
+                Some(Ok(watcher::Event::Delete(o))) => apply(&mut lock(&cache), o, false),
+                Some(Ok(watcher::Event::Init)) => reset(&mut lock(&cache)),
+                Some(Ok(watcher::Event::InitDone)) => {}
+                Some(Err(e)) => {
+                    tracing::debug!("{} watch: {e}", K::plural(&()));
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                None => return,
+            }
+        }
+    })
+}
+
+fn lock(c: &Mutex<Cache>) -> std::sync::MutexGuard<'_, Cache> {
+    c.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn ns_name<K: kube::Resource>(o: &K) -> (String, String) {
+    (o.meta().namespace.clone().unwrap_or_default(), o.meta().name.clone().unwrap_or_default())
+}
+
+/// Runs the scheduler until `shutdown`: it waits to hold the `kube-system/kube-scheduler`
+/// lease, schedules while it holds it, and when leadership is lost stops scheduling (its cache
+/// is dropped) and waits to lead again.
 pub async fn run_with_client(
     client: Client,
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    rkube_client::lease::lead(
-        client.clone(),
-        "kube-scheduler",
-        &config.identity,
-        config.lease_duration,
-        shutdown.clone(),
-    )
-    .await;
-    if shutdown.is_cancelled() {
-        return Ok(());
+    loop {
+        let lost = rkube_client::lease::lead(
+            client.clone(),
+            "kube-scheduler",
+            &config.identity,
+            config.lease_duration,
+            shutdown.clone(),
+        )
+        .await;
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        let leading = shutdown.child_token();
+        let guard = {
+            let leading = leading.clone();
+            tokio::spawn(async move {
+                lost.cancelled().await;
+                leading.cancel();
+            })
+        };
+        schedule_while(client.clone(), &config, leading).await;
+        guard.abort();
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
     }
+}
+
+/// Informers and the scheduling loop, until `shutdown`.
+async fn schedule_while(client: Client, config: &Config, shutdown: CancellationToken) {
     let cache = Arc::new(Mutex::new(Cache::default()));
     let queue = Arc::new(Queue::new());
+    let binds = Arc::new(tokio::sync::Semaphore::new(BINDS_IN_FLIGHT));
     let recorder = Recorder::new(client.clone(), "default-scheduler", None);
 
     let nodes: Api<Node> = Api::all(client.clone());
     let pods: Api<Pod> = Api::all(client.clone());
-    let node_task = {
+    let mut tasks = Vec::new();
+    tasks.push({
         let (cache, queue, stop) = (cache.clone(), queue.clone(), shutdown.clone());
         tokio::spawn(async move {
             let mut s = watcher(nodes, watcher::Config::default()).boxed();
+            let mut listed: Option<HashSet<String>> = None;
             loop {
                 let ev = tokio::select! { _ = stop.cancelled() => return, e = s.next() => e };
                 match ev {
-                    Some(Ok(watcher::Event::Apply(n) | watcher::Event::InitApply(n))) => {
-                        cache
-                            .lock()
-                            .await
-                            .nodes
-                            .insert(n.metadata.name.clone().unwrap_or_default(), n);
-                        queue.move_all_to_active().await;
+                    Some(Ok(watcher::Event::Apply(n))) => {
+                        if lock(&cache).apply_node(n) {
+                            queue.move_all_to_active().await;
+                        }
+                    }
+                    Some(Ok(watcher::Event::InitApply(n))) => {
+                        if let Some(l) = listed.as_mut() {
+                            l.insert(n.metadata.name.clone().unwrap_or_default());
+                        }
+                        lock(&cache).apply_node(n);
                     }
                     Some(Ok(watcher::Event::Delete(n))) => {
-                        cache.lock().await.nodes.remove(n.metadata.name.as_deref().unwrap_or(""));
+                        lock(&cache).delete_node(n.metadata.name.as_deref().unwrap_or(""));
                     }
-                    Some(Ok(watcher::Event::Init)) => cache.lock().await.nodes.clear(),
-                    Some(Ok(watcher::Event::InitDone)) => queue.move_all_to_active().await,
+                    Some(Ok(watcher::Event::Init)) => listed = Some(HashSet::new()),
+                    Some(Ok(watcher::Event::InitDone)) => {
+                        if let Some(l) = listed.take() {
+                            let mut c = lock(&cache);
+                            let gone: Vec<String> = c
+                                .nodes
+                                .iter()
+                                .map(|ni| ni.name().to_string())
+                                .filter(|n| !l.contains(n))
+                                .collect();
+                            for n in gone {
+                                c.delete_node(&n);
+                            }
+                        }
+                        queue.move_all_to_active().await;
+                    }
                     Some(Err(e)) => {
                         tracing::debug!("node watch: {e}");
                         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -157,62 +639,81 @@ pub async fn run_with_client(
                 }
             }
         })
-    };
-    let pod_task = {
+    });
+    tasks.push({
         let (cache, queue, stop, name) =
             (cache.clone(), queue.clone(), shutdown.clone(), config.scheduler_name.clone());
         tokio::spawn(async move {
             let mut s = watcher(pods, watcher::Config::default()).boxed();
+            let mut listed: Option<HashSet<String>> = None;
             loop {
                 let ev = tokio::select! { _ = stop.cancelled() => return, e = s.next() => e };
                 match ev {
                     Some(Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p))) => {
-                        let k = key(&p);
-                        let unbound = p
-                            .spec
-                            .as_ref()
-                            .is_some_and(|s| s.node_name.as_deref().is_none_or(str::is_empty));
+                        let (k, pi, old) = lock(&cache).apply_pod(p);
+                        if let Some(l) = listed.as_mut() {
+                            l.insert(k.clone());
+                        }
+                        let p = &pi.pod;
+                        let unbound = bound_node(p).is_none();
                         let ours = p
                             .spec
                             .as_ref()
                             .and_then(|s| s.scheduler_name.as_deref())
                             .unwrap_or("default-scheduler")
                             == name;
+                        // SchedulingGates (PreEnqueue): a gated pod waits outside the queue.
                         let gated = p
                             .spec
                             .as_ref()
                             .and_then(|s| s.scheduling_gates.as_ref())
                             .is_some_and(|g| !g.is_empty());
-                        let deleting = p.metadata.deletion_timestamp.is_some();
-                        let was_terminal =
-                            { cache.lock().await.pods.get(&k).is_some_and(is_terminal) };
+                        if unbound
+                            && ours
+                            && !gated
+                            && p.metadata.deletion_timestamp.is_none()
+                            && !is_terminal(p)
                         {
-                            let mut c = cache.lock().await;
-                            if !unbound {
-                                c.assumed.remove(&k);
-                            }
-                            c.pods.insert(k.clone(), p.clone());
+                            queue.add(p).await;
+                        } else if !unbound || gated {
+                            queue.forget(&k).await;
                         }
-                        if unbound && ours && !gated && !deleting && !is_terminal(&p) {
-                            queue.add(&p).await;
-                        }
-                        if is_terminal(&p) && !was_terminal {
+                        let was_terminal = old.as_ref().is_some_and(|o| is_terminal(&o.pod));
+                        if is_terminal(p) && !was_terminal && !unbound {
                             queue.move_all_to_active().await;
                         }
                     }
                     Some(Ok(watcher::Event::Delete(p))) => {
                         let k = key(&p);
-                        {
-                            let mut c = cache.lock().await;
-                            c.pods.remove(&k);
-                            c.assumed.remove(&k);
-                        }
+                        let was_placed = {
+                            let mut c = lock(&cache);
+                            let placed = c.placed_on.contains_key(&k);
+                            c.delete_pod(&k);
+                            placed
+                        };
                         queue.forget(&k).await;
-                        // A pod that leaves frees room: unschedulable pods get another chance.
-                        queue.move_all_to_active().await;
+                        // A pod that leaves a node frees room: unschedulable pods get a chance.
+                        if was_placed {
+                            queue.move_all_to_active().await;
+                        }
                     }
-                    Some(Ok(watcher::Event::Init)) => cache.lock().await.pods.clear(),
-                    Some(Ok(watcher::Event::InitDone)) => {}
+                    Some(Ok(watcher::Event::Init)) => listed = Some(HashSet::new()),
+                    Some(Ok(watcher::Event::InitDone)) => {
+                        if let Some(l) = listed.take() {
+                            let gone: Vec<String> = {
+                                let mut c = lock(&cache);
+                                let gone: Vec<String> =
+                                    c.pods.keys().filter(|k| !l.contains(*k)).cloned().collect();
+                                for k in &gone {
+                                    c.delete_pod(k);
+                                }
+                                gone
+                            };
+                            for k in gone {
+                                queue.forget(&k).await;
+                            }
+                        }
+                    }
                     Some(Err(e)) => {
                         tracing::debug!("pod watch: {e}");
                         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -221,7 +722,79 @@ pub async fn run_with_client(
                 }
             }
         })
-    };
+    });
+    tasks.push(watch_into(
+        Api::<PodDisruptionBudget>::all(client.clone()),
+        cache.clone(),
+        shutdown.clone(),
+        |c, o, present| {
+            let (ns, n) = ns_name(&o);
+            let k = format!("{ns}/{n}");
+            if present {
+                c.pdbs.insert(k, Arc::new(o));
+            } else {
+                c.pdbs.remove(&k);
+            }
+        },
+        |c| c.pdbs.clear(),
+    ));
+    tasks.push(watch_into(
+        Api::<Service>::all(client.clone()),
+        cache.clone(),
+        shutdown.clone(),
+        |c, o, present| {
+            let (ns, n) = ns_name(&o);
+            let m = c.owners.services.entry(ns).or_default();
+            // A Service without a selector selects no pod for spreading.
+            match o.spec.and_then(|s| s.selector).filter(|s| !s.is_empty()) {
+                Some(sel) if present => m.insert(n, sel),
+                _ => m.remove(&n),
+            };
+        },
+        |c| c.owners.services.clear(),
+    ));
+    tasks.push(watch_into(
+        Api::<ReplicationController>::all(client.clone()),
+        cache.clone(),
+        shutdown.clone(),
+        |c, o, present| {
+            let (ns, n) = ns_name(&o);
+            let m = c.owners.replication_controllers.entry(ns).or_default();
+            match o.spec.and_then(|s| s.selector) {
+                Some(sel) if present => m.insert(n, sel),
+                _ => m.remove(&n),
+            };
+        },
+        |c| c.owners.replication_controllers.clear(),
+    ));
+    tasks.push(watch_into(
+        Api::<ReplicaSet>::all(client.clone()),
+        cache.clone(),
+        shutdown.clone(),
+        |c, o, present| {
+            let (ns, n) = ns_name(&o);
+            let m = c.owners.replica_sets.entry(ns).or_default();
+            match o.spec.map(|s| s.selector) {
+                Some(sel) if present => m.insert(n, sel),
+                _ => m.remove(&n),
+            };
+        },
+        |c| c.owners.replica_sets.clear(),
+    ));
+    tasks.push(watch_into(
+        Api::<StatefulSet>::all(client.clone()),
+        cache.clone(),
+        shutdown.clone(),
+        |c, o, present| {
+            let (ns, n) = ns_name(&o);
+            let m = c.owners.stateful_sets.entry(ns).or_default();
+            match o.spec.map(|s| s.selector) {
+                Some(sel) if present => m.insert(n, sel),
+                _ => m.remove(&n),
+            };
+        },
+        |c| c.owners.stateful_sets.clear(),
+    ));
 
     loop {
         let next = tokio::select! {
@@ -229,272 +802,239 @@ pub async fn run_with_client(
             k = queue.pop() => k,
         };
         let Some(k) = next else { continue };
-        let pod = { cache.lock().await.pods.get(&k).cloned() };
-        let Some(pod) = pod else { continue };
-        let still_pending =
-            pod.spec.as_ref().is_some_and(|s| s.node_name.as_deref().is_none_or(str::is_empty))
-                && pod.metadata.deletion_timestamp.is_none();
-        if !still_pending {
-            queue.forget(&k).await;
-            continue;
-        }
         let seq = queue.move_seq().await;
-        match schedule_one(&client, &cache, &recorder, &pod, &queue).await {
-            Ok(true) => queue.forget(&k).await,
-            Ok(false) => queue.unschedulable(&k, seq).await,
-            Err(e) => {
-                tracing::debug!("scheduling {k}: {e}");
-                queue.backoff(&k).await;
+        let decision = decide(&mut lock(&cache), &k);
+        match decision {
+            Decision::Skip => queue.forget(&k).await,
+            Decision::Bind { pod, node } => {
+                queue.forget(&k).await;
+                spawn_bind(&client, &cache, &recorder, &queue, &binds, pod, node);
+            }
+            Decision::Unschedulable { pod, message, preempt, clear_nomination } => {
+                queue.unschedulable(&k, seq).await;
+                let (client, recorder) = (client.clone(), recorder.clone());
+                // Status updates and evictions run beside the next cycles, as upstream's.
+                tokio::spawn(async move {
+                    report_failure(&client, &recorder, &pod, &message, preempt, clear_nomination)
+                        .await
+                });
             }
         }
     }
-    node_task.abort();
-    pod_task.abort();
-    Ok(())
+    for t in tasks {
+        t.abort();
+    }
 }
 
-/// One scheduling cycle; `Ok(true)` when bound, `Ok(false)` when no node fits.
-async fn schedule_one(
+/// Bindings (with their Scheduled events) in flight at once. Without a bound a burst of
+/// thousands of pods opened as many HTTPS connections (kube-rs speaks HTTP/1.1 here, one request
+/// per connection at a time), each with its own TLS handshake in the API server.
+const BINDS_IN_FLIGHT: usize = 64;
+
+/// The binding cycle, asynchronous as upstream's: the pod is assumed on the node, so the next
+/// cycles already count it; a failed bind forgets it and sends the pod back through back-off.
+fn spawn_bind(
     client: &Client,
     cache: &Arc<Mutex<Cache>>,
     recorder: &Recorder,
-    pod: &Pod,
     queue: &Arc<Queue>,
-) -> Result<bool> {
+    binds: &Arc<tokio::sync::Semaphore>,
+    pod: Arc<Pod>,
+    node: String,
+) {
+    let (client, cache, recorder, queue, binds) =
+        (client.clone(), cache.clone(), recorder.clone(), queue.clone(), binds.clone());
+    tokio::spawn(async move {
+        let _permit = binds.acquire_owned().await;
+        let ns = pod.metadata.namespace.clone().unwrap_or_default();
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let api: Api<Pod> = Api::namespaced(client, &ns);
+        let binding = serde_json::json!({
+            "apiVersion": "v1", "kind": "Binding",
+            "metadata": {"name": name, "namespace": ns, "uid": pod.metadata.uid},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+        });
+        match api
+            .create_subresource::<serde_json::Value, serde_json::Value>(
+                "binding",
+                &name,
+                &PostParams::default(),
+                &binding,
+            )
+            .await
+        {
+            Ok(_) => {
+                recorder
+                    .record(
+                        &reference(&*pod),
+                        "Normal",
+                        "Scheduled",
+                        &format!("Successfully assigned {ns}/{name} to {node}"),
+                    )
+                    .await;
+            }
+            Err(e) => {
+                tracing::debug!("binding {ns}/{name} to {node}: {e}");
+                let k = key(&pod);
+                {
+                    let mut c = lock(&cache);
+                    c.assumed.remove(&k);
+                    c.place(&k);
+                }
+                queue.add(&pod).await;
+                queue.backoff(&k).await;
+            }
+        }
+    });
+}
+
+/// FailedScheduling: the event, the PodScheduled condition (and nominatedNodeName); with a
+/// preemption candidate, the victims are marked DisruptionTarget and deleted.
+async fn report_failure(
+    client: &Client,
+    recorder: &Recorder,
+    pod: &Pod,
+    message: &str,
+    preempt: Option<preemption::Candidate>,
+    clear_nomination: bool,
+) {
     let ns = pod.metadata.namespace.clone().unwrap_or_default();
     let name = pod.metadata.name.clone().unwrap_or_default();
-    let (nodes, usage) = {
-        let c = cache.lock().await;
-        (c.nodes.values().cloned().collect::<Vec<_>>(), c.usage())
-    };
-    // Pods that other pods' placement depends on are only gathered when someone asks.
-    let needs_others = {
-        let c = cache.lock().await;
-        let spec = pod.spec.as_ref();
-        spec.and_then(|s| s.affinity.as_ref())
-            .is_some_and(|a| a.pod_affinity.is_some() || a.pod_anti_affinity.is_some())
-            || spec
-                .and_then(|s| s.topology_spread_constraints.as_ref())
-                .is_some_and(|t| !t.is_empty())
-            || c.pods.values().any(|p| {
-                p.spec
-                    .as_ref()
-                    .and_then(|s| s.affinity.as_ref())
-                    .is_some_and(|a| a.pod_anti_affinity.is_some())
-            })
-    };
-    let others: Vec<Pod> = if needs_others {
-        let c = cache.lock().await;
-        let mut v: Vec<Pod> = c
-            .pods
-            .values()
-            .filter(|p| {
-                !is_terminal(p) && p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some()
-            })
-            .cloned()
-            .collect();
-        // Pods bound in this burst but not yet seen back through the watch count too.
-        for (k, (node, p)) in &c.assumed {
-            if c.pods
-                .get(k)
-                .is_none_or(|x| x.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_none())
-            {
-                let mut p = p.clone();
-                if let Some(s) = p.spec.as_mut() {
-                    s.node_name = Some(node.clone());
+    let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    if let Some(c) = &preempt {
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let deletions = c.victims.iter().map(|v| {
+            let v = v.pod.clone();
+            let (client, recorder, uid, node) =
+                (client.clone(), recorder.clone(), uid.clone(), c.node.clone());
+            async move {
+                let vns = v.metadata.namespace.clone().unwrap_or_default();
+                let vname = v.metadata.name.clone().unwrap_or_default();
+                let vapi: Api<Pod> = Api::namespaced(client, &vns);
+                let cond = serde_json::json!({"status": {"conditions": [{
+                    "type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler",
+                    "message": "default-scheduler: preempting to accommodate a higher priority pod",
+                    "lastTransitionTime": rkube_client::now_time(),
+                }]}});
+                if let Err(e) = vapi
+                    .patch_status(&vname, &PatchParams::default(), &Patch::Strategic(&cond))
+                    .await
+                {
+                    tracing::debug!("victim {vns}/{vname} condition: {e}");
                 }
-                v.push(p);
-            }
-        }
-        v
-    } else {
-        Vec::new()
-    };
-    let node_labels: HashMap<String, std::collections::BTreeMap<String, String>> = nodes
-        .iter()
-        .map(|n| {
-            (
-                n.metadata.name.clone().unwrap_or_default(),
-                n.metadata.labels.clone().unwrap_or_default(),
-            )
-        })
-        .collect();
-    let placed = interpod::Placed {
-        pods: others
-            .iter()
-            .filter_map(|p| {
-                let n = p.spec.as_ref()?.node_name.as_ref()?;
-                Some((p, node_labels.get(n).cloned().unwrap_or_default()))
-            })
-            .collect(),
-        nodes: node_labels.values().cloned().collect(),
-    };
-    let empty = NodeUsage::default();
-    let mut feasible: Vec<(i64, &Node)> = Vec::new();
-    let mut refusals: Vec<(String, Refusal)> = Vec::new();
-    for n in &nodes {
-        let nn = n.metadata.name.clone().unwrap_or_default();
-        let u = usage.get(&nn).unwrap_or(&empty);
-        match plugins::filter(pod, n, u)
-            .and_then(|()| if needs_others { interpod::filter(pod, n, &placed) } else { Ok(()) })
-        {
-            Ok(()) => {
-                let extra = if needs_others { interpod::score(pod, n, &placed) } else { 0 };
-                feasible.push((plugins::score(pod, n, u) + extra, n))
-            }
-            Err(r) => refusals.push((nn, r)),
-        }
-    }
-    if !feasible.is_empty() {
-        let best = feasible.iter().map(|(s, _)| *s).max().unwrap_or(0);
-        let top: Vec<&Node> =
-            feasible.iter().filter(|(s, _)| *s == best).map(|(_, n)| *n).collect();
-        let chosen = top[rand::random_range(0..top.len())];
-        let node_name = chosen.metadata.name.clone().unwrap_or_default();
-        cache.lock().await.assumed.insert(key(pod), (node_name.clone(), pod.clone()));
-        // Binding runs asynchronously, as upstream's binding cycle: the pod is "assumed" on the
-        // node in the cache, so the next cycle already counts it, and a failed bind un-assumes it
-        // and sends the pod back to the queue.
-        let (client, cache, recorder, queue, pod) =
-            (client.clone(), cache.clone(), recorder.clone(), queue.clone(), pod.clone());
-        tokio::spawn(async move {
-            let api: Api<Pod> = Api::namespaced(client, &ns);
-            let binding = serde_json::json!({
-                "apiVersion": "v1", "kind": "Binding",
-                "metadata": {"name": name, "namespace": ns, "uid": pod.metadata.uid},
-                "target": {"apiVersion": "v1", "kind": "Node", "name": node_name},
-            });
-            match api
-                .create_subresource::<serde_json::Value, serde_json::Value>(
-                    "binding",
-                    &name,
-                    &PostParams::default(),
-                    &binding,
-                )
-                .await
-            {
-                Ok(_) => {
-                    recorder
-                        .record(
-                            &reference(&pod),
-                            "Normal",
-                            "Scheduled",
-                            &format!("Successfully assigned {ns}/{name} to {node_name}"),
-                        )
-                        .await;
-                }
-                Err(e) => {
-                    tracing::debug!("binding {ns}/{name} to {node_name}: {e}");
-                    cache.lock().await.assumed.remove(&key(&pod));
-                    queue.add(&pod).await;
-                    queue.backoff(&key(&pod)).await;
-                }
-            }
-        });
-        return Ok(true);
-    }
-    // Nothing fits: try preemption on nodes where removing lower-priority pods would help.
-    let pods_by_node: HashMap<String, Vec<Pod>> = {
-        let c = cache.lock().await;
-        let mut by_node: HashMap<String, Vec<Pod>> = HashMap::new();
-        for p in c.pods.values() {
-            if let Some(n) =
-                p.spec.as_ref().and_then(|s| s.node_name.clone()).filter(|n| !n.is_empty())
-                && !is_terminal(p)
-            {
-                by_node.entry(n).or_default().push(p.clone());
-            }
-        }
-        by_node
-    };
-    let prio = pod.spec.as_ref().and_then(|s| s.priority).unwrap_or(0);
-    let may_preempt =
-        pod.spec.as_ref().and_then(|s| s.preemption_policy.as_deref()) != Some("Never");
-    let mut preemption: BTreeMap<String, usize> = BTreeMap::new();
-    let mut best_victims: Option<(String, Vec<Pod>)> = None;
-    for (nn, r) in &refusals {
-        if !r.resolvable {
-            *preemption.entry("Preemption is not helpful for scheduling".into()).or_default() += 1;
-            continue;
-        }
-        let node = nodes.iter().find(|n| n.metadata.name.as_deref() == Some(nn.as_str()));
-        let mut lower: Vec<Pod> = pods_by_node
-            .get(nn)
-            .cloned()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|p| {
-                p.spec.as_ref().and_then(|s| s.priority).unwrap_or(0) < prio
-                    && p.metadata.deletion_timestamp.is_none()
-            })
-            .collect();
-        let fits_after = node.filter(|_| may_preempt && !lower.is_empty()).and_then(|node| {
-            // Remove the lowest-priority pods first until the pod fits.
-            lower.sort_by_key(|p| p.spec.as_ref().and_then(|s| s.priority).unwrap_or(0));
-            let all: Vec<Pod> = pods_by_node.get(nn).cloned().unwrap_or_default();
-            let mut victims: Vec<Pod> = Vec::new();
-            for v in &lower {
-                victims.push(v.clone());
-                let mut u = NodeUsage::default();
-                for p in &all {
-                    if !victims.iter().any(|x| x.metadata.uid == p.metadata.uid) {
-                        u.add(p);
+                match vapi.delete(&vname, &Default::default()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(e) => {
+                        tracing::debug!("preempting {vns}/{vname}: {e}");
+                        return;
                     }
                 }
-                if plugins::filter(pod, node, &u).is_ok() {
-                    return Some(victims);
-                }
+                recorder
+                    .record(
+                        &reference(&*v),
+                        "Normal",
+                        "Preempted",
+                        &format!("Preempted by pod {uid} on node {node}"),
+                    )
+                    .await;
             }
-            None
         });
-        match fits_after {
-            Some(v) => {
-                if best_victims.as_ref().is_none_or(|(_, b)| v.len() < b.len()) {
-                    best_victims = Some((nn.clone(), v));
-                }
-            }
-            None => {
-                *preemption
-                    .entry("No preemption victims found for incoming pod".into())
-                    .or_default() += 1
-            }
-        }
+        futures::future::join_all(deletions).await;
     }
-    let all_refusals: Vec<Refusal> = refusals.iter().map(|(_, r)| r.clone()).collect();
-    let message = plugins::failure_message(nodes.len(), &all_refusals, &preemption);
-    let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    if let Some((node, victims)) = best_victims {
-        for v in &victims {
-            let vapi: Api<Pod> = Api::namespaced(
-                client.clone(),
-                v.metadata.namespace.as_deref().unwrap_or("default"),
-            );
-            recorder
-                .record(
-                    &reference(v),
-                    "Normal",
-                    "Preempted",
-                    &format!(
-                        "Preempted by pod {} on node {node}",
-                        pod.metadata.uid.clone().unwrap_or_default()
-                    ),
-                )
-                .await;
-            let _ =
-                vapi.delete(v.metadata.name.as_deref().unwrap_or(""), &Default::default()).await;
-        }
-        let patch = serde_json::json!({"status": {"nominatedNodeName": node}});
-        let _ = api.patch_status(&name, &PatchParams::default(), &Patch::Strategic(&patch)).await;
-    }
-    recorder.record(&reference(pod), "Warning", "FailedScheduling", &message).await;
-    let patch = serde_json::json!({"status": {"conditions": [{
+    recorder.record(&reference(pod), "Warning", "FailedScheduling", message).await;
+    let mut status = serde_json::json!({"conditions": [{
         "type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message,
         "lastProbeTime": null, "lastTransitionTime": rkube_client::now_time(),
-    }]}});
+    }]});
+    if let Some(c) = &preempt {
+        status["nominatedNodeName"] = serde_json::json!(c.node);
+    } else if clear_nomination {
+        status["nominatedNodeName"] = serde_json::Value::Null;
+    }
+    let patch = serde_json::json!({ "status": status });
     if let Err(e) =
         api.patch_status(&name, &PatchParams::default(), &Patch::Strategic(&patch)).await
     {
         tracing::debug!("pod {ns}/{name} condition: {e}");
     }
-    Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn node(name: &str) -> Node {
+        serde_json::from_value(
+            json!({"metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+            "status": {"allocatable": {"cpu": "4", "memory": "8Gi", "pods": "110"}}}),
+        )
+        .unwrap()
+    }
+
+    fn pod(name: &str, node: Option<&str>, extra: serde_json::Value) -> Pod {
+        let mut v = json!({"metadata": {"name": name, "namespace": "default", "labels": {"app": "web"}},
+            "spec": {"containers": [{"name": "c"}]}});
+        if let Some(n) = node {
+            v["spec"]["nodeName"] = json!(n);
+        }
+        for (k, x) in extra.as_object().unwrap() {
+            v["spec"][k] = x.clone();
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn the_incoming_pods_anti_affinity_is_reported_before_existing_pods() {
+        let anti = json!({"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+            {"labelSelector": {"matchLabels": {"app": "web"}}, "topologyKey": "kubernetes.io/hostname"}]}}});
+        let mut c = Cache::default();
+        for i in 0..3 {
+            c.apply_node(node(&format!("n{i}")));
+            c.apply_pod(pod(&format!("web-{i}"), Some(&format!("n{i}")), anti.clone()));
+        }
+        c.apply_pod(pod("web-3", None, anti));
+        let Decision::Unschedulable { message, .. } = decide(&mut c, "default/web-3") else {
+            panic!("scheduled")
+        };
+        assert!(
+            message.starts_with(
+                "0/3 nodes are available: 3 node(s) didn't match pod anti-affinity rules."
+            ),
+            "{message}"
+        );
+    }
+
+    /// Scheduler-side cost of one cycle in the bench's shape (no API server): run with
+    /// `cargo test --release -p rkube-scheduler --lib -- --ignored --nocapture cycle_cost`.
+    #[test]
+    #[ignore]
+    fn cycle_cost_at_5000_nodes() {
+        let mut c = Cache::default();
+        for i in 0..5000 {
+            let mut n = node(&format!("node-{i}"));
+            n.status = serde_json::from_value(
+                json!({"allocatable": {"cpu": "4", "memory": "32Gi", "pods": "110"}}),
+            )
+            .unwrap();
+            c.apply_node(n);
+        }
+        let res =
+            json!([{"name": "c", "resources": {"requests": {"cpu": "100m", "memory": "500Mi"}}}]);
+        let n = 20_000;
+        for i in 0..n {
+            c.apply_pod(pod(&format!("p-{i}"), None, json!({"containers": res})));
+        }
+        let t = std::time::Instant::now();
+        for i in 0..n {
+            let Decision::Bind { .. } = decide(&mut c, &format!("default/p-{i}")) else { panic!() };
+        }
+        let per = t.elapsed() / n as u32;
+        eprintln!(
+            "decide: {per:?} per pod ({:.0} pods/s) with {} nodes",
+            1.0 / per.as_secs_f64(),
+            c.nodes.len()
+        );
+    }
 }

@@ -1,7 +1,8 @@
 //! The scheduling plugins: filters that explain every refusal with upstream's reason text, and
 //! scores (0..=100, weighted) that pick the best of the nodes that fit.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Pod, Taint, Toleration};
 use rkube_client::quantity::{parse_milli, parse_units};
@@ -65,9 +66,34 @@ pub fn node_allocatable(node: &Node) -> Resources {
     out
 }
 
-/// What one node already carries.
+/// A node's allocatable room: cpu, memory and pods as fields (every cycle reads them for every
+/// node), everything else by name.
+#[derive(Default, Clone, Debug)]
+pub struct Alloc {
+    pub cpu: i128,
+    pub memory: i128,
+    pub pods: i128,
+    pub all: Resources,
+}
+
+impl Alloc {
+    pub fn of(node: &Node) -> Alloc {
+        let all = node_allocatable(node);
+        Alloc {
+            cpu: all.get("cpu").copied().unwrap_or(0),
+            memory: all.get("memory").copied().unwrap_or(0),
+            pods: all.get("pods").copied().unwrap_or(110),
+            all,
+        }
+    }
+}
+
+/// What one node already carries: cpu and memory requests as fields, other resources by name.
 #[derive(Default, Clone, Debug)]
 pub struct NodeUsage {
+    pub cpu: i128,
+    pub memory: i128,
+    /// Requests of resources other than cpu and memory.
     pub requested: Resources,
     pub pods: usize,
     pub host_ports: Vec<(String, i32)>,
@@ -75,11 +101,109 @@ pub struct NodeUsage {
 
 impl NodeUsage {
     pub fn add(&mut self, pod: &Pod) {
-        for (k, v) in pod_requests(pod) {
-            *self.requested.entry(k).or_default() += v;
+        self.add_info(&PodInfo::new(Arc::new(pod.clone())));
+    }
+
+    pub fn add_info(&mut self, pi: &PodInfo) {
+        self.cpu += pi.cpu;
+        self.memory += pi.memory;
+        for (k, v) in &pi.other {
+            *self.requested.entry(k.clone()).or_default() += v;
         }
         self.pods += 1;
-        self.host_ports.extend(host_ports(pod));
+        self.host_ports.extend(pi.host_ports.iter().cloned());
+    }
+
+    pub fn remove_info(&mut self, pi: &PodInfo) {
+        self.cpu -= pi.cpu;
+        self.memory -= pi.memory;
+        for (k, v) in &pi.other {
+            if let Some(e) = self.requested.get_mut(k) {
+                *e -= v;
+            }
+        }
+        self.pods = self.pods.saturating_sub(1);
+        for hp in &pi.host_ports {
+            if let Some(i) = self.host_ports.iter().position(|x| x == hp) {
+                self.host_ports.swap_remove(i);
+            }
+        }
+    }
+}
+
+/// A pod with what the plugins need parsed once (upstream's PodInfo): requests, host ports,
+/// priority.
+#[derive(Debug)]
+pub struct PodInfo {
+    pub pod: Arc<Pod>,
+    pub requests: Resources,
+    pub cpu: i128,
+    pub memory: i128,
+    /// Requests other than cpu and memory.
+    pub other: Vec<(String, i128)>,
+    pub host_ports: Vec<(String, i32)>,
+    pub priority: i32,
+}
+
+impl PodInfo {
+    pub fn new(pod: Arc<Pod>) -> PodInfo {
+        let requests = pod_requests(&pod);
+        PodInfo {
+            cpu: requests.get("cpu").copied().unwrap_or(0),
+            memory: requests.get("memory").copied().unwrap_or(0),
+            other: requests
+                .iter()
+                .filter(|(k, _)| *k != "cpu" && *k != "memory")
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
+            requests,
+            host_ports: host_ports(&pod),
+            priority: pod.spec.as_ref().and_then(|s| s.priority).unwrap_or(0),
+            pod,
+        }
+    }
+}
+
+/// A node with its parsed allocatable room, what its pods use, and the pods themselves
+/// (bound or assumed), keyed by namespace/name.
+#[derive(Debug)]
+pub struct NodeInfo {
+    pub node: Arc<Node>,
+    pub alloc: Alloc,
+    pub usage: NodeUsage,
+    pub pods: HashMap<String, Arc<PodInfo>>,
+}
+
+impl NodeInfo {
+    pub fn new(node: Arc<Node>) -> NodeInfo {
+        NodeInfo {
+            alloc: Alloc::of(&node),
+            node,
+            usage: NodeUsage::default(),
+            pods: HashMap::new(),
+        }
+    }
+
+    pub fn set_node(&mut self, node: Arc<Node>) {
+        self.alloc = Alloc::of(&node);
+        self.node = node;
+    }
+
+    pub fn add(&mut self, key: &str, pi: Arc<PodInfo>) {
+        if let Some(old) = self.pods.insert(key.to_string(), pi.clone()) {
+            self.usage.remove_info(&old);
+        }
+        self.usage.add_info(&pi);
+    }
+
+    pub fn remove(&mut self, key: &str) {
+        if let Some(old) = self.pods.remove(key) {
+            self.usage.remove_info(&old);
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        self.node.metadata.name.as_deref().unwrap_or("")
     }
 }
 
@@ -121,10 +245,6 @@ pub fn tolerates(tols: &[Toleration], taint: &Taint) -> bool {
     })
 }
 
-fn labels_of(node: &Node) -> BTreeMap<String, String> {
-    node.metadata.labels.clone().unwrap_or_default()
-}
-
 fn match_expr(labels: &BTreeMap<String, String>, key: &str, op: &str, values: &[String]) -> bool {
     let v = labels.get(key);
     match op {
@@ -146,12 +266,13 @@ fn match_expr(labels: &BTreeMap<String, String>, key: &str, op: &str, values: &[
 }
 
 fn term_matches(node: &Node, term: &k8s_openapi::api::core::v1::NodeSelectorTerm) -> bool {
-    let labels = labels_of(node);
+    let empty = BTreeMap::new();
+    let labels = node.metadata.labels.as_ref().unwrap_or(&empty);
     let exprs_ok = term
         .match_expressions
         .iter()
         .flatten()
-        .all(|e| match_expr(&labels, &e.key, &e.operator, e.values.as_deref().unwrap_or(&[])));
+        .all(|e| match_expr(labels, &e.key, &e.operator, e.values.as_deref().unwrap_or(&[])));
     let fields_ok = term.match_fields.iter().flatten().all(|e| {
         let mut f = BTreeMap::new();
         if let Some(n) = &node.metadata.name {
@@ -166,10 +287,39 @@ fn term_matches(node: &Node, term: &k8s_openapi::api::core::v1::NodeSelectorTerm
 
 /// Every filter plugin, in upstream's order; `Ok` when the pod fits the node.
 pub fn filter(pod: &Pod, node: &Node, usage: &NodeUsage) -> Result<(), Refusal> {
-    let spec = pod.spec.clone().unwrap_or_default();
-    let node_name = node.metadata.name.clone().unwrap_or_default();
-    let tols = spec.tolerations.clone().unwrap_or_default();
-    let nspec = node.spec.clone().unwrap_or_default();
+    let pi = PodInfo::new(Arc::new(pod.clone()));
+    filter_info(&pi, node, &Alloc::of(node), usage)
+}
+
+/// Whether the node satisfies the pod's nodeSelector and required node affinity.
+pub fn matches_node_affinity(pod: &Pod, node: &Node) -> bool {
+    let Some(spec) = pod.spec.as_ref() else { return true };
+    let labels = node.metadata.labels.as_ref();
+    let selector_ok =
+        spec.node_selector.iter().flatten().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v));
+    selector_ok
+        && spec
+            .affinity
+            .as_ref()
+            .and_then(|a| a.node_affinity.as_ref())
+            .and_then(|na| na.required_during_scheduling_ignored_during_execution.as_ref())
+            .is_none_or(|req| req.node_selector_terms.iter().any(|t| term_matches(node, t)))
+}
+
+/// The filters on parsed inputs: the pod's requests and ports parsed once per cycle, the node's
+/// allocatable once per node update.
+pub fn filter_info(
+    pi: &PodInfo,
+    node: &Node,
+    alloc: &Alloc,
+    usage: &NodeUsage,
+) -> Result<(), Refusal> {
+    let default_spec = k8s_openapi::api::core::v1::PodSpec::default();
+    let spec = pi.pod.spec.as_ref().unwrap_or(&default_spec);
+    let node_name = node.metadata.name.as_deref().unwrap_or("");
+    let tols: &[Toleration] = spec.tolerations.as_deref().unwrap_or(&[]);
+    let default_nspec = k8s_openapi::api::core::v1::NodeSpec::default();
+    let nspec = node.spec.as_ref().unwrap_or(&default_nspec);
     // NodeUnschedulable
     if nspec.unschedulable == Some(true) {
         let t = Taint {
@@ -177,7 +327,7 @@ pub fn filter(pod: &Pod, node: &Node, usage: &NodeUsage) -> Result<(), Refusal> 
             effect: "NoSchedule".into(),
             ..Default::default()
         };
-        if !tolerates(&tols, &t) {
+        if !tolerates(tols, &t) {
             return Err(refuse("node(s) were unschedulable", false));
         }
     }
@@ -189,41 +339,37 @@ pub fn filter(pod: &Pod, node: &Node, usage: &NodeUsage) -> Result<(), Refusal> 
     }
     // TaintToleration
     for taint in nspec.taints.iter().flatten() {
-        if (taint.effect == "NoSchedule" || taint.effect == "NoExecute") && !tolerates(&tols, taint)
+        if (taint.effect == "NoSchedule" || taint.effect == "NoExecute") && !tolerates(tols, taint)
         {
             return Err(refuse("node(s) had untolerated taint(s)", false));
         }
     }
     // NodeAffinity (nodeSelector + required affinity)
-    let labels = labels_of(node);
-    let selector_ok = spec.node_selector.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
-    let affinity_ok = spec
-        .affinity
-        .as_ref()
-        .and_then(|a| a.node_affinity.as_ref())
-        .and_then(|na| na.required_during_scheduling_ignored_during_execution.as_ref())
-        .is_none_or(|req| req.node_selector_terms.iter().any(|t| term_matches(node, t)));
-    if !selector_ok || !affinity_ok {
+    if !matches_node_affinity(&pi.pod, node) {
         return Err(refuse("node(s) didn't match Pod's node affinity/selector", false));
     }
     // NodePorts
-    let wanted = host_ports(pod);
-    if wanted.iter().any(|w| usage.host_ports.contains(w)) {
+    if pi.host_ports.iter().any(|w| usage.host_ports.contains(w)) {
         return Err(refuse("node(s) didn't have free ports for the requested pod ports", true));
     }
     // NodeResourcesFit
-    let alloc = node_allocatable(node);
     let mut reasons = Vec::new();
-    let max_pods = alloc.get("pods").copied().unwrap_or(110);
-    if usage.pods as i128 + 1 > max_pods {
+    if usage.pods as i128 + 1 > alloc.pods {
         reasons.push("Too many pods".to_string());
     }
-    for (res, want) in pod_requests(pod) {
+    if pi.cpu > 0 && usage.cpu + pi.cpu > alloc.cpu {
+        reasons.push("Insufficient cpu".to_string());
+    }
+    if pi.memory > 0 && usage.memory + pi.memory > alloc.memory {
+        reasons.push("Insufficient memory".to_string());
+    }
+    for (res, want) in &pi.other {
+        let want = *want;
         if want <= 0 {
             continue;
         }
-        let have = alloc.get(&res).copied().unwrap_or(0);
-        let used = usage.requested.get(&res).copied().unwrap_or(0);
+        let have = alloc.all.get(res).copied().unwrap_or(0);
+        let used = usage.requested.get(res).copied().unwrap_or(0);
         if used + want > have {
             reasons.push(format!("Insufficient {res}"));
         }
@@ -237,43 +383,34 @@ pub fn filter(pod: &Pod, node: &Node, usage: &NodeUsage) -> Result<(), Refusal> 
 /// Weighted score of a feasible node (higher is better): LeastAllocated, BalancedAllocation,
 /// TaintToleration (PreferNoSchedule) and preferred NodeAffinity.
 pub fn score(pod: &Pod, node: &Node, usage: &NodeUsage) -> i64 {
-    let alloc = node_allocatable(node);
-    let mut req = pod_requests(pod);
+    let pi = PodInfo::new(Arc::new(pod.clone()));
+    score_info(&pi, node, &Alloc::of(node), usage)
+}
+
+/// [`score`] on parsed inputs.
+pub fn score_info(pi: &PodInfo, node: &Node, alloc: &Alloc, usage: &NodeUsage) -> i64 {
+    let pod = &*pi.pod;
     // Upstream scores a pod without requests as if it asked for 100m CPU and 200Mi memory.
-    req.entry("cpu".into())
-        .and_modify(|v| {
-            if *v == 0 {
-                *v = 100
-            }
-        })
-        .or_insert(100);
-    req.entry("memory".into())
-        .and_modify(|v| {
-            if *v == 0 {
-                *v = 200 << 20
-            }
-        })
-        .or_insert(200 << 20);
-    let frac = |res: &str| {
-        let cap = alloc.get(res).copied().unwrap_or(0);
+    let want = |v: i128, default: i128| if v != 0 { v } else { default };
+    let frac = |cap: i128, used: i128, req: i128| {
         if cap <= 0 {
             return 1.0;
         }
-        let used =
-            usage.requested.get(res).copied().unwrap_or(0) + req.get(res).copied().unwrap_or(0);
-        (used as f64 / cap as f64).min(1.0)
+        ((used + req) as f64 / cap as f64).min(1.0)
     };
-    let (cpu, mem) = (frac("cpu"), frac("memory"));
+    let cpu = frac(alloc.cpu, usage.cpu, want(pi.cpu, 100));
+    let mem = frac(alloc.memory, usage.memory, want(pi.memory, 200 << 20));
     let least = (((1.0 - cpu) + (1.0 - mem)) / 2.0 * 100.0) as i64;
     let balanced = ((1.0 - (cpu - mem).abs()) * 100.0) as i64;
-    let tols = pod.spec.as_ref().and_then(|s| s.tolerations.clone()).unwrap_or_default();
+    let tols: &[Toleration] =
+        pod.spec.as_ref().and_then(|s| s.tolerations.as_deref()).unwrap_or(&[]);
     let prefer_no = node
         .spec
         .as_ref()
-        .and_then(|s| s.taints.clone())
-        .unwrap_or_default()
+        .and_then(|s| s.taints.as_deref())
+        .unwrap_or(&[])
         .iter()
-        .filter(|t| t.effect == "PreferNoSchedule" && !tolerates(&tols, t))
+        .filter(|t| t.effect == "PreferNoSchedule" && !tolerates(tols, t))
         .count() as i64;
     let taint_score = (100 - prefer_no * 25).max(0);
     let preferred: i64 = pod
@@ -300,23 +437,39 @@ pub fn failure_message(
     refusals: &[Refusal],
     preemption: &BTreeMap<String, usize>,
 ) -> String {
+    if total == 0 {
+        return fit_error(0, refusals);
+    }
+    let mut msg = fit_error(total, refusals);
+    msg.push(' ');
+    msg.push_str(&preemption_message(total, preemption));
+    msg
+}
+
+/// Upstream's FitError text: `0/N nodes are available: <count> <reason>, ….` with the entries
+/// sorted as strings.
+pub fn fit_error(total: usize, refusals: &[Refusal]) -> String {
+    if total == 0 {
+        return "no nodes available to schedule pods".to_string();
+    }
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for r in refusals {
         for reason in &r.reasons {
             *counts.entry(reason.clone()).or_default() += 1;
         }
     }
+    format!("0/{total} nodes are available: {}.", sorted_counts(&counts))
+}
+
+/// DefaultPreemption's message when no node has victims that would make room.
+pub fn preemption_message(total: usize, statuses: &BTreeMap<String, usize>) -> String {
+    format!("preemption: 0/{total} nodes are available: {}.", sorted_counts(statuses))
+}
+
+fn sorted_counts(counts: &BTreeMap<String, usize>) -> String {
     let mut parts: Vec<String> = counts.iter().map(|(r, n)| format!("{n} {r}")).collect();
     parts.sort();
-    let mut msg = format!("0/{total} nodes are available: {}.", parts.join(", "));
-    if total == 0 {
-        msg = "no nodes available to schedule pods".to_string();
-        return msg;
-    }
-    let mut pparts: Vec<String> = preemption.iter().map(|(r, n)| format!("{n} {r}")).collect();
-    pparts.sort();
-    msg.push_str(&format!(" preemption: 0/{total} nodes are available: {}.", pparts.join(", ")));
-    msg
+    parts.join(", ")
 }
 
 #[cfg(test)]
