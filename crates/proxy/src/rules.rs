@@ -165,7 +165,7 @@ pub fn affinity_from_json(json: &str) -> BTreeMap<String, Vec<AffinityEntry>> {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Proto {
+pub(crate) enum Proto {
     Tcp,
     Udp,
     Sctp,
@@ -182,11 +182,79 @@ impl Proto {
         }
     }
 
-    fn nft(self) -> &'static str {
+    pub(crate) fn nft(self) -> &'static str {
         match self {
             Proto::Tcp => "tcp",
             Proto::Udp => "udp",
             Proto::Sctp => "sctp",
+        }
+    }
+}
+
+/// One rule of a per-Service chain: the few shapes the renderer produces, kept structured so
+/// they can be written as nft text (`Display`) or encoded as netlink expressions (`crate::nl`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Rule {
+    /// `ip saddr A jump mark-for-masquerade` (hairpin: an endpoint reaching itself).
+    MarkIfFrom(Ipv4Addr),
+    /// `update @SET { ip saddr }` (ClientIP affinity: remember this client).
+    RememberClient(String),
+    /// `meta l4proto P dnat to A:PORT`.
+    Dnat(Proto, Ipv4Addr, u16),
+    /// `ip daddr A P dport N [ip saddr != C] jump mark-for-masquerade`.
+    MarkServiceTraffic { ip: Ipv4Addr, proto: Proto, port: u16, unless_from: Option<Ipv4Cidr> },
+    /// `ip saddr @SET goto CHAIN` (ClientIP affinity: a remembered client's endpoint).
+    StickyGoto { set: String, chain: String },
+    /// `numgen random mod N vmap { 0 : goto C0, … }`: one of the chains at random.
+    Pick(Vec<String>),
+    /// `ip saddr C goto CHAIN`.
+    FromGoto(Ipv4Cidr, String),
+    /// `fib saddr type local jump mark-for-masquerade`.
+    LocalMark,
+    /// `fib saddr type local goto CHAIN`.
+    LocalGoto(String),
+    /// `jump mark-for-masquerade`.
+    Mark,
+    /// `goto CHAIN`.
+    Goto(String),
+    /// `ip saddr != { R, … } drop`.
+    DropUnlessFrom(Vec<Ipv4Cidr>),
+}
+
+impl std::fmt::Display for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const MARK: &str = "jump mark-for-masquerade";
+        match self {
+            Rule::MarkIfFrom(ip) => write!(f, "ip saddr {ip} {MARK}"),
+            Rule::RememberClient(set) => write!(f, "update @{set} {{ ip saddr }}"),
+            Rule::Dnat(proto, ip, port) => {
+                write!(f, "meta l4proto {} dnat to {ip}:{port}", proto.nft())
+            }
+            Rule::MarkServiceTraffic { ip, proto, port, unless_from } => {
+                write!(f, "ip daddr {ip} {} dport {port}", proto.nft())?;
+                if let Some(c) = unless_from {
+                    write!(f, " ip saddr != {c}")?;
+                }
+                write!(f, " {MARK}")
+            }
+            Rule::StickyGoto { set, chain } => write!(f, "ip saddr @{set} goto {chain}"),
+            Rule::Pick(chains) => {
+                write!(f, "numgen random mod {} vmap {{ ", chains.len())?;
+                for (i, c) in chains.iter().enumerate() {
+                    let sep = if i + 1 < chains.len() { ", " } else { "" };
+                    write!(f, "{i} : goto {c}{sep}")?;
+                }
+                write!(f, " }}")
+            }
+            Rule::FromGoto(c, chain) => write!(f, "ip saddr {c} goto {chain}"),
+            Rule::LocalMark => write!(f, "fib saddr type local {MARK}"),
+            Rule::LocalGoto(chain) => write!(f, "fib saddr type local goto {chain}"),
+            Rule::Mark => write!(f, "{MARK}"),
+            Rule::Goto(chain) => write!(f, "goto {chain}"),
+            Rule::DropUnlessFrom(ranges) => {
+                let r: Vec<String> = ranges.iter().map(ToString::to_string).collect();
+                write!(f, "ip saddr != {{ {} }} drop", r.join(", "))
+            }
         }
     }
 }
@@ -345,7 +413,104 @@ pub fn render_model<'a>(
 /// `None` when the change cannot be made in place and the table must be replaced whole: an
 /// affinity set whose timeout changed (nft cannot alter a set's timeout).
 pub fn changes(old: &Model, new: &Model, config: &RulesConfig) -> Option<String> {
-    let t = &config.table;
+    change(old, new).map(|c| c.text(&config.table))
+}
+
+/// An in-place change of the table, as [`changes`] describes it, kept as steps so it can be
+/// written as nft text ([`Change::text`]) or sent over netlink (`crate::nl`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Change {
+    pub(crate) ops: Vec<Op>,
+}
+
+/// One step of a [`Change`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Op {
+    /// A ClientIP affinity set: `ipv4_addr`, dynamic, entries lapse after `timeout` seconds.
+    AddAffinitySet {
+        name: String,
+        timeout: i32,
+    },
+    AddChain(String),
+    FlushChain(String),
+    AddRule {
+        chain: String,
+        rule: Rule,
+    },
+    /// Elements added to (or, with `add` false, deleted from) one of the skeleton's sets/maps.
+    Elements {
+        add: bool,
+        set: &'static str,
+        elems: Vec<Elem>,
+    },
+    DeleteChain(String),
+    DeleteSet(String),
+}
+
+/// A set or map element; the verdict is absent when deleting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Elem {
+    /// `address . protocol . port [: verdict]`.
+    Addr((Ipv4Addr, Proto, u16), Option<String>),
+    /// `protocol . port [: verdict]`.
+    Port((Proto, u16), Option<String>),
+    /// `address`.
+    Ip(Ipv4Addr),
+}
+
+impl std::fmt::Display for Elem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (key, verdict) = match self {
+            Elem::Addr(k, v) => (addr_elem(k), v),
+            Elem::Port(k, v) => (port_elem(k), v),
+            Elem::Ip(ip) => return write!(f, "{ip}"),
+        };
+        match verdict {
+            Some(v) => write!(f, "{key} : {v}"),
+            None => write!(f, "{key}"),
+        }
+    }
+}
+
+impl Change {
+    /// Nothing differs.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// The change as input for `nft -f -` on table `ip TABLE`.
+    pub fn text(&self, t: &str) -> String {
+        let mut out = String::new();
+        for op in &self.ops {
+            let _ = match op {
+                Op::AddAffinitySet { name, timeout } => writeln!(
+                    out,
+                    "add set ip {t} {name} {{ type ipv4_addr; flags dynamic,timeout; timeout {timeout}s; }}"
+                ),
+                Op::AddChain(name) => writeln!(out, "add chain ip {t} {name}"),
+                Op::FlushChain(name) => writeln!(out, "flush chain ip {t} {name}"),
+                Op::AddRule { chain, rule } => writeln!(out, "add rule ip {t} {chain} {rule}"),
+                Op::Elements { add, set, elems } => {
+                    // One command per 1,000 elements (nft reads each command into memory
+                    // whole; the bound keeps a mass change from making one huge line).
+                    let verb = if *add { "add" } else { "delete" };
+                    for chunk in elems.chunks(1000) {
+                        let list: Vec<String> = chunk.iter().map(ToString::to_string).collect();
+                        let _ =
+                            writeln!(out, "{verb} element ip {t} {set} {{ {} }}", list.join(", "));
+                    }
+                    Ok(())
+                }
+                Op::DeleteChain(name) => writeln!(out, "delete chain ip {t} {name}"),
+                Op::DeleteSet(name) => writeln!(out, "delete set ip {t} {name}"),
+            };
+        }
+        out
+    }
+}
+
+/// The steps [`changes`] writes out; `None` when the table must be replaced whole.
+pub fn change(old: &Model, new: &Model) -> Option<Change> {
     let (o, n) = (&old.tables, &new.tables);
     if n.affinity_sets
         .iter()
@@ -353,106 +518,89 @@ pub fn changes(old: &Model, new: &Model, config: &RulesConfig) -> Option<String>
     {
         return None;
     }
-    let mut out = String::new();
+    let mut ops = Vec::new();
     for (name, timeout) in &n.affinity_sets {
         if !o.affinity_sets.contains_key(name) {
-            let _ = writeln!(
-                out,
-                "add set ip {t} {name} {{ type ipv4_addr; flags dynamic,timeout; timeout {timeout}s; }}"
-            );
+            ops.push(Op::AddAffinitySet { name: name.clone(), timeout: *timeout });
         }
     }
     for name in n.chains.keys().filter(|c| !o.chains.contains_key(*c)) {
-        let _ = writeln!(out, "add chain ip {t} {name}");
+        ops.push(Op::AddChain(name.clone()));
     }
     for (name, rules) in &n.chains {
         match o.chains.get(name) {
             Some(before) if before == rules => continue,
-            Some(_) => {
-                let _ = writeln!(out, "flush chain ip {t} {name}");
-            }
+            Some(_) => ops.push(Op::FlushChain(name.clone())),
             None => {}
         }
         for r in rules {
-            let _ = writeln!(out, "add rule ip {t} {name} {r}");
+            ops.push(Op::AddRule { chain: name.clone(), rule: r.clone() });
         }
     }
-    diff_map(&mut out, t, "service-ips", &o.service_ips, &n.service_ips, addr_elem);
+    diff_map(&mut ops, "service-ips", &o.service_ips, &n.service_ips, Elem::Addr);
+    diff_map(&mut ops, "service-nodeports", &o.service_nodeports, &n.service_nodeports, Elem::Port);
     diff_map(
-        &mut out,
-        t,
-        "service-nodeports",
-        &o.service_nodeports,
-        &n.service_nodeports,
-        port_elem,
-    );
-    diff_map(
-        &mut out,
-        t,
+        &mut ops,
         "no-endpoint-services",
         &o.no_endpoint_services,
         &n.no_endpoint_services,
-        addr_elem,
+        Elem::Addr,
     );
-    diff_map(&mut out, t, "firewall-ips", &o.firewall_ips, &n.firewall_ips, addr_elem);
+    diff_map(&mut ops, "firewall-ips", &o.firewall_ips, &n.firewall_ips, Elem::Addr);
     diff_map(
-        &mut out,
-        t,
+        &mut ops,
         "no-endpoint-nodeports",
         &o.no_endpoint_nodeports,
         &n.no_endpoint_nodeports,
-        port_elem,
+        Elem::Port,
     );
-    let gone: Vec<String> =
-        o.cluster_ips.difference(&n.cluster_ips).map(ToString::to_string).collect();
-    let came: Vec<String> =
-        n.cluster_ips.difference(&o.cluster_ips).map(ToString::to_string).collect();
-    write_elements(&mut out, "delete", t, "cluster-ips", &gone);
-    write_elements(&mut out, "add", t, "cluster-ips", &came);
+    let gone: Vec<Elem> =
+        o.cluster_ips.difference(&n.cluster_ips).map(|ip| Elem::Ip(*ip)).collect();
+    let came: Vec<Elem> =
+        n.cluster_ips.difference(&o.cluster_ips).map(|ip| Elem::Ip(*ip)).collect();
+    push_elements(&mut ops, false, "cluster-ips", gone);
+    push_elements(&mut ops, true, "cluster-ips", came);
     // Flushed first, all of them: a chain about to go may still be the target of another
     // chain that goes too.
     let removed: Vec<&String> = o.chains.keys().filter(|c| !n.chains.contains_key(*c)).collect();
     for name in &removed {
-        let _ = writeln!(out, "flush chain ip {t} {name}");
+        ops.push(Op::FlushChain((*name).clone()));
     }
     for name in &removed {
-        let _ = writeln!(out, "delete chain ip {t} {name}");
+        ops.push(Op::DeleteChain((*name).clone()));
     }
     for name in o.affinity_sets.keys().filter(|s| !n.affinity_sets.contains_key(*s)) {
-        let _ = writeln!(out, "delete set ip {t} {name}");
+        ops.push(Op::DeleteSet(name.clone()));
     }
-    Some(out)
+    Some(Change { ops })
 }
 
 /// `delete element` for keys that went or whose verdict changed, then `add element` for keys
 /// that came or changed: nft cannot overwrite a map element's verdict in place.
-fn diff_map<K: Ord>(
-    out: &mut String,
-    table: &str,
-    map: &str,
+fn diff_map<K: Ord + Clone>(
+    ops: &mut Vec<Op>,
+    map: &'static str,
     old: &BTreeMap<K, (String, String)>,
     new: &BTreeMap<K, (String, String)>,
-    key: fn(&K) -> String,
+    elem: fn(K, Option<String>) -> Elem,
 ) {
-    let gone: Vec<String> = old
+    let gone: Vec<Elem> = old
         .iter()
         .filter(|(k, (v, _))| new.get(*k).is_none_or(|(nv, _)| nv != v))
-        .map(|(k, _)| key(k))
+        .map(|(k, _)| elem(k.clone(), None))
         .collect();
-    let came: Vec<String> = new
+    let came: Vec<Elem> = new
         .iter()
         .filter(|(k, (v, _))| old.get(*k).is_none_or(|(ov, _)| ov != v))
-        .map(|(k, (v, _))| format!("{} : {v}", key(k)))
+        .map(|(k, (v, _))| elem(k.clone(), Some(v.clone())))
         .collect();
-    write_elements(out, "delete", table, map, &gone);
-    write_elements(out, "add", table, map, &came);
+    push_elements(ops, false, map, gone);
+    push_elements(ops, true, map, came);
 }
 
-/// One `add element`/`delete element` command per 1,000 elements (nft reads each command into
-/// memory whole; the bound keeps a mass change from making one huge line).
-fn write_elements(out: &mut String, verb: &str, table: &str, set: &str, elements: &[String]) {
-    for chunk in elements.chunks(1000) {
-        let _ = writeln!(out, "{verb} element ip {table} {set} {{ {} }}", chunk.join(", "));
+fn push_elements(ops: &mut Vec<Op>, add: bool, set: &'static str, elems: Vec<Elem>) {
+    if !elems.is_empty() {
+        ops.push(Op::Elements { add, set, elems });
     }
 }
 
@@ -713,7 +861,7 @@ struct Tables {
     affinity_sets: BTreeMap<String, i32>,
     udp_backends: BTreeSet<UdpBackend>,
     /// Per-Service chains, in rule order.
-    chains: BTreeMap<String, Vec<String>>,
+    chains: BTreeMap<String, Vec<Rule>>,
 }
 
 /// Adds `key → verdict` unless another Service claimed the key first (two Services with the
@@ -747,23 +895,17 @@ fn affinity_set(base: &str, ep: &Endpoint) -> String {
 
 /// The rules of a policy chain that spread connections over `eps`: clients with a live affinity
 /// entry go back to their endpoint; everyone else gets one at random.
-fn policy_rules(base: &str, eps: &[&Endpoint], affinity: bool) -> Vec<String> {
+fn policy_rules(base: &str, eps: &[&Endpoint], affinity: bool) -> Vec<Rule> {
     let mut rules = Vec::new();
     if affinity {
         for ep in eps {
-            rules.push(format!(
-                "ip saddr @{} goto {}",
-                affinity_set(base, ep),
-                endpoint_chain(base, ep)
-            ));
+            rules.push(Rule::StickyGoto {
+                set: affinity_set(base, ep),
+                chain: endpoint_chain(base, ep),
+            });
         }
     }
-    let vmap: Vec<String> = eps
-        .iter()
-        .enumerate()
-        .map(|(i, ep)| format!("{i} : goto {}", endpoint_chain(base, ep)))
-        .collect();
-    rules.push(format!("numgen random mod {} vmap {{ {} }}", eps.len(), vmap.join(", ")));
+    rules.push(Rule::Pick(eps.iter().map(|ep| endpoint_chain(base, ep)).collect()));
     rules
 }
 
@@ -804,7 +946,6 @@ fn add_service_port(
     // may use: drop, as upstream does (the client is told nothing, as if the node were absent).
     let filter_verdict =
         if has_endpoints { "drop".to_string() } else { "goto reject-chain".to_string() };
-    let proto = sp.proto.nft();
 
     // Endpoint chains: one per endpoint some policy chain can pick.
     let mut used: BTreeSet<&Endpoint> = BTreeSet::new();
@@ -831,25 +972,30 @@ fn add_service_port(
         let mut rules = vec![
             // Hairpin: a pod reaching itself through the Service must see the reply come from
             // the Service, so its source is rewritten to the node.
-            format!("ip saddr {} jump mark-for-masquerade", ep.ip),
+            Rule::MarkIfFrom(ep.ip),
         ];
         if let Some(timeout) = sp.affinity_timeout_seconds {
             let set = affinity_set(&base, ep);
-            rules.push(format!("update @{set} {{ ip saddr }}"));
+            rules.push(Rule::RememberClient(set.clone()));
             t.affinity_sets.insert(set, timeout);
         }
-        rules.push(format!("meta l4proto {proto} dnat to {}:{}", ep.ip, ep.port));
+        rules.push(Rule::Dnat(sp.proto, ep.ip, ep.port));
         t.chains.insert(endpoint_chain(&base, ep), rules);
     }
 
     // Internal (ClusterIP) traffic from outside the pod network is masqueraded: it may be sent
     // to another node, whose replies must come back here to be un-NATed.
     if has_internal {
-        let dest = format!("ip daddr {} {proto} dport {}", sp.cluster_ip, sp.port);
+        let masq = |unless_from| Rule::MarkServiceTraffic {
+            ip: sp.cluster_ip,
+            proto: sp.proto,
+            port: sp.port,
+            unless_from,
+        };
         let masq = if config.masquerade_all {
-            Some(format!("{dest} jump mark-for-masquerade"))
+            Some(masq(None))
         } else {
-            config.cluster_cidr.map(|c| format!("{dest} ip saddr != {c} jump mark-for-masquerade"))
+            config.cluster_cidr.map(|c| masq(Some(c)))
         };
         t.chains.entry(internal_chain.clone()).or_default().extend(masq);
     }
@@ -869,18 +1015,18 @@ fn add_service_port(
             // Keep the client's address (no masquerade) for traffic from outside, except:
             // pods and the node itself have no reason to be limited to this node's endpoints.
             if let Some(c) = config.cluster_cidr {
-                rules.push(format!("ip saddr {c} goto {cluster_chain}"));
+                rules.push(Rule::FromGoto(c, cluster_chain.clone()));
             }
             // The node's own traffic must be masqueraded, or replies from another node's
             // endpoint would go to an address that is local there too.
-            rules.push("fib saddr type local jump mark-for-masquerade".to_string());
-            rules.push(format!("fib saddr type local goto {cluster_chain}"));
+            rules.push(Rule::LocalMark);
+            rules.push(Rule::LocalGoto(cluster_chain.clone()));
         } else {
             // The endpoint may be on another node: masquerade so replies come back through us.
-            rules.push("jump mark-for-masquerade".to_string());
+            rules.push(Rule::Mark);
         }
         if has_external {
-            rules.push(format!("goto {external_policy_chain}"));
+            rules.push(Rule::Goto(external_policy_chain.clone()));
         }
         t.chains.insert(external_chain.clone(), rules);
     }
@@ -889,11 +1035,7 @@ fn add_service_port(
     // (NodePorts and externalIPs are not subject to them, as upstream).
     if !sp.lb_ips.is_empty() && !sp.source_ranges.is_empty() {
         let fw_chain = format!("firewall-{base}");
-        let ranges: Vec<String> = sp.source_ranges.iter().map(ToString::to_string).collect();
-        t.chains.insert(
-            fw_chain.clone(),
-            vec![format!("ip saddr != {{ {} }} drop", ranges.join(", "))],
-        );
+        t.chains.insert(fw_chain.clone(), vec![Rule::DropUnlessFrom(sp.source_ranges.clone())]);
         for ip in &sp.lb_ips {
             let key = (*ip, sp.proto, sp.port);
             claim(&mut t.firewall_ips, key, format!("goto {fw_chain}"), &owner, skipped);
@@ -1118,7 +1260,8 @@ impl Tables {
             ],
         );
         for (name, rules) in &self.chains {
-            write_chain(&mut out, name, None, rules);
+            let rules: Vec<String> = rules.iter().map(ToString::to_string).collect();
+            write_chain(&mut out, name, None, &rules);
         }
         out.push_str("}\n");
         out

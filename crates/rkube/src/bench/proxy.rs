@@ -213,6 +213,8 @@ async fn one_size(n: usize, changes: usize) -> anyhow::Result<Value> {
         rules: rules.clone(),
         nft: ns.prefix("nft"),
         conntrack: ns.prefix("conntrack"),
+        // In-place changes over netlink into the namespace, as the proxy runs in production.
+        netlink: Some(rkube_proxy::Netlink::Netns(format!("/run/netns/{}", ns.name).into())),
         // Apply as soon as a change arrives: the figure is the proxy's own latency, not a
         // configured pause.
         coalesce: Duration::from_millis(1),
@@ -239,6 +241,8 @@ async fn one_size(n: usize, changes: usize) -> anyhow::Result<Value> {
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NAMESPACE);
     let mut latencies = Vec::with_capacity(changes);
     let mut nft_ms = Vec::with_capacity(changes);
+    let mut via_netlink = 0;
+    let mut change_render_ms = Vec::with_capacity(changes);
     let mut fresh = n * ENDPOINTS_PER_SERVICE;
     let mut last = (0, String::new());
     for k in 0..changes {
@@ -248,6 +252,8 @@ async fn one_size(n: usize, changes: usize) -> anyhow::Result<Value> {
         live(&mut status, rv).await?;
         latencies.push(acked.elapsed().as_secs_f64() * 1000.0);
         nft_ms.push(status.borrow().nft_time.as_secs_f64() * 1000.0);
+        via_netlink += usize::from(status.borrow().netlink);
+        change_render_ms.push(status.borrow().render_time.as_secs_f64() * 1000.0);
         fresh += 1;
         last = (i, ip);
     }
@@ -276,6 +282,7 @@ async fn one_size(n: usize, changes: usize) -> anyhow::Result<Value> {
     let full_replace_ms = replacing.elapsed().as_secs_f64() * 1000.0;
     let (p50, p99) = super::percentiles(latencies);
     let (nft_p50, nft_p99) = super::percentiles(nft_ms);
+    let (render_p50, render_p99) = super::percentiles(change_render_ms);
 
     // Churn: 100 changes a second for 5 s without waiting; then the table must hold exactly
     // the same number of chains and elements (each change swaps one endpoint for another).
@@ -317,8 +324,11 @@ async fn one_size(n: usize, changes: usize) -> anyhow::Result<Value> {
         "changes": changes,
         "change_to_live_p50_ms": p50,
         "change_to_live_p99_ms": p99,
-        "change_nft_p50_ms": nft_p50,
-        "change_nft_p99_ms": nft_p99,
+        "changes_via_netlink": via_netlink,
+        "change_apply_p50_ms": nft_p50,
+        "change_apply_p99_ms": nft_p99,
+        "change_render_p50_ms": render_p50,
+        "change_render_p99_ms": render_p99,
         "full_render_ms": render_ms,
         "full_replace_nft_ms": full_replace_ms,
         "churn_changes_per_s": churn_rate,
