@@ -194,12 +194,15 @@ pub async fn run_reporting(
     let mut conntrack_missing_reported = false;
     // The netlink socket for in-place changes, opened on first use.
     let mut socket = NetlinkSocket::default();
+    let empty = rules::Model::default();
     loop {
         changed.borrow_and_update();
         let rendering = Instant::now();
         let svcs = services.state();
         let eps = slices.state();
-        let model = render_model(
+        // Only Services whose objects changed since the applied rules are rendered again.
+        let model = rules::render_model_from(
+            applied.as_ref().unwrap_or(&empty),
             svcs.iter().map(|s| s.as_ref()),
             eps.iter().map(|s| s.as_ref()),
             &config.rules,
