@@ -76,6 +76,7 @@ const NFTA_SET_FLAGS: u16 = 3;
 const NFTA_SET_KEY_TYPE: u16 = 4;
 const NFTA_SET_KEY_LEN: u16 = 5;
 const NFTA_SET_DATA_TYPE: u16 = 6;
+const NFTA_SET_DATA_LEN: u16 = 7;
 const NFTA_SET_ID: u16 = 10;
 const NFTA_SET_TIMEOUT: u16 = 11;
 const NFTA_SET_USERDATA: u16 = 13;
@@ -99,6 +100,8 @@ const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
 /// nft's data type numbers, kept with a set so `nft list` prints its keys.
 const NFT_TYPE_INTEGER: u32 = 4;
 const NFT_TYPE_IPADDR: u32 = 7;
+/// `ipv4_addr . inet_service` (nft concatenates type numbers 6 bits each).
+const NFT_TYPE_IPADDR_SERVICE: u32 = (7 << 6) | 13;
 /// Set user data (libnftnl's TLV): the key byte order, host-endian for numgen's values.
 const NFTNL_UDATA_SET_KEYBYTEORDER: u8 = 0;
 const NFT_BYTEORDER_HOST_ENDIAN: u32 = 1;
@@ -110,6 +113,10 @@ const NFT_GOTO: i32 = -4;
 const NFT_REG_VERDICT: u32 = 0;
 const NFT_REG_1: u32 = 1;
 const NFT_REG_2: u32 = 2;
+/// The second 32-bit word of register 1 (NFT_REG32_00 is 8).
+const NFT_REG32_01: u32 = 9;
+const NF_NAT_RANGE_MAP_IPS: u32 = 1;
+const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 2;
 const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
 const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
 const NFT_CMP_EQ: u32 = 0;
@@ -312,6 +319,10 @@ fn key_bytes(e: &Elem) -> Vec<u8> {
         }
         Elem::Port((proto, p), _) => port(&mut k, *proto, *p),
         Elem::Ip(ip) => k.extend_from_slice(&ip.octets()),
+        Elem::Pair(ip) => {
+            k.extend_from_slice(&ip.octets());
+            k.extend_from_slice(&ip.octets());
+        }
     }
     k
 }
@@ -390,6 +401,44 @@ pub fn encode(change: &Change, table: &str, seq: u32) -> Result<Batch, Error> {
                 // A random pick needs its anonymous verdict map first, filled, then bound
                 // by the rule's lookup (the kernel frees it with the rule).
                 let mut map = None;
+                if let Rule::DnatPick(_, eps) = rule {
+                    set_id += 1;
+                    map = Some(set_id);
+                    let seq = next();
+                    let s = b.msg(ty(NFT_MSG_NEWSET), req | NLM_F_CREATE, seq, NFPROTO_IPV4, 0);
+                    b.str(NFTA_SET_TABLE, table);
+                    b.str(NFTA_SET_NAME, "__map%d");
+                    b.u32(NFTA_SET_FLAGS, NFT_SET_ANONYMOUS | NFT_SET_CONSTANT | NFT_SET_MAP);
+                    b.u32(NFTA_SET_KEY_TYPE, NFT_TYPE_INTEGER);
+                    b.u32(NFTA_SET_KEY_LEN, 4);
+                    b.u32(NFTA_SET_DATA_TYPE, NFT_TYPE_IPADDR_SERVICE);
+                    b.u32(NFTA_SET_DATA_LEN, 8);
+                    b.u32(NFTA_SET_ID, set_id);
+                    let mut udata = vec![NFTNL_UDATA_SET_KEYBYTEORDER, 4];
+                    udata.extend_from_slice(&NFT_BYTEORDER_HOST_ENDIAN.to_ne_bytes());
+                    b.attr(NFTA_SET_USERDATA, &udata);
+                    b.end_msg(s);
+                    messages.push((seq, format!("add the endpoint map of chain {chain}")));
+                    let seq = next();
+                    let s = b.msg(ty(NFT_MSG_NEWSETELEM), req | NLM_F_CREATE, seq, NFPROTO_IPV4, 0);
+                    b.str(NFTA_SET_ELEM_LIST_TABLE, table);
+                    b.str(NFTA_SET_ELEM_LIST_SET, "__map%d");
+                    b.u32(NFTA_SET_ELEM_LIST_SET_ID, set_id);
+                    b.nest(NFTA_SET_ELEM_LIST_ELEMENTS, |b| {
+                        for (i, (ip, port)) in eps.iter().enumerate() {
+                            let i = u32::try_from(i).unwrap_or(u32::MAX);
+                            let mut data = ip.octets().to_vec();
+                            data.extend_from_slice(&port.to_be_bytes());
+                            data.extend_from_slice(&[0, 0]);
+                            b.nest(NFTA_LIST_ELEM, |b| {
+                                b.value(NFTA_SET_ELEM_KEY, &i.to_ne_bytes());
+                                b.value(NFTA_SET_ELEM_DATA, &data);
+                            });
+                        }
+                    });
+                    b.end_msg(s);
+                    messages.push((seq, format!("fill the endpoint map of chain {chain}")));
+                }
                 if let Rule::Pick(chains) = rule {
                     set_id += 1;
                     map = Some(set_id);
@@ -458,7 +507,7 @@ pub fn encode(change: &Change, table: &str, seq: u32) -> Result<Batch, Error> {
                             b.value(NFTA_SET_ELEM_KEY, &key_bytes(e));
                             let verdict = match e {
                                 Elem::Addr(_, v) | Elem::Port(_, v) => v.as_deref(),
-                                Elem::Ip(_) => None,
+                                Elem::Ip(_) | Elem::Pair(_) => None,
                             };
                             if let Some(v) = verdict.filter(|_| *add) {
                                 match parse_verdict(v) {
@@ -502,11 +551,6 @@ pub fn encode(change: &Change, table: &str, seq: u32) -> Result<Batch, Error> {
 /// The expressions of one rule; `map` is the batch id of a [`Rule::Pick`]'s verdict map.
 fn encode_rule(b: &mut Buf, rule: &Rule, map: Option<u32>) -> Result<(), Error> {
     match rule {
-        Rule::MarkIfFrom(ip) => {
-            b.ip_saddr();
-            b.cmp(NFT_CMP_EQ, &ip.octets());
-            b.jump_or_goto(NFT_JUMP, MARK_CHAIN);
-        }
         Rule::RememberClient(set) => {
             b.ip_saddr();
             b.expr("dynset", |b| {
@@ -524,6 +568,34 @@ fn encode_rule(b: &mut Buf, rule: &Rule, map: Option<u32>) -> Result<(), Error> 
                 b.u32(2, u32::from(NFPROTO_IPV4)); // NFTA_NAT_FAMILY
                 b.u32(3, NFT_REG_1); // NFTA_NAT_REG_ADDR_MIN
                 b.u32(5, NFT_REG_2); // NFTA_NAT_REG_PROTO_MIN
+            });
+        }
+        Rule::DnatPick(proto, eps) => {
+            let Some(id) = map else {
+                return Err(Error::Unsupported("a random DNAT without its map".into()));
+            };
+            b.l4proto(*proto);
+            let modulus = u32::try_from(eps.len()).unwrap_or(u32::MAX);
+            b.expr("numgen", |b| {
+                b.u32(1, NFT_REG_1); // NFTA_NG_DREG
+                b.u32(2, modulus); // NFTA_NG_MODULUS
+                b.u32(3, NFT_NG_RANDOM); // NFTA_NG_TYPE
+                b.u32(4, 0); // NFTA_NG_OFFSET
+            });
+            b.expr("lookup", |b| {
+                b.str(1, "__map%d"); // NFTA_LOOKUP_SET
+                b.u32(4, id); // NFTA_LOOKUP_SET_ID
+                b.u32(2, NFT_REG_1); // NFTA_LOOKUP_SREG
+                b.u32(3, NFT_REG_1); // NFTA_LOOKUP_DREG: address, then port in the next word
+            });
+            b.expr("nat", |b| {
+                b.u32(1, NFT_NAT_DNAT); // NFTA_NAT_TYPE
+                b.u32(2, u32::from(NFPROTO_IPV4)); // NFTA_NAT_FAMILY
+                b.u32(3, NFT_REG_1); // NFTA_NAT_REG_ADDR_MIN
+                b.u32(4, NFT_REG_1); // NFTA_NAT_REG_ADDR_MAX
+                b.u32(5, NFT_REG32_01); // NFTA_NAT_REG_PROTO_MIN
+                b.u32(6, NFT_REG32_01); // NFTA_NAT_REG_PROTO_MAX
+                b.u32(7, NF_NAT_RANGE_MAP_IPS | NF_NAT_RANGE_PROTO_SPECIFIED); // NFTA_NAT_FLAGS
             });
         }
         Rule::MarkServiceTraffic { ip, proto, port, unless_from } => {

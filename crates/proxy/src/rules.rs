@@ -5,9 +5,15 @@
 //!
 //! The layout follows upstream kube-proxy's nftables mode (pkg/proxy/nftables): verdict maps keyed
 //! by `address . protocol . port` send new connections to a per-service-port chain, which picks an
-//! endpoint chain at random (`numgen random mod N vmap`), which DNATs. Filter chains that run
-//! before DNAT reject (or drop) traffic to Services without usable endpoints. As upstream, the
-//! table is replaced whole on start (and periodically, by the caller), and otherwise diffed.
+//! endpoint at random and DNATs to it (`dnat to numgen random mod N map { … }`). Unlike upstream
+//! there is a chain per endpoint only for ClientIP affinity (upstream always has one): the kernel
+//! re-checks every chain reachable from the base chains on each change that adds a jump or a
+//! DNAT, and at 10,000 Services the endpoint chains made that check 4 times longer. Hairpin
+//! traffic (a pod reaching itself through a Service) is therefore recognised after DNAT, by its
+//! source and destination both being the same endpoint (set `hairpin`), and masqueraded. Filter
+//! chains that run before DNAT reject (or drop) traffic to Services without usable endpoints. As
+//! upstream, the table is replaced whole on start (and periodically, by the caller), and
+//! otherwise diffed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -196,12 +202,13 @@ impl Proto {
 /// they can be written as nft text (`Display`) or encoded as netlink expressions (`crate::nl`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Rule {
-    /// `ip saddr A jump mark-for-masquerade` (hairpin: an endpoint reaching itself).
-    MarkIfFrom(Ipv4Addr),
     /// `update @SET { ip saddr }` (ClientIP affinity: remember this client).
     RememberClient(String),
     /// `meta l4proto P dnat to A:PORT`.
     Dnat(Proto, Ipv4Addr, u16),
+    /// `meta l4proto P dnat to numgen random mod N map { 0 : A . PORT, … }`: one of the
+    /// endpoints at random, DNATed in place (no chain per endpoint).
+    DnatPick(Proto, Vec<(Ipv4Addr, u16)>),
     /// `ip daddr A P dport N [ip saddr != C] jump mark-for-masquerade`.
     MarkServiceTraffic { ip: Ipv4Addr, proto: Proto, port: u16, unless_from: Option<Ipv4Cidr> },
     /// `ip saddr @SET goto CHAIN` (ClientIP affinity: a remembered client's endpoint).
@@ -226,10 +233,22 @@ impl std::fmt::Display for Rule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         const MARK: &str = "jump mark-for-masquerade";
         match self {
-            Rule::MarkIfFrom(ip) => write!(f, "ip saddr {ip} {MARK}"),
             Rule::RememberClient(set) => write!(f, "update @{set} {{ ip saddr }}"),
             Rule::Dnat(proto, ip, port) => {
                 write!(f, "meta l4proto {} dnat to {ip}:{port}", proto.nft())
+            }
+            Rule::DnatPick(proto, eps) => {
+                write!(
+                    f,
+                    "meta l4proto {} dnat to numgen random mod {} map {{ ",
+                    proto.nft(),
+                    eps.len()
+                )?;
+                for (i, (ip, port)) in eps.iter().enumerate() {
+                    let sep = if i + 1 < eps.len() { ", " } else { "" };
+                    write!(f, "{i} : {ip} . {port}{sep}")?;
+                }
+                write!(f, " }}")
             }
             Rule::MarkServiceTraffic { ip, proto, port, unless_from } => {
                 write!(f, "ip daddr {ip} {} dport {port}", proto.nft())?;
@@ -398,7 +417,8 @@ impl Model {
         &self.tables.udp_backends
     }
 
-    /// Chains beyond the fixed skeleton: one per Service port policy and per endpoint in use.
+    /// Chains beyond the fixed skeleton: one per Service port policy, and per endpoint in use by
+    /// a Service with ClientIP affinity.
     pub fn chain_count(&self) -> usize {
         self.parts.values().map(|p| p.tables.chains.len()).sum()
     }
@@ -474,6 +494,7 @@ pub fn render_model_from<'a>(
         tables.cluster_ips.extend(t.cluster_ips.iter().copied());
         tables.affinity_sets.extend(t.affinity_sets.iter().map(|(k, v)| (k.clone(), *v)));
         tables.udp_backends.extend(t.udp_backends.iter().copied());
+        tables.hairpin.extend(t.hairpin.iter().copied());
     }
     skipped.sort();
     skipped.dedup();
@@ -586,6 +607,8 @@ pub(crate) enum Elem {
     Port((Proto, u16), Option<String>),
     /// `address`.
     Ip(Ipv4Addr),
+    /// `address . address` (the hairpin set: an endpoint talking to itself).
+    Pair(Ipv4Addr),
 }
 
 impl std::fmt::Display for Elem {
@@ -594,6 +617,7 @@ impl std::fmt::Display for Elem {
             Elem::Addr(k, v) => (addr_elem(k), v),
             Elem::Port(k, v) => (port_elem(k), v),
             Elem::Ip(ip) => return write!(f, "{ip}"),
+            Elem::Pair(ip) => return write!(f, "{ip} . {ip}"),
         };
         match verdict {
             Some(v) => write!(f, "{key} : {v}"),
@@ -713,6 +737,10 @@ pub fn change(old: &Model, new: &Model) -> Option<Change> {
         n.cluster_ips.difference(&o.cluster_ips).map(|ip| Elem::Ip(*ip)).collect();
     push_elements(&mut ops, false, "cluster-ips", gone);
     push_elements(&mut ops, true, "cluster-ips", came);
+    let gone: Vec<Elem> = o.hairpin.difference(&n.hairpin).map(|ip| Elem::Pair(*ip)).collect();
+    let came: Vec<Elem> = n.hairpin.difference(&o.hairpin).map(|ip| Elem::Pair(*ip)).collect();
+    push_elements(&mut ops, false, "hairpin", gone);
+    push_elements(&mut ops, true, "hairpin", came);
     // Flushed first, all of them: a chain about to go may still be the target of another
     // chain that goes too.
     for name in &removed {
@@ -1012,6 +1040,10 @@ struct Tables {
     /// Affinity set name → timeout in seconds.
     affinity_sets: BTreeMap<String, i32>,
     udp_backends: BTreeSet<UdpBackend>,
+    /// Every endpoint address some rule DNATs to: a packet from one of them to itself after
+    /// DNAT (a pod reaching itself through a Service) is masqueraded, so the reply comes back
+    /// from the Service address.
+    hairpin: BTreeSet<Ipv4Addr>,
     /// Per-Service chains, in rule order.
     chains: BTreeMap<String, Vec<Rule>>,
 }
@@ -1045,17 +1077,24 @@ fn affinity_set(base: &str, ep: &Endpoint) -> String {
     format!("affinity-{base}__{}/{}", ep.ip, ep.port)
 }
 
-/// The rules of a policy chain that spread connections over `eps`: clients with a live affinity
-/// entry go back to their endpoint; everyone else gets one at random.
-fn policy_rules(base: &str, eps: &[&Endpoint], affinity: bool) -> Vec<Rule> {
+/// The rules of a policy chain that spread connections over `eps`. With ClientIP affinity,
+/// through a chain per endpoint (which remembers the client): clients with a live affinity
+/// entry go back to their endpoint, everyone else gets one at random. Without, the endpoint is
+/// picked and DNATed in one rule: fewer chains keep the kernel's check of the table, which it
+/// repeats on every change, short.
+fn policy_rules(base: &str, proto: Proto, eps: &[&Endpoint], affinity: bool) -> Vec<Rule> {
+    if !affinity {
+        return match eps {
+            [ep] => vec![Rule::Dnat(proto, ep.ip, ep.port)],
+            _ => vec![Rule::DnatPick(proto, eps.iter().map(|ep| (ep.ip, ep.port)).collect())],
+        };
+    }
     let mut rules = Vec::new();
-    if affinity {
-        for ep in eps {
-            rules.push(Rule::StickyGoto {
-                set: affinity_set(base, ep),
-                chain: endpoint_chain(base, ep),
-            });
-        }
+    for ep in eps {
+        rules.push(Rule::StickyGoto {
+            set: affinity_set(base, ep),
+            chain: endpoint_chain(base, ep),
+        });
     }
     rules.push(Rule::Pick(eps.iter().map(|ep| endpoint_chain(base, ep)).collect()));
     rules
@@ -1099,7 +1138,7 @@ fn add_service_port(
     let filter_verdict =
         if has_endpoints { "drop".to_string() } else { "goto reject-chain".to_string() };
 
-    // Endpoint chains: one per endpoint some policy chain can pick.
+    // Every endpoint some policy chain can pick (with affinity, each gets a chain).
     let mut used: BTreeSet<&Endpoint> = BTreeSet::new();
     if uses_cluster {
         used.extend(cluster_eps.iter().copied());
@@ -1121,18 +1160,16 @@ fn add_service_port(
         }
     }
     for ep in &used {
-        let mut rules = vec![
-            // Hairpin: a pod reaching itself through the Service must see the reply come from
-            // the Service, so its source is rewritten to the node.
-            Rule::MarkIfFrom(ep.ip),
-        ];
+        // Hairpin: a pod reaching itself through the Service must see the reply come from the
+        // Service, so its source is rewritten to the node (in nat-postrouting).
+        t.hairpin.insert(ep.ip);
         if let Some(timeout) = sp.affinity_timeout_seconds {
             let set = affinity_set(&base, ep);
-            rules.push(Rule::RememberClient(set.clone()));
+            let rules =
+                vec![Rule::RememberClient(set.clone()), Rule::Dnat(sp.proto, ep.ip, ep.port)];
             t.affinity_sets.insert(set, timeout);
+            t.chains.insert(endpoint_chain(&base, ep), rules);
         }
-        rules.push(Rule::Dnat(sp.proto, ep.ip, ep.port));
-        t.chains.insert(endpoint_chain(&base, ep), rules);
     }
 
     // Internal (ClusterIP) traffic from outside the pod network is masqueraded: it may be sent
@@ -1153,11 +1190,11 @@ fn add_service_port(
     }
     let affinity = sp.affinity_timeout_seconds.is_some();
     if uses_cluster {
-        let rules = policy_rules(&base, &cluster_eps, affinity);
+        let rules = policy_rules(&base, sp.proto, &cluster_eps, affinity);
         t.chains.entry(cluster_chain.clone()).or_default().extend(rules);
     }
     if uses_local {
-        let rules = policy_rules(&base, &local_eps, affinity);
+        let rules = policy_rules(&base, sp.proto, &local_eps, affinity);
         t.chains.entry(local_chain.clone()).or_default().extend(rules);
     }
 
@@ -1284,6 +1321,8 @@ impl Tables {
         );
         let ips: Vec<String> = self.cluster_ips.iter().map(ToString::to_string).collect();
         write_set(&mut out, "set", "cluster-ips", "ipv4_addr", &[], &ips);
+        let pairs: Vec<String> = self.hairpin.iter().map(|ip| format!("{ip} . {ip}")).collect();
+        write_set(&mut out, "set", "hairpin", "ipv4_addr . ipv4_addr", &[], &pairs);
         for (name, timeout) in &self.affinity_sets {
             let extra = ["flags dynamic,timeout".to_string(), format!("timeout {timeout}s")];
             write_set(&mut out, "set", name, "ipv4_addr", &extra, &[]);
@@ -1349,7 +1388,12 @@ impl Tables {
             &mut out,
             "nat-postrouting",
             Some(&base("nat", "postrouting", 100)),
-            &["jump masquerading".to_string()],
+            &[
+                // A pod that reached itself through a Service (after DNAT, source and
+                // destination are its own address).
+                "ct status dnat ip saddr . ip daddr @hairpin jump mark-for-masquerade".to_string(),
+                "jump masquerading".to_string(),
+            ],
         );
 
         // NodePorts answer on local addresses; never on loopback, which cannot be masqueraded
@@ -1576,7 +1620,11 @@ mod tests {
         );
         assert_eq!(
             chain(&t, "nat-postrouting").expect("chain"),
-            ["type nat hook postrouting priority 100; policy accept;", "jump masquerading"]
+            [
+                "type nat hook postrouting priority 100; policy accept;",
+                "ct status dnat ip saddr . ip daddr @hairpin jump mark-for-masquerade",
+                "jump masquerading"
+            ]
         );
         assert_eq!(
             chain(&t, "filter-output").expect("chain"),
@@ -1609,17 +1657,12 @@ mod tests {
         assert_eq!(
             chain(t, SVC).expect("service chain"),
             [
-                "ip daddr 10.96.0.50 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade".to_string(),
-                format!("numgen random mod 2 vmap {{ 0 : goto {EP5}, 1 : goto {EP6} }}"),
+                "ip daddr 10.96.0.50 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade",
+                "meta l4proto tcp dnat to numgen random mod 2 map { 0 : 10.244.1.5 . 8080, 1 : 10.244.1.6 . 8080 }",
             ]
         );
-        assert_eq!(
-            chain(t, EP5).expect("endpoint chain"),
-            [
-                "ip saddr 10.244.1.5 jump mark-for-masquerade",
-                "meta l4proto tcp dnat to 10.244.1.5:8080"
-            ]
-        );
+        // Without affinity the endpoint is DNATed in place: no chain per endpoint.
+        assert!(chain(t, EP5).is_none());
         assert_eq!(elements(t, "set", "cluster-ips"), ["10.96.0.50"]);
         assert!(elements(t, "map", "no-endpoint-services").is_empty());
     }
@@ -1758,9 +1801,8 @@ mod tests {
         assert_eq!(
             chain(&t, EP5).expect("endpoint chain"),
             [
-                "ip saddr 10.244.1.5 jump mark-for-masquerade".to_string(),
                 format!("update @{set5} {{ ip saddr }}"),
-                "meta l4proto tcp dnat to 10.244.1.5:8080".to_string(),
+                "meta l4proto tcp dnat to 10.244.1.5:8080".to_string()
             ]
         );
     }
@@ -1828,12 +1870,18 @@ mod tests {
     }
 
     #[test]
-    fn hairpin_traffic_is_marked_for_masquerade_in_the_endpoint_chain() {
-        let s = web_slice("web-1", &[ready("10.244.1.5", "node-a")]);
+    fn hairpin_traffic_is_marked_for_masquerade_after_dnat() {
+        let s = web_slice("web-1", &[ready("10.244.1.5", "node-a"), ready("10.244.1.6", "node-b")]);
         let t = render_one(&[web(json!({}))], &[s]).text;
+        // Every endpoint in use, paired with itself: after DNAT a packet from it to it is a pod
+        // that reached itself through the Service.
         assert_eq!(
-            chain(&t, EP5).expect("chain")[0],
-            "ip saddr 10.244.1.5 jump mark-for-masquerade"
+            elements(&t, "set", "hairpin"),
+            ["10.244.1.5 . 10.244.1.5", "10.244.1.6 . 10.244.1.6"]
+        );
+        assert_eq!(
+            chain(&t, "nat-postrouting").expect("chain")[1],
+            "ct status dnat ip saddr . ip daddr @hairpin jump mark-for-masquerade"
         );
         assert_eq!(
             chain(&t, "mark-for-masquerade").expect("chain"),
@@ -1846,10 +1894,7 @@ mod tests {
         let s = web_slice("web-1", &[ready("10.244.1.5", "node-a")]);
         let c = RulesConfig { cluster_cidr: None, ..config() };
         let t = render(&[web(json!({}))], &[s], &c).text;
-        assert_eq!(
-            chain(&t, SVC).expect("chain"),
-            [format!("numgen random mod 1 vmap {{ 0 : goto {EP5} }}")]
-        );
+        assert_eq!(chain(&t, SVC).expect("chain"), ["meta l4proto tcp dnat to 10.244.1.5:8080"]);
     }
 
     #[test]
@@ -1903,11 +1948,8 @@ mod tests {
             &[ready("10.244.1.6", "node-a"), ("10.244.1.5", "node-a", false, true, true)],
         );
         let t = render_one(&[web(json!({}))], &[s]).text;
-        assert!(chain(&t, EP5).is_none());
-        assert_eq!(
-            chain(&t, SVC).expect("chain")[1],
-            format!("numgen random mod 1 vmap {{ 0 : goto {EP6} }}")
-        );
+        assert_eq!(chain(&t, SVC).expect("chain")[1], "meta l4proto tcp dnat to 10.244.1.6:8080");
+        assert_eq!(elements(&t, "set", "hairpin"), ["10.244.1.6 . 10.244.1.6"]);
     }
 
     #[test]
@@ -1920,12 +1962,10 @@ mod tests {
             ],
         );
         let t = render_one(&[web(json!({}))], &[s]).text;
+        assert_eq!(chain(&t, SVC).expect("chain")[1], "meta l4proto tcp dnat to 10.244.1.5:8080");
         assert_eq!(
-            chain(&t, SVC).expect("chain")[1],
-            format!("numgen random mod 1 vmap {{ 0 : goto {EP5} }}")
-        );
-        assert!(
-            chain(&t, EP6).is_none(),
+            elements(&t, "set", "hairpin"),
+            ["10.244.1.5 . 10.244.1.5"],
             "a terminating endpoint that no longer serves is never used"
         );
     }
@@ -1939,7 +1979,7 @@ mod tests {
             "ports": [{"name": "http", "port": 8080}]
         }));
         let t = render_one(&[web(json!({}))], &[s]).text;
-        assert!(chain(&t, EP5).is_some());
+        assert_eq!(chain(&t, SVC).expect("chain")[1], "meta l4proto tcp dnat to 10.244.1.5:8080");
     }
 
     #[test]
@@ -1962,10 +2002,13 @@ mod tests {
         );
         assert_eq!(
             chain(&t, local).expect("local chain"),
-            [format!("numgen random mod 1 vmap {{ 0 : goto {EP5} }}")]
+            ["meta l4proto tcp dnat to 10.244.1.5:8080"]
         );
         // The ClusterIP still spreads over both nodes.
-        assert!(chain(&t, SVC).expect("chain")[1].starts_with("numgen random mod 2 vmap"));
+        assert_eq!(
+            chain(&t, SVC).expect("chain")[1],
+            "meta l4proto tcp dnat to numgen random mod 2 map { 0 : 10.244.1.5 . 8080, 1 : 10.244.2.9 . 8080 }"
+        );
     }
 
     #[test]
@@ -1993,8 +2036,8 @@ mod tests {
         assert_eq!(
             chain(&t, local).expect("local chain"),
             [
-                "ip daddr 10.96.0.50 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade".to_string(),
-                format!("numgen random mod 1 vmap {{ 0 : goto {EP5} }}"),
+                "ip daddr 10.96.0.50 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade",
+                "meta l4proto tcp dnat to 10.244.1.5:8080",
             ]
         );
         assert!(chain(&t, SVC).is_none(), "no external access, so no cluster-wide chain");
@@ -2035,11 +2078,11 @@ mod tests {
             ]
         );
         assert_eq!(
-            chain(&t, "endpoint-kube-system/dns/udp/dns__10.244.0.3/53").expect("chain")[1],
+            chain(&t, "service-kube-system/dns/udp/dns").expect("chain")[1],
             "meta l4proto udp dnat to 10.244.0.3:53"
         );
         assert_eq!(
-            chain(&t, "endpoint-kube-system/dns/sctp/sig__10.244.0.3/2905").expect("chain")[1],
+            chain(&t, "service-kube-system/dns/sctp/sig").expect("chain")[1],
             "meta l4proto sctp dnat to 10.244.0.3:2905"
         );
     }
@@ -2095,7 +2138,10 @@ mod tests {
         );
         let b = web_slice("web-b", &[ready("10.244.1.6", "node-a")]);
         let t = render_one(&[web(json!({}))], &[a, b]).text;
-        assert!(chain(&t, SVC).expect("chain")[1].starts_with("numgen random mod 2 vmap"));
+        assert_eq!(
+            chain(&t, SVC).expect("chain")[1],
+            "meta l4proto tcp dnat to numgen random mod 2 map { 0 : 10.244.1.5 . 8080, 1 : 10.244.1.6 . 8080 }"
+        );
     }
 
     #[test]
@@ -2225,7 +2271,7 @@ mod tests {
         assert!(Arc::ptr_eq(&first.parts["default/a"], &next.parts["default/a"]));
         assert!(!Arc::ptr_eq(&first.parts["default/b"], &next.parts["default/b"]));
         let text = changes(&first, &next, &c).expect("in place");
-        assert!(text.contains("endpoint-default/b/tcp/http__10.244.1.6/8080"), "{text}");
+        assert!(text.contains("10.244.1.6 . 8080"), "{text}");
         assert!(!text.contains("default/a/"), "{text}");
         // What was reused equals a render from scratch, text and all.
         let fresh = render_model(&[a.clone(), b.clone()], &[a_slice.clone(), b2.clone()], &c);
@@ -2250,21 +2296,46 @@ mod tests {
     }
 
     #[test]
-    fn a_new_endpoint_adds_its_chain_and_rewrites_only_the_service_chain() {
+    fn a_new_endpoint_rewrites_only_the_service_chain_and_the_hairpin_set() {
         let before = model(&[web(json!({}))], &[web_slice("w1", &[ready("10.244.1.5", "node-a")])]);
         let after = model(
             &[web(json!({}))],
             &[web_slice("w1", &[ready("10.244.1.5", "node-a"), ready("10.244.1.6", "node-a")])],
         );
         let text = changes(&before, &after, &config()).expect("in place");
+        assert_eq!(
+            text,
+            format!(
+                "flush chain ip rkube {SVC}\n\
+                 add rule ip rkube {SVC} ip daddr 10.96.0.50 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade\n\
+                 add rule ip rkube {SVC} meta l4proto tcp dnat to numgen random mod 2 map {{ 0 : 10.244.1.5 . 8080, 1 : 10.244.1.6 . 8080 }}\n\
+                 add element ip rkube hairpin {{ 10.244.1.6 . 10.244.1.6 }}\n"
+            )
+        );
+    }
+
+    #[test]
+    fn a_new_endpoint_of_a_sticky_service_adds_its_chain_before_the_service_chain_uses_it() {
+        let sticky = web(json!({"sessionAffinity": "ClientIP"}));
+        let before = model(
+            std::slice::from_ref(&sticky),
+            &[web_slice("w1", &[ready("10.244.1.5", "node-a")])],
+        );
+        let after = model(
+            &[sticky],
+            &[web_slice("w1", &[ready("10.244.1.5", "node-a"), ready("10.244.1.6", "node-a")])],
+        );
+        let text = changes(&before, &after, &config()).expect("in place");
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines[0], format!("add chain ip rkube {EP6}"));
+        assert!(
+            lines[0].starts_with("add set ip rkube affinity-default/web/tcp/http__10.244.1.6/8080"),
+            "{text}"
+        );
+        assert_eq!(lines[1], format!("add chain ip rkube {EP6}"));
         let flush = format!("flush chain ip rkube {SVC}");
         let refill = format!("add rule ip rkube {SVC} numgen random mod 2");
         let pos = |l: &str| lines.iter().position(|x| x.starts_with(l));
         assert!(pos(&flush).is_some_and(|f| pos(&refill).is_some_and(|r| f < r)), "{text}");
-        // The map still points at the same Service chain: no element changes.
-        assert!(!text.contains("element"), "{text}");
         assert!(
             !text.contains(&format!("ip rkube {EP5}")),
             "the unchanged endpoint chain is left alone: {text}"
@@ -2279,8 +2350,12 @@ mod tests {
 
     #[test]
     fn losing_the_last_endpoint_swaps_the_verdict_and_removes_chains_after_their_users() {
-        let before = model(&[web(json!({}))], &[web_slice("w1", &[ready("10.244.1.5", "node-a")])]);
-        let after = model(&[web(json!({}))], &[]);
+        let sticky = web(json!({"sessionAffinity": "ClientIP"}));
+        let before = model(
+            std::slice::from_ref(&sticky),
+            &[web_slice("w1", &[ready("10.244.1.5", "node-a")])],
+        );
+        let after = model(&[sticky], &[]);
         let text = changes(&before, &after, &config()).expect("in place");
         let at = |s: &str| text.find(s).unwrap_or_else(|| panic!("{s:?} missing from {text}"));
         let unmap = at("delete element ip rkube service-ips { 10.96.0.50 . tcp . 80 }");
@@ -2338,7 +2413,7 @@ mod tests {
         assert_eq!(r.skipped.len(), 7, "{:#?}", r.skipped);
         assert!(r.skipped.iter().any(|s| s.contains("10.96.0.300")));
         // The good parts are still there.
-        assert!(chain(&r.text, EP5).is_some());
+        assert_eq!(elements(&r.text, "set", "hairpin"), ["10.244.1.5 . 10.244.1.5"]);
         assert_eq!(elements(&r.text, "set", "cluster-ips"), ["10.96.0.50"]);
     }
 
