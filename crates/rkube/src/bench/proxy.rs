@@ -181,25 +181,25 @@ async fn change(
     Ok((resource_version(&done.metadata)?, new_ip))
 }
 
-/// Chains and map elements in the namespace's `ip rkube` table.
-fn table_size(ns: &Netns) -> anyhow::Result<(usize, usize)> {
+/// Chains, map elements and hairpin pairs in the namespace's `ip rkube` table.
+fn table_size(ns: &Netns) -> anyhow::Result<(usize, usize, usize)> {
     let text = ns.exec(&["nft", "list", "table", "ip", "rkube"])?;
-    let (mut chains, mut elements, mut in_map) = (0, 0, false);
+    let (mut chains, mut elements, mut pairs, mut in_map, mut in_hairpin) = (0, 0, 0, false, false);
     for line in text.lines().map(str::trim_start) {
-        if line.starts_with("chain ") {
-            chains += 1;
-            in_map = false;
-        } else if line.starts_with("set ") {
-            in_map = false;
-        } else if line.starts_with("map ") {
-            in_map = true;
+        if line.starts_with("chain ") || line.starts_with("set ") || line.starts_with("map ") {
+            chains += usize::from(line.starts_with("chain "));
+            in_map = line.starts_with("map ");
+            in_hairpin = line.starts_with("set hairpin ");
         } else if in_map {
-            // Every element of the verdict maps carries one verdict (rules' anonymous vmaps
+            // Every element of the verdict maps carries one verdict (rules' anonymous maps
             // are inside chains, so not counted).
             elements += line.matches(" : goto ").count() + line.matches(" : drop").count();
+        } else if in_hairpin && !line.starts_with("type ") {
+            // One `a . a` per endpoint address in use.
+            pairs += line.matches(" . ").count();
         }
     }
-    Ok((chains, elements))
+    Ok((chains, elements, pairs))
 }
 
 async fn one_size(n: usize, changes: usize) -> anyhow::Result<Value> {
@@ -233,10 +233,15 @@ async fn one_size(n: usize, changes: usize) -> anyhow::Result<Value> {
     live(&mut status, newest).await?;
     let first_live_s = started.elapsed().as_secs_f64();
     let first = *status.borrow();
-    let (chains, elements) = table_size(&ns)?;
+    let (chains, elements, pairs) = table_size(&ns)?;
     if elements != n + 1 {
         // Every bench Service plus the API server's own `kubernetes` Service.
         bail!("after the first apply the table holds {elements} map elements, expected {}", n + 1);
+    }
+    if pairs < n * ENDPOINTS_PER_SERVICE {
+        bail!(
+            "after the first apply the table holds {pairs} hairpin pairs, expected every endpoint"
+        );
     }
 
     // One change at a time, each waited for.
@@ -307,11 +312,11 @@ async fn one_size(n: usize, changes: usize) -> anyhow::Result<Value> {
     live(&mut status, newest).await?;
     let churn_settle_ms = settled.elapsed().as_secs_f64() * 1000.0;
     let churn_applies = status.borrow().applies - applies_before;
-    let (chains_after, elements_after) = table_size(&ns)?;
-    if (chains_after, elements_after) != (chains, elements) {
+    let (chains_after, elements_after, pairs_after) = table_size(&ns)?;
+    if (chains_after, elements_after, pairs_after) != (chains, elements, pairs) {
         bail!(
-            "after churn the table holds {chains_after} chains and {elements_after} map \
-             elements, before it {chains} and {elements}"
+            "after churn the table holds {chains_after} chains, {elements_after} map elements \
+             and {pairs_after} hairpin pairs, before it {chains}, {elements} and {pairs}"
         );
     }
 
@@ -327,6 +332,7 @@ async fn one_size(n: usize, changes: usize) -> anyhow::Result<Value> {
         "first_apply_bytes": first.bytes,
         "table_chains": chains,
         "table_map_elements": elements,
+        "table_hairpin_pairs": pairs,
         "changes": changes,
         "change_to_live_p50_ms": p50,
         "change_to_live_p99_ms": p99,
