@@ -36,7 +36,7 @@ impl Ipv4Cidr {
         u32::from(ip) & Self::mask(self.prefix_len) == u32::from(self.addr)
     }
 
-    fn mask(prefix_len: u8) -> u32 {
+    pub(crate) fn mask(prefix_len: u8) -> u32 {
         // `checked_shl` because shifting a u32 by 32 overflows: /0 means "no bits fixed".
         u32::MAX.checked_shl(32 - u32::from(prefix_len)).unwrap_or(0)
     }

@@ -30,6 +30,10 @@ pub struct Args {
     /// The nft program.
     #[arg(long, default_value = "nft")]
     pub nft_path: String,
+    /// Apply in-place changes over netlink (`false`: always through the nft program, which
+    /// lists the whole table before each change).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub netlink: bool,
     /// The conntrack program, used to end UDP flows to removed endpoints.
     #[arg(long, default_value = "conntrack")]
     pub conntrack_path: String,
@@ -97,6 +101,7 @@ impl Args {
             min_sync_period: self.min_sync_period,
             check_period: self.sync_period,
             full_sync_period: self.full_sync_period,
+            netlink: self.netlink.then_some(crate::Netlink::Current),
             ..Config::default()
         })
     }
@@ -165,6 +170,9 @@ mod tests {
         assert_eq!(c.nft, vec!["nft".to_string()]);
         assert_eq!(c.min_sync_period, Duration::from_millis(250));
         assert_eq!(c.full_sync_period, Duration::from_secs(600));
+        assert_eq!(c.netlink, Some(crate::Netlink::Current));
+        let nft_only = Cmd::try_parse_from(["proxy", "--netlink", "false"]).expect("parse");
+        assert_eq!(nft_only.args.config().expect("config").netlink, None);
     }
 
     #[test]

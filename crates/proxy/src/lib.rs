@@ -5,12 +5,15 @@
 //! The loop: two reflectors feed in-memory stores and bump a change counter; after a short
 //! coalescing pause the whole rule set is rendered (`rules::render_model`, pure) and compared
 //! with what was last applied. On start, after a failure and every `full_sync_period` the table
-//! is replaced whole; otherwise only the difference (`rules::changes`: changed chains flushed
-//! and refilled, map elements added and deleted) goes to `nft -f -`, each as one atomic
-//! transaction, and nothing at all when nothing differs.
+//! is replaced whole (`nft -f -`); otherwise only the difference (`rules::change`: changed
+//! chains flushed and refilled, map elements added and deleted) is applied, each as one atomic
+//! transaction, and nothing at all when nothing differs. A difference goes straight to
+//! nf_tables over netlink when `Config::netlink` says where (`nl`: nft would first list the
+//! whole table, half a second at 10,000 Services), else to `nft -f -` as text.
 
 pub mod cidr;
 pub mod cli;
+pub mod nl;
 pub mod rules;
 
 use std::time::Duration;
@@ -30,7 +33,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use cidr::Ipv4Cidr;
 pub use rules::{
-    AffinityEntry, Model, RulesConfig, Ruleset, UdpBackend, UdpFront, changes, render, render_model,
+    AffinityEntry, Change, Model, RulesConfig, Ruleset, UdpBackend, UdpFront, change, changes,
+    render, render_model,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +55,8 @@ pub enum Error {
     Nft { command: String, status: String, stderr: String },
     #[error("{command} did not finish within {timeout:?}")]
     Timeout { command: String, timeout: Duration },
+    #[error(transparent)]
+    Netlink(nl::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -80,6 +86,19 @@ pub struct Config {
     /// endpoint went away; `-D …` is appended. Missing: a warning, and such flows stay stuck
     /// until their conntrack entries expire.
     pub conntrack: Vec<String>,
+    /// Where in-place changes go over netlink instead of through `nft -f` (full replaces always
+    /// use nft). None: nft only, as tests with a stand-in nft need. It must name the network
+    /// namespace `nft` acts in.
+    pub netlink: Option<Netlink>,
+}
+
+/// The network namespace whose nf_tables the proxy's netlink socket talks to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Netlink {
+    /// The proxy's own.
+    Current,
+    /// The one at this path (e.g. `/run/netns/NAME`).
+    Netns(std::path::PathBuf),
 }
 
 impl Default for Config {
@@ -94,6 +113,7 @@ impl Default for Config {
             full_sync_period: Duration::from_secs(3600),
             retry_period_max: Duration::from_secs(60),
             conntrack: vec!["conntrack".into()],
+            netlink: None,
         }
     }
 }
@@ -132,10 +152,14 @@ pub struct Applied {
     pub resource_version: u64,
     /// Whether the last apply replaced the whole table (rather than changing parts of it).
     pub full: bool,
-    /// How long the last `nft` run took.
+    /// How long the last apply took (the `nft` run, or the netlink transaction).
     pub nft_time: Duration,
     /// Bytes of the last transaction.
     pub bytes: usize,
+    /// Whether the last apply went over netlink rather than through nft.
+    pub netlink: bool,
+    /// How long rendering the rules and working out the change took before the last apply.
+    pub render_time: Duration,
 }
 
 /// [`run`], publishing on `status` after every successful apply.
@@ -168,11 +192,17 @@ pub async fn run_reporting(
     // restart are not cleared).
     let mut udp_backends = std::collections::BTreeSet::new();
     let mut conntrack_missing_reported = false;
+    // The netlink socket for in-place changes, opened on first use.
+    let mut socket = NetlinkSocket::default();
+    let empty = rules::Model::default();
     loop {
         changed.borrow_and_update();
+        let rendering = Instant::now();
         let svcs = services.state();
         let eps = slices.state();
-        let model = render_model(
+        // Only Services whose objects changed since the applied rules are rendered again.
+        let model = rules::render_model_from(
+            applied.as_ref().unwrap_or(&empty),
             svcs.iter().map(|s| s.as_ref()),
             eps.iter().map(|s| s.as_ref()),
             &config.rules,
@@ -187,19 +217,20 @@ pub async fn run_reporting(
         // FullSyncPeriod); otherwise only the difference from what was applied is sent.
         let full_due = last_full.is_none_or(|t| t.elapsed() >= config.full_sync_period);
         let incremental = match &applied {
-            Some(old) if !full_due => rules::changes(old, &model, &config.rules),
+            Some(old) if !full_due => rules::change(old, &model),
             _ => None,
         };
+        let render_time = rendering.elapsed();
         let mut wait = config.check_period;
-        if incremental.as_deref() != Some("") {
+        if !incremental.as_ref().is_some_and(Change::is_empty) {
             let started = Instant::now();
             last_apply = Some(started);
             let resource_version = newest_version(&svcs, &eps);
-            let (result, bytes) = match &incremental {
-                Some(text) => (apply(&config, text).await, text.len()),
+            let (result, bytes, via_netlink) = match &incremental {
+                Some(change) => apply_change(&config, &mut socket, change).await,
                 None => {
                     let set = model.ruleset(&config.rules);
-                    (apply_keeping_affinity(&config, &set).await, set.text.len())
+                    (apply_keeping_affinity(&config, &set).await, set.text.len(), false)
                 }
             };
             match result {
@@ -211,6 +242,8 @@ pub async fn run_reporting(
                         s.full = full;
                         s.nft_time = started.elapsed();
                         s.bytes = bytes;
+                        s.netlink = via_netlink;
+                        s.render_time = render_time;
                     });
                     if full {
                         last_full = Some(started);
@@ -380,6 +413,62 @@ async fn nft(config: &Config, args: &[&str], stdin: Option<&str>) -> Result<Stri
         stderr.push_str(" …");
     }
     Err(Error::Nft { command, status: output.status.to_string(), stderr })
+}
+
+/// The proxy's netlink socket, opened on first use; after a failure to open it, nft is used
+/// (and the failure logged once).
+#[derive(Default)]
+struct NetlinkSocket {
+    socket: Option<nl::Socket>,
+    open_failed: bool,
+}
+
+/// Applies an in-place change: over netlink when configured and possible, else as text through
+/// nft. Returns the outcome, the transaction's size and whether it went over netlink.
+async fn apply_change(
+    config: &Config,
+    socket: &mut NetlinkSocket,
+    change: &Change,
+) -> (Result<()>, usize, bool) {
+    if let Some(target) = config.netlink.as_ref().filter(|_| change.ops.len() <= nl::MAX_MESSAGES) {
+        if socket.socket.is_none() && !socket.open_failed {
+            let path = match target {
+                Netlink::Current => None,
+                Netlink::Netns(p) => Some(p.as_path()),
+            };
+            match nl::Socket::open(path) {
+                Ok(s) => socket.socket = Some(s),
+                Err(e) => {
+                    tracing::warn!("proxy: netlink unavailable, changes go through nft: {e}");
+                    socket.open_failed = true;
+                }
+            }
+        }
+        if let Some(mut sock) = socket.socket.take() {
+            let (table, timeout, change2) =
+                (config.rules.table.clone(), config.nft_timeout, change.clone());
+            let joined = tokio::task::spawn_blocking(move || {
+                let r = sock.commit(&change2, &table, timeout);
+                (sock, r)
+            })
+            .await;
+            match joined {
+                Ok((sock, Ok(bytes))) => {
+                    socket.socket = Some(sock);
+                    return (Ok(()), bytes, true);
+                }
+                Ok((sock, Err(nl::Error::Unsupported(what)))) => {
+                    socket.socket = Some(sock);
+                    tracing::debug!("proxy: change sent through nft: {what}");
+                }
+                // The socket may hold late answers: the next change opens a new one.
+                Ok((_, Err(e))) => return (Err(Error::Netlink(e)), 0, true),
+                Err(e) => return (Err(Error::Netlink(nl::Error::Join(e.to_string()))), 0, true),
+            }
+        }
+    }
+    let text = change.text(&config.rules.table);
+    (apply(config, &text).await, text.len(), false)
 }
 
 /// Applies one rendered transaction (`nft -f -`).

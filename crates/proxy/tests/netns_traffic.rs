@@ -237,6 +237,8 @@ async fn services_route_tcp_to_endpoints_inside_a_network_namespace() {
                 ..RulesConfig::default()
             },
             nft: ns.nft_command(),
+            // Changes go over netlink, as in production; full replaces through nft.
+            netlink: Some(ns.netlink()),
             coalesce: Duration::from_millis(50),
             min_sync_period: Duration::from_millis(100),
             check_period: Duration::from_millis(300),
@@ -387,6 +389,8 @@ async fn a_udp_flow_moves_off_a_removed_endpoint() {
         let config = Config {
             rules: RulesConfig { node_name: "node-a".into(), ..RulesConfig::default() },
             nft: ns.nft_command(),
+            // Changes go over netlink, as in production; full replaces through nft.
+            netlink: Some(ns.netlink()),
             conntrack,
             coalesce: Duration::from_millis(50),
             min_sync_period: Duration::from_millis(100),

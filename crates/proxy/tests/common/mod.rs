@@ -94,6 +94,11 @@ impl Netns {
     pub fn nft_command(&self) -> Vec<String> {
         ["ip", "netns", "exec", &self.name, "nft"].map(String::from).to_vec()
     }
+
+    /// The proxy's netlink target for this namespace (where `nft_command` acts).
+    pub fn netlink(&self) -> rkube_proxy::Netlink {
+        rkube_proxy::Netlink::Netns(format!("/run/netns/{}", self.name).into())
+    }
 }
 
 impl Drop for Netns {

@@ -103,5 +103,7 @@ pub fn proxy_config(node_name: &str, cluster_cidr: &str) -> rkube_proxy::Config 
     let mut c = rkube_proxy::Config::default();
     c.rules.node_name = node_name.to_lowercase();
     c.rules.cluster_cidr = cluster_cidr.parse().ok();
+    // In-place changes go straight to nf_tables (nft lists the whole table before each one).
+    c.netlink = Some(rkube_proxy::Netlink::Current);
     c
 }
