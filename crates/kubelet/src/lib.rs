@@ -7,9 +7,11 @@ pub mod network;
 mod node;
 mod oci;
 mod pods;
+mod portforward;
 mod probes;
 pub mod runtime;
 mod server;
+mod spdy;
 mod tty;
 pub mod volumes;
 
