@@ -1,5 +1,6 @@
-//! The API server's side of `kubectl logs` and `kubectl exec`: find the pod's node, then relay
-//! the request to that node's kubelet (an HTTP stream for logs, a WebSocket for exec).
+//! The API server's side of `kubectl logs`, `kubectl exec` and `kubectl port-forward`: find the
+//! pod's node, then relay the request to that node's kubelet (an HTTP stream for logs, a
+//! WebSocket for exec, the upgraded connection as it is for port-forward).
 
 use std::collections::HashMap;
 
@@ -135,11 +136,20 @@ pub async fn exec(
         .unwrap_or("v4.channel.k8s.io")
         .to_string();
     let url = format!("ws://{addr}/exec/{ns}/{pod}/{container}?{raw_query}");
-    let mut request = tungstenite::client::IntoClientRequest::into_client_request(url.as_str())
+    let upstream = connect_kubelet(&addr, &url, &protocol).await?;
+    Ok(relay(ws, upstream))
+}
+
+type KubeletSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A WebSocket to the kubelet at `url` speaking `protocol`.
+async fn connect_kubelet(addr: &str, url: &str, protocol: &str) -> Result<KubeletSocket> {
+    let mut request = tungstenite::client::IntoClientRequest::into_client_request(url)
         .map_err(|e| Error::internal(e.to_string()))?;
     request.headers_mut().insert(
         "sec-websocket-protocol",
-        http::HeaderValue::from_str(&protocol).map_err(|e| Error::internal(e.to_string()))?,
+        http::HeaderValue::from_str(protocol).map_err(|e| Error::internal(e.to_string()))?,
     );
     let (upstream, _) = tokio_tungstenite::connect_async(request).await.map_err(|e| {
         Error::status(
@@ -148,54 +158,163 @@ pub async fn exec(
             format!("connecting to the kubelet at {addr}: {e}"),
         )
     })?;
-    Ok(ws
-        .on_upgrade(move |client| async move {
-            let (mut up_tx, mut up_rx) = upstream.split();
-            let (mut cl_tx, mut cl_rx) = client.split();
-            let to_kubelet = async move {
-                while let Some(Ok(m)) = cl_rx.next().await {
-                    let m = match m {
-                        Message::Binary(b) => tungstenite::Message::Binary(b.to_vec().into()),
-                        Message::Text(t) => {
-                            tungstenite::Message::Text(t.as_str().to_string().into())
-                        }
-                        Message::Close(_) => break,
-                        _ => continue,
-                    };
-                    if up_tx.send(m).await.is_err() {
-                        break;
-                    }
+    Ok(upstream)
+}
+
+/// Completes the client's upgrade and relays messages both ways until either side closes.
+fn relay(ws: WebSocketUpgrade, upstream: KubeletSocket) -> Response {
+    ws.on_upgrade(move |client| async move {
+        let (mut up_tx, mut up_rx) = upstream.split();
+        let (mut cl_tx, mut cl_rx) = client.split();
+        let to_kubelet = async move {
+            while let Some(Ok(m)) = cl_rx.next().await {
+                let m = match m {
+                    Message::Binary(b) => tungstenite::Message::Binary(b.to_vec().into()),
+                    Message::Text(t) => tungstenite::Message::Text(t.as_str().to_string().into()),
+                    Message::Close(_) => break,
+                    _ => continue,
+                };
+                if up_tx.send(m).await.is_err() {
+                    break;
                 }
-                let _ = up_tx.close().await;
-            };
-            let to_client = async {
-                while let Some(Ok(m)) = up_rx.next().await {
-                    let m = match m {
-                        tungstenite::Message::Binary(b) => Message::Binary(b.to_vec().into()),
-                        tungstenite::Message::Text(t) => {
-                            Message::Text(t.as_str().to_string().into())
-                        }
-                        tungstenite::Message::Close(_) => break,
-                        _ => continue,
-                    };
-                    if cl_tx.send(m).await.is_err() {
-                        break;
-                    }
+            }
+            let _ = up_tx.close().await;
+        };
+        let to_client = async {
+            while let Some(Ok(m)) = up_rx.next().await {
+                let m = match m {
+                    tungstenite::Message::Binary(b) => Message::Binary(b.to_vec().into()),
+                    tungstenite::Message::Text(t) => Message::Text(t.as_str().to_string().into()),
+                    tungstenite::Message::Close(_) => break,
+                    _ => continue,
+                };
+                if cl_tx.send(m).await.is_err() {
+                    break;
                 }
-                let _ = cl_tx
-                    .send(Message::Close(Some(axum::extract::ws::CloseFrame {
-                        code: 1000,
-                        reason: "".into(),
-                    })))
-                    .await;
-            };
-            // Everything the kubelet sends (the exit status last) must reach the client, so the
-            // client-to-kubelet direction runs beside it and stops only when that one is done.
-            let upstream_task = tokio::spawn(to_kubelet);
-            to_client.await;
-            upstream_task.abort();
-        })
-        .into_response())
+            }
+            let _ = cl_tx
+                .send(Message::Close(Some(axum::extract::ws::CloseFrame {
+                    code: 1000,
+                    reason: "".into(),
+                })))
+                .await;
+        };
+        // Everything the kubelet sends (the exit status last) must reach the client, so the
+        // client-to-kubelet direction runs beside it and stops only when that one is done.
+        let upstream_task = tokio::spawn(to_kubelet);
+        to_client.await;
+        upstream_task.abort();
+    })
+    .into_response()
+}
+
+/// The comma-separated, lower-cased values of header `name`.
+fn header_tokens(h: &http::HeaderMap, name: &str) -> Vec<String> {
+    h.get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|v| v.trim().to_ascii_lowercase())
+        .filter(|v| !v.is_empty())
+        .collect()
+}
+
+/// `kubectl port-forward`: the client's upgraded connection is carried through to the pod's
+/// kubelet unchanged — a WebSocket (SPDY tunnelled in it, or port-forward channels) relayed
+/// message by message with the negotiated subprotocol, or a plain `Upgrade: SPDY/3.1`
+/// connection relayed byte for byte after the kubelet has agreed to it.
+pub async fn portforward(
+    reg: &Registry,
+    ns: &str,
+    pod: &str,
+    req: http::Request<Body>,
+    raw_query: &str,
+) -> Result<Response> {
+    let (mut parts, _body) = req.into_parts();
+    let upgrade = header_tokens(&parts.headers, "upgrade");
+    if upgrade.iter().any(|u| u == "websocket") {
+        let ws = WebSocketUpgrade::from_request_parts(&mut parts, &())
+            .await
+            .map_err(|e| Error::bad_request(e.body_text()))?;
+        let ws =
+            ws.protocols(["SPDY/3.1+portforward.k8s.io", "v4.channel.k8s.io", "channel.k8s.io"]);
+        let Some(protocol) =
+            ws.selected_protocol().and_then(|v| v.to_str().ok()).map(str::to_string)
+        else {
+            return Err(Error::bad_request(
+                "port-forward over a WebSocket needs the subprotocol SPDY/3.1+portforward.k8s.io or v4.channel.k8s.io",
+            ));
+        };
+        let (addr, _) = kubelet_of(reg, ns, pod).await?;
+        let url = format!("ws://{addr}/portForward/{ns}/{pod}?{raw_query}");
+        let upstream = connect_kubelet(&addr, &url, &protocol).await?;
+        return Ok(relay(ws, upstream));
+    }
+    if !upgrade.iter().any(|u| u == "spdy/3.1") {
+        return Err(Error::bad_request("Upgrade request required"));
+    }
+    let (addr, _) = kubelet_of(reg, ns, pod).await?;
+    let unavailable = |e: &dyn std::fmt::Display| {
+        Error::status(
+            503,
+            "ServiceUnavailable",
+            format!("connecting to the kubelet at {addr}: {e}"),
+        )
+    };
+    let tcp = tokio::net::TcpStream::connect(&addr).await.map_err(|e| unavailable(&e))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .map_err(|e| unavailable(&e))?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    let mut up = http::Request::builder()
+        .method(parts.method.clone())
+        .uri(format!("/portForward/{ns}/{pod}?{raw_query}"))
+        .header(http::header::HOST, &addr)
+        .header(http::header::CONNECTION, "Upgrade")
+        .header(http::header::UPGRADE, "SPDY/3.1");
+    for v in parts.headers.get_all("x-stream-protocol-version") {
+        up = up.header("x-stream-protocol-version", v);
+    }
+    let up = up.body(Body::empty()).map_err(|e| Error::internal(e.to_string()))?;
+    let mut resp = sender.send_request(up).await.map_err(|e| unavailable(&e))?;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // The kubelet's refusal (a Status, or a protocol mismatch) goes back as it is.
+        let (rp, body) = resp.into_parts();
+        let mut out = Response::new(Body::new(body));
+        *out.status_mut() = rp.status;
+        for name in [
+            http::header::CONTENT_TYPE,
+            http::HeaderName::from_static("x-accepted-stream-protocol-versions"),
+        ] {
+            if let Some(v) = rp.headers.get(&name) {
+                out.headers_mut().insert(name, v.clone());
+            }
+        }
+        return Ok(out);
+    }
+    let Some(client_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
+        return Err(Error::internal("the client connection cannot be upgraded"));
+    };
+    let kubelet_upgrade = hyper::upgrade::on(&mut resp);
+    tokio::spawn(async move {
+        let (Ok(client), Ok(kubelet)) = (client_upgrade.await, kubelet_upgrade.await) else {
+            return;
+        };
+        let mut client = hyper_util::rt::TokioIo::new(client);
+        let mut kubelet = hyper_util::rt::TokioIo::new(kubelet);
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut kubelet).await;
+    });
+    let mut out = Response::new(Body::empty());
+    *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    for name in ["connection", "upgrade", "x-stream-protocol-version"] {
+        if let Some(v) = resp.headers().get(name) {
+            out.headers_mut().insert(http::HeaderName::from_static(name), v.clone());
+        }
+    }
+    Ok(out)
 }
 
 pub fn unsupported(sub: &str) -> Response {

@@ -679,14 +679,24 @@ fn strict_unknown_fields(q: &HashMap<String, String>) -> bool {
 }
 
 async fn handle(st: Arc<Inner>, user: User, req: Request) -> Result<Response> {
-    // exec/attach need the whole request (the WebSocket upgrade), so they go first.
+    // exec/attach/portforward need the whole request (the upgrade), so they go first.
     {
         let segs: Vec<&str> = req.uri().path().trim_matches('/').split('/').collect();
-        if let ["api", "v1", "namespaces", ns, "pods", name, sub @ ("exec" | "attach")] =
-            segs.as_slice()
+        if let [
+            "api",
+            "v1",
+            "namespaces",
+            ns,
+            "pods",
+            name,
+            sub @ ("exec" | "attach" | "portforward"),
+        ] = segs.as_slice()
         {
             let (ns, name, sub) = (ns.to_string(), name.to_string(), sub.to_string());
             let raw = req.uri().query().unwrap_or("").to_string();
+            if sub == "portforward" {
+                return crate::proxy::portforward(&st.registry, &ns, &name, req, &raw).await;
+            }
             let q = parse_query(Some(&raw));
             if sub == "attach" {
                 return Ok(crate::proxy::unsupported("attach"));
@@ -1124,9 +1134,7 @@ async fn handle(st: Arc<Inner>, user: User, req: Request) -> Result<Response> {
             let raw = parts.uri.query().unwrap_or("");
             crate::proxy::logs(reg, ns.unwrap_or("default"), name, &q, raw).await
         }
-        (_, Some(_), Some(sub)) if matches!(sub, "portforward" | "proxy") => {
-            Ok(crate::proxy::unsupported(sub))
-        }
+        (_, Some(_), Some(sub)) if sub == "proxy" => Ok(crate::proxy::unsupported(sub)),
         _ => Err(Error::method_not_supported(
             "the server does not allow this method on the requested resource",
         )),

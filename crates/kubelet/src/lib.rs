@@ -8,10 +8,12 @@ pub mod network;
 mod node;
 mod oci;
 mod pods;
+mod portforward;
 mod probes;
 pub mod procinit;
 pub mod runtime;
 mod server;
+mod spdy;
 mod tty;
 pub mod volumes;
 

@@ -381,6 +381,14 @@ pub async fn running_container(
     Some((runtime, c))
 }
 
+/// The sandbox of pod `uid` on this node: `Some(netns)`, where `None` is the node's network
+/// (hostNetwork); `None` when the pod has no sandbox here.
+pub fn pod_netns(config: &Config, uid: &str) -> Option<Option<PathBuf>> {
+    let shim: Vec<std::ffi::OsString> = config.runc_shim.iter().map(Into::into).collect();
+    let runtime = Runtime::new(config.data_dir.join("oci"), shim).ok()?;
+    runtime.sandbox(uid).ok()?.map(|sb| sb.netns_path)
+}
+
 /// Keeps the previous log for `kubectl logs --previous`, as the process runtime does.
 pub fn rotate_log(path: &Path) {
     if let Some(dir) = path.parent() {

@@ -1,6 +1,7 @@
-//! The kubelet's own HTTP endpoint, which the API server proxies `kubectl logs` and
-//! `kubectl exec` to: container logs (follow, tail, since, timestamps, previous) and exec over
-//! the Kubernetes WebSocket channel protocol (v4/v5.channel.k8s.io). Served on loopback.
+//! The kubelet's own HTTP endpoint, which the API server proxies `kubectl logs`, `kubectl exec`
+//! and `kubectl port-forward` to: container logs (follow, tail, since, timestamps, previous),
+//! exec over the Kubernetes WebSocket channel protocol (v4/v5.channel.k8s.io) and port
+//! forwarding (SPDY/3.1, plain or in a WebSocket, and WebSocket channels; see `portforward`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -39,6 +40,7 @@ pub async fn start(
         .route("/healthz", get(|| async { "ok" }))
         .route("/containerLogs/{ns}/{pod}/{container}", get(logs))
         .route("/exec/{ns}/{pod}/{container}", get(exec).post(exec))
+        .route("/portForward/{ns}/{pod}", get(port_forward).post(port_forward))
         .with_state(Ctx { client, config });
     tokio::spawn(async move {
         let _ = axum::serve(listener, app)
@@ -283,6 +285,136 @@ async fn exec(
             }
         },
     )
+}
+
+async fn port_forward(
+    State(ctx): State<Ctx>,
+    Path((ns, pod)): Path<(String, String)>,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
+    req: axum::extract::Request,
+) -> Response {
+    use crate::portforward::{self, Target};
+    let (p, _) = match pod_dir(&ctx, &ns, &pod).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let uid = p.metadata.uid.clone().unwrap_or_default();
+    let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+    let netns = match ctx.config.runtime {
+        crate::RuntimeKind::Process => None,
+        crate::RuntimeKind::Oci => match crate::oci::pod_netns(&ctx.config, &uid) {
+            Some(ns) => ns,
+            None => {
+                return status(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    format!("pod {pod} has no sandbox on this node"),
+                );
+            }
+        },
+        crate::RuntimeKind::Simulated => {
+            return status(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                format!("pod {pod} is simulated: it has no ports to forward"),
+            );
+        }
+    };
+    if !running {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            format!(
+                "unable to forward port because pod is not running. Current status={}",
+                p.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default()
+            ),
+        );
+    }
+    let target = std::sync::Arc::new(Target { pod: pod.clone(), uid, netns });
+    let (mut parts, _body) = req.into_parts();
+    let header = |name: &str| {
+        parts
+            .headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|v| v.trim().to_ascii_lowercase())
+            .collect::<Vec<_>>()
+    };
+    if header("upgrade").iter().any(|u| u == "websocket") {
+        use axum::extract::FromRequestParts;
+        let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+            Ok(ws) => ws,
+            Err(e) => return e.into_response(),
+        };
+        let ws =
+            ws.protocols([portforward::WS_SPDY_PROTOCOL, "v4.channel.k8s.io", "channel.k8s.io"]);
+        let spdy = ws.selected_protocol().is_some_and(|p| p == portforward::WS_SPDY_PROTOCOL);
+        if spdy {
+            return ws.on_upgrade(move |s| portforward::serve_spdy_over_websocket(s, target));
+        }
+        let ports = match portforward::ports_from_query(raw.as_deref().unwrap_or("")) {
+            Ok(p) => p,
+            Err(msg) => return status(StatusCode::BAD_REQUEST, "BadRequest", msg),
+        };
+        return ws.on_upgrade(move |s| portforward::serve_channels(s, ports, target));
+    }
+    if !header("upgrade").iter().any(|u| u == "spdy/3.1")
+        || !header("connection").iter().any(|c| c == "upgrade")
+    {
+        return status(StatusCode::BAD_REQUEST, "BadRequest", "Upgrade request required".into());
+    }
+    // The SPDY handshake: a client that names protocols must name ours.
+    let offered: Vec<String> = parts
+        .headers
+        .get_all("x-stream-protocol-version")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+        .collect();
+    if !offered.is_empty() && !offered.iter().any(|p| p == portforward::PROTOCOL) {
+        let mut r = (
+            StatusCode::FORBIDDEN,
+            format!(
+                "unable to upgrade: unable to negotiate protocol: client supports {offered:?}, server supports [\"{}\"]",
+                portforward::PROTOCOL
+            ),
+        )
+            .into_response();
+        r.headers_mut().insert(
+            "x-accepted-stream-protocol-versions",
+            axum::http::HeaderValue::from_static(portforward::PROTOCOL),
+        );
+        return r;
+    }
+    let Some(on_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
+        return status(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            "unable to upgrade: the connection cannot be taken over".into(),
+        );
+    };
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(up) => portforward::serve_spdy(hyper_util::rt::TokioIo::new(up), target).await,
+            Err(e) => tracing::debug!("port-forward upgrade: {e}"),
+        }
+    });
+    let mut r = Response::new(Body::empty());
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert("connection", axum::http::HeaderValue::from_static("Upgrade"));
+    h.insert("upgrade", axum::http::HeaderValue::from_static("SPDY/3.1"));
+    if !offered.is_empty() {
+        h.insert(
+            "x-stream-protocol-version",
+            axum::http::HeaderValue::from_static(portforward::PROTOCOL),
+        );
+    }
+    r
 }
 
 fn percent_decode(s: &str) -> String {

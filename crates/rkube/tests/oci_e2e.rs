@@ -457,6 +457,37 @@ fn services_route_to_every_replica_by_name_and_node_port() {
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(who, "hp");
+    // kubectl port-forward reaches the pod inside its own network namespace: the kubelet dials
+    // from in there. kubectl and the client both run on the machine.
+    let mut pf = machine
+        .cmd(&["kubectl", "--kubeconfig", s.kubeconfig.to_str().unwrap(), "port-forward"])
+        .args(["pod/hp", "18080:80"])
+        .env("HOME", &s.dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(s.dir.join("port-forward.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let through = loop {
+        let who = machine.run(&[
+            "sh",
+            "-c",
+            "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 2 127.0.0.1 18080 | tail -n 1",
+        ]);
+        if !who.trim().is_empty() || Instant::now() > deadline {
+            break who.trim().to_string();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = pf.kill();
+    let _ = pf.wait();
+    assert_eq!(
+        through,
+        "hp",
+        "port-forward: {}",
+        std::fs::read_to_string(s.dir.join("port-forward.err")).unwrap_or_default()
+    );
     s.ok(&["delete", "pod", "hp"]);
     // A deleted pod leaves the Service's rotation as soon as its endpoint goes away (the pod
     // itself is still terminating).
