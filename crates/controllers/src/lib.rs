@@ -2,6 +2,7 @@
 //! what the cluster reports and act — ReplicaSets, Deployments and node lifecycle.
 
 pub mod cli;
+mod clock;
 mod daemonset;
 mod deployment;
 mod disruption;
@@ -18,6 +19,7 @@ use std::time::Duration;
 
 use kube::Client;
 
+pub use crate::clock::{Clock, ManualClock};
 pub use crate::disruption::Limits as EvictionLimits;
 use tokio_util::sync::CancellationToken;
 
@@ -52,6 +54,9 @@ pub struct Config {
     pub pod_gc_quarantine: Duration,
     /// `--node-eviction-rate` and friends: how fast lost nodes get NoExecute taints per zone.
     pub eviction_limits: EvictionLimits,
+    /// The node lifecycle controller's clock (heartbeat ages, taints' timeAdded, eviction times
+    /// and rate limits): the system clock, or a manual one in tests.
+    pub clock: Clock,
 }
 
 impl Default for Config {
@@ -70,6 +75,7 @@ impl Default for Config {
             pod_gc_period: Duration::from_secs(20),
             pod_gc_quarantine: Duration::from_secs(40),
             eviction_limits: EvictionLimits::default(),
+            clock: Clock::system(),
         }
     }
 }

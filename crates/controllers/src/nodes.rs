@@ -5,17 +5,16 @@
 //! (see `disruption.rs`). Timer-driven every `node_monitor_period`, so a node is declared lost
 //! within grace + 1 s.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::time::Instant;
-
 use k8s_openapi::api::core::v1::{Node, Pod, Taint};
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use rkube_client::events::{Recorder, reference};
 use serde_json::json;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::Config;
+use crate::clock::Clock;
 use crate::disruption::{Disruption, Transition, excluded, zone_key};
 use crate::informer::Informers;
 
@@ -67,7 +66,7 @@ pub async fn run(
     let mut disruption = Disruption::new(config.eviction_limits);
     let grace = config.node_monitor_grace_period.as_secs() as i64;
     loop {
-        let now = jiff::Timestamp::now().as_second();
+        let now = config.clock.now().as_second();
         let nodes = inf.nodes.state();
         // What each node's Ready condition is (or is about to be, once marked Unknown).
         let mut status: HashMap<String, String> = HashMap::new();
@@ -87,7 +86,7 @@ pub async fn run(
             let silent = now - hb > grace;
             let ready = ready_status(node);
             if silent && ready != "Unknown" {
-                mark_unknown(&nodes_api, node).await;
+                mark_unknown(&nodes_api, node, &config.clock).await;
                 recorder
                     .record(
                         &reference(node.as_ref()),
@@ -96,7 +95,7 @@ pub async fn run(
                         &format!("Node {name} status is now: NodeNotReady"),
                     )
                     .await;
-                mark_pods_not_ready(&client, &inf, &recorder, &name).await;
+                mark_pods_not_ready(&client, &inf, &recorder, &name, &config.clock).await;
                 lost.insert(name.clone());
             }
             if !silent && ready == "True" && lost.remove(&name) {
@@ -119,7 +118,7 @@ pub async fn run(
             let ready = status.get(&node.name_any()).is_some_and(|s| s == "True");
             zones.entry(zone_key(node)).or_default().push(ready);
         }
-        let clock = Instant::now();
+        let clock = config.clock.instant();
         for t in disruption.observe(&zones, clock) {
             match t {
                 Transition::EnteredFullDisruption => tracing::warn!(
@@ -163,7 +162,7 @@ pub async fn run(
                 }
                 _ => None,
             };
-            set_taints(&nodes_api, node, want, no_execute).await;
+            set_taints(&nodes_api, node, want, no_execute, &config.clock).await;
         }
 
         // Taint-based eviction. In full disruption the lifecycle taints are on their way off
@@ -272,8 +271,8 @@ async fn evict(client: &Client, recorder: &Recorder, pod: &Pod) {
     let _ = api.delete(&pod.name_any(), &DeleteParams::default()).await;
 }
 
-async fn mark_unknown(api: &Api<Node>, node: &Node) {
-    let now = crate::util::now();
+async fn mark_unknown(api: &Api<Node>, node: &Node, clock: &Clock) {
+    let now = clock.time();
     let mut conds = Vec::new();
     for c in node.status.as_ref().and_then(|s| s.conditions.clone()).unwrap_or_default() {
         let mut c = serde_json::to_value(&c).unwrap_or_default();
@@ -301,10 +300,13 @@ async fn set_taints(
     node: &Node,
     no_schedule: Option<&str>,
     no_execute: Option<&str>,
+    clock: &Clock,
 ) {
     let mut current = node.clone();
     for _ in 0..3 {
-        let Some(patch) = taint_patch(&current, no_schedule, no_execute) else { return };
+        let Some(patch) = taint_patch(&current, no_schedule, no_execute, clock.time()) else {
+            return;
+        };
         match api.patch(&node.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
             Ok(_) => return,
             Err(kube::Error::Api(e)) if e.code == 409 => match api.get(&node.name_any()).await {
@@ -327,6 +329,7 @@ fn taint_patch(
     node: &Node,
     no_schedule: Option<&str>,
     no_execute: Option<&str>,
+    now: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
 ) -> Option<serde_json::Value> {
     let taints = node.spec.as_ref().and_then(|s| s.taints.clone()).unwrap_or_default();
     let ours = |t: &Taint| t.key == UNREACHABLE || t.key == NOT_READY;
@@ -340,7 +343,6 @@ fn taint_patch(
     if has(no_schedule, "NoSchedule") && has(no_execute, "NoExecute") {
         return None;
     }
-    let now = crate::util::now();
     let keep = |key: Option<&str>, effect: &str| -> Option<serde_json::Value> {
         let k = key?;
         // An unchanged taint keeps its timeAdded: tolerationSeconds count from it.
@@ -363,7 +365,13 @@ fn taint_patch(
     )
 }
 
-async fn mark_pods_not_ready(client: &Client, inf: &Informers, recorder: &Recorder, node: &str) {
+async fn mark_pods_not_ready(
+    client: &Client,
+    inf: &Informers,
+    recorder: &Recorder,
+    node: &str,
+    clock: &Clock,
+) {
     for pod in inf
         .pods
         .state()
@@ -371,7 +379,7 @@ async fn mark_pods_not_ready(client: &Client, inf: &Informers, recorder: &Record
         .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
     {
         let api: Api<Pod> = Api::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
-        let patch = json!({"status": {"conditions": [{"type": "Ready", "status": "False", "lastTransitionTime": crate::util::now(), "lastProbeTime": null}]}});
+        let patch = json!({"status": {"conditions": [{"type": "Ready", "status": "False", "lastTransitionTime": clock.time(), "lastProbeTime": null}]}});
         let _ = api
             .patch_status(&pod.name_any(), &PatchParams::default(), &Patch::Strategic(&patch))
             .await;
@@ -432,8 +440,13 @@ mod tests {
             ]}
         }))
         .expect("node");
-        assert_eq!(taint_patch(&node, Some(UNREACHABLE), None), None, "nothing to change");
-        let patch = taint_patch(&node, Some(UNREACHABLE), Some(UNREACHABLE)).expect("a patch");
+        assert_eq!(
+            taint_patch(&node, Some(UNREACHABLE), None, crate::util::now()),
+            None,
+            "nothing to change"
+        );
+        let patch = taint_patch(&node, Some(UNREACHABLE), Some(UNREACHABLE), crate::util::now())
+            .expect("a patch");
         let taints = patch["spec"]["taints"].as_array().expect("taints");
         assert_eq!(patch["metadata"]["resourceVersion"], "7");
         assert_eq!(taints.len(), 3);
@@ -444,7 +457,7 @@ mod tests {
             (json!(UNREACHABLE), json!("NoExecute"))
         );
         // Ready again: only the foreign taint stays.
-        let patch = taint_patch(&node, None, None).expect("a patch");
+        let patch = taint_patch(&node, None, None, crate::util::now()).expect("a patch");
         assert_eq!(patch["spec"]["taints"].as_array().map(Vec::len), Some(1));
     }
 }

@@ -349,3 +349,163 @@ async fn when_every_node_is_lost_no_node_gets_a_no_execute_taint_until_one_is_ba
     stop.cancel();
     let _ = beat.await;
 }
+
+/// A kubelet's heartbeat at `at` on the controllers' clock: Lease renewed, Ready=True posted
+/// with the node's capacity.
+async fn heartbeat_at(client: &Client, node: &str, at: jiff::Timestamp) {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+    let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                       "metadata": {"name": node},
+                       "spec": {"holderIdentity": node, "leaseDurationSeconds": 40,
+                                "renewTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(at)}});
+    leases
+        .patch(node, &PatchParams::apply("test-kubelet").force(), &Patch::Apply(&lease))
+        .await
+        .expect("renew the lease");
+    let nodes: Api<Node> = Api::all(client.clone());
+    let res = json!({"cpu": "4", "memory": "8Gi", "pods": "110"});
+    let status = json!({"status": {"capacity": res, "allocatable": res,
+        "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+        "message": "kubelet is posting ready status", "lastHeartbeatTime": at.to_string(),
+        "lastTransitionTime": at.to_string()}]}});
+    nodes
+        .patch_status(node, &PatchParams::default(), &Patch::Strategic(&status))
+        .await
+        .expect("post the node status");
+}
+
+fn ready_of(n: &Node) -> String {
+    n.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| c.status.clone())
+        .unwrap_or_default()
+}
+
+/// (name, node, being deleted) of every pod of the namespace.
+async fn placement(pods: &Api<Pod>) -> Vec<(String, String, bool)> {
+    pods.list(&Default::default())
+        .await
+        .expect("list pods")
+        .items
+        .into_iter()
+        .map(|p| {
+            (
+                p.name_any(),
+                p.spec.and_then(|s| s.node_name).unwrap_or_default(),
+                p.metadata.deletion_timestamp.is_some(),
+            )
+        })
+        .collect()
+}
+
+/// Upstream's default failure timings (node-monitor-grace-period 50 s, the API server's default
+/// not-ready/unreachable tolerations of 300 s) on a manual clock: the node is Unknown one second
+/// after the grace period and not before, its pods are evicted when their toleration runs out and
+/// not a second earlier, and the real scheduler puts their replacements on the surviving nodes.
+#[tokio::test]
+async fn with_upstream_timings_a_silent_node_is_lost_after_50_s_and_its_pods_move_after_300_s() {
+    let start = jiff::Timestamp::from_second(jiff::Timestamp::now().as_second()).expect("now");
+    let (clock, hand) = rkube_controllers::Clock::manual(start);
+    let defaults = rkube_controllers::Config::default();
+    assert_eq!(defaults.node_monitor_grace_period, Duration::from_secs(50));
+    let c = cluster(rkube_controllers::Config {
+        node_monitor_period: Duration::from_millis(20),
+        clock,
+        ..defaults
+    })
+    .await;
+    tokio::spawn(rkube_scheduler::run_with_client(
+        c.client.clone(),
+        Default::default(),
+        c.stop.clone(),
+    ));
+    let nodes: Api<Node> = Api::all(c.client.clone());
+    let all = ["n1", "n2", "n3"];
+    for n in all {
+        nodes.create(&PostParams::default(), &named(n)).await.expect("node");
+        heartbeat_at(&c.client, n, hand.now()).await;
+    }
+    let deps: Api<Deployment> = Api::namespaced(c.client.clone(), "default");
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), "default");
+    let d: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"replicas": 6, "selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}},
+                              "spec": {"containers": [{"name": "c", "image": "nginx"}]}}}
+    }))
+    .expect("deployment");
+    deps.create(&PostParams::default(), &d).await.expect("deployment");
+    let placed = eventually("6 pods bound", Duration::from_secs(20), async || {
+        let p = placement(&pods).await;
+        (p.len() == 6 && p.iter().all(|(_, n, _)| !n.is_empty())).then_some(p)
+    })
+    .await;
+    let on = |node: &str, p: &[(String, String, bool)]| p.iter().filter(|x| x.1 == node).count();
+    let victim = *all.iter().max_by_key(|n| on(n, &placed)).expect("a node");
+    let survivors: Vec<&str> = all.iter().copied().filter(|n| *n != victim).collect();
+    let lost: Vec<String> = placed.iter().filter(|x| x.1 == victim).map(|x| x.0.clone()).collect();
+    assert!(!lost.is_empty(), "{victim} holds pods: {placed:?}");
+    let pod = pods.get(&lost[0]).await.expect("pod");
+    let tolerations = pod.spec.and_then(|s| s.tolerations).unwrap_or_default();
+    assert!(
+        tolerations.iter().any(|t| t.key.as_deref() == Some("node.kubernetes.io/unreachable")
+            && t.toleration_seconds == Some(300)),
+        "the API server's default tolerations: {tolerations:?}"
+    );
+
+    // The victim's heartbeats stop at `start`; the others keep beating on the manual clock,
+    // always before the clock moves so they never look silent.
+    let step = async |by: u64| {
+        let at = hand.now() + Duration::from_secs(by);
+        for n in &survivors {
+            heartbeat_at(&c.client, n, at).await;
+        }
+        hand.advance(Duration::from_secs(by));
+        // Many controller passes (every 20 ms) see the new time.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    };
+    step(50).await;
+    assert_eq!(ready_of(&nodes.get(victim).await.expect("node")), "True", "at grace: not yet lost");
+    step(1).await;
+    let lost_at = hand.now();
+    let node =
+        eventually("the victim Unknown at grace + 1 s", Duration::from_secs(10), async || {
+            let n = nodes.get(victim).await.ok()?;
+            (ready_of(&n) == "Unknown" && lifecycle_taints(&n).len() == 2).then_some(n)
+        })
+        .await;
+    assert_eq!(
+        lifecycle_taints(&node),
+        ["node.kubernetes.io/unreachable:NoExecute", "node.kubernetes.io/unreachable:NoSchedule"]
+    );
+    let added = node
+        .spec
+        .and_then(|s| s.taints)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|t| t.effect == "NoExecute")
+        .and_then(|t| t.time_added)
+        .expect("timeAdded");
+    assert_eq!(added.0.as_second(), lost_at.as_second(), "tainted when found lost");
+    for n in &survivors {
+        assert_eq!(ready_of(&nodes.get(n).await.expect("node")), "True", "{n} keeps beating");
+    }
+
+    step(299).await;
+    let p = placement(&pods).await;
+    assert_eq!(p.len(), 6, "nothing evicted 299 s after the taint: {p:?}");
+    assert!(p.iter().all(|x| !x.2), "nothing evicted 299 s after the taint: {p:?}");
+    step(1).await;
+    let p = eventually("replacements on the survivors", Duration::from_secs(20), async || {
+        let p = placement(&pods).await;
+        let live: Vec<_> = p.iter().filter(|x| !x.2).collect();
+        (live.len() == 6 && live.iter().all(|x| survivors.contains(&x.1.as_str()))).then_some(p)
+    })
+    .await;
+    for name in &lost {
+        let gone = p.iter().find(|x| x.0 == *name);
+        assert!(gone.is_none_or(|x| x.2), "{name} was evicted: {p:?}");
+    }
+}

@@ -1,6 +1,8 @@
-//! `rkube bench heal`: a whole `rkube up` cluster in the background — time to all nodes Ready,
-//! idle memory and CPU of the cluster process, then a 3-replica Deployment, a crashed worker,
-//! and the time until every replica runs again elsewhere.
+//! `rkube bench heal`: first a whole `rkube up` cluster in the background — time to all nodes
+//! Ready, idle memory and CPU of the cluster process, then a 3-replica Deployment, a crashed
+//! worker, and the time until every replica runs again elsewhere. Then the scale scenario
+//! (`heal_scale.rs`): 100 simulated nodes, a 300-replica Deployment and one node lost, with the
+//! fast failure profile and (unless `--quick`) with upstream's defaults.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -13,6 +15,7 @@ use kube::Api;
 use kube::api::PostParams;
 use serde_json::json;
 
+use crate::up::cluster::Timings;
 use crate::up::control::{self, Request};
 
 fn free_port() -> anyhow::Result<u16> {
@@ -39,10 +42,28 @@ async fn running(pods: &Api<Pod>) -> Vec<(String, String)> {
 }
 
 pub async fn run(args: &super::BenchArgs) -> anyhow::Result<serde_json::Value> {
+    let up = whole_cluster(args.quick).await?;
+    let root = std::env::temp_dir().join(format!("rkube-bench-heal-scale-{}", std::process::id()));
+    let scale = async |profile: &str, timings: Timings| {
+        super::heal_scale::run(&root.join(profile), profile, timings)
+            .await
+            .unwrap_or_else(|e| json!({"profile": profile, "error": format!("{e:#}")}))
+    };
+    let fast = scale("fast", Timings::fast()).await;
+    let upstream = if args.quick {
+        json!({"profile": "upstream", "skipped": "--quick (the upstream profile takes over 355 s)"})
+    } else {
+        scale("upstream", Timings::upstream()).await
+    };
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(json!({"rkube_up": up, "scale_fast": fast, "scale_upstream": upstream}))
+}
+
+async fn whole_cluster(quick: bool) -> anyhow::Result<serde_json::Value> {
     let dir = std::env::temp_dir().join(format!("rkube-bench-heal-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let result = measure(&dir, args.quick).await;
+    let result = measure(&dir, quick).await;
     let _ = tokio::process::Command::new(std::env::current_exe()?)
         .arg("down")
         .arg("--data-dir")
@@ -150,5 +171,20 @@ async fn measure(dir: &Path, quick: bool) -> anyhow::Result<serde_json::Value> {
 }
 
 pub fn table(figures: &serde_json::Value) -> String {
-    super::render("rkube bench heal (whole cluster in one process)", figures)
+    let mut out = super::render(
+        "rkube bench heal — rkube up (whole cluster in one process, 3 workers, process runtime)",
+        &figures["rkube_up"],
+    );
+    for (key, what) in [("scale_fast", "fast profile"), ("scale_upstream", "upstream defaults")] {
+        out.push('\n');
+        out.push_str(&super::render(
+            &format!(
+                "rkube bench heal — {} simulated nodes, {}-replica Deployment, one node lost ({what}); times from the kill",
+                super::heal_scale::NODES,
+                super::heal_scale::REPLICAS
+            ),
+            &figures[key],
+        ));
+    }
+    out
 }

@@ -3,6 +3,7 @@
 
 mod api;
 mod heal;
+mod heal_scale;
 mod nodes;
 mod pods;
 mod proxy;

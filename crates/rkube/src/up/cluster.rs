@@ -74,7 +74,8 @@ struct Cluster {
     stop: CancellationToken,
 }
 
-fn spawn_kubelet(
+/// Runs an in-process kubelet until `stop`, retrying while the API server is unreachable.
+pub(crate) fn spawn_kubelet(
     client: kube::Client,
     config: rkube_kubelet::Config,
     stop: CancellationToken,
@@ -381,7 +382,7 @@ async fn run_cluster(
 
     let t = Instant::now();
     let pb = spinner(&mp, "store");
-    let server_args = server_args(paths, args.secure_port, timings.toleration_seconds);
+    let server_args = server_args(paths.server_dir(), args.secure_port, timings.toleration_seconds);
     std::fs::create_dir_all(paths.server_dir())?;
     let store = Arc::new(rkube_store::embedded::EmbeddedStore::open(
         rkube_store::embedded::Config::new(paths.server_dir().join("store.redb")),
@@ -606,11 +607,17 @@ async fn run_cluster(
     Ok(())
 }
 
-fn server_args(paths: &Paths, port: u16, toleration: i64) -> rkube_apiserver::cli::Args {
+/// The API server's settings for a local cluster: loopback, the embedded store in `data_dir`,
+/// `toleration` seconds of default not-ready/unreachable tolerations.
+pub(crate) fn server_args(
+    data_dir: PathBuf,
+    port: u16,
+    toleration: i64,
+) -> rkube_apiserver::cli::Args {
     rkube_apiserver::cli::Args {
         secure_port: port,
         bind_address: std::net::IpAddr::from([127, 0, 0, 1]),
-        data_dir: paths.server_dir(),
+        data_dir,
         tls_san: Vec::new(),
         token_auth_file: None,
         service_cluster_ip_range: "10.96.0.0/12".into(),
