@@ -3,6 +3,7 @@
 
 pub mod cli;
 mod env;
+pub mod hollow;
 pub mod network;
 mod node;
 mod oci;
