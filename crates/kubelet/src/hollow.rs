@@ -1096,7 +1096,9 @@ mod tests {
         let mut p = pod("Never", false);
         p.metadata.deletion_timestamp = Some(rkube_client::now_time());
         pods.apply(&c, 3, &p, &mut out);
-        assert!(matches!(out.as_slice(), [(k, PodJob::Delete { uid, .. })] if k == "u-1" && uid == "u-1"));
+        assert!(
+            matches!(out.as_slice(), [(k, PodJob::Delete { uid, .. })] if k == "u-1" && uid == "u-1")
+        );
         out.clear();
         pods.apply(&c, 3, &p, &mut out);
         assert!(out.is_empty(), "deleted once");
@@ -1174,7 +1176,10 @@ mod tests {
                 .unwrap();
             assert_eq!(ready["status"], "True");
             let node: Node = serde_json::from_value(n).unwrap();
-            assert_eq!(node.status.unwrap().daemon_endpoints.unwrap().kubelet_endpoint.unwrap().port, 0);
+            assert_eq!(
+                node.status.unwrap().daemon_endpoints.unwrap().kubelet_endpoint.unwrap().port,
+                0
+            );
         });
     }
 

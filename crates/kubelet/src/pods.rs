@@ -151,12 +151,7 @@ pub(crate) struct Ctr {
 impl Ctr {
     /// A hollow container (the simulated nodes): running since `started_at`, nothing behind it.
     pub(crate) fn hollow_running(id: String, started_at: &str) -> Ctr {
-        Ctr {
-            running: true,
-            started_at: Some(started_at.to_string()),
-            id,
-            ..Ctr::default()
-        }
+        Ctr { running: true, started_at: Some(started_at.to_string()), id, ..Ctr::default() }
     }
 
     /// A hollow container that ran from `started_at` to `finished_at` and exited with `code`.
@@ -1165,31 +1160,26 @@ pub(crate) fn pod_status(
 ) -> Value {
     let inits = init_containers(pod);
     let apps = pod_containers(pod);
-    let init_statuses: Vec<Value> =
-        inits.iter().map(|c| container_status(ctrs, c, true)).collect();
+    let init_statuses: Vec<Value> = inits.iter().map(|c| container_status(ctrs, c, true)).collect();
     let statuses: Vec<Value> = apps.iter().map(|c| container_status(ctrs, c, false)).collect();
     let initialized = inits.iter().all(|c| {
         let x = ctrs.get(&c.name);
         c.restart_policy.as_deref() == Some("Always") && x.is_some_and(|x| x.running)
             || x.and_then(|x| x.terminated.as_ref()).is_some_and(|t| t["exitCode"] == 0)
     });
-    let all_running = apps.iter().all(|c| {
-        ctrs.get(&c.name).is_some_and(|x| x.running && x.probe_ready.unwrap_or(true))
-    });
+    let all_running = apps
+        .iter()
+        .all(|c| ctrs.get(&c.name).is_some_and(|x| x.running && x.probe_ready.unwrap_or(true)));
     let policy = restart_policy(pod);
     let all_done = apps
         .iter()
         .all(|c| ctrs.get(&c.name).is_some_and(|x| !x.running && x.terminated.is_some()));
     let all_ok = apps.iter().all(|c| {
-        ctrs
-            .get(&c.name)
-            .and_then(|x| x.terminated.as_ref())
-            .is_some_and(|t| t["exitCode"] == 0)
+        ctrs.get(&c.name).and_then(|x| x.terminated.as_ref()).is_some_and(|t| t["exitCode"] == 0)
     });
     let init_failed_never = policy == "Never"
         && inits.iter().any(|c| {
-            ctrs
-                .get(&c.name)
+            ctrs.get(&c.name)
                 .and_then(|x| x.terminated.as_ref())
                 .is_some_and(|t| t["exitCode"] != 0)
         });
@@ -1206,8 +1196,7 @@ pub(crate) fn pod_status(
     };
     let ready = all_running && initialized && phase == "Running";
     let t = now();
-    let prev_conds: Vec<Value> =
-        prev["conditions"].as_array().cloned().unwrap_or_default();
+    let prev_conds: Vec<Value> = prev["conditions"].as_array().cloned().unwrap_or_default();
     let cond = |ty: &str, ok: bool, reason: Option<&str>| {
         let status = if ok { "True" } else { "False" };
         let since = prev_conds

@@ -136,7 +136,9 @@ async fn agent(args: AgentArgs) -> Result<()> {
     let shutdown = rkube_client::shutdown_on_signal();
     if let Some(h) = hollow {
         // Hollow nodes: no pods really run, so there is nothing for a Service proxy to do.
-        return rkube_kubelet::hollow::run(client, h, shutdown).await.map_err(|e| anyhow::anyhow!(e));
+        return rkube_kubelet::hollow::run(client, h, shutdown)
+            .await
+            .map_err(|e| anyhow::anyhow!(e));
     }
     let with_proxy = args.proxy.unwrap_or(config.runtime == rkube_kubelet::RuntimeKind::Oci);
     let proxy = with_proxy.then(|| {

@@ -73,7 +73,14 @@ pub async fn run(args: &super::BenchArgs) -> anyhow::Result<serde_json::Value> {
     let result = result.map_err(|e| {
         let tail = |f: &str| {
             let t = std::fs::read_to_string(dir.join(f)).unwrap_or_default();
-            t.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+            t.lines()
+                .rev()
+                .take(15)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n")
         };
         e.context(format!(
             "server log (last lines):\n{}\nagent log (last lines):\n{}",
@@ -131,8 +138,8 @@ async fn measure(
 
     // Watch the hollow nodes before the agent starts, so no registration is missed.
     let node_api: Api<Node> = Api::all(client.clone());
-    let wc = watcher::Config::default()
-        .labels(&format!("{}=true", rkube_kubelet::hollow::HOLLOW_LABEL));
+    let wc =
+        watcher::Config::default().labels(&format!("{}=true", rkube_kubelet::hollow::HOLLOW_LABEL));
     let mut node_events = watcher(node_api, wc).default_backoff().boxed();
     let started = Instant::now();
     let agent = spawn(
@@ -191,8 +198,9 @@ async fn measure(
     // The workload: one Deployment, so the Deployment and ReplicaSet controllers, the
     // scheduler and the hollow kubelets all take part.
     let pod_api: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let mut pod_events =
-        watcher(pod_api, watcher::Config::default().labels("app=bench-nodes")).default_backoff().boxed();
+    let mut pod_events = watcher(pod_api, watcher::Config::default().labels("app=bench-nodes"))
+        .default_backoff()
+        .boxed();
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
     let d: Deployment = serde_json::from_value(json!({
         "metadata": {"name": "bench-nodes"},
@@ -208,16 +216,15 @@ async fn measure(
     let mut running: HashSet<String> = HashSet::new();
     let mut all: HashSet<String> = HashSet::new();
     let running_s = loop {
-        let ev = tokio::time::timeout_at((t + LIMIT).into(), pod_events.next()).await.map_err(
-            |_| {
+        let ev =
+            tokio::time::timeout_at((t + LIMIT).into(), pod_events.next()).await.map_err(|_| {
                 anyhow::anyhow!(
                     "after {LIMIT:?}: {} pods created, {} scheduled, {} Running of {pods_n}",
                     all.len(),
                     scheduled.len(),
                     running.len()
                 )
-            },
-        )?;
+            })?;
         let pod = match ev {
             Some(Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p))) => p,
             Some(Ok(watcher::Event::Delete(p))) => {
@@ -282,9 +289,10 @@ async fn measure(
         .items
         .iter()
         .filter(|l| {
-            l.spec.as_ref().and_then(|s| s.renew_time.as_ref()).is_some_and(|r| {
-                now.duration_since(r.0).as_secs_f64() < 15.0
-            })
+            l.spec
+                .as_ref()
+                .and_then(|s| s.renew_time.as_ref())
+                .is_some_and(|r| now.duration_since(r.0).as_secs_f64() < 15.0)
         })
         .count();
     let not_ready = Api::<Node>::all(client.clone())
