@@ -448,6 +448,10 @@ async fn pod_worker(h: Arc<Hollow>, shutdown: CancellationToken) {
             Ok(()) => {}
             // Gone, or another pod by now: nothing to write.
             Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+            // Refused for good (invalid…): trying again would not help.
+            Err(kube::Error::Api(e)) if e.code < 500 && e.code != 429 => {
+                tracing::warn!(pod = %key, "{job:?} refused: {}", e.message);
+            }
             Err(e) => {
                 tracing::debug!(pod = %key, "{e}; trying again");
                 let h = h.clone();
