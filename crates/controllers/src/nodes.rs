@@ -25,15 +25,21 @@ fn ts(s: &jiff::Timestamp) -> i64 {
     s.as_second()
 }
 
-/// When the node last proved it was alive: its Lease renewal or Ready heartbeat.
-fn last_heartbeat(inf: &Informers, node: &Node) -> Option<i64> {
-    let name = node.name_any();
-    let lease = inf
-        .leases
+/// Every node Lease's last renewal, by node name.
+fn renewals(inf: &Informers) -> HashMap<String, i64> {
+    inf.leases
         .state()
         .into_iter()
-        .find(|l| l.name_any() == name)
-        .and_then(|l| l.spec.as_ref().and_then(|s| s.renew_time.as_ref()).map(|t| ts(&t.0)));
+        .filter_map(|l| {
+            let t = l.spec.as_ref().and_then(|s| s.renew_time.as_ref()).map(|t| ts(&t.0))?;
+            Some((l.name_any(), t))
+        })
+        .collect()
+}
+
+/// When the node last proved it was alive: its Lease renewal or Ready heartbeat.
+fn last_heartbeat(renewals: &HashMap<String, i64>, node: &Node) -> Option<i64> {
+    let lease = node.metadata.name.as_ref().and_then(|n| renewals.get(n)).copied();
     let ready = node
         .status
         .as_ref()
@@ -68,6 +74,7 @@ pub async fn run(
     loop {
         let now = config.clock.now().as_second();
         let nodes = inf.nodes.state();
+        let renewals = renewals(&inf);
         // What each node's Ready condition is (or is about to be, once marked Unknown).
         let mut status: HashMap<String, String> = HashMap::new();
         for node in &nodes {
@@ -82,7 +89,7 @@ pub async fn run(
                     )
                     .await;
             }
-            let hb = last_heartbeat(&inf, node).unwrap_or(now);
+            let hb = last_heartbeat(&renewals, node).unwrap_or(now);
             let silent = now - hb > grace;
             let ready = ready_status(node);
             if silent && ready != "Unknown" {
@@ -110,7 +117,8 @@ pub async fn run(
             }
             status.insert(name, if silent { "Unknown".into() } else { ready });
         }
-        known.retain(|n| nodes.iter().any(|x| x.name_any() == *n));
+        let names: HashSet<String> = nodes.iter().map(|n| n.name_any()).collect();
+        known.retain(|n| names.contains(n));
 
         // Zone health decides how fast NoExecute taints may be added, or whether at all.
         let mut zones: BTreeMap<String, Vec<bool>> = BTreeMap::new();
@@ -147,7 +155,6 @@ pub async fn run(
                 (Some(_), None) => disruption.enqueue(&zone_key(node), &name),
             }
         }
-        let names: HashSet<String> = nodes.iter().map(|n| n.name_any()).collect();
         disruption.retain_nodes(|n| names.contains(n));
         let allowed = disruption.take_allowed(clock);
         for node in &nodes {
@@ -302,15 +309,18 @@ async fn set_taints(
     no_execute: Option<&str>,
     clock: &Clock,
 ) {
-    let mut current = node.clone();
+    // Re-read only after a conflict: this runs for every node every second.
+    let mut current: Option<Node> = None;
     for _ in 0..3 {
-        let Some(patch) = taint_patch(&current, no_schedule, no_execute, clock.time()) else {
+        let Some(patch) =
+            taint_patch(current.as_ref().unwrap_or(node), no_schedule, no_execute, clock.time())
+        else {
             return;
         };
         match api.patch(&node.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
             Ok(_) => return,
             Err(kube::Error::Api(e)) if e.code == 409 => match api.get(&node.name_any()).await {
-                Ok(n) => current = n,
+                Ok(n) => current = Some(n),
                 Err(e) => {
                     tracing::debug!("re-reading {}: {e}", node.name_any());
                     return;

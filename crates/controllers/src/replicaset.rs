@@ -2,7 +2,7 @@
 //! matching orphans, and keeps status true. Expectations remember its own creates and deletes
 //! until the informer sees them, so a burst of events never over- or under-creates.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::ReplicaSet;
@@ -91,13 +91,17 @@ async fn reconcile(
     // Expectations: count our own recent creates the informer has not seen, and skip pods we
     // already deleted.
     let now = Instant::now();
+    // Looked up by name once per pass: up to 500 expectations against 10,000 pods.
+    let seen: HashSet<&str> = all.iter().filter_map(|p| p.metadata.name.as_deref()).collect();
     let creates = exp.creates.entry(uid.clone()).or_default();
     creates.retain(|(name, t)| {
-        now.duration_since(*t) < EXPECTATION_TTL && !all.iter().any(|p| p.name_any() == *name)
+        now.duration_since(*t) < EXPECTATION_TTL && !seen.contains(name.as_str())
     });
+    let owned_names: HashSet<&str> =
+        owned.iter().filter_map(|p| p.metadata.name.as_deref()).collect();
     let deletes = exp.deletes.entry(uid.clone()).or_default();
     deletes.retain(|(name, t)| {
-        now.duration_since(*t) < EXPECTATION_TTL && owned.iter().any(|p| p.name_any() == *name)
+        now.duration_since(*t) < EXPECTATION_TTL && owned_names.contains(name.as_str())
     });
     owned.retain(|p| !deletes.iter().any(|(n, _)| *n == p.name_any()));
     let in_flight = creates.len();

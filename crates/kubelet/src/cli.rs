@@ -54,6 +54,28 @@ pub struct Args {
     /// oci runtime: the disk usage (percent) image collection frees down to.
     #[arg(long, default_value_t = 80, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub image_gc_low_threshold: u8,
+    /// Run N hollow nodes in this process instead of one real node (kwok-style: pods go
+    /// Running without running anything). `--node-name`, `--runtime` and `--data-dir` do not
+    /// apply; labels, taints, extended resources and the lease duration do.
+    #[arg(long, value_name = "N")]
+    pub simulate: Option<usize>,
+    /// Hollow nodes are named `<prefix>0` … `<prefix>N-1`.
+    #[arg(long, default_value = "hollow-")]
+    pub simulate_prefix: String,
+    /// Seconds a run-to-completion pod (restartPolicy Never or OnFailure) runs on a hollow node
+    /// before it succeeds.
+    #[arg(long, default_value_t = 5.0)]
+    pub simulate_complete_after: f64,
+    /// Each hollow node's CPUs, memory and pod capacity.
+    #[arg(long, default_value = "32")]
+    pub simulate_cpu: String,
+    #[arg(long, default_value = "256Gi")]
+    pub simulate_memory: String,
+    #[arg(long, default_value_t = 110)]
+    pub simulate_max_pods: i64,
+    /// Pod writes (status, deletions) the hollow nodes have in flight at once.
+    #[arg(long, default_value_t = 32)]
+    pub simulate_max_in_flight: usize,
 }
 
 fn kv(s: &str) -> Result<(String, String), String> {
@@ -117,10 +139,41 @@ impl Args {
     }
 }
 
+impl Args {
+    /// The hollow nodes' configuration, when `--simulate` asks for them.
+    pub fn hollow_config(&self) -> Result<Option<crate::hollow::HollowConfig>, String> {
+        let Some(count) = self.simulate else { return Ok(None) };
+        let c = self.config()?;
+        if !(self.simulate_complete_after.is_finite() && self.simulate_complete_after >= 0.0) {
+            return Err("--simulate-complete-after must be a number of seconds".into());
+        }
+        Ok(Some(crate::hollow::HollowConfig {
+            count,
+            name_prefix: self.simulate_prefix.clone(),
+            complete_after: std::time::Duration::from_secs_f64(self.simulate_complete_after),
+            lease_duration: c.lease_duration,
+            status_report_frequency: c.status_report_frequency,
+            cpu: self.simulate_cpu.clone(),
+            memory: self.simulate_memory.clone(),
+            max_pods: self.simulate_max_pods,
+            extended_resources: c.extended_resources,
+            labels: c.labels,
+            taints: c.taints,
+            node_ip: c.node_ip,
+            max_in_flight: self.simulate_max_in_flight.max(1),
+            ..Default::default()
+        }))
+    }
+}
+
 pub async fn run(args: Args) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let config = args.config()?;
+    let hollow = args.hollow_config()?;
     let client = rkube_client::client_from(args.kubeconfig.as_deref()).await?;
     let shutdown = rkube_client::shutdown_on_signal();
-    crate::run_with_client(client, config, shutdown).await?;
+    match hollow {
+        Some(h) => crate::hollow::run(client, h, shutdown).await?,
+        None => crate::run_with_client(client, config, shutdown).await?,
+    }
     Ok(())
 }

@@ -4,6 +4,7 @@
 pub mod cli;
 mod env;
 mod hooks;
+pub mod hollow;
 pub mod network;
 mod node;
 mod oci;

@@ -44,7 +44,7 @@ fn os_image() -> String {
         .unwrap_or_else(|| "Linux".into())
 }
 
-fn arch() -> &'static str {
+pub(crate) fn arch() -> &'static str {
     match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",
@@ -78,9 +78,6 @@ pub fn capacity(config: &Config) -> (BTreeMap<String, String>, BTreeMap<String, 
 }
 
 fn node_info(config: &Config) -> Value {
-    let uts = nix::sys::utsname::uname().ok();
-    let kernel =
-        uts.as_ref().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
     let machine_id = std::fs::read_to_string("/etc/machine-id")
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
@@ -99,6 +96,14 @@ fn node_info(config: &Config) -> Value {
             None => "runc://missing".into(),
         },
     };
+    node_info_with(&runtime, &machine_id, &boot_id)
+}
+
+/// `status.nodeInfo` of a node on this machine with the given runtime and identities.
+pub(crate) fn node_info_with(runtime: &str, machine_id: &str, boot_id: &str) -> Value {
+    let uts = nix::sys::utsname::uname().ok();
+    let kernel =
+        uts.as_ref().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
     json!({
         "machineID": machine_id, "systemUUID": machine_id, "bootID": boot_id,
         "kernelVersion": kernel, "osImage": os_image(), "containerRuntimeVersion": runtime,
@@ -118,7 +123,22 @@ fn process_isolation(config: &Config) -> &'static str {
     }
 }
 
-fn conditions(now: &str, ready_since: &str, problem: Option<&str>) -> Value {
+/// The labels every node registers with (upstream's well-known ones), then the configured ones.
+pub(crate) fn node_labels(
+    name: &str,
+    extra: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let mut labels: BTreeMap<String, String> = BTreeMap::new();
+    labels.insert("kubernetes.io/hostname".into(), name.to_string());
+    labels.insert("kubernetes.io/os".into(), "linux".into());
+    labels.insert("kubernetes.io/arch".into(), arch().into());
+    labels.insert("beta.kubernetes.io/os".into(), "linux".into());
+    labels.insert("beta.kubernetes.io/arch".into(), arch().into());
+    labels.extend(extra.clone());
+    labels
+}
+
+pub(crate) fn conditions(now: &str, ready_since: &str, problem: Option<&str>) -> Value {
     let ready = match problem {
         None => {
             json!({"type": "Ready", "status": "True", "lastHeartbeatTime": now, "lastTransitionTime": ready_since, "reason": "KubeletReady", "message": "kubelet is posting ready status"})
@@ -153,20 +173,14 @@ pub fn runtime_problem(config: &Config) -> Option<String> {
     None
 }
 
-fn now() -> String {
+pub(crate) fn now() -> String {
     jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
 /// Creates the Node, or brings an existing one (a restart) up to date.
 pub async fn register(client: &Client, config: &Config, port: u16) -> Result<()> {
     let api: Api<Node> = Api::all(client.clone());
-    let mut labels: BTreeMap<String, String> = BTreeMap::new();
-    labels.insert("kubernetes.io/hostname".into(), config.node_name.clone());
-    labels.insert("kubernetes.io/os".into(), "linux".into());
-    labels.insert("kubernetes.io/arch".into(), arch().into());
-    labels.insert("beta.kubernetes.io/os".into(), "linux".into());
-    labels.insert("beta.kubernetes.io/arch".into(), arch().into());
-    labels.extend(config.labels.clone());
+    let labels = node_labels(&config.node_name, &config.labels);
     let (cap, alloc) = capacity(config);
     let node: Node = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Node",

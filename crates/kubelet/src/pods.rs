@@ -134,7 +134,7 @@ enum OciStart {
 
 /// What the kubelet knows about one container.
 #[derive(Default)]
-struct Ctr {
+pub(crate) struct Ctr {
     running: bool,
     kill: Option<runtime::Killer>,
     sim_stop: Option<watch::Sender<bool>>,
@@ -164,6 +164,27 @@ struct Ctr {
     pull_backoff_until: Option<Instant>,
     /// The command prefix that runs a command inside this isolated process container.
     enter: Vec<String>,
+}
+
+impl Ctr {
+    /// A hollow container (the simulated nodes): running since `started_at`, nothing behind it.
+    pub(crate) fn hollow_running(id: String, started_at: &str) -> Ctr {
+        Ctr { running: true, started_at: Some(started_at.to_string()), id, ..Ctr::default() }
+    }
+
+    /// A hollow container that ran from `started_at` to `finished_at` and exited with `code`.
+    pub(crate) fn hollow_exited(id: String, started_at: &str, finished_at: &str, code: i32) -> Ctr {
+        let reason = if code == 0 { "Completed" } else { "Error" };
+        Ctr {
+            started_at: Some(started_at.to_string()),
+            terminated: Some(json!({
+                "exitCode": code, "reason": reason,
+                "startedAt": started_at, "finishedAt": finished_at, "containerID": id,
+            })),
+            id,
+            ..Ctr::default()
+        }
+    }
 }
 
 struct Worker {
@@ -293,11 +314,11 @@ fn host_ports(pod: &Pod) -> Vec<crate::network::HostPort> {
         .collect()
 }
 
-fn pod_containers(pod: &Pod) -> Vec<Container> {
+pub(crate) fn pod_containers(pod: &Pod) -> Vec<Container> {
     pod.spec.as_ref().map(|s| s.containers.clone()).unwrap_or_default()
 }
 
-fn init_containers(pod: &Pod) -> Vec<Container> {
+pub(crate) fn init_containers(pod: &Pod) -> Vec<Container> {
     pod.spec.as_ref().and_then(|s| s.init_containers.clone()).unwrap_or_default()
 }
 
@@ -397,7 +418,7 @@ pub fn read_enter(pod_dir: &std::path::Path, name: &str) -> Option<Vec<String>> 
     serde_json::from_slice(&text).ok()
 }
 
-fn restart_policy(pod: &Pod) -> String {
+pub(crate) fn restart_policy(pod: &Pod) -> String {
     pod.spec.as_ref().and_then(|s| s.restart_policy.clone()).unwrap_or_else(|| "Always".into())
 }
 
@@ -1273,121 +1294,16 @@ impl Worker {
         }
     }
 
-    fn container_status(&self, c: &Container, init: bool) -> Value {
-        let x = self.ctrs.get(&c.name);
-        let state = match x {
-            Some(x) if x.running => json!({"running": {"startedAt": x.started_at}}),
-            Some(x) if x.waiting.is_some() => {
-                let (r, m) = x.waiting.clone().unwrap_or_default();
-                json!({"waiting": {"reason": r, "message": m}})
-            }
-            Some(x) if x.terminated.is_some() => json!({"terminated": x.terminated}),
-            _ => {
-                json!({"waiting": {"reason": if init { "PodInitializing" } else { "ContainerCreating" }}})
-            }
-        };
-        let running = x.is_some_and(|x| x.running);
-        let mut s = json!({
-            "name": c.name, "image": c.image, "imageID": x.map(|x| x.image_id.clone()).unwrap_or_default(),
-            "ready": running && x.and_then(|x| x.probe_ready).unwrap_or(true), "started": running,
-            "restartCount": x.map(|x| x.restart_count).unwrap_or(0),
-            "state": state,
-            "lastState": x.and_then(|x| x.last_terminated.clone()).map(|t| json!({"terminated": t})).unwrap_or(json!({})),
-        });
-        if let Some(x) = x.filter(|x| !x.id.is_empty()) {
-            s["containerID"] = json!(x.id);
-        }
-        if init && !running {
-            s["ready"] =
-                json!(x.and_then(|x| x.terminated.as_ref()).is_some_and(|t| t["exitCode"] == 0));
-        }
-        s
-    }
-
     /// Computes the pod status and patches it when it changed.
     async fn report(&mut self, pod: &Pod) -> Result<()> {
-        let inits = init_containers(pod);
-        let apps = pod_containers(pod);
-        let init_statuses: Vec<Value> =
-            inits.iter().map(|c| self.container_status(c, true)).collect();
-        let statuses: Vec<Value> = apps.iter().map(|c| self.container_status(c, false)).collect();
-        let initialized = inits.iter().all(|c| {
-            let x = self.ctrs.get(&c.name);
-            c.restart_policy.as_deref() == Some("Always") && x.is_some_and(|x| x.running)
-                || x.and_then(|x| x.terminated.as_ref()).is_some_and(|t| t["exitCode"] == 0)
-        });
-        let all_running = apps.iter().all(|c| {
-            self.ctrs.get(&c.name).is_some_and(|x| x.running && x.probe_ready.unwrap_or(true))
-        });
-        let policy = restart_policy(pod);
-        let all_done = apps
-            .iter()
-            .all(|c| self.ctrs.get(&c.name).is_some_and(|x| !x.running && x.terminated.is_some()));
-        let all_ok = apps.iter().all(|c| {
-            self.ctrs
-                .get(&c.name)
-                .and_then(|x| x.terminated.as_ref())
-                .is_some_and(|t| t["exitCode"] == 0)
-        });
-        let init_failed_never = policy == "Never"
-            && inits.iter().any(|c| {
-                self.ctrs
-                    .get(&c.name)
-                    .and_then(|x| x.terminated.as_ref())
-                    .is_some_and(|t| t["exitCode"] != 0)
-            });
-        let any_started =
-            apps.iter().any(|c| self.ctrs.get(&c.name).is_some_and(|x| x.started_at.is_some()));
-        let phase = if init_failed_never {
-            "Failed"
-        } else if all_done && (policy == "Never" || (policy == "OnFailure" && all_ok)) {
-            if all_ok { "Succeeded" } else { "Failed" }
-        } else if initialized && any_started {
-            "Running"
-        } else {
-            "Pending"
-        };
-        let ready = all_running && initialized && phase == "Running";
-        let t = now();
-        let prev_conds: Vec<Value> =
-            self.last_status["conditions"].as_array().cloned().unwrap_or_default();
-        let cond = |ty: &str, ok: bool, reason: Option<&str>| {
-            let status = if ok { "True" } else { "False" };
-            let since = prev_conds
-                .iter()
-                .find(|c| c["type"] == ty && c["status"] == status)
-                .and_then(|c| c["lastTransitionTime"].as_str().map(String::from))
-                .unwrap_or_else(|| t.clone());
-            let mut c = json!({"type": ty, "status": status, "lastProbeTime": null, "lastTransitionTime": since});
-            if let (false, Some(r)) = (ok, reason) {
-                c["reason"] = json!(r);
-            }
-            c
-        };
-        let not_ready_reason = if phase == "Succeeded" || phase == "Failed" {
-            "PodCompleted"
-        } else {
-            "ContainersNotReady"
-        };
-        let conditions = vec![
-            cond("PodReadyToStartContainers", true, None),
-            cond("Initialized", initialized, Some("ContainersNotInitialized")),
-            cond("Ready", ready, Some(not_ready_reason)),
-            cond("ContainersReady", ready, Some(not_ready_reason)),
-            cond("PodScheduled", true, None),
-        ];
-        let mut status = json!({
-            "phase": phase,
-            "conditions": conditions,
-            "hostIP": self.config.node_ip, "hostIPs": [{"ip": self.config.node_ip}],
-            "podIP": self.pod_ip, "podIPs": [{"ip": self.pod_ip}],
-            "startTime": self.start_time,
-            "containerStatuses": statuses,
-            "qosClass": pod.status.as_ref().and_then(|s| s.qos_class.clone()).unwrap_or_else(|| "BestEffort".into()),
-        });
-        if !init_statuses.is_empty() {
-            status["initContainerStatuses"] = json!(init_statuses);
-        }
+        let status = pod_status(
+            pod,
+            &self.ctrs,
+            &self.last_status,
+            &self.config.node_ip,
+            &self.pod_ip,
+            &self.start_time,
+        );
         if status == self.last_status {
             return Ok(());
         }
@@ -1405,4 +1321,124 @@ impl Worker {
         self.last_status = status;
         Ok(())
     }
+}
+
+fn container_status(ctrs: &HashMap<String, Ctr>, c: &Container, init: bool) -> Value {
+    let x = ctrs.get(&c.name);
+    let state = match x {
+        Some(x) if x.running => json!({"running": {"startedAt": x.started_at}}),
+        Some(x) if x.waiting.is_some() => {
+            let (r, m) = x.waiting.clone().unwrap_or_default();
+            json!({"waiting": {"reason": r, "message": m}})
+        }
+        Some(x) if x.terminated.is_some() => json!({"terminated": x.terminated}),
+        _ => {
+            json!({"waiting": {"reason": if init { "PodInitializing" } else { "ContainerCreating" }}})
+        }
+    };
+    let running = x.is_some_and(|x| x.running);
+    let mut s = json!({
+        "name": c.name, "image": c.image, "imageID": x.map(|x| x.image_id.clone()).unwrap_or_default(),
+        "ready": running && x.and_then(|x| x.probe_ready).unwrap_or(true), "started": running,
+        "restartCount": x.map(|x| x.restart_count).unwrap_or(0),
+        "state": state,
+        "lastState": x.and_then(|x| x.last_terminated.clone()).map(|t| json!({"terminated": t})).unwrap_or(json!({})),
+    });
+    if let Some(x) = x.filter(|x| !x.id.is_empty()) {
+        s["containerID"] = json!(x.id);
+    }
+    if init && !running {
+        s["ready"] =
+            json!(x.and_then(|x| x.terminated.as_ref()).is_some_and(|t| t["exitCode"] == 0));
+    }
+    s
+}
+
+/// The status a kubelet reports for `pod` given what it knows of its containers (`prev`: the
+/// status it reported last, whose conditions keep their transition times).
+pub(crate) fn pod_status(
+    pod: &Pod,
+    ctrs: &HashMap<String, Ctr>,
+    prev: &Value,
+    host_ip: &str,
+    pod_ip: &str,
+    start_time: &str,
+) -> Value {
+    let inits = init_containers(pod);
+    let apps = pod_containers(pod);
+    let init_statuses: Vec<Value> = inits.iter().map(|c| container_status(ctrs, c, true)).collect();
+    let statuses: Vec<Value> = apps.iter().map(|c| container_status(ctrs, c, false)).collect();
+    let initialized = inits.iter().all(|c| {
+        let x = ctrs.get(&c.name);
+        c.restart_policy.as_deref() == Some("Always") && x.is_some_and(|x| x.running)
+            || x.and_then(|x| x.terminated.as_ref()).is_some_and(|t| t["exitCode"] == 0)
+    });
+    let all_running = apps
+        .iter()
+        .all(|c| ctrs.get(&c.name).is_some_and(|x| x.running && x.probe_ready.unwrap_or(true)));
+    let policy = restart_policy(pod);
+    let all_done = apps
+        .iter()
+        .all(|c| ctrs.get(&c.name).is_some_and(|x| !x.running && x.terminated.is_some()));
+    let all_ok = apps.iter().all(|c| {
+        ctrs.get(&c.name).and_then(|x| x.terminated.as_ref()).is_some_and(|t| t["exitCode"] == 0)
+    });
+    let init_failed_never = policy == "Never"
+        && inits.iter().any(|c| {
+            ctrs.get(&c.name)
+                .and_then(|x| x.terminated.as_ref())
+                .is_some_and(|t| t["exitCode"] != 0)
+        });
+    let any_started =
+        apps.iter().any(|c| ctrs.get(&c.name).is_some_and(|x| x.started_at.is_some()));
+    let phase = if init_failed_never {
+        "Failed"
+    } else if all_done && (policy == "Never" || (policy == "OnFailure" && all_ok)) {
+        if all_ok { "Succeeded" } else { "Failed" }
+    } else if initialized && any_started {
+        "Running"
+    } else {
+        "Pending"
+    };
+    let ready = all_running && initialized && phase == "Running";
+    let t = now();
+    let prev_conds: Vec<Value> = prev["conditions"].as_array().cloned().unwrap_or_default();
+    let cond = |ty: &str, ok: bool, reason: Option<&str>| {
+        let status = if ok { "True" } else { "False" };
+        let since = prev_conds
+            .iter()
+            .find(|c| c["type"] == ty && c["status"] == status)
+            .and_then(|c| c["lastTransitionTime"].as_str().map(String::from))
+            .unwrap_or_else(|| t.clone());
+        let mut c = json!({"type": ty, "status": status, "lastProbeTime": null, "lastTransitionTime": since});
+        if let (false, Some(r)) = (ok, reason) {
+            c["reason"] = json!(r);
+        }
+        c
+    };
+    let not_ready_reason = if phase == "Succeeded" || phase == "Failed" {
+        "PodCompleted"
+    } else {
+        "ContainersNotReady"
+    };
+    let conditions = vec![
+        cond("PodReadyToStartContainers", true, None),
+        cond("Initialized", initialized, Some("ContainersNotInitialized")),
+        cond("Ready", ready, Some(not_ready_reason)),
+        cond("ContainersReady", ready, Some(not_ready_reason)),
+        cond("PodScheduled", true, None),
+    ];
+    let mut status = json!({
+        "phase": phase,
+        "conditions": conditions,
+        "hostIP": host_ip, "hostIPs": [{"ip": host_ip}],
+        "podIP": pod_ip, "podIPs": [{"ip": pod_ip}],
+        "startTime": start_time,
+        "containerStatuses": statuses,
+        "qosClass": pod.status.as_ref().and_then(|s| s.qos_class.clone()).unwrap_or_else(|| "BestEffort".into()),
+    });
+    if !init_statuses.is_empty() {
+        status["initContainerStatuses"] = json!(init_statuses);
+    }
+    status
 }

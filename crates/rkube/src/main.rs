@@ -51,7 +51,8 @@ enum Command {
     Scheduler(rkube_scheduler::cli::Args),
     /// Run the controller manager against an API server.
     ControllerManager(rkube_controllers::cli::Args),
-    /// Run the node agent (kubelet, and the Service proxy with the oci runtime).
+    /// Run the node agent (kubelet, and the Service proxy with the oci runtime), or with
+    /// `--simulate N` N hollow nodes.
     Agent(AgentArgs),
     /// Run the Service proxy (nftables) against an API server.
     Proxy(rkube_proxy::cli::Args),
@@ -132,10 +133,17 @@ async fn run(command: Command) -> Result<()> {
 /// addresses (the oci runtime), as kube-proxy runs on every node.
 async fn agent(args: AgentArgs) -> Result<()> {
     let config = args.kubelet.config().map_err(|e| anyhow::anyhow!(e))?;
+    let hollow = args.kubelet.hollow_config().map_err(|e| anyhow::anyhow!(e))?;
     let client = rkube_client::client_from(args.kubelet.kubeconfig.as_deref())
         .await
         .map_err(|e| anyhow::anyhow!(e))?;
     let shutdown = rkube_client::shutdown_on_signal();
+    if let Some(h) = hollow {
+        // Hollow nodes: no pods really run, so there is nothing for a Service proxy to do.
+        return rkube_kubelet::hollow::run(client, h, shutdown)
+            .await
+            .map_err(|e| anyhow::anyhow!(e));
+    }
     let with_proxy = args.proxy.unwrap_or(config.runtime == rkube_kubelet::RuntimeKind::Oci);
     let proxy = with_proxy.then(|| {
         let pc = up::dns::proxy_config(&config.node_name, &config.cluster_cidr);
