@@ -3,8 +3,8 @@
 
 pub mod cli;
 mod env;
-mod hooks;
 pub mod hollow;
+mod hooks;
 pub mod network;
 mod node;
 mod oci;
