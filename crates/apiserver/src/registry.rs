@@ -180,17 +180,36 @@ impl SharedObject {
 #[derive(Default)]
 struct WatchObjects {
     map: std::collections::HashMap<(String, u64), Arc<SharedObject>>,
-    order: std::collections::VecDeque<(String, u64)>,
+    /// Insertion order, with when: the oldest go first.
+    order: std::collections::VecDeque<((String, u64), std::time::Instant)>,
+    /// Whether the task that expires old entries runs.
+    pruning: bool,
+}
+
+impl WatchObjects {
+    /// Drops entries beyond the cap, and those older than `max_age`.
+    fn prune(&mut self, max_age: std::time::Duration) {
+        let now = std::time::Instant::now();
+        while let Some((id, at)) = self.order.front() {
+            if self.order.len() <= SHARED_WATCH_OBJECTS && now.duration_since(*at) < max_age {
+                break;
+            }
+            self.map.remove(id);
+            self.order.pop_front();
+        }
+    }
 }
 
 /// How many decoded objects watch fan-out keeps for watchers that lag behind the first one.
 /// At 1,000 writes/s, 1,024 entries (one second) made 100 lagging watchers decode every event
-/// again and fall further behind until closed; 8,192 keeps them sharing (at ~150 MiB after a
-/// burst, the price the memory figures show).
+/// again and fall further behind until closed; 8,192 keeps them sharing.
 const SHARED_WATCH_OBJECTS: usize = 8192;
+/// …and for how long: a decoded pod is several times its JSON, so after a burst the cache
+/// (~150 MiB at 8,192 pods) empties within seconds instead of staying until the next one.
+const SHARED_WATCH_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn shared_object(
-    cache: &std::sync::Mutex<WatchObjects>,
+    cache: &Arc<std::sync::Mutex<WatchObjects>>,
     key: &str,
     value: &[u8],
     rev: Revision,
@@ -202,12 +221,21 @@ fn shared_object(
     let obj = SharedObject::new(decode(value, rev).ok()?);
     let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
     if c.map.insert(id.clone(), obj.clone()).is_none() {
-        c.order.push_back(id);
-        while c.order.len() > SHARED_WATCH_OBJECTS {
-            if let Some(old) = c.order.pop_front() {
-                c.map.remove(&old);
+        c.order.push_back((id, std::time::Instant::now()));
+        c.prune(SHARED_WATCH_MAX_AGE);
+    }
+    if !c.pruning {
+        // Expire entries while the registry lives, also when no event arrives any more.
+        c.pruning = true;
+        let weak = Arc::downgrade(cache);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SHARED_WATCH_MAX_AGE / 4);
+            loop {
+                tick.tick().await;
+                let Some(cache) = weak.upgrade() else { return };
+                cache.lock().unwrap_or_else(|p| p.into_inner()).prune(SHARED_WATCH_MAX_AGE);
             }
-        }
+        });
     }
     Some(obj)
 }
