@@ -16,6 +16,8 @@ pub struct TestServer {
     dir: PathBuf,
     shutdown: CancellationToken,
     store: Arc<dyn Store>,
+    /// The temp dir is this server's own (made by `start`), removed when it is dropped.
+    owns_dir: bool,
 }
 
 impl TestServer {
@@ -23,7 +25,9 @@ impl TestServer {
     pub async fn start() -> TestServer {
         let store: Arc<dyn Store> = Arc::new(rkube_store::memory::MemoryStore::new());
         let dir = std::env::temp_dir().join(format!("rkube-test-{}", uuid::Uuid::new_v4()));
-        Self::start_with(store, &dir, 300).await
+        let mut server = Self::start_with(store, &dir, 300).await;
+        server.owns_dir = true;
+        server
     }
 
     /// Starts on `store` with data (certificates) in `dir`; `toleration` is the default
@@ -42,7 +46,15 @@ impl TestServer {
         let kubeconfig = server.write_admin_kubeconfig(&url).expect("kubeconfig");
         let shutdown = CancellationToken::new();
         tokio::spawn(server.clone().serve(listener, shutdown.clone()));
-        TestServer { server, url, kubeconfig, dir: dir.to_path_buf(), shutdown, store }
+        TestServer {
+            server,
+            url,
+            kubeconfig,
+            dir: dir.to_path_buf(),
+            shutdown,
+            store,
+            owns_dir: false,
+        }
     }
 
     pub fn url(&self) -> &str {
@@ -74,5 +86,8 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.shutdown.cancel();
+        if self.owns_dir {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
