@@ -194,6 +194,9 @@ enum Runtime {
 
 fn seed_lab(runtime: Runtime) {
     let oci = runtime == Runtime::Oci;
+    // The pods' command, told apart per lab: both labs run at once, and the leftover check
+    // looks for this lab's processes only.
+    let marker = if oci { "7208" } else { "7207" };
     let home = std::env::temp_dir().join(format!(
         "rkube-up-e2e-{}-{}",
         std::process::id(),
@@ -319,7 +322,7 @@ fn seed_lab(runtime: Runtime) {
     let manifest = c.home.join("web.yaml");
     std::fs::write(
         &manifest,
-        format!("apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 3\n  selector:\n    matchLabels: {{app: web}}\n  template:\n    metadata:\n      labels: {{app: web}}\n    spec:\n      terminationGracePeriodSeconds: 1\n      containers:\n      - name: web\n        image: {image}\n        command: [\"sleep\", \"7207\"]\n"),
+        format!("apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 3\n  selector:\n    matchLabels: {{app: web}}\n  template:\n    metadata:\n      labels: {{app: web}}\n    spec:\n      terminationGracePeriodSeconds: 1\n      containers:\n      - name: web\n        image: {image}\n        command: [\"sleep\", \"{marker}\"]\n"),
     )
     .unwrap();
     let applied = c.kubectl_ok(&["apply", "-f", manifest.to_str().unwrap()]);
@@ -346,7 +349,7 @@ fn seed_lab(runtime: Runtime) {
         let (first, _) = &pods[0];
         let ps = c.kubectl_ok(&["exec", first, "--", "ps"]);
         assert!(
-            ps.contains("sleep 7207") && ps.lines().count() <= 4,
+            ps.contains(&format!("sleep {marker}")) && ps.lines().count() <= 4,
             "the pod sees only itself:\n{ps}"
         );
     }
@@ -409,7 +412,7 @@ fn seed_lab(runtime: Runtime) {
     let gpu = c.home.join("gpu.yaml");
     std::fs::write(
         &gpu,
-        format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: production-gpu-pod\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: trainer\n    image: {}\n    command: [\"sleep\", \"7207\"]\n    resources:\n      limits:\n        nvidia.com/gpu: 1\n", image.replace("\n        ", "\n    ")),
+        format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: production-gpu-pod\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: trainer\n    image: {}\n    command: [\"sleep\", \"{marker}\"]\n    resources:\n      limits:\n        nvidia.com/gpu: 1\n", image.replace("\n        ", "\n    ")),
     )
     .unwrap();
     c.kubectl_ok(&["apply", "-f", gpu.to_str().unwrap()]);
@@ -445,7 +448,7 @@ fn seed_lab(runtime: Runtime) {
     let down = c.rkube(&["down", "--data-dir", &data]);
     assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
     assert!(!pid_alive(pid.trim()), "rkube process {pid} still alive after down");
-    let leftover = Command::new("pgrep").args(["-f", "sleep 7207"]).output().unwrap();
+    let leftover = Command::new("pgrep").args(["-f", &format!("sleep {marker}")]).output().unwrap();
     assert!(
         leftover.stdout.is_empty(),
         "pod processes left behind: {}",
