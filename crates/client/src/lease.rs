@@ -69,6 +69,44 @@ pub async fn lead(
     lost
 }
 
+/// Leads and works, for a component that must act only while it holds the lease `name`:
+/// waits to acquire it, runs `work` with a token that is cancelled when leadership is lost (or
+/// on `shutdown`), and after a loss waits to lead again. Returns on `shutdown`.
+pub async fn run_while_leading<F, Fut>(
+    client: Client,
+    name: &str,
+    identity: &str,
+    duration: Duration,
+    shutdown: CancellationToken,
+    mut work: F,
+) where
+    F: FnMut(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    loop {
+        let lost = lead(client.clone(), name, identity, duration, shutdown.clone()).await;
+        if shutdown.is_cancelled() {
+            return;
+        }
+        let leading = shutdown.child_token();
+        let guard = {
+            let leading = leading.clone();
+            tokio::spawn(async move {
+                lost.cancelled().await;
+                leading.cancel();
+            })
+        };
+        work(leading).await;
+        guard.abort();
+        if shutdown.is_cancelled() {
+            return;
+        }
+        tracing::warn!(
+            "lease {name}: stopped working after losing leadership; waiting to lead again"
+        );
+    }
+}
+
 async fn try_acquire(
     api: &Api<Lease>,
     name: &str,

@@ -11,6 +11,10 @@ pub struct Args {
     /// Seconds without node heartbeats before a node is marked NotReady/Unknown.
     #[arg(long, default_value_t = 50)]
     pub node_monitor_grace_period: u64,
+    /// Seconds a newly registered node may go without posting its status before it is marked
+    /// Unknown (upstream's --node-startup-grace-period, 1 minute).
+    #[arg(long, default_value_t = 60)]
+    pub node_startup_grace_period: u64,
     /// The pods' network; each node gets a subnet of it as its podCIDR.
     #[arg(long, default_value = "10.244.0.0/16")]
     pub cluster_cidr: String,
@@ -60,6 +64,7 @@ pub async fn run(args: Args) -> Result<(), Box<dyn std::error::Error + Send + Sy
     let shutdown = rkube_client::shutdown_on_signal();
     let config = crate::Config {
         node_monitor_grace_period: Duration::from_secs(args.node_monitor_grace_period),
+        node_startup_grace_period: Duration::from_secs(args.node_startup_grace_period),
         cluster_cidr: args.allocate_node_cidrs.then_some(args.cluster_cidr),
         node_cidr_mask_size: args.node_cidr_mask_size,
         terminated_pod_gc_threshold: args.terminated_pod_gc_threshold,

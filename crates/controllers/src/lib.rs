@@ -37,6 +37,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct Config {
     /// A node whose heartbeats stop for this long is marked NotReady/Unknown (upstream: 50 s).
     pub node_monitor_grace_period: Duration,
+    /// A registered node that has never posted its status is left alone for this long (upstream:
+    /// 1 minute), then marked Unknown with reason NodeStatusNeverUpdated.
+    pub node_startup_grace_period: Duration,
     /// How often node health is checked (upstream: 5 s; rkube checks every second).
     pub node_monitor_period: Duration,
     pub identity: String,
@@ -63,6 +66,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             node_monitor_grace_period: Duration::from_secs(50),
+            node_startup_grace_period: Duration::from_secs(60),
             node_monitor_period: Duration::from_secs(1),
             identity: format!(
                 "rkube-controller-manager_{:x}",
@@ -86,23 +90,31 @@ pub async fn run_with_client(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    rkube_client::lease::lead(
-        client.clone(),
-        "kube-controller-manager",
-        &config.identity,
-        config.lease_duration,
-        shutdown.clone(),
-    )
-    .await;
-    if shutdown.is_cancelled() {
-        return Ok(());
-    }
     let cluster_cidr = match &config.cluster_cidr {
         Some(c) => Some(nodeipam::Cidr::parse(c).ok_or_else(|| {
             Error::Config(format!("--cluster-cidr {c}: not an IPv4 network like 10.244.0.0/16"))
         })?),
         None => None,
     };
+    rkube_client::lease::run_while_leading(
+        client.clone(),
+        "kube-controller-manager",
+        &config.identity,
+        config.lease_duration,
+        shutdown,
+        |leading| run_controllers(client.clone(), &config, cluster_cidr, leading),
+    )
+    .await;
+    Ok(())
+}
+
+/// Every controller, until `shutdown` (the end of leadership or of the process).
+async fn run_controllers(
+    client: Client,
+    config: &Config,
+    cluster_cidr: Option<nodeipam::Cidr>,
+    shutdown: CancellationToken,
+) {
     let informers = informer::Informers::start(client.clone(), shutdown.clone());
     informers.wait_ready().await;
     let recorder =
@@ -160,5 +172,4 @@ pub async fn run_with_client(
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
     }
-    Ok(())
 }

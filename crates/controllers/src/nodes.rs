@@ -49,12 +49,13 @@ fn last_heartbeat(renewals: &HashMap<String, i64>, node: &Node) -> Option<i64> {
     lease.max(ready).or(node.metadata.creation_timestamp.as_ref().map(|t| ts(&t.0)))
 }
 
+/// The node's Ready status; empty while it has never posted one (just registered).
 fn ready_status(node: &Node) -> String {
     node.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
         .and_then(|c| c.iter().find(|c| c.type_ == "Ready").map(|c| c.status.clone()))
-        .unwrap_or_else(|| "Unknown".into())
+        .unwrap_or_default()
 }
 
 pub async fn run(
@@ -71,6 +72,7 @@ pub async fn run(
     let mut evicted: HashMap<String, ()> = HashMap::new();
     let mut disruption = Disruption::new(config.eviction_limits);
     let grace = config.node_monitor_grace_period.as_secs() as i64;
+    let startup_grace = config.node_startup_grace_period.as_secs() as i64;
     loop {
         let now = config.clock.now().as_second();
         let nodes = inf.nodes.state();
@@ -90,10 +92,13 @@ pub async fn run(
                     .await;
             }
             let hb = last_heartbeat(&renewals, node).unwrap_or(now);
-            let silent = now - hb > grace;
             let ready = ready_status(node);
+            // A node that registered but never posted its status gets the startup grace (as
+            // upstream): until then it is neither Ready nor lost, and gets no taint.
+            let never_posted = ready.is_empty();
+            let silent = now - hb > if never_posted { startup_grace } else { grace };
             if silent && ready != "Unknown" {
-                mark_unknown(&nodes_api, node, &config.clock).await;
+                mark_unknown(&nodes_api, node, never_posted, &config.clock).await;
                 recorder
                     .record(
                         &reference(node.as_ref()),
@@ -123,7 +128,11 @@ pub async fn run(
         // Zone health decides how fast NoExecute taints may be added, or whether at all.
         let mut zones: BTreeMap<String, Vec<bool>> = BTreeMap::new();
         for node in nodes.iter().filter(|n| !excluded(n)) {
-            let ready = status.get(&node.name_any()).is_some_and(|s| s == "True");
+            let Some(ready) = status.get(&node.name_any()).filter(|s| !s.is_empty()) else {
+                // Not counted before its first status: a burst of registrations is no outage.
+                continue;
+            };
+            let ready = ready == "True";
             zones.entry(zone_key(node)).or_default().push(ready);
         }
         let clock = config.clock.instant();
@@ -219,7 +228,8 @@ pub async fn run(
 /// The lifecycle taint key a node's Ready status calls for.
 fn lifecycle_taint(ready: &str) -> Option<&'static str> {
     match ready {
-        "True" => None,
+        // Ready, or registered and still within its startup grace.
+        "True" | "" => None,
         "False" => Some(NOT_READY),
         _ => Some(UNREACHABLE),
     }
@@ -278,9 +288,18 @@ async fn evict(client: &Client, recorder: &Recorder, pod: &Pod) {
     let _ = api.delete(&pod.name_any(), &DeleteParams::default()).await;
 }
 
-async fn mark_unknown(api: &Api<Node>, node: &Node, clock: &Clock) {
+/// Sets the node's conditions Unknown: the kubelet stopped posting its status, or (for a node
+/// that never posted one) never did, in which case the four kubelet conditions are created.
+async fn mark_unknown(api: &Api<Node>, node: &Node, never_posted: bool, clock: &Clock) {
     let now = clock.time();
     let mut conds = Vec::new();
+    if never_posted {
+        for t in ["Ready", "MemoryPressure", "DiskPressure", "PIDPressure"] {
+            conds.push(json!({"type": t, "status": "Unknown", "reason": "NodeStatusNeverUpdated",
+                "message": "Kubelet never posted node status.", "lastHeartbeatTime": node.metadata.creation_timestamp,
+                "lastTransitionTime": now}));
+        }
+    }
     for c in node.status.as_ref().and_then(|s| s.conditions.clone()).unwrap_or_default() {
         let mut c = serde_json::to_value(&c).unwrap_or_default();
         c["status"] = json!("Unknown");

@@ -509,3 +509,98 @@ async fn with_upstream_timings_a_silent_node_is_lost_after_50_s_and_its_pods_mov
         assert!(gone.is_none_or(|x| x.2), "{name} was evicted: {p:?}");
     }
 }
+
+#[tokio::test]
+async fn a_controller_manager_that_lost_its_lease_stops_until_it_leads_again() {
+    let config =
+        rkube_controllers::Config { lease_duration: Duration::from_secs(3), ..Default::default() };
+    let c = cluster(config).await;
+    let nss: Api<Namespace> = Api::all(c.client.clone());
+    let sa_of = |ns: &str| {
+        let sas: Api<ServiceAccount> = Api::namespaced(c.client.clone(), ns);
+        async move { sas.get_opt("default").await.ok().flatten() }
+    };
+    nss.create(&PostParams::default(), &named("before")).await.expect("namespace");
+    eventually("the controllers working", Duration::from_secs(10), async || sa_of("before").await)
+        .await;
+    // Another controller manager takes the lease (as if ours had missed its renewals).
+    let leases: Api<Lease> = Api::namespaced(c.client.clone(), "kube-system");
+    let ours = leases.get("kube-controller-manager").await.unwrap().spec.unwrap().holder_identity;
+    let steal = async || {
+        let take = json!({"spec": {"holderIdentity": "intruder", "renewTime": rkube_client::now_micro(), "leaseDurationSeconds": 3}});
+        leases
+            .patch("kube-controller-manager", &PatchParams::default(), &Patch::Merge(&take))
+            .await
+            .unwrap();
+    };
+    steal().await;
+    // Ours notices at its next renewal (every 0.6 s).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    nss.create(&PostParams::default(), &named("during")).await.expect("namespace");
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        steal().await;
+        assert!(sa_of("during").await.is_none(), "a controller manager without the lease acted");
+    }
+    // The intruder goes away; once its lease expires, ours leads and works again.
+    eventually("the controllers working again", Duration::from_secs(15), async || {
+        sa_of("during").await
+    })
+    .await;
+    let holder = leases.get("kube-controller-manager").await.unwrap().spec.unwrap().holder_identity;
+    assert_eq!(holder, ours);
+}
+
+/// A node that registered but has not posted its status yet (a kubelet between its create and
+/// its first status patch) is left alone for the startup grace, as upstream does; only then is
+/// it marked Unknown (NodeStatusNeverUpdated) and tainted.
+#[tokio::test]
+async fn a_node_that_never_posted_its_status_gets_the_startup_grace_then_is_unknown() {
+    let c = cluster(rkube_controllers::Config {
+        node_monitor_grace_period: Duration::from_secs(1),
+        node_startup_grace_period: Duration::from_secs(4),
+        ..Default::default()
+    })
+    .await;
+    let nodes: Api<Node> = Api::all(c.client.clone());
+    // A healthy neighbour, so the zone is not fully disrupted.
+    nodes.create(&PostParams::default(), &named("alive")).await.expect("node");
+    let stop = CancellationToken::new();
+    let beat = {
+        let (client, stop) = (c.client.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                heartbeat(&client, "alive").await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+    let created = tokio::time::Instant::now();
+    nodes.create(&PostParams::default(), &named("fresh")).await.expect("node");
+    while created.elapsed() < Duration::from_millis(2500) {
+        let fresh = nodes.get("fresh").await.expect("node");
+        assert!(lifecycle_taints(&fresh).is_empty(), "tainted within the startup grace");
+        assert_eq!(ready_of(&fresh), "", "marked within the startup grace");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let fresh = eventually("the silent new node Unknown", Duration::from_secs(10), async || {
+        let n = nodes.get("fresh").await.ok()?;
+        (ready_of(&n) == "Unknown"
+            && lifecycle_taints(&n)
+                == [
+                    "node.kubernetes.io/unreachable:NoExecute",
+                    "node.kubernetes.io/unreachable:NoSchedule",
+                ])
+        .then_some(n)
+    })
+    .await;
+    assert!(created.elapsed() >= Duration::from_secs(4), "before the startup grace ended");
+    let ready = fresh.status.unwrap().conditions.unwrap().into_iter().find(|c| c.type_ == "Ready");
+    let ready = ready.unwrap();
+    assert_eq!(ready.reason.as_deref(), Some("NodeStatusNeverUpdated"));
+    assert_eq!(ready.message.as_deref(), Some("Kubelet never posted node status."));
+    let alive = nodes.get("alive").await.expect("node");
+    assert!(lifecycle_taints(&alive).is_empty(), "{:?}", lifecycle_taints(&alive));
+    stop.cancel();
+    let _ = beat.await;
+}

@@ -555,32 +555,16 @@ pub async fn run_with_client(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    loop {
-        let lost = rkube_client::lease::lead(
-            client.clone(),
-            "kube-scheduler",
-            &config.identity,
-            config.lease_duration,
-            shutdown.clone(),
-        )
-        .await;
-        if shutdown.is_cancelled() {
-            return Ok(());
-        }
-        let leading = shutdown.child_token();
-        let guard = {
-            let leading = leading.clone();
-            tokio::spawn(async move {
-                lost.cancelled().await;
-                leading.cancel();
-            })
-        };
-        schedule_while(client.clone(), &config, leading).await;
-        guard.abort();
-        if shutdown.is_cancelled() {
-            return Ok(());
-        }
-    }
+    rkube_client::lease::run_while_leading(
+        client.clone(),
+        "kube-scheduler",
+        &config.identity,
+        config.lease_duration,
+        shutdown,
+        |leading| schedule_while(client.clone(), &config, leading),
+    )
+    .await;
+    Ok(())
 }
 
 /// Informers and the scheduling loop, until `shutdown`.

@@ -47,6 +47,37 @@ fn running(p: &Pod) -> bool {
         && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
 }
 
+/// Watches the nodes and records when each first carried a lifecycle taint.
+fn watch_lifecycle_taints(
+    client: kube::Client,
+    stop: CancellationToken,
+) -> std::sync::Arc<std::sync::Mutex<BTreeMap<String, Instant>>> {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+    let out = seen.clone();
+    tokio::spawn(async move {
+        let nodes: Api<Node> = Api::all(client);
+        let mut s =
+            watcher(nodes, watcher::Config::default()).default_backoff().applied_objects().boxed();
+        loop {
+            let n = tokio::select! { _ = stop.cancelled() => return, n = s.next() => n };
+            let n = match n {
+                Some(Ok(n)) => n,
+                Some(Err(_)) => continue,
+                None => return,
+            };
+            let taints = n.spec.as_ref().and_then(|s| s.taints.clone()).unwrap_or_default();
+            if taints.iter().any(|t| {
+                t.key == "node.kubernetes.io/unreachable" || t.key == "node.kubernetes.io/not-ready"
+            }) {
+                seen.lock().unwrap().entry(n.name_any()).or_insert_with(Instant::now);
+            }
+        }
+    });
+    out
+}
+
 /// Runs the scenario with `timings` in a fresh directory under `dir`.
 pub async fn run(dir: &Path, profile: &str, timings: Timings) -> anyhow::Result<serde_json::Value> {
     let _ = std::fs::remove_dir_all(dir);
@@ -97,6 +128,10 @@ async fn scenario(
         },
         stop.clone(),
     ));
+
+    // Every node that gets a lifecycle taint (unreachable / not-ready), and when: any but the
+    // killed node after the kill is a false alarm (at registration or under load).
+    let tainted = watch_lifecycle_taints(client.clone(), stop.clone());
 
     // 100 nodes, each a simulated kubelet behind its own cable.
     let t = Instant::now();
@@ -242,6 +277,13 @@ async fn scenario(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let false_alarms: BTreeMap<String, f64> = tainted
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(name, at)| **name != victim || **at < t0)
+        .map(|(name, at)| (name.clone(), at.saturating_duration_since(t0).as_secs_f64()))
+        .collect();
     let goal_s = if profile == "fast" {
         20.0
     } else {
@@ -267,6 +309,8 @@ async fn scenario(
         "healed_s": healed_s,
         "goal_healed_s": goal_s,
         "goal_met": healed_s.is_some_and(|h| h <= goal_s),
+        "false_alarms": false_alarms.len(),
+        "false_alarm_nodes": false_alarms,
         "bench_process_rss_mib": super::rss_mib(std::process::id()),
     }))
 }
