@@ -53,6 +53,16 @@ struct Shared {
     readers: AtomicUsize,
     closed: AtomicBool,
     socket: PathBuf,
+    /// The socket file's identity (device, inode): a restarted container's hub may have
+    /// replaced it at the same path, and that one must stay.
+    inode: Option<(u64, u64)>,
+    /// A handle on the listening socket, to wake its accept loop when the hub closes.
+    listener: Option<UnixListener>,
+}
+
+fn inode_of(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// The owner's side. Cheap to clone: every copier holds one.
@@ -103,6 +113,8 @@ impl Hub {
             readers: AtomicUsize::new(readers.max(1)),
             closed: AtomicBool::new(false),
             socket: socket.to_path_buf(),
+            inode: inode_of(socket),
+            listener: listener.try_clone().ok(),
         }));
         let h = hub.clone();
         std::thread::spawn(move || {
@@ -110,8 +122,10 @@ impl Hub {
                 if h.0.closed.load(Ordering::SeqCst) {
                     break;
                 }
-                if let Ok(conn) = conn {
-                    h.accept(conn);
+                match conn {
+                    Ok(conn) => h.accept(conn),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
                 }
             }
         });
@@ -199,9 +213,15 @@ impl Hub {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
         *self.0.input.lock().unwrap_or_else(|p| p.into_inner()) = Input::None;
-        // Wake the accept loop so it sees `closed`, then remove the socket.
-        let _ = via_short_path(&self.0.socket, |p| UnixStream::connect(p));
-        let _ = std::fs::remove_file(&self.0.socket);
+        // Wake the accept loop (shutting a listening socket down ends a blocked accept on
+        // Linux), then remove the socket unless a new hub owns that path now.
+        if let Some(l) = &self.0.listener {
+            use std::os::fd::AsRawFd;
+            let _ = nix::sys::socket::shutdown(l.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        }
+        if self.0.inode.is_some() && inode_of(&self.0.socket) == self.0.inode {
+            let _ = std::fs::remove_file(&self.0.socket);
+        }
     }
 }
 
@@ -320,6 +340,27 @@ mod tests {
         let tee = Tee::new(&b""[..], STDOUT, hub.clone());
         drop(tee);
         assert_eq!(read_output(&mut c).await, None);
+        assert!(!sock.exists());
+    }
+
+    #[tokio::test]
+    async fn a_restarted_containers_socket_survives_the_old_hub_closing() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("c.sock");
+        let old = Hub::listen(&sock, Input::None, false, 1).unwrap();
+        let new = Hub::listen(&sock, Input::None, false, 1).unwrap();
+        old.close();
+        assert!(sock.exists());
+        let mut c = connect(&sock, false).await.unwrap();
+        for _ in 0..50 {
+            if !new.0.subs.lock().unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        new.publish(STDERR, b"x");
+        assert_eq!(read_output(&mut c).await, Some((STDERR, b"x".to_vec())));
+        new.close();
         assert!(!sock.exists());
     }
 }
