@@ -1,6 +1,7 @@
-//! The API server's side of `kubectl logs`, `kubectl exec` and `kubectl port-forward`: find the
-//! pod's node, then relay the request to that node's kubelet (an HTTP stream for logs, a
-//! WebSocket for exec, the upgraded connection as it is for port-forward).
+//! The API server's side of `kubectl logs`, `kubectl exec`, `kubectl attach` and
+//! `kubectl port-forward`: find the pod's node, then relay the request to that node's kubelet
+//! (an HTTP stream for logs, a WebSocket for exec and attach, the upgraded connection as it is
+//! for port-forward).
 
 use std::collections::HashMap;
 
@@ -97,7 +98,8 @@ pub async fn logs(
     Ok(out)
 }
 
-/// Upgrades the client's request to a WebSocket and relays frames to and from the kubelet.
+/// `exec` and `attach`: upgrades the client's request to a WebSocket and relays frames to and
+/// from the kubelet's handler of the same name.
 pub async fn exec(
     reg: &Registry,
     ns: &str,
@@ -135,7 +137,7 @@ pub async fn exec(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("v4.channel.k8s.io")
         .to_string();
-    let url = format!("ws://{addr}/exec/{ns}/{pod}/{container}?{raw_query}");
+    let url = format!("ws://{addr}/{sub}/{ns}/{pod}/{container}?{raw_query}");
     let upstream = connect_kubelet(&addr, &url, &protocol).await?;
     Ok(relay(ws, upstream))
 }

@@ -698,9 +698,6 @@ async fn handle(st: Arc<Inner>, user: User, req: Request) -> Result<Response> {
                 return crate::proxy::portforward(&st.registry, &ns, &name, req, &raw).await;
             }
             let q = parse_query(Some(&raw));
-            if sub == "attach" {
-                return Ok(crate::proxy::unsupported("attach"));
-            }
             return crate::proxy::exec(&st.registry, &ns, &name, &sub, req, &raw, &q).await;
         }
     }

@@ -347,6 +347,8 @@ pub fn container_config(
         },
         log_path,
         tty: c.tty.unwrap_or(false),
+        stdin: c.stdin.unwrap_or(false),
+        stdin_once: c.stdin_once.unwrap_or(false),
     }
 }
 

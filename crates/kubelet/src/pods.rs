@@ -557,6 +557,12 @@ impl Worker {
                     workdir: self.pod_dir.join("work"),
                     log_path: self.pod_dir.join("logs").join(format!("{}.log", c.name)),
                     isolation,
+                    stdio: runtime::ContainerStdio {
+                        stdin: c.stdin.unwrap_or(false),
+                        stdin_once: c.stdin_once.unwrap_or(false),
+                        tty: c.tty.unwrap_or(false),
+                        socket: runtime::attach_socket(&self.pod_dir, &c.name),
+                    },
                 };
                 let started = runtime::start_process(&spec).await.map_err(|e| e.to_string());
                 if let (Ok(Handle::Process { pid, cgroup: Some(cg), .. }), Some(iso)) =

@@ -42,6 +42,12 @@ pub struct InitSpec {
     pub hostname: String,
     /// The container's cgroup (relative to the hierarchies' roots), already made with its limits.
     pub cgroup: Option<String>,
+    /// A FIFO to read stdin from (`stdin: true`, for `kubectl attach -i`); /dev/null without.
+    #[serde(default)]
+    pub stdin: Option<std::path::PathBuf>,
+    /// A terminal (a pty slave) to make the command's controlling terminal and stdio.
+    #[serde(default)]
+    pub tty: Option<std::path::PathBuf>,
 }
 
 /// Signals passed on to the container's command; SIGKILL needs no passing (the kubelet kills
@@ -192,10 +198,12 @@ fn run() -> Result<i32, String> {
     let mut kubelet = std::fs::File::from(kubelet);
     let mut input = String::new();
     kubelet.read_to_string(&mut input).map_err(|e| format!("read the spec: {e}"))?;
-    let null = std::fs::File::open("/dev/null").map_err(|e| format!("open /dev/null: {e}"))?;
-    nix::unistd::dup2_stdin(&null).map_err(err("stdin"))?;
     let spec: InitSpec =
         serde_json::from_str(&input).map_err(|e| format!("parse the spec: {e}"))?;
+    let stdin = spec.stdin.as_deref().unwrap_or(std::path::Path::new("/dev/null"));
+    let stdin = std::fs::File::open(stdin).map_err(|e| format!("open {}: {e}", stdin.display()))?;
+    nix::unistd::dup2_stdin(&stdin).map_err(err("stdin"))?;
+    drop(stdin);
     if spec.argv.is_empty() {
         return Err("no command".into());
     }
@@ -282,6 +290,12 @@ fn namespace_init(spec: &InitSpec, status: OwnedFd, own_adj: &str) -> Result<i32
             if !own_adj.is_empty() {
                 let _ = std::fs::write("/proc/self/oom_score_adj", own_adj);
             }
+            if let Some(tty) = &spec.tty
+                && let Err(e) = take_terminal(tty)
+            {
+                eprintln!("rkube process-init: {e}");
+                std::process::exit(127);
+            }
             std::process::exit(exec(&spec.argv, None));
         }
         ForkResult::Parent { child } => {
@@ -293,6 +307,22 @@ fn namespace_init(spec: &InitSpec, status: OwnedFd, own_adj: &str) -> Result<i32
             })
         }
     }
+}
+
+/// Makes the terminal at `path` this process's controlling terminal (in a session of its own)
+/// and its stdin, stdout and stderr.
+fn take_terminal(path: &std::path::Path) -> Result<(), String> {
+    nix::unistd::setsid().map_err(err("setsid"))?;
+    // Opened by a session leader without a terminal, it becomes the controlling terminal.
+    let t = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("open {}: {e}", path.display()))?;
+    nix::unistd::dup2_stdin(&t).map_err(err("stdin"))?;
+    nix::unistd::dup2_stdout(&t).map_err(err("stdout"))?;
+    nix::unistd::dup2_stderr(&t).map_err(err("stderr"))?;
+    Ok(())
 }
 
 /// Execs `argv` with every signal unblocked and at its default (and `env` when given); returns

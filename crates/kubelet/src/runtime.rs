@@ -20,6 +20,23 @@ pub struct ContainerSpec {
     pub log_path: PathBuf,
     /// Namespaces and a cgroup (the kubelet runs as root); `None`: a plain host process.
     pub isolation: Option<Isolation>,
+    /// The container's stdio as its spec asks (`stdin`, `stdinOnce`, `tty`), and where
+    /// `kubectl attach` reaches it.
+    pub stdio: ContainerStdio,
+}
+
+/// A process container's stdin and terminal, served to `kubectl attach` on `socket`.
+#[derive(Clone, Debug, Default)]
+pub struct ContainerStdio {
+    pub stdin: bool,
+    pub stdin_once: bool,
+    pub tty: bool,
+    pub socket: PathBuf,
+}
+
+/// Where a process container's attach socket (and stdin FIFO beside it) live.
+pub fn attach_socket(pod_dir: &std::path::Path, container: &str) -> PathBuf {
+    pod_dir.join("attach").join(format!("{container}.sock"))
 }
 
 /// How a process container is isolated when the kubelet runs as root.
@@ -175,12 +192,67 @@ pub async fn start_process(spec: &ContainerSpec) -> std::io::Result<Handle> {
         rkube_oci::log::DEFAULT_MAX_FILES,
     )?;
     let log = std::sync::Arc::new(std::sync::Mutex::new(log));
+    // stdin and the terminal for `kubectl attach`: with a tty, the command's stdio is a pty
+    // whose master the kubelet reads (and types on); with stdin, it reads a FIFO that the hub
+    // holds open for writing (a path, so the isolated init can open it in its namespaces).
+    let io = &spec.stdio;
+    let mut pty: Option<(std::fs::File, std::os::fd::OwnedFd, PathBuf)> = None;
+    let mut stdin_fifo: Option<PathBuf> = None;
+    let mut input = rkube_oci::attach::Input::None;
+    if io.tty {
+        let (master, slave) = crate::tty::open()?;
+        use std::os::fd::AsRawFd;
+        let path = std::fs::read_link(format!("/proc/self/fd/{}", slave.as_raw_fd()))?;
+        let master = std::fs::File::from(master);
+        if io.stdin {
+            input = rkube_oci::attach::Input::Terminal(master.try_clone()?);
+        }
+        pty = Some((master, slave, path));
+    } else if io.stdin {
+        let fifo = io.socket.with_extension("stdin");
+        if let Some(dir) = fifo.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let _ = std::fs::remove_file(&fifo);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .map_err(std::io::Error::from)?;
+        // Read and write: opening never blocks, and the command's reads block (rather than
+        // end) while no attach session is writing.
+        let w = std::fs::OpenOptions::new().read(true).write(true).open(&fifo)?;
+        input = rkube_oci::attach::Input::Pipe(w);
+        stdin_fifo = Some(fifo);
+    }
+    let hub = rkube_oci::attach::Hub::listen(
+        &io.socket,
+        input,
+        io.stdin_once,
+        if io.tty { 1 } else { 2 },
+    )?;
+    let slave_stdio =
+        |pty: &Option<(std::fs::File, std::os::fd::OwnedFd, PathBuf)>| -> std::io::Result<Stdio> {
+            match pty {
+                Some((_, slave, _)) => Ok(Stdio::from(slave.try_clone()?)),
+                None => Ok(Stdio::piped()),
+            }
+        };
     // The init's stdin is a socket: the spec goes in, `ready` comes back.
     let mut init_socket = None;
     let mut cmd = match &spec.isolation {
         None => {
             let mut cmd = tokio::process::Command::new(&spec.argv[0]);
-            cmd.args(&spec.argv[1..]).stdin(Stdio::null());
+            cmd.args(&spec.argv[1..]);
+            match (&pty, &stdin_fifo) {
+                (Some(_), _) => {
+                    cmd.stdin(slave_stdio(&pty)?);
+                    crate::tty::make_controlling(&mut cmd);
+                }
+                (None, Some(fifo)) => {
+                    cmd.stdin(Stdio::from(std::fs::File::open(fifo)?));
+                }
+                (None, None) => {
+                    cmd.stdin(Stdio::null());
+                }
+            }
             cmd
         }
         Some(iso) => {
@@ -198,33 +270,69 @@ pub async fn start_process(spec: &ContainerSpec) -> std::io::Result<Handle> {
         .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
         .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .current_dir(&spec.workdir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
+        .stdout(slave_stdio(&pty)?)
+        .stderr(slave_stdio(&pty)?)
         .kill_on_drop(true);
+    if pty.is_none() || spec.isolation.is_some() {
+        // A terminal's session leader leads its own process group already.
+        cmd.process_group(0);
+    }
+    if pty.is_some() {
+        cmd.env("TERM", "xterm");
+    }
     let spawned = cmd.spawn();
-    // Our copy of the init's end of the socket must go, or its death would not be seen.
+    // Our copies of the init's end of the socket and of the terminal must go, or their
+    // closing would not be seen.
     drop(cmd);
+    let (master, tty_path) = match pty {
+        Some((master, slave, path)) => {
+            drop(slave);
+            (Some(master), Some(path))
+        }
+        None => (None, None),
+    };
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
+            hub.close();
             if let Some(iso) = &spec.isolation {
                 let _ = rkube_oci::cgroup::remove(&iso.cgroup);
             }
             return Err(e);
         }
     };
-    if let Some(out) = child.stdout.take() {
-        copy_to_log(out.into_owned_fd()?, "stdout", log.clone());
-    }
-    if let Some(err) = child.stderr.take() {
-        copy_to_log(err.into_owned_fd()?, "stderr", log);
+    match master {
+        Some(m) => copy_to_log(m.into(), "stdout", log.clone(), &hub, rkube_oci::attach::STDOUT),
+        None => {
+            match child.stdout.take() {
+                Some(out) => copy_to_log(
+                    out.into_owned_fd()?,
+                    "stdout",
+                    log.clone(),
+                    &hub,
+                    rkube_oci::attach::STDOUT,
+                ),
+                None => hub.reader_done(),
+            }
+            match child.stderr.take() {
+                Some(err) => copy_to_log(
+                    err.into_owned_fd()?,
+                    "stderr",
+                    log,
+                    &hub,
+                    rkube_oci::attach::STDERR,
+                ),
+                None => hub.reader_done(),
+            }
+        }
     }
     if let (Some(iso), Some(socket)) = (&spec.isolation, init_socket) {
         let init = crate::procinit::InitSpec {
             argv: spec.argv.clone(),
             hostname: iso.hostname.clone(),
             cgroup: Some(iso.cgroup.clone()),
+            stdin: stdin_fifo.clone(),
+            tty: tty_path,
         };
         let ready = handshake(socket, serde_json::to_vec(&init).unwrap_or_default()).await;
         if let Err(e) = ready {
@@ -266,13 +374,17 @@ fn copy_to_log(
     fd: std::os::fd::OwnedFd,
     stream: &'static str,
     log: std::sync::Arc<std::sync::Mutex<rkube_oci::log::RotatingLog>>,
+    hub: &rkube_oci::attach::Hub,
+    hub_stream: u8,
 ) {
+    let hub = hub.clone();
     use nix::fcntl::{FcntlArg, OFlag, fcntl};
     if let Ok(flags) = fcntl(&fd, FcntlArg::F_GETFL) {
         let blocking = OFlag::from_bits_truncate(flags) & !OFlag::O_NONBLOCK;
         let _ = fcntl(&fd, FcntlArg::F_SETFL(blocking));
     }
     std::thread::spawn(move || {
-        rkube_oci::runc::shim::copy_cri(std::fs::File::from(fd), stream, &log);
+        let tee = rkube_oci::attach::Tee::new(std::fs::File::from(fd), hub_stream, hub);
+        rkube_oci::runc::shim::copy_cri(tee, stream, &log);
     });
 }

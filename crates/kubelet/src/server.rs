@@ -1,7 +1,8 @@
-//! The kubelet's own HTTP endpoint, which the API server proxies `kubectl logs`, `kubectl exec`
-//! and `kubectl port-forward` to: container logs (follow, tail, since, timestamps, previous),
-//! exec over the Kubernetes WebSocket channel protocol (v4/v5.channel.k8s.io) and port
-//! forwarding (SPDY/3.1, plain or in a WebSocket, and WebSocket channels; see `portforward`).
+//! The kubelet's own HTTP endpoint, which the API server proxies `kubectl logs`, `kubectl exec`,
+//! `kubectl attach` and `kubectl port-forward` to: container logs (follow, tail, since,
+//! timestamps, previous), exec and attach over the Kubernetes WebSocket channel protocol
+//! (v4/v5.channel.k8s.io) and port forwarding (SPDY/3.1, plain or in a WebSocket, and WebSocket
+//! channels; see `portforward`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -40,6 +41,7 @@ pub async fn start(
         .route("/healthz", get(|| async { "ok" }))
         .route("/containerLogs/{ns}/{pod}/{container}", get(logs))
         .route("/exec/{ns}/{pod}/{container}", get(exec).post(exec))
+        .route("/attach/{ns}/{pod}/{container}", get(attach).post(attach))
         .route("/portForward/{ns}/{pod}", get(port_forward).post(port_forward))
         .with_state(Ctx { client, config });
     tokio::spawn(async move {
@@ -217,20 +219,7 @@ async fn exec(
             format!("container {container} is not valid for pod {pod}"),
         );
     };
-    // `command` repeats: command=sh&command=-c&command=echo ok.
-    let mut command = Vec::new();
-    let mut stdin = false;
-    let mut tty = false;
-    for pair in raw.unwrap_or_default().split('&') {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = percent_decode(v);
-        match k {
-            "command" => command.push(v),
-            "stdin" | "input" => stdin = v == "true" || v == "1",
-            "tty" => tty = v == "true" || v == "1",
-            _ => {}
-        }
-    }
+    let StreamQuery { command, stdin, tty, .. } = StreamQuery::parse(raw.as_deref());
     if command.is_empty() {
         return status(
             StatusCode::BAD_REQUEST,
@@ -285,6 +274,189 @@ async fn exec(
             }
         },
     )
+}
+
+/// The query of exec and attach: `command` repeats (command=sh&command=-c&command=echo ok).
+struct StreamQuery {
+    command: Vec<String>,
+    stdin: bool,
+    stdout: bool,
+    stderr: bool,
+    tty: bool,
+}
+
+impl StreamQuery {
+    fn parse(raw: Option<&str>) -> StreamQuery {
+        let mut q = StreamQuery {
+            command: Vec::new(),
+            stdin: false,
+            stdout: false,
+            stderr: false,
+            tty: false,
+        };
+        for pair in raw.unwrap_or_default().split('&') {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = percent_decode(v);
+            let on = v == "true" || v == "1";
+            match k {
+                "command" => q.command.push(v),
+                "stdin" | "input" => q.stdin = on,
+                "stdout" | "output" => q.stdout = on,
+                "stderr" | "error" => q.stderr = on,
+                "tty" => q.tty = on,
+                _ => {}
+            }
+        }
+        q
+    }
+}
+
+/// `kubectl attach`: the running container's output from now on, and its stdin when the
+/// container has one (`stdin: true`; otherwise what the client types is dropped, as
+/// containerd does). Whether the session is a terminal is the container's `tty`, not the
+/// client's: it cannot change once the container runs.
+async fn attach(
+    State(ctx): State<Ctx>,
+    Path((ns, pod, container)): Path<(String, String, String)>,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let (p, dir) = match pod_dir(&ctx, &ns, &pod).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let Some(c) =
+        p.spec.as_ref().and_then(|s| s.containers.iter().find(|c| c.name == container).cloned())
+    else {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            format!("container {container} is not valid for pod {pod}"),
+        );
+    };
+    let q = StreamQuery::parse(raw.as_deref());
+    if !q.stdin && !q.stdout && !q.stderr {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "you must specify at least 1 of stdin, stdout, stderr".into(),
+        );
+    }
+    // The container's state as CRI names it, for the refusal when it does not run.
+    let state = p
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.iter().find(|s| s.name == container))
+        .and_then(|s| s.state.as_ref())
+        .map(|st| {
+            if st.running.is_some() {
+                "CONTAINER_RUNNING"
+            } else if st.terminated.is_some() {
+                "CONTAINER_EXITED"
+            } else {
+                "CONTAINER_CREATED"
+            }
+        })
+        .unwrap_or("CONTAINER_UNKNOWN");
+    let not_running = || {
+        let state = if state == "CONTAINER_RUNNING" { "CONTAINER_EXITED" } else { state };
+        status(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            format!("container {container} is in {state} state"),
+        )
+    };
+    let uid = p.metadata.uid.clone().unwrap_or_default();
+    let socket = match ctx.config.runtime {
+        crate::RuntimeKind::Process => crate::runtime::attach_socket(&dir, &container),
+        crate::RuntimeKind::Oci => {
+            match crate::oci::running_container(&ctx.config, &uid, &container).await {
+                Some((_, ctr)) => ctr.attach_socket(),
+                None => return not_running(),
+            }
+        }
+        crate::RuntimeKind::Simulated => {
+            return status(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                format!("pod {pod} is simulated: it has no container process to attach to"),
+            );
+        }
+    };
+    let tty = c.tty.unwrap_or(false);
+    let pass_stdin = q.stdin && c.stdin.unwrap_or(false);
+    let conn = match rkube_oci::attach::connect(&socket, pass_stdin).await {
+        Ok(conn) => conn,
+        Err(_) => return not_running(),
+    };
+    let (stdout, stderr) = (q.stdout, q.stderr);
+    ws.protocols(["v5.channel.k8s.io", "v4.channel.k8s.io", "channel.k8s.io"])
+        .on_upgrade(move |socket| relay_attach(socket, conn, tty, stdout, stderr))
+}
+
+/// Relays one attach session: the container's output to channels 1 and 2 (1 only for a
+/// terminal), channel 0 to its stdin, channel 4 (terminal size) to its terminal; a close of
+/// channel 0 ends this session's stdin. When the container ends, a Success status on channel 3.
+async fn relay_attach(
+    mut socket: WebSocket,
+    conn: tokio::net::UnixStream,
+    tty: bool,
+    stdout: bool,
+    stderr: bool,
+) {
+    use rkube_oci::attach;
+    let (mut from_hub, mut to_hub) = conn.into_split();
+    let ended = loop {
+        tokio::select! {
+            out = attach::read_output(&mut from_hub) => match out {
+                Some((stream, data)) => {
+                    let ch = if tty { attach::STDOUT } else { stream };
+                    if (ch == attach::STDOUT && !stdout) || (ch == attach::STDERR && !stderr) {
+                        continue;
+                    }
+                    let mut f = Vec::with_capacity(data.len() + 1);
+                    f.push(ch);
+                    f.extend_from_slice(&data);
+                    if socket.send(Message::Binary(f.into())).await.is_err() {
+                        break false;
+                    }
+                }
+                None => break true,
+            },
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Binary(b))) if !b.is_empty() => match b[0] {
+                    0 => {
+                        for chunk in b[1..].chunks(u16::MAX as usize) {
+                            if to_hub.write_all(&attach::client_frame(attach::STDIN, chunk)).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    4 => {
+                        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b[1..]) {
+                            let w = v["Width"].as_u64().unwrap_or(80) as u16;
+                            let h = v["Height"].as_u64().unwrap_or(24) as u16;
+                            let _ = to_hub.write_all(&attach::resize_frame(w, h)).await;
+                        }
+                    }
+                    255 if b.get(1) == Some(&0) => {
+                        let _ = to_hub.shutdown().await;
+                    }
+                    _ => {}
+                },
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break false,
+                _ => {}
+            },
+        }
+    };
+    if ended {
+        let st = serde_json::json!({"metadata": {}, "status": "Success"});
+        let mut frame = vec![3u8];
+        frame.extend_from_slice(st.to_string().as_bytes());
+        let _ = socket.send(Message::Binary(frame.into())).await;
+        close(&mut socket).await;
+    }
 }
 
 async fn port_forward(

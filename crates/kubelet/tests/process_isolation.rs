@@ -52,6 +52,10 @@ fn spec(dir: &Path, name: &str, script: &str, limits: Limits) -> ContainerSpec {
             cgroup: cgroup(name),
             limits,
         }),
+        stdio: rkube_kubelet::runtime::ContainerStdio {
+            socket: dir.join("attach").join(format!("{name}.sock")),
+            ..Default::default()
+        },
     }
 }
 

@@ -636,3 +636,102 @@ fn a_restarted_kubelet_adopts_running_containers() {
     drop(machine);
     let _ = std::fs::remove_dir_all(&work);
 }
+
+/// `kubectl attach` to runc containers, whose stdio the shim owns: output from the moment of
+/// attaching, stdin to a `cat` (closed after the session with stdinOnce), and a terminal.
+#[test]
+fn kubectl_attach_reaches_runc_containers() {
+    let _serial = serial();
+    if !have_everything() {
+        return;
+    }
+    let (machine, work, registry) = machine_with_registry();
+    let mut s = Server::start_in_netns(&machine.path(), &[]);
+    s.agent("node-1", &["--runtime", "oci", "--insecure-registry", &registry]);
+    let pods = format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: ticker}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: {registry}/test/busybox:1
+    command: ["sh", "-c", "i=0; while true; do echo tick-$i; i=$((i+1)); sleep 0.2; done"]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: echo}}
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: {registry}/test/busybox:1
+    command: ["cat"]
+    stdin: true
+    stdinOnce: true
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: term}}
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: {registry}/test/busybox:1
+    # (runc's /dev has its own devpts: `tty` cannot name the shim's pty, `test -t` sees it)
+    command: ["sh", "-c", "read x; if [ -t 0 ]; then t=terminal; else t=pipe; fi; echo \"got $x on a $t\""]
+    stdin: true
+    stdinOnce: true
+    tty: true
+"#
+    );
+    s.ok_stdin(&["apply", "-f", "-"], &pods);
+    for pod in ["ticker", "echo", "term"] {
+        s.wait(&format!("{pod} Running"), Duration::from_secs(90), || {
+            let out = s.ok(&["get", "pod", pod, "-o", "jsonpath={.status.phase}"]);
+            (out == "Running").then_some(())
+        });
+    }
+    s.wait("ticker past tick-5", Duration::from_secs(30), || {
+        s.ok(&["logs", "ticker"]).contains("tick-5").then_some(())
+    });
+    let before = s.ok(&["logs", "ticker"]).lines().count();
+    // Attached for 3 seconds (`timeout` ends kubectl): only lines written meanwhile, in order.
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", machine.path().display()))
+        .args(["timeout", "3", "kubectl", "--kubeconfig"])
+        .arg(&s.kubeconfig)
+        .args(["attach", "ticker"])
+        .env("HOME", &s.dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let ticks: Vec<usize> =
+        text.lines().filter_map(|l| l.strip_prefix("tick-")?.parse().ok()).collect();
+    assert!(ticks.len() >= 3, "attach printed {text:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(ticks[0] + 1 >= before, "attach replayed old output: {ticks:?}, log had {before}");
+    assert!(ticks.windows(2).all(|w| w[1] == w[0] + 1), "{ticks:?}");
+
+    let out = s.kubectl_with("kubectl", &["attach", "-i", "echo"], Some("hello runc\n"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello runc\n");
+    let out = s.kubectl_with("kubectl", &["attach", "-i", "term"], Some("hi\n"));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.contains("got hi on a terminal"), "{printed}");
+
+    s.ok(&["delete", "pod", "ticker", "echo", "term"]);
+    let node_dir = s.dir.join("node-1");
+    s.wait("the containers gone", Duration::from_secs(30), || {
+        std::fs::read_dir(node_dir.join("oci/containers"))
+            .map(|r| r.count() == 0)
+            .unwrap_or(true)
+            .then_some(())
+    });
+    drop(s);
+    drop(machine);
+    let _ = std::fs::remove_dir_all(&work);
+}

@@ -7,7 +7,10 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Node, Pod, PodAffinityTerm};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
-use crate::plugins::Refusal;
+use crate::framework::{
+    CycleState, Filter, Plugin, PreFilter, Score, Snapshot, Status, min_max_normalize,
+};
+use crate::plugins::{NodeInfo, PodInfo, Refusal};
 
 /// The pods already placed, with the labels of the node each runs on.
 pub struct Placed<'a> {
@@ -39,10 +42,20 @@ fn same_domain(key: &str, a: &BTreeMap<String, String>, b: &BTreeMap<String, Str
     matches!((a.get(key), b.get(key)), (Some(x), Some(y)) if x == y)
 }
 
+/// InterPodAffinity's filter then PodTopologySpread's (DoNotSchedule).
+#[cfg(test)]
 pub fn filter(pod: &Pod, node: &Node, placed: &Placed) -> Result<(), Refusal> {
+    filter_affinity(pod, node, placed).and_then(|()| filter_spread(pod, node, placed))
+}
+
+fn refuse(r: &str) -> Result<(), Refusal> {
+    Err(Refusal { reasons: vec![r.to_string()], resolvable: false })
+}
+
+/// Required pod affinity and anti-affinity, the incoming pod's and the placed pods'.
+pub fn filter_affinity(pod: &Pod, node: &Node, placed: &Placed) -> Result<(), Refusal> {
     let node_labels = node.metadata.labels.clone().unwrap_or_default();
     let affinity = pod.spec.as_ref().and_then(|s| s.affinity.as_ref());
-    let refuse = |r: &str| Err(Refusal { reasons: vec![r.to_string()], resolvable: false });
     if let Some(terms) = affinity
         .and_then(|a| a.pod_affinity.as_ref())
         .and_then(|a| a.required_during_scheduling_ignored_during_execution.as_ref())
@@ -84,9 +97,17 @@ pub fn filter(pod: &Pod, node: &Node, placed: &Placed) -> Result<(), Refusal> {
             }
         }
     }
-    for c in
-        pod.spec.as_ref().and_then(|s| s.topology_spread_constraints.clone()).unwrap_or_default()
-    {
+    Ok(())
+}
+
+/// PodTopologySpread's DoNotSchedule constraints.
+pub fn filter_spread(pod: &Pod, node: &Node, placed: &Placed) -> Result<(), Refusal> {
+    let Some(constraints) = pod.spec.as_ref().and_then(|s| s.topology_spread_constraints.as_ref())
+    else {
+        return Ok(());
+    };
+    let node_labels = node.metadata.labels.clone().unwrap_or_default();
+    for c in constraints {
         if c.when_unsatisfiable != "DoNotSchedule" {
             continue;
         }
@@ -161,6 +182,119 @@ pub fn score(pod: &Pod, node: &Node, placed: &Placed) -> i64 {
         }
     }
     score
+}
+
+/// Fills the placed pods the filters that look at other pods read, once per cycle (both
+/// InterPodAffinity's and PodTopologySpread's PreFilter call it; the first one does the work).
+/// Every placed pod when the incoming pod has terms of its own; otherwise only the placed pods
+/// with required anti-affinity, and nothing at all when there are none.
+pub fn fill_placed<'a>(state: &mut CycleState<'a>, pod: &PodInfo, snap: &Snapshot<'a>) {
+    if state.placed.is_some() {
+        return;
+    }
+    let spec = pod.pod.spec.as_ref();
+    let own_terms = spec
+        .and_then(|s| s.affinity.as_ref())
+        .is_some_and(|a| a.pod_affinity.is_some() || a.pod_anti_affinity.is_some())
+        || spec
+            .and_then(|s| s.topology_spread_constraints.as_ref())
+            .is_some_and(|t| t.iter().any(|c| c.when_unsatisfiable == "DoNotSchedule"));
+    if !own_terms && snap.anti_affinity.is_empty() {
+        return;
+    }
+    let mut pods = Vec::new();
+    for ni in snap.nodes {
+        let nl = labels_of(ni);
+        for (pk, p) in &ni.pods {
+            if own_terms || snap.anti_affinity.contains(pk) {
+                pods.push((&*p.pod, nl));
+            }
+        }
+    }
+    state.own_terms = own_terms;
+    state.placed =
+        Some(Placed { pods, nodes: snap.nodes.iter().map(|ni| labels_of(ni)).collect() });
+}
+
+static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
+
+fn labels_of(ni: &NodeInfo) -> &BTreeMap<String, String> {
+    ni.node.metadata.labels.as_ref().unwrap_or(&NO_LABELS)
+}
+
+/// The InterPodAffinity plugin.
+pub struct InterPodAffinity;
+
+impl Plugin for InterPodAffinity {
+    fn name(&self) -> &'static str {
+        "InterPodAffinity"
+    }
+}
+
+impl PreFilter for InterPodAffinity {
+    fn pre_filter<'a>(
+        &self,
+        state: &mut CycleState<'a>,
+        pod: &PodInfo,
+        snap: &Snapshot<'a>,
+    ) -> Result<(), Status> {
+        fill_placed(state, pod, snap);
+        Ok(())
+    }
+}
+
+impl Filter for InterPodAffinity {
+    fn filter(&self, state: &CycleState, pod: &PodInfo, node: &NodeInfo) -> Result<(), Status> {
+        match &state.placed {
+            Some(placed) => filter_affinity(&pod.pod, &node.node, placed).map_err(Status::from),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Score for InterPodAffinity {
+    fn score(&self, state: &CycleState, pod: &PodInfo, node: &NodeInfo) -> i64 {
+        match &state.placed {
+            Some(placed) => score(&pod.pod, &node.node, placed),
+            None => 0,
+        }
+    }
+
+    fn normalize(&self, state: &CycleState, _: &[&NodeInfo], scores: &mut [i64]) {
+        if state.placed.is_some() {
+            min_max_normalize(scores);
+        }
+    }
+}
+
+/// The PodTopologySpread plugin: its DoNotSchedule filter here, its scoring in `spread`.
+pub struct PodTopologySpread;
+
+impl Plugin for PodTopologySpread {
+    fn name(&self) -> &'static str {
+        "PodTopologySpread"
+    }
+}
+
+impl PreFilter for PodTopologySpread {
+    fn pre_filter<'a>(
+        &self,
+        state: &mut CycleState<'a>,
+        pod: &PodInfo,
+        snap: &Snapshot<'a>,
+    ) -> Result<(), Status> {
+        fill_placed(state, pod, snap);
+        Ok(())
+    }
+}
+
+impl Filter for PodTopologySpread {
+    fn filter(&self, state: &CycleState, pod: &PodInfo, node: &NodeInfo) -> Result<(), Status> {
+        match &state.placed {
+            Some(placed) => filter_spread(&pod.pod, &node.node, placed).map_err(Status::from),
+            None => Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]

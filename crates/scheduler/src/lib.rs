@@ -2,13 +2,14 @@
 //! the best one — or leaves it Pending with the FailedScheduling text Kubernetes users know.
 
 pub mod cli;
+pub mod framework;
 mod interpod;
 pub mod plugins;
 mod preemption;
 mod queue;
 mod spread;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,6 +24,7 @@ use kube::{Api, Client};
 use rkube_client::events::{Recorder, reference};
 use tokio_util::sync::CancellationToken;
 
+use framework::{CycleState, Status};
 use plugins::{NodeInfo, PodInfo, Refusal};
 use queue::Queue;
 
@@ -86,6 +88,8 @@ struct Cache {
     owners: spread::Owners,
     /// Where the next cycle starts looking (upstream's nextStartNodeIndex).
     next_start: usize,
+    /// The plugins each cycle runs.
+    profile: framework::Profile,
 }
 
 fn key(p: &Pod) -> String {
@@ -242,12 +246,6 @@ pub fn num_feasible_nodes_to_find(all: usize) -> usize {
     (all * pct / 100).max(100)
 }
 
-static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
-
-fn labels_of(ni: &NodeInfo) -> &BTreeMap<String, String> {
-    ni.node.metadata.labels.as_ref().unwrap_or(&NO_LABELS)
-}
-
 /// What one scheduling cycle decided.
 enum Decision {
     /// Gone, bound or being deleted meanwhile: nothing to do.
@@ -263,8 +261,9 @@ enum Decision {
     },
 }
 
-/// Filter results of one pass: feasible nodes (in the order looked at) and refusals.
-type Filtered<'a> = (Vec<&'a NodeInfo>, Vec<(&'a NodeInfo, Refusal)>, usize);
+/// Filter results of one pass: feasible nodes (in the order looked at), the refusals and
+/// failures of the others, and how many nodes were looked at.
+type Filtered<'a> = (Vec<&'a NodeInfo>, Vec<(&'a NodeInfo, Status)>, usize);
 
 /// Runs `check` on nodes from `start` round the list until `want` fit or all were looked at,
 /// on up to `workers` threads (upstream's parallel findNodesThatPassFilters).
@@ -276,7 +275,7 @@ fn find_feasible<'a, F>(
     check: F,
 ) -> Filtered<'a>
 where
-    F: Fn(&NodeInfo) -> Result<(), Refusal> + Sync,
+    F: Fn(&NodeInfo) -> Result<(), Status> + Sync,
 {
     let n = nodes.len();
     let found = AtomicUsize::new(0);
@@ -284,7 +283,7 @@ where
     const CHUNK: usize = 32;
     let work = || {
         let mut ok: Vec<(usize, &'a NodeInfo)> = Vec::new();
-        let mut refused: Vec<(usize, &'a NodeInfo, Refusal)> = Vec::new();
+        let mut refused: Vec<(usize, &'a NodeInfo, Status)> = Vec::new();
         loop {
             if found.load(AtomicOrdering::Relaxed) >= want {
                 break;
@@ -343,8 +342,15 @@ fn workers(expensive: bool) -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(16)
 }
 
-/// One scheduling cycle on the cache (synchronous, under the cache lock): filter, score,
-/// assume — or explain the refusal and pick preemption victims.
+/// A cycle that stopped on a plugin's failure (not a rejection): reported, retried.
+fn failed(pod: &Arc<Pod>, message: String) -> Decision {
+    Decision::Unschedulable { pod: pod.clone(), message, preempt: None, clear_nomination: false }
+}
+
+/// One scheduling cycle on the cache (synchronous, under the cache lock), through the
+/// profile's extension points: PreFilter, Filter on the nodes, then PreScore and Score on the
+/// feasible ones and assume (Reserve) the best — or explain the refusals and run PostFilter
+/// (preemption).
 fn decide(c: &mut Cache, k: &str) -> Decision {
     let Some(pi) = c.pods.get(k).cloned() else { return Decision::Skip };
     if bound_node(&pi.pod).is_some()
@@ -354,50 +360,27 @@ fn decide(c: &mut Cache, k: &str) -> Decision {
         return Decision::Skip;
     }
     let nodes: Vec<&NodeInfo> = c.nodes.iter().collect();
-    let spec = pi.pod.spec.as_ref();
-    let own_terms = spec
-        .and_then(|s| s.affinity.as_ref())
-        .is_some_and(|a| a.pod_affinity.is_some() || a.pod_anti_affinity.is_some())
-        || spec
-            .and_then(|s| s.topology_spread_constraints.as_ref())
-            .is_some_and(|t| t.iter().any(|c| c.when_unsatisfiable == "DoNotSchedule"));
-    let needs_others = own_terms || !c.anti_affinity.is_empty();
-    let placed = if needs_others {
-        let mut pods = Vec::new();
-        for ni in &nodes {
-            let nl = labels_of(ni);
-            for (pk, p) in &ni.pods {
-                if own_terms || c.anti_affinity.contains(pk) {
-                    pods.push((&*p.pod, nl));
-                }
-            }
-        }
-        interpod::Placed { pods, nodes: nodes.iter().map(|ni| labels_of(ni)).collect() }
-    } else {
-        interpod::Placed { pods: Vec::new(), nodes: Vec::new() }
+    let snap = framework::Snapshot {
+        nodes: &nodes,
+        anti_affinity: &c.anti_affinity,
+        owners: &c.owners,
+        pdbs: &c.pdbs,
     };
-    let mut nominated_by_node: HashMap<&str, Vec<Arc<PodInfo>>> = HashMap::new();
+    let profile = &c.profile;
+    let mut state = CycleState::new();
     for (pk, (n, p)) in &c.nominated {
         if p.priority >= pi.priority && pk != k {
-            nominated_by_node.entry(n.as_str()).or_default().push(p.clone());
+            state.nominated.entry(n.as_str()).or_default().push(p.clone());
         }
     }
-    let check = |ni: &NodeInfo| -> Result<(), Refusal> {
-        let extra = nominated_by_node.get(ni.name());
-        let res = match extra {
-            None => plugins::filter_info(&pi, &ni.node, &ni.alloc, &ni.usage),
-            Some(extra) => {
-                let mut u = ni.usage.clone();
-                for p in extra {
-                    u.add_info(p);
-                }
-                plugins::filter_info(&pi, &ni.node, &ni.alloc, &u)
-            }
+    if let Err(st) = profile.run_pre_filter(&mut state, &pi, &snap) {
+        let message = match st.into_refusal() {
+            Ok(r) => plugins::fit_error(nodes.len(), &vec![r; nodes.len()]),
+            Err(e) => e,
         };
-        res.and_then(|()| {
-            if needs_others { interpod::filter(&pi.pod, &ni.node, &placed) } else { Ok(()) }
-        })
-    };
+        return failed(&pi.pod, message);
+    }
+    let needs_others = state.needs_others();
     // A pod nominated by an earlier preemption tries its nominated node first.
     let nominated_node = pi
         .pod
@@ -407,20 +390,34 @@ fn decide(c: &mut Cache, k: &str) -> Decision {
         .filter(|n| !n.is_empty());
     let mut chosen: Option<String> = nominated_node
         .and_then(|n| nodes.iter().find(|ni| ni.name() == n))
-        .filter(|ni| check(ni).is_ok())
+        .filter(|ni| profile.run_filter(&state, &pi, ni).is_ok())
         .map(|ni| ni.name().to_string());
-    let mut refusals = Vec::new();
+    let mut refusals: Vec<(&NodeInfo, Refusal)> = Vec::new();
     if chosen.is_none() && !nodes.is_empty() {
         let want = num_feasible_nodes_to_find(nodes.len());
         let start = c.next_start % nodes.len();
         let (feasible, refused, processed) =
-            find_feasible(&nodes, start, want, workers(needs_others), check);
+            find_feasible(&nodes, start, want, workers(needs_others), |ni| {
+                profile.run_filter(&state, &pi, ni)
+            });
         c.next_start = (start + processed) % nodes.len();
-        refusals = refused;
-        chosen = pick_best(c, &pi, &nodes, &feasible, needs_others.then_some(&placed));
+        for (ni, st) in refused {
+            match st.into_refusal() {
+                Ok(r) => refusals.push((ni, r)),
+                Err(e) => return failed(&pi.pod, e),
+            }
+        }
+        chosen = pick_best(profile, &mut state, &pi, &feasible, &snap);
     }
     if let Some(node) = chosen {
-        drop(placed);
+        if let Err(st) = profile.run_reserve(&state, &pi, &node) {
+            let message = match st.into_refusal() {
+                Ok(r) => r.reasons.join(", "),
+                Err(e) => e,
+            };
+            return failed(&pi.pod, message);
+        }
+        drop(state);
         c.assumed.insert(k.to_string(), (node.clone(), pi.clone()));
         c.place(k);
         return Decision::Bind { pod: pi.pod.clone(), node };
@@ -435,13 +432,10 @@ fn decide(c: &mut Cache, k: &str) -> Decision {
             clear_nomination: false,
         };
     }
-    let pdbs: Vec<Arc<PodDisruptionBudget>> = c.pdbs.values().cloned().collect();
-    let outcome = preemption::preempt(&pi, &nodes, &refusals, &pdbs, &|n| {
-        nominated_by_node.get(n).cloned().unwrap_or_default()
-    });
-    drop(placed);
+    let outcome = profile.run_post_filter(&state, &pi, &snap, &refusals);
+    drop(state);
     match outcome {
-        preemption::Outcome::Nominate(cand) => {
+        Some(preemption::Outcome::Nominate(cand)) => {
             c.nominated.insert(k.to_string(), (cand.node.clone(), pi.clone()));
             Decision::Unschedulable {
                 pod: pi.pod.clone(),
@@ -450,9 +444,15 @@ fn decide(c: &mut Cache, k: &str) -> Decision {
                 clear_nomination: false,
             }
         }
-        preemption::Outcome::Fail(msg) => Decision::Unschedulable {
+        Some(preemption::Outcome::Fail(msg)) => Decision::Unschedulable {
             pod: pi.pod.clone(),
             message: format!("{fit} {msg}"),
+            preempt: None,
+            clear_nomination: nominated_node.is_some(),
+        },
+        None => Decision::Unschedulable {
+            pod: pi.pod.clone(),
+            message: fit,
             preempt: None,
             clear_nomination: nominated_node.is_some(),
         },
@@ -461,34 +461,21 @@ fn decide(c: &mut Cache, k: &str) -> Decision {
 
 /// Scores the feasible nodes and picks one of the best at random (upstream's selectHost).
 fn pick_best(
-    c: &Cache,
+    profile: &framework::Profile,
+    state: &mut CycleState,
     pi: &PodInfo,
-    all: &[&NodeInfo],
     feasible: &[&NodeInfo],
-    placed: Option<&interpod::Placed>,
+    snap: &framework::Snapshot,
 ) -> Option<String> {
     match feasible {
         [] => return None,
         [one] => return Some(one.name().to_string()),
         _ => {}
     }
-    let (constraints, system) = spread::constraints(&pi.pod, &c.owners);
-    let spreader = spread::Scorer::new(&pi.pod, constraints, system, feasible, all);
-    let mut spread_scores: Vec<i64> = Vec::new();
-    if let Some(s) = &spreader {
-        spread_scores = feasible.iter().map(|ni| s.score(ni)).collect();
-        let names: Vec<&str> = feasible.iter().map(|ni| ni.name()).collect();
-        s.normalize(&names, &mut spread_scores);
-    }
+    let scores = profile.run_score(state, pi, feasible, snap);
     let mut best = i64::MIN;
     let mut top: Vec<&NodeInfo> = Vec::new();
-    for (i, ni) in feasible.iter().enumerate() {
-        let mut score = plugins::score_info(pi, &ni.node, &ni.alloc, &ni.usage);
-        if let Some(p) = placed {
-            score += interpod::score(&pi.pod, &ni.node, p);
-        }
-        // PodTopologySpread, weight 2.
-        score += 2 * spread_scores.get(i).copied().unwrap_or(0);
+    for (ni, &score) in feasible.iter().zip(&scores) {
         match score.cmp(&best) {
             std::cmp::Ordering::Greater => {
                 best = score;

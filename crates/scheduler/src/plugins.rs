@@ -7,6 +7,8 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::{Node, Pod, Taint, Toleration};
 use rkube_client::quantity::{parse_milli, parse_units};
 
+use crate::framework::{CycleState, Filter, Plugin, Score, Status};
+
 /// Requests of a pod per resource, in milli-units for cpu and units for everything else.
 pub type Resources = BTreeMap<String, i128>;
 
@@ -306,53 +308,85 @@ pub fn matches_node_affinity(pod: &Pod, node: &Node) -> bool {
             .is_none_or(|req| req.node_selector_terms.iter().any(|t| term_matches(node, t)))
 }
 
-/// The filters on parsed inputs: the pod's requests and ports parsed once per cycle, the node's
-/// allocatable once per node update.
+/// The node filters on parsed inputs (the pod's requests and ports parsed once per cycle, the
+/// node's allocatable once per node update), in upstream's order: NodeUnschedulable, NodeName,
+/// TaintToleration, NodeAffinity, NodePorts, NodeResourcesFit. The profile runs the same
+/// plugins through the framework; preemption's dry runs call this directly.
 pub fn filter_info(
     pi: &PodInfo,
     node: &Node,
     alloc: &Alloc,
     usage: &NodeUsage,
 ) -> Result<(), Refusal> {
-    let default_spec = k8s_openapi::api::core::v1::PodSpec::default();
-    let spec = pi.pod.spec.as_ref().unwrap_or(&default_spec);
-    let node_name = node.metadata.name.as_deref().unwrap_or("");
-    let tols: &[Toleration] = spec.tolerations.as_deref().unwrap_or(&[]);
-    let default_nspec = k8s_openapi::api::core::v1::NodeSpec::default();
-    let nspec = node.spec.as_ref().unwrap_or(&default_nspec);
-    // NodeUnschedulable
-    if nspec.unschedulable == Some(true) {
+    let ok = node_unschedulable(pi, node)
+        .and_then(|()| node_name(pi, node))
+        .and_then(|()| taints_tolerated(pi, node))
+        .and_then(|()| node_affinity(pi, node))
+        .and_then(|()| node_ports(pi, usage))
+        .and_then(|()| resources_fit(pi, alloc, usage));
+    ok.map_err(|st| st.into_refusal().unwrap_or_else(|e| refuse(e, false)))
+}
+
+fn tolerations(pi: &PodInfo) -> &[Toleration] {
+    pi.pod.spec.as_ref().and_then(|s| s.tolerations.as_deref()).unwrap_or(&[])
+}
+
+fn node_taints(node: &Node) -> &[Taint] {
+    node.spec.as_ref().and_then(|s| s.taints.as_deref()).unwrap_or(&[])
+}
+
+fn node_unschedulable(pi: &PodInfo, node: &Node) -> Result<(), Status> {
+    if node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) {
         let t = Taint {
             key: "node.kubernetes.io/unschedulable".into(),
             effect: "NoSchedule".into(),
             ..Default::default()
         };
-        if !tolerates(tols, &t) {
-            return Err(refuse("node(s) were unschedulable", false));
+        if !tolerates(tolerations(pi), &t) {
+            return Err(Status::unresolvable("node(s) were unschedulable"));
         }
     }
-    // NodeName
-    if let Some(want) = spec.node_name.as_deref().filter(|n| !n.is_empty())
-        && want != node_name
-    {
-        return Err(refuse("node(s) didn't match the requested node name", false));
+    Ok(())
+}
+
+fn node_name(pi: &PodInfo, node: &Node) -> Result<(), Status> {
+    let want = pi.pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).filter(|n| !n.is_empty());
+    match want {
+        Some(want) if want != node.metadata.name.as_deref().unwrap_or("") => {
+            Err(Status::unresolvable("node(s) didn't match the requested node name"))
+        }
+        _ => Ok(()),
     }
-    // TaintToleration
-    for taint in nspec.taints.iter().flatten() {
+}
+
+fn taints_tolerated(pi: &PodInfo, node: &Node) -> Result<(), Status> {
+    let tols = tolerations(pi);
+    for taint in node_taints(node) {
         if (taint.effect == "NoSchedule" || taint.effect == "NoExecute") && !tolerates(tols, taint)
         {
-            return Err(refuse("node(s) had untolerated taint(s)", false));
+            return Err(Status::unresolvable("node(s) had untolerated taint(s)"));
         }
     }
-    // NodeAffinity (nodeSelector + required affinity)
+    Ok(())
+}
+
+fn node_affinity(pi: &PodInfo, node: &Node) -> Result<(), Status> {
     if !matches_node_affinity(&pi.pod, node) {
-        return Err(refuse("node(s) didn't match Pod's node affinity/selector", false));
+        return Err(Status::unresolvable("node(s) didn't match Pod's node affinity/selector"));
     }
-    // NodePorts
+    Ok(())
+}
+
+fn node_ports(pi: &PodInfo, usage: &NodeUsage) -> Result<(), Status> {
     if pi.host_ports.iter().any(|w| usage.host_ports.contains(w)) {
-        return Err(refuse("node(s) didn't have free ports for the requested pod ports", true));
+        return Err(Status::unschedulable(
+            "node(s) didn't have free ports for the requested pod ports",
+        ));
     }
-    // NodeResourcesFit
+    Ok(())
+}
+
+fn resources_fit(pi: &PodInfo, alloc: &Alloc, usage: &NodeUsage) -> Result<(), Status> {
     let mut reasons = Vec::new();
     if usage.pods as i128 + 1 > alloc.pods {
         reasons.push("Too many pods".to_string());
@@ -375,7 +409,7 @@ pub fn filter_info(
         }
     }
     if !reasons.is_empty() {
-        return Err(Refusal { reasons, resolvable: true });
+        return Err(Status::Unschedulable(reasons));
     }
     Ok(())
 }
@@ -387,10 +421,18 @@ pub fn score(pod: &Pod, node: &Node, usage: &NodeUsage) -> i64 {
     score_info(&pi, node, &Alloc::of(node), usage)
 }
 
-/// [`score`] on parsed inputs.
+/// [`score`] on parsed inputs: the node plugins' scores with the default profile's weights.
 pub fn score_info(pi: &PodInfo, node: &Node, alloc: &Alloc, usage: &NodeUsage) -> i64 {
-    let pod = &*pi.pod;
-    // Upstream scores a pod without requests as if it asked for 100m CPU and 200Mi memory.
+    let (cpu, mem) = fractions(pi, alloc, usage);
+    least_allocated(cpu, mem)
+        + balanced(cpu, mem)
+        + 3 * taint_score(pi, node)
+        + 2 * preferred_node_affinity(pi, node)
+}
+
+/// The node's cpu and memory use with the pod, as fractions of allocatable (at most 1).
+/// Upstream scores a pod without requests as if it asked for 100m CPU and 200Mi memory.
+fn fractions(pi: &PodInfo, alloc: &Alloc, usage: &NodeUsage) -> (f64, f64) {
     let want = |v: i128, default: i128| if v != 0 { v } else { default };
     let frac = |cap: i128, used: i128, req: i128| {
         if cap <= 0 {
@@ -398,22 +440,34 @@ pub fn score_info(pi: &PodInfo, node: &Node, alloc: &Alloc, usage: &NodeUsage) -
         }
         ((used + req) as f64 / cap as f64).min(1.0)
     };
-    let cpu = frac(alloc.cpu, usage.cpu, want(pi.cpu, 100));
-    let mem = frac(alloc.memory, usage.memory, want(pi.memory, 200 << 20));
-    let least = (((1.0 - cpu) + (1.0 - mem)) / 2.0 * 100.0) as i64;
-    let balanced = ((1.0 - (cpu - mem).abs()) * 100.0) as i64;
-    let tols: &[Toleration] =
-        pod.spec.as_ref().and_then(|s| s.tolerations.as_deref()).unwrap_or(&[]);
-    let prefer_no = node
-        .spec
-        .as_ref()
-        .and_then(|s| s.taints.as_deref())
-        .unwrap_or(&[])
+    (
+        frac(alloc.cpu, usage.cpu, want(pi.cpu, 100)),
+        frac(alloc.memory, usage.memory, want(pi.memory, 200 << 20)),
+    )
+}
+
+fn least_allocated(cpu: f64, mem: f64) -> i64 {
+    (((1.0 - cpu) + (1.0 - mem)) / 2.0 * 100.0) as i64
+}
+
+fn balanced(cpu: f64, mem: f64) -> i64 {
+    ((1.0 - (cpu - mem).abs()) * 100.0) as i64
+}
+
+/// 100 less 25 per PreferNoSchedule taint the pod does not tolerate.
+fn taint_score(pi: &PodInfo, node: &Node) -> i64 {
+    let tols = tolerations(pi);
+    let prefer_no = node_taints(node)
         .iter()
         .filter(|t| t.effect == "PreferNoSchedule" && !tolerates(tols, t))
         .count() as i64;
-    let taint_score = (100 - prefer_no * 25).max(0);
-    let preferred: i64 = pod
+    (100 - prefer_no * 25).max(0)
+}
+
+/// The weights of the preferred node affinity terms the node matches, at most 100.
+fn preferred_node_affinity(pi: &PodInfo, node: &Node) -> i64 {
+    let preferred: i64 = pi
+        .pod
         .spec
         .as_ref()
         .and_then(|s| s.affinity.as_ref())
@@ -427,7 +481,90 @@ pub fn score_info(pi: &PodInfo, node: &Node, alloc: &Alloc, usage: &NodeUsage) -
                 .sum()
         })
         .unwrap_or(0);
-    least + balanced + taint_score * 3 + preferred.min(100) * 2
+    preferred.min(100)
+}
+
+macro_rules! plugin {
+    ($ty:ident, $name:literal) => {
+        #[doc = concat!("The ", $name, " plugin.")]
+        pub struct $ty;
+        impl Plugin for $ty {
+            fn name(&self) -> &'static str {
+                $name
+            }
+        }
+    };
+}
+
+plugin!(NodeUnschedulable, "NodeUnschedulable");
+plugin!(NodeName, "NodeName");
+plugin!(TaintToleration, "TaintToleration");
+plugin!(NodeAffinity, "NodeAffinity");
+plugin!(NodePorts, "NodePorts");
+plugin!(NodeResourcesFit, "NodeResourcesFit");
+plugin!(BalancedAllocation, "NodeResourcesBalancedAllocation");
+
+impl Filter for NodeUnschedulable {
+    fn filter(&self, _: &CycleState, pod: &PodInfo, node: &NodeInfo) -> Result<(), Status> {
+        node_unschedulable(pod, &node.node)
+    }
+}
+
+impl Filter for NodeName {
+    fn filter(&self, _: &CycleState, pod: &PodInfo, node: &NodeInfo) -> Result<(), Status> {
+        node_name(pod, &node.node)
+    }
+}
+
+impl Filter for TaintToleration {
+    fn filter(&self, _: &CycleState, pod: &PodInfo, node: &NodeInfo) -> Result<(), Status> {
+        taints_tolerated(pod, &node.node)
+    }
+}
+
+impl Score for TaintToleration {
+    fn score(&self, _: &CycleState, pod: &PodInfo, node: &NodeInfo) -> i64 {
+        taint_score(pod, &node.node)
+    }
+}
+
+impl Filter for NodeAffinity {
+    fn filter(&self, _: &CycleState, pod: &PodInfo, node: &NodeInfo) -> Result<(), Status> {
+        node_affinity(pod, &node.node)
+    }
+}
+
+impl Score for NodeAffinity {
+    fn score(&self, _: &CycleState, pod: &PodInfo, node: &NodeInfo) -> i64 {
+        preferred_node_affinity(pod, &node.node)
+    }
+}
+
+impl Filter for NodePorts {
+    fn filter(&self, _: &CycleState, pod: &PodInfo, node: &NodeInfo) -> Result<(), Status> {
+        node_ports(pod, &node.usage)
+    }
+}
+
+impl Filter for NodeResourcesFit {
+    fn filter(&self, _: &CycleState, pod: &PodInfo, node: &NodeInfo) -> Result<(), Status> {
+        resources_fit(pod, &node.alloc, &node.usage)
+    }
+}
+
+/// NodeResourcesFit's score: the LeastAllocated strategy.
+impl Score for NodeResourcesFit {
+    fn score(&self, _: &CycleState, pod: &PodInfo, node: &NodeInfo) -> i64 {
+        let (cpu, mem) = fractions(pod, &node.alloc, &node.usage);
+        least_allocated(cpu, mem)
+    }
+}
+
+impl Score for BalancedAllocation {
+    fn score(&self, _: &CycleState, pod: &PodInfo, node: &NodeInfo) -> i64 {
+        let (cpu, mem) = fractions(pod, &node.alloc, &node.usage);
+        balanced(cpu, mem)
+    }
 }
 
 /// `0/3 nodes are available: 1 node(s) had untolerated taint(s), 2 Insufficient nvidia.com/gpu.`

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 
+use crate::framework::{CycleState, Plugin, PostFilter, Snapshot};
 use crate::plugins::{self, NodeInfo, PodInfo, Refusal};
 
 #[derive(Debug)]
@@ -236,6 +237,30 @@ pub fn preempt<'a>(
     match pick(clean) {
         Some(c) => Outcome::Nominate(c),
         None => Outcome::Fail(plugins::preemption_message(nodes.len(), &statuses)),
+    }
+}
+
+/// The DefaultPreemption plugin (PostFilter).
+pub struct DefaultPreemption;
+
+impl Plugin for DefaultPreemption {
+    fn name(&self) -> &'static str {
+        "DefaultPreemption"
+    }
+}
+
+impl PostFilter for DefaultPreemption {
+    fn post_filter(
+        &self,
+        state: &CycleState,
+        pod: &PodInfo,
+        snap: &Snapshot,
+        refusals: &[(&NodeInfo, Refusal)],
+    ) -> Outcome {
+        let pdbs: Vec<Arc<PodDisruptionBudget>> = snap.pdbs.values().cloned().collect();
+        preempt(pod, snap.nodes, refusals, &pdbs, &|n| {
+            state.nominated.get(n).cloned().unwrap_or_default()
+        })
     }
 }
 

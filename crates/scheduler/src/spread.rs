@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
+use crate::framework::{CycleState, PreScore, Score, Snapshot};
 use crate::plugins::{NodeInfo, PodInfo, matches_node_affinity};
 
 pub const HOSTNAME: &str = "kubernetes.io/hostname";
@@ -277,6 +278,32 @@ impl Scorer {
             } else {
                 100 * (max + min - *s) / max
             };
+        }
+    }
+}
+
+impl PreScore for crate::interpod::PodTopologySpread {
+    fn pre_score(
+        &self,
+        state: &mut CycleState,
+        pod: &PodInfo,
+        feasible: &[&NodeInfo],
+        snap: &Snapshot,
+    ) {
+        let (constraints, system) = constraints(&pod.pod, snap.owners);
+        state.spread = Scorer::new(&pod.pod, constraints, system, feasible, snap.nodes);
+    }
+}
+
+impl Score for crate::interpod::PodTopologySpread {
+    fn score(&self, state: &CycleState, _: &PodInfo, node: &NodeInfo) -> i64 {
+        state.spread.as_ref().map_or(0, |s| s.score(node))
+    }
+
+    fn normalize(&self, state: &CycleState, feasible: &[&NodeInfo], scores: &mut [i64]) {
+        if let Some(s) = &state.spread {
+            let names: Vec<&str> = feasible.iter().map(|ni| ni.name()).collect();
+            s.normalize(&names, scores);
         }
     }
 }

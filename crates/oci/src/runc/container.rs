@@ -36,12 +36,21 @@ pub struct Container {
     pub log_path: PathBuf,
     pub cgroups_path: String,
     pub tty: bool,
+    #[serde(default)]
+    pub stdin: bool,
+    #[serde(default)]
+    pub stdin_once: bool,
     pub rootfs: RootfsKind,
     /// RFC 3339.
     pub created_at: String,
 }
 
 impl Container {
+    /// Where the shim serves `kubectl attach` (see [`crate::attach`]).
+    pub fn attach_socket(&self) -> PathBuf {
+        self.dir.join("attach.sock")
+    }
+
     /// The file bind-mounted at /dev/termination-log: the kubelet reads the termination message
     /// here after the container ends (and before `remove`).
     pub fn termination_log_path(&self) -> PathBuf {
@@ -110,6 +119,8 @@ impl Runtime {
             log_path: cfg.log_path.clone(),
             cgroups_path: format!("{}/{}", self.pod_cgroup(&sandbox.pod_uid), cfg.id),
             tty: cfg.tty,
+            stdin: cfg.stdin,
+            stdin_once: cfg.stdin_once,
             rootfs: RootfsKind::Overlay,
             created_at: jiff::Timestamp::now().to_string(),
         };
@@ -146,6 +157,8 @@ impl Runtime {
             id: c.id.clone(),
             log_path: c.log_path.clone(),
             tty: c.tty,
+            stdin: c.stdin,
+            stdin_once: c.stdin_once,
             cgroups_path: c.cgroups_path.clone(),
         };
         let json = serde_json::to_vec_pretty(&shim_cfg)

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use super::container::Exit;
 use super::{Error, Result, io_err, sys_err, write_atomic};
+use crate::attach;
 
 /// What the shim needs to know, written by `start_container` into `<container dir>/shim.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -35,6 +36,12 @@ pub struct ShimConfig {
     pub id: String,
     pub log_path: PathBuf,
     pub tty: bool,
+    /// A stdin for `kubectl attach -i` (see [`crate::attach`]); closed after the first attach
+    /// session with `stdin_once`.
+    #[serde(default)]
+    pub stdin: bool,
+    #[serde(default)]
+    pub stdin_once: bool,
     /// The container's cgroupsPath, to read its OOM kill counter when it ends.
     pub cgroups_path: String,
 }
@@ -109,6 +116,7 @@ fn run(dir: &Path, status: &mut std::io::Stdout) -> Result<()> {
         .arg(&cfg.id);
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let mut readers = 0;
+    let socket = dir.join("attach.sock");
     let mut child = if cfg.tty {
         // A pty whose slave is the container's stdio: programs see a terminal (line buffering,
         // colours) and the master gives one stream, as CRI's tty containers log to stdout.
@@ -117,19 +125,55 @@ fn run(dir: &Path, status: &mut std::io::Stdout) -> Result<()> {
         create.stdin(slave(&pty.slave)?).stdout(slave(&pty.slave)?).stderr(slave(&pty.slave)?);
         let child = create.spawn().map_err(io_err("spawn runc create"))?;
         drop(pty.slave);
-        spawn_copy(std::fs::File::from(pty.master), "stdout", log.clone(), done_tx.clone());
+        let master = std::fs::File::from(pty.master);
+        // Typing and resizes go to the master (typed input is dropped without `stdin`).
+        let input = match master.try_clone() {
+            Ok(m) if cfg.stdin => attach::Input::Terminal(m),
+            _ => attach::Input::None,
+        };
+        let hub = attach::Hub::listen(&socket, input, cfg.stdin_once, 1)
+            .map_err(io_err("listen for attach"))?;
+        spawn_copy(
+            attach::Tee::new(master, attach::STDOUT, hub),
+            "stdout",
+            log.clone(),
+            done_tx.clone(),
+        );
         readers += 1;
         child
     } else {
-        create.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let stdin = if cfg.stdin { Stdio::piped() } else { Stdio::null() };
+        create.stdin(stdin).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = create.spawn().map_err(io_err("spawn runc create"))?;
-        if let Some(out) = child.stdout.take() {
-            spawn_copy(out, "stdout", log.clone(), done_tx.clone());
-            readers += 1;
+        let input = match child.stdin.take() {
+            Some(w) => attach::Input::Pipe(std::fs::File::from(OwnedFd::from(w))),
+            None => attach::Input::None,
+        };
+        let hub = attach::Hub::listen(&socket, input, cfg.stdin_once, 2)
+            .map_err(io_err("listen for attach"))?;
+        match child.stdout.take() {
+            Some(out) => {
+                spawn_copy(
+                    attach::Tee::new(out, attach::STDOUT, hub.clone()),
+                    "stdout",
+                    log.clone(),
+                    done_tx.clone(),
+                );
+                readers += 1;
+            }
+            None => hub.reader_done(),
         }
-        if let Some(err) = child.stderr.take() {
-            spawn_copy(err, "stderr", log.clone(), done_tx.clone());
-            readers += 1;
+        match child.stderr.take() {
+            Some(err) => {
+                spawn_copy(
+                    attach::Tee::new(err, attach::STDERR, hub),
+                    "stderr",
+                    log.clone(),
+                    done_tx.clone(),
+                );
+                readers += 1;
+            }
+            None => hub.reader_done(),
         }
         child
     };

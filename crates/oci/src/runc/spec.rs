@@ -78,6 +78,10 @@ pub struct ContainerConfig {
     /// Where the container's stdout/stderr go, in CRI log format.
     pub log_path: PathBuf,
     pub tty: bool,
+    /// The container keeps a stdin open for `kubectl attach -i` (closed after the first attach
+    /// session with `stdin_once`).
+    pub stdin: bool,
+    pub stdin_once: bool,
 }
 
 /// The process argv as Kubernetes defines it: `command` replaces the image's Entrypoint and `args`
