@@ -4,6 +4,7 @@
 pub mod certs;
 pub mod cli;
 pub mod discovery;
+pub mod heap;
 mod error;
 pub mod managed;
 pub mod metrics;
