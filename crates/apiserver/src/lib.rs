@@ -4,8 +4,8 @@
 pub mod certs;
 pub mod cli;
 pub mod discovery;
-pub mod heap;
 mod error;
+pub mod heap;
 pub mod managed;
 pub mod metrics;
 pub mod openapi;

@@ -360,7 +360,12 @@ impl Registry {
 
     /// GET without a Table: the object's JSON as `get` would serialize it, spliced from the
     /// stored bytes without decoding them.
-    pub async fn get_json(&self, r: &ResourceInfo, ns: Option<&str>, name: &str) -> Result<Vec<u8>> {
+    pub async fn get_json(
+        &self,
+        r: &ResourceInfo,
+        ns: Option<&str>,
+        name: &str,
+    ) -> Result<Vec<u8>> {
         let key = r.key(ns, name);
         match self.store.get(&key, ReadAt::Latest).await? {
             Some(kv) => match with_resource_version(&kv.value, kv.mod_revision) {
@@ -1097,7 +1102,11 @@ mod splice_tests {
             b"[]",
             b"",
         ] {
-            assert!(with_resource_version(raw, Revision(1)).is_none(), "{}", String::from_utf8_lossy(raw));
+            assert!(
+                with_resource_version(raw, Revision(1)).is_none(),
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
         }
     }
 }
