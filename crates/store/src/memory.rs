@@ -182,9 +182,7 @@ impl MemoryStore {
             match st.versions.get_mut(kv.key.as_str()) {
                 Some(versions) => versions.push(version),
                 None => {
-                    let mut versions = Vec::with_capacity(1);
-                    versions.push(version);
-                    st.versions.insert(Arc::from(kv.key), versions);
+                    st.versions.insert(Arc::from(kv.key), vec![version]);
                 }
             }
         }
@@ -450,7 +448,7 @@ mod tests {
         // compaction past it, and the key with it.
         assert_eq!(s.get("/a", ReadAt::Exact(r2)).await.unwrap().unwrap().value, b("2"));
         s.compact(r4).await.unwrap();
-        assert!(s.lock().versions.get("/a").is_none());
+        assert!(!s.lock().versions.contains_key("/a"));
         assert_eq!(s.list("/", ListOptions::default()).await.unwrap().items.len(), 1);
         // A re-created key starts a new life.
         let r5 = s.create("/a", b("5")).await.unwrap();
