@@ -5,6 +5,7 @@ pub mod certs;
 pub mod cli;
 pub mod discovery;
 mod error;
+pub mod heap;
 pub mod managed;
 pub mod metrics;
 pub mod openapi;

@@ -71,6 +71,104 @@ pub fn splice_resource_version(raw: &[u8], rev: Revision) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// A stored object as GET returns it: byte for byte `serde_json::to_vec(&decode(raw, rev))`
+/// (resourceVersion last in `metadata`, where `decode` adds it), built by splicing instead of
+/// decoding and re-encoding. `None` when the bytes are not the compact form `encode` writes, or
+/// already carry a resourceVersion (then the caller decodes).
+pub fn with_resource_version(raw: &[u8], rev: Revision) -> Option<Vec<u8>> {
+    let (close, empty) = metadata_end(raw)?;
+    let mut out = Vec::with_capacity(raw.len() + 40);
+    out.extend_from_slice(&raw[..close]);
+    if !empty {
+        out.push(b',');
+    }
+    out.extend_from_slice(b"\"resourceVersion\":\"");
+    out.extend_from_slice(rev.0.to_string().as_bytes());
+    out.push(b'"');
+    out.extend_from_slice(&raw[close..]);
+    Some(out)
+}
+
+/// For compact JSON (no whitespace outside strings) whose top level is an object with exactly
+/// one `metadata` key holding an object without a `resourceVersion` key: the offset of that
+/// object's closing `}` and whether it is empty. `None` for anything else.
+fn metadata_end(raw: &[u8]) -> Option<(usize, bool)> {
+    if raw.first() != Some(&b'{') {
+        return None;
+    }
+    let (mut depth, mut in_str, mut esc) = (0usize, false, false);
+    // Where the string being read started, when it is a key of the top level or of metadata.
+    let mut key_start: Option<usize> = None;
+    let mut last = 0u8; // the last structural character
+    let mut meta_open: Option<usize> = None; // offset of metadata's `{`
+    let mut found: Option<(usize, bool)> = None;
+    let mut pending_meta = false; // the last top-level key read was "metadata"
+    for (i, &b) in raw.iter().enumerate() {
+        if in_str {
+            if esc {
+                esc = false;
+            } else if b == b'\\' {
+                esc = true;
+            } else if b == b'"' {
+                in_str = false;
+                if let Some(start) = key_start.take() {
+                    let key = &raw[start..=i];
+                    if depth == 1 {
+                        if key == b"\"metadata\"" {
+                            if found.is_some() || meta_open.is_some() {
+                                return None; // a second metadata key
+                            }
+                            pending_meta = true;
+                        }
+                    } else if key == b"\"resourceVersion\"" {
+                        return None;
+                    }
+                }
+            }
+            continue;
+        }
+        match b {
+            b'"' => {
+                in_str = true;
+                let is_key = matches!(last, b'{' | b',');
+                let in_meta = depth == 2 && meta_open.is_some() && found.is_none();
+                if is_key && (depth == 1 || in_meta) {
+                    key_start = Some(i);
+                }
+                last = b'"';
+                continue;
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                if pending_meta && depth == 2 {
+                    if b != b'{' {
+                        return None;
+                    }
+                    meta_open = Some(i);
+                }
+                pending_meta = pending_meta && depth == 1;
+            }
+            b'}' | b']' => {
+                if depth == 2
+                    && let Some(open) = meta_open
+                    && found.is_none()
+                {
+                    found = Some((i, open + 1 == i));
+                }
+                depth = depth.checked_sub(1)?;
+            }
+            b' ' | b'\n' | b'\r' | b'\t' => return None,
+            b':' => {}
+            _ => pending_meta = pending_meta && depth != 1,
+        }
+        last = b;
+    }
+    if depth != 0 || in_str {
+        return None;
+    }
+    found
+}
+
 /// The offset just after the `{` that opens the top-level `"metadata"` object.
 fn metadata_body_start(raw: &[u8]) -> Option<usize> {
     let (mut depth, mut i, mut in_str, mut esc) = (0usize, 0usize, false, false);
@@ -256,6 +354,25 @@ impl Registry {
         let key = r.key(ns, name);
         match self.store.get(&key, ReadAt::Latest).await? {
             Some(kv) => decode(&kv.value, kv.mod_revision),
+            None => Err(Error::not_found(&qualified(r), name)),
+        }
+    }
+
+    /// GET without a Table: the object's JSON as `get` would serialize it, spliced from the
+    /// stored bytes without decoding them.
+    pub async fn get_json(
+        &self,
+        r: &ResourceInfo,
+        ns: Option<&str>,
+        name: &str,
+    ) -> Result<Vec<u8>> {
+        let key = r.key(ns, name);
+        match self.store.get(&key, ReadAt::Latest).await? {
+            Some(kv) => match with_resource_version(&kv.value, kv.mod_revision) {
+                Some(json) => Ok(json),
+                None => serde_json::to_vec(&decode(&kv.value, kv.mod_revision)?)
+                    .map_err(|e| Error::internal(e.to_string())),
+            },
             None => Err(Error::not_found(&qualified(r), name)),
         }
     }
@@ -950,5 +1067,46 @@ mod splice_tests {
         }
         assert!(splice_resource_version(b"{\"spec\":{}}", Revision(1)).is_none());
         assert!(splice_resource_version(b"{\"metadata\":", Revision(1)).is_none());
+    }
+
+    #[test]
+    fn get_json_is_byte_identical_to_decoding_and_encoding() {
+        let pod = json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "a", "namespace": "default", "uid": "u-1",
+                "labels": {"metadata": "x", "resourceVersion": "y"},
+                "annotations": {"note": "\"metadata\":{ \\ \u{1}\u{e9}\u{1F600}"},
+                "managedFields": [{"manager": "m", "fieldsV1": {"f:metadata": {}}}]},
+            "spec": {"containers": [{"name": "c", "image": "i", "args": ["a,b", "{", "}"]}],
+                "priority": -3, "weight": 0.25, "big": 12345678901234567890u64, "x": 1e300},
+            "status": {"phase": "Running", "empty": {}, "list": []}});
+        let cases = [
+            pod,
+            json!({"metadata": {}}),
+            json!({"spec": {"metadata": {"resourceVersion": "1"}}, "metadata": {"name": "n"}}),
+            json!({"data": {"k": "v"}, "metadata": {"name": "n"}, "z": [{"metadata": 1}]}),
+        ];
+        for v in cases {
+            let raw = encode(&v).unwrap();
+            let want = serde_json::to_vec(&decode(&raw, Revision(77)).unwrap()).unwrap();
+            let got = with_resource_version(&raw, Revision(77)).expect("spliced");
+            assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&want));
+        }
+        // Shapes the splice must leave to the decoder.
+        for raw in [
+            &b"{\"metadata\":{\"name\":\"a\",\"resourceVersion\":\"5\"}}"[..],
+            b"{\"metadata\": {\"name\":\"a\"}}",
+            b"{\"metadata\":{},\"metadata\":{}}",
+            b"{\"metadata\":null}",
+            b"{\"spec\":{}}",
+            b"{\"metadata\":{\"name\":\"a\"}",
+            b"[]",
+            b"",
+        ] {
+            assert!(
+                with_resource_version(raw, Revision(1)).is_none(),
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
     }
 }

@@ -281,6 +281,7 @@ impl ApiServer {
             *self.inner.server_address.lock().unwrap_or_else(|e| e.into_inner()) =
                 format!("{host}:{}", local.port());
         }
+        crate::heap::spawn_trimmer(shutdown.clone());
         let tls = crate::tls::server_config(&self.inner.pki)?;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         let router = self.router();
@@ -364,6 +365,15 @@ fn res(group: &str, plural: &str) -> Result<&'static ResourceInfo> {
 
 fn json_response(code: StatusCode, v: &Value) -> Response {
     let body = serde_json::to_vec(v).unwrap_or_default();
+    let mut r = Response::new(Body::from(body));
+    *r.status_mut() = code;
+    r.headers_mut()
+        .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// A response whose body is JSON already serialized.
+fn raw_json_response(code: StatusCode, body: Vec<u8>) -> Response {
     let mut r = Response::new(Body::from(body));
     *r.status_mut() = code;
     r.headers_mut()
@@ -928,10 +938,17 @@ async fn handle(st: Arc<Inner>, user: User, req: Request) -> Result<Response> {
         }
         (&Method::GET, Some(name), None) => {
             verb_ok("get")?;
+            if !table {
+                // The stored JSON goes out with its resourceVersion spliced in (no decode).
+                return Ok(raw_json_response(StatusCode::OK, reg.get_json(r, ns, name).await?));
+            }
             let obj = reg.get(r, ns, name).await?;
             Ok(object_response(StatusCode::OK, r, obj, table, &q))
         }
         (&Method::GET, Some(name), Some("status")) if r.subresources.contains(&"status") => {
+            if !table {
+                return Ok(raw_json_response(StatusCode::OK, reg.get_json(r, ns, name).await?));
+            }
             let obj = reg.get(r, ns, name).await?;
             Ok(object_response(StatusCode::OK, r, obj, table, &q))
         }

@@ -7,20 +7,122 @@ use crate::{
 };
 use bytes::Bytes;
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use tokio::sync::broadcast;
 
 /// Events buffered per watcher before it is closed as too slow.
 pub const WATCH_BUFFER: usize = 4096;
 
+/// One version of a key: the revision that wrote it and the value, or `None` for a delete.
+struct Version {
+    rev: Revision,
+    val: Option<Val>,
+}
+
+struct Val {
+    value: Bytes,
+    create: Revision,
+}
+
+/// The memory layout is what bounds the store's footprint (every object and its history stay in
+/// memory): each key's name is one shared allocation (`Arc<str>`) that the version map and the
+/// event log both point to; versions carry no copy of it, and the log holds only (revision,
+/// key) — the event itself (value, previous value) is rebuilt from the versions when a watch
+/// replays it.
 #[derive(Default)]
 struct State {
     rev: Revision,
     compacted: Revision,
-    /// key → versions, oldest first; `None` marks a delete (tombstone).
-    versions: BTreeMap<String, Vec<(Revision, Option<KeyValue>)>>,
-    /// Every event after `compacted`, in revision order.
-    log: Vec<WatchEvent>,
+    /// key → versions, oldest first; a `None` value marks a delete (tombstone).
+    versions: BTreeMap<Arc<str>, Vec<Version>>,
+    /// The key each revision after `compacted` wrote, in revision order.
+    log: Vec<(Revision, Arc<str>)>,
+}
+
+impl State {
+    fn latest(&self, key: &str) -> Option<KeyValue> {
+        self.latest_val(key).map(|(rev, v)| kv_of(key, rev, v))
+    }
+
+    fn latest_val(&self, key: &str) -> Option<(Revision, &Val)> {
+        let v = self.versions.get(key)?.last()?;
+        Some((v.rev, v.val.as_ref()?))
+    }
+
+    fn at(&self, key: &str, rev: Revision) -> Option<KeyValue> {
+        let versions = self.versions.get(key)?;
+        let v = versions.iter().rev().find(|v| v.rev <= rev)?;
+        Some(kv_of(key, v.rev, v.val.as_ref()?))
+    }
+
+    fn at_exists(&self, key: &str, rev: Revision) -> bool {
+        self.versions
+            .get(key)
+            .and_then(|vs| vs.iter().rev().find(|v| v.rev <= rev))
+            .is_some_and(|v| v.val.is_some())
+    }
+
+    fn resolve(&self, at: ReadAt) -> Result<Revision> {
+        match at {
+            ReadAt::Latest => Ok(self.rev),
+            ReadAt::Exact(r) if r > self.rev => {
+                Err(Error::FutureRevision { requested: r, current: self.rev })
+            }
+            ReadAt::Exact(r) if r < self.compacted => {
+                Err(Error::Compacted { requested: r, compacted: self.compacted })
+            }
+            ReadAt::Exact(r) => Ok(r),
+        }
+    }
+
+    /// Records the write of revision `self.rev` to `key`: a value, or a delete (`None`).
+    fn record(&mut self, key: &str, val: Option<Val>) {
+        let rev = self.rev;
+        let key = match self.versions.get_key_value(key) {
+            Some((k, _)) => k.clone(),
+            None => {
+                let k: Arc<str> = Arc::from(key);
+                self.versions.insert(k.clone(), Vec::new());
+                k
+            }
+        };
+        if let Some(versions) = self.versions.get_mut(&*key) {
+            // Most keys have one live version: grow by exactly one, not by doubling.
+            versions.reserve_exact(1);
+            versions.push(Version { rev, val });
+        }
+        self.log.push((rev, key));
+    }
+
+    /// Records a committed event (revision assigned by the backend that committed it).
+    fn record_event(&mut self, e: &WatchEvent) {
+        match e {
+            WatchEvent::Put { kv, .. } => {
+                self.rev = kv.mod_revision;
+                let val = Val { value: kv.value.clone(), create: kv.create_revision };
+                self.record(&kv.key, Some(val));
+            }
+            WatchEvent::Delete { revision, prev } => {
+                self.rev = *revision;
+                self.record(&prev.key, None);
+            }
+            WatchEvent::Progress { .. } => {}
+        }
+    }
+
+    /// The event that wrote revision `rev` to `key`, with the value before it, rebuilt from the
+    /// versions (`None` if history no longer holds it).
+    fn event(&self, key: &str, rev: Revision) -> Option<WatchEvent> {
+        let versions = self.versions.get(key)?;
+        let i = versions.iter().rposition(|v| v.rev == rev)?;
+        let prev = i
+            .checked_sub(1)
+            .and_then(|p| versions[p].val.as_ref().map(|val| kv_of(key, versions[p].rev, val)));
+        match &versions[i].val {
+            Some(val) => Some(WatchEvent::Put { kv: kv_of(key, rev, val), prev }),
+            None => Some(WatchEvent::Delete { revision: rev, prev: prev? }),
+        }
+    }
 }
 
 pub struct MemoryStore {
@@ -46,7 +148,7 @@ impl MemoryStore {
 
     /// The latest value of `key`, if it exists.
     pub(crate) fn latest_kv(&self, key: &str) -> Option<KeyValue> {
-        self.lock().latest(key).cloned()
+        self.lock().latest(key)
     }
 
     /// Records events a durable backend has already committed (revisions assigned by it), in
@@ -54,14 +156,7 @@ impl MemoryStore {
     pub(crate) fn apply_committed(&self, events: &[WatchEvent]) {
         let mut st = self.lock();
         for e in events {
-            st.rev = e.revision();
-            match e {
-                WatchEvent::Put { kv, .. } => {
-                    st.record(&kv.key.clone(), Some(kv.clone()), e.clone())
-                }
-                WatchEvent::Delete { prev, .. } => st.record(&prev.key.clone(), None, e.clone()),
-                WatchEvent::Progress { .. } => {}
-            }
+            st.record_event(e);
         }
         for e in events {
             let _ = self.events.send(e.clone());
@@ -80,48 +175,30 @@ impl MemoryStore {
         let mut st = self.lock();
         st.compacted = compacted;
         for kv in base {
-            st.versions.entry(kv.key.clone()).or_default().push((kv.mod_revision, Some(kv)));
-        }
-        for e in history {
-            st.rev = e.revision();
-            match &e {
-                WatchEvent::Put { kv, .. } => {
-                    st.record(&kv.key.clone(), Some(kv.clone()), e.clone())
+            let version = Version {
+                rev: kv.mod_revision,
+                val: Some(Val { value: kv.value, create: kv.create_revision }),
+            };
+            match st.versions.get_mut(kv.key.as_str()) {
+                Some(versions) => versions.push(version),
+                None => {
+                    st.versions.insert(Arc::from(kv.key), vec![version]);
                 }
-                WatchEvent::Delete { prev, .. } => st.record(&prev.key.clone(), None, e.clone()),
-                WatchEvent::Progress { .. } => {}
             }
+        }
+        for e in &history {
+            st.record_event(e);
         }
         st.rev = rev.max(st.rev);
     }
 }
 
-impl State {
-    fn latest(&self, key: &str) -> Option<&KeyValue> {
-        self.versions.get(key)?.last()?.1.as_ref()
-    }
-
-    fn at(&self, key: &str, rev: Revision) -> Option<&KeyValue> {
-        let versions = self.versions.get(key)?;
-        versions.iter().rev().find(|(r, _)| *r <= rev)?.1.as_ref()
-    }
-
-    fn resolve(&self, at: ReadAt) -> Result<Revision> {
-        match at {
-            ReadAt::Latest => Ok(self.rev),
-            ReadAt::Exact(r) if r > self.rev => {
-                Err(Error::FutureRevision { requested: r, current: self.rev })
-            }
-            ReadAt::Exact(r) if r < self.compacted => {
-                Err(Error::Compacted { requested: r, compacted: self.compacted })
-            }
-            ReadAt::Exact(r) => Ok(r),
-        }
-    }
-
-    fn record(&mut self, key: &str, kv: Option<KeyValue>, event: WatchEvent) {
-        self.versions.entry(key.to_string()).or_default().push((self.rev, kv));
-        self.log.push(event);
+fn kv_of(key: &str, rev: Revision, val: &Val) -> KeyValue {
+    KeyValue {
+        key: key.to_string(),
+        value: val.value.clone(),
+        create_revision: val.create,
+        mod_revision: rev,
     }
 }
 
@@ -137,10 +214,11 @@ impl Store for MemoryStore {
     async fn get(&self, key: &str, at: ReadAt) -> Result<Option<KeyValue>> {
         let st = self.lock();
         let rev = st.resolve(at)?;
-        Ok(st.at(key, rev).cloned())
+        Ok(st.at(key, rev))
     }
 
     async fn list(&self, prefix: &str, opts: ListOptions) -> Result<ListPage> {
+        use std::ops::Bound;
         let st = self.lock();
         let (at, start) = match &opts.continue_token {
             Some(token) => {
@@ -153,20 +231,21 @@ impl Store for MemoryStore {
         let limit = opts.limit.filter(|l| *l > 0).map(|l| l as usize);
         let mut items = Vec::new();
         let mut remaining = 0u64;
-        let lower = start.clone().unwrap_or_else(|| prefix.to_string());
-        for (key, _) in st.versions.range(lower..) {
+        let lower = match &start {
+            Some(s) => Bound::Excluded(s.as_str()),
+            None => Bound::Included(prefix),
+        };
+        for (key, _) in st.versions.range::<str, _>((lower, Bound::Unbounded)) {
             if !key.starts_with(prefix) {
                 break;
             }
-            if start.as_deref() == Some(key.as_str()) {
-                continue;
-            }
-            if let Some(kv) = st.at(key, rev) {
-                if limit.is_some_and(|l| items.len() >= l) {
+            if limit.is_some_and(|l| items.len() >= l) {
+                // Past the page: only count what remains at `rev`.
+                if st.at_exists(key, rev) {
                     remaining += 1;
-                } else {
-                    items.push(kv.clone());
                 }
+            } else if let Some(kv) = st.at(key, rev) {
+                items.push(kv);
             }
         }
         let continue_token = (remaining > 0)
@@ -178,51 +257,47 @@ impl Store for MemoryStore {
     async fn create(&self, key: &str, value: Bytes) -> Result<Revision> {
         check_size(&value)?;
         let mut st = self.lock();
-        if st.latest(key).is_some() {
+        if st.latest_val(key).is_some() {
             return Err(Error::AlreadyExists);
         }
         st.rev = st.rev.next();
-        let kv =
-            KeyValue { key: key.to_string(), value, create_revision: st.rev, mod_revision: st.rev };
-        let event = WatchEvent::Put { kv: kv.clone(), prev: None };
-        st.record(key, Some(kv), event.clone());
-        let _ = self.events.send(event);
-        Ok(st.rev)
+        let rev = st.rev;
+        let kv = KeyValue { key: key.to_string(), value, create_revision: rev, mod_revision: rev };
+        st.record(key, Some(Val { value: kv.value.clone(), create: rev }));
+        let _ = self.events.send(WatchEvent::Put { kv, prev: None });
+        Ok(rev)
     }
 
     async fn update(&self, key: &str, value: Bytes, expected: Revision) -> Result<Revision> {
         check_size(&value)?;
         let mut st = self.lock();
-        let prev = st.latest(key).cloned().ok_or(Error::NotFound)?;
+        let prev = st.latest(key).ok_or(Error::NotFound)?;
         if prev.mod_revision != expected {
             return Err(Error::Conflict { current: prev.mod_revision });
         }
         st.rev = st.rev.next();
-        let kv = KeyValue {
-            key: key.to_string(),
-            value,
-            create_revision: prev.create_revision,
-            mod_revision: st.rev,
-        };
-        let event = WatchEvent::Put { kv: kv.clone(), prev: Some(prev) };
-        st.record(key, Some(kv), event.clone());
-        let _ = self.events.send(event);
-        Ok(st.rev)
+        let rev = st.rev;
+        let create = prev.create_revision;
+        let kv =
+            KeyValue { key: key.to_string(), value, create_revision: create, mod_revision: rev };
+        st.record(key, Some(Val { value: kv.value.clone(), create }));
+        let _ = self.events.send(WatchEvent::Put { kv, prev: Some(prev) });
+        Ok(rev)
     }
 
     async fn delete(&self, key: &str, expected: Option<Revision>) -> Result<(Revision, KeyValue)> {
         let mut st = self.lock();
-        let prev = st.latest(key).cloned().ok_or(Error::NotFound)?;
+        let prev = st.latest(key).ok_or(Error::NotFound)?;
         if let Some(expected) = expected
             && prev.mod_revision != expected
         {
             return Err(Error::Conflict { current: prev.mod_revision });
         }
         st.rev = st.rev.next();
-        let event = WatchEvent::Delete { revision: st.rev, prev: prev.clone() };
-        st.record(key, None, event.clone());
-        let _ = self.events.send(event);
-        Ok((st.rev, prev))
+        let rev = st.rev;
+        st.record(key, None);
+        let _ = self.events.send(WatchEvent::Delete { revision: rev, prev: prev.clone() });
+        Ok((rev, prev))
     }
 
     async fn watch(&self, prefix: &str, after: Revision) -> Result<WatchStream> {
@@ -232,11 +307,11 @@ impl Store for MemoryStore {
             return Err(Error::Compacted { requested: after, compacted: st.compacted });
         }
         let live = self.events.subscribe();
-        let backlog: Vec<WatchEvent> = st
-            .log
+        let from = st.log.partition_point(|(rev, _)| *rev <= after);
+        let backlog: Vec<WatchEvent> = st.log[from..]
             .iter()
-            .filter(|e| e.revision() > after && e.key().is_some_and(|k| k.starts_with(prefix)))
-            .cloned()
+            .filter(|(_, key)| key.starts_with(prefix))
+            .filter_map(|(rev, key)| st.event(key, *rev))
             .collect();
         let last = st.rev;
         drop(st);
@@ -252,12 +327,18 @@ impl Store for MemoryStore {
             return Err(Error::Compacted { requested: up_to, compacted: st.compacted });
         }
         st.compacted = up_to;
-        st.log.retain(|e| e.revision() > up_to);
+        let from = st.log.partition_point(|(rev, _)| *rev <= up_to);
+        st.log.drain(..from);
+        let keep = st.log.len() * 2;
+        st.log.shrink_to(keep);
         st.versions.retain(|_, versions| {
             // Keep the newest version at or before `up_to` (readable at up_to) and all later ones.
-            let keep_from = versions.iter().rposition(|(r, _)| *r <= up_to).unwrap_or(0);
-            versions.drain(..keep_from);
-            !(versions.len() == 1 && versions[0].1.is_none())
+            let keep_from = versions.iter().rposition(|v| v.rev <= up_to).unwrap_or(0);
+            if keep_from > 0 {
+                versions.drain(..keep_from);
+                versions.shrink_to_fit();
+            }
+            !(versions.len() == 1 && versions[0].val.is_none())
         });
         Ok(())
     }
@@ -328,4 +409,50 @@ pub(crate) fn live_stream(
         }
     });
     replay.chain(follow).boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    fn b(s: &'static str) -> Bytes {
+        Bytes::from_static(s.as_bytes())
+    }
+
+    #[tokio::test]
+    async fn replay_after_compaction_rebuilds_events_with_their_previous_values() {
+        let s = MemoryStore::new();
+        let r1 = s.create("/a", b("1")).await.unwrap();
+        let r2 = s.update("/a", b("2"), r1).await.unwrap();
+        let r3 = s.create("/b", b("3")).await.unwrap();
+        let (r4, _) = s.delete("/a", None).await.unwrap();
+        s.compact(r2).await.unwrap();
+        assert!(matches!(s.watch("/", r1).await, Err(Error::Compacted { .. })));
+        let mut w = s.watch("/", r2).await.unwrap();
+        match w.next().await.unwrap().unwrap() {
+            WatchEvent::Put { kv, prev: None } => {
+                assert_eq!((kv.key.as_str(), kv.value, kv.mod_revision), ("/b", b("3"), r3))
+            }
+            other => panic!("expected the create of /b, got {other:?}"),
+        }
+        match w.next().await.unwrap().unwrap() {
+            WatchEvent::Delete { revision, prev } => {
+                assert_eq!(revision, r4);
+                assert_eq!((prev.key.as_str(), prev.value), ("/a", b("2")));
+                assert_eq!((prev.create_revision, prev.mod_revision), (r1, r2));
+            }
+            other => panic!("expected the delete of /a, got {other:?}"),
+        }
+        // The value at the compaction point is still readable; the tombstone goes with the next
+        // compaction past it, and the key with it.
+        assert_eq!(s.get("/a", ReadAt::Exact(r2)).await.unwrap().unwrap().value, b("2"));
+        s.compact(r4).await.unwrap();
+        assert!(!s.lock().versions.contains_key("/a"));
+        assert_eq!(s.list("/", ListOptions::default()).await.unwrap().items.len(), 1);
+        // A re-created key starts a new life.
+        let r5 = s.create("/a", b("5")).await.unwrap();
+        let kv = s.get("/a", ReadAt::Latest).await.unwrap().unwrap();
+        assert_eq!((kv.create_revision, kv.mod_revision), (r5, r5));
+    }
 }

@@ -45,6 +45,8 @@ struct Scale {
     lists: usize,
     /// Concurrent tasks for the bulk loads.
     load_tasks: usize,
+    /// Requests of each closed loop that measures CPU time per request.
+    cpu_requests: usize,
 }
 
 /// A small, realistic Pod: one container with image, port and resources, three labels.
@@ -150,9 +152,10 @@ async fn stored_pods(store: &Arc<dyn rkube_store::Store>) -> (usize, usize) {
     }
 }
 
-/// RSS after letting the process settle a moment.
+/// RSS after letting the process settle: long enough for the server's periodic return of freed
+/// heap pages to the system to have run once.
 async fn settled_rss() -> f64 {
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(rkube_apiserver::heap::TRIM_EVERY + Duration::from_millis(1500)).await;
     super::rss_mib(std::process::id())
 }
 
@@ -284,6 +287,7 @@ pub async fn run(args: &super::BenchArgs) -> anyhow::Result<serde_json::Value> {
             paced_secs: 5,
             lists: 20,
             load_tasks: 64,
+            cpu_requests: 2_000,
         }
     } else {
         Scale {
@@ -294,6 +298,7 @@ pub async fn run(args: &super::BenchArgs) -> anyhow::Result<serde_json::Value> {
             paced_secs: 20,
             lists: 20,
             load_tasks: 64,
+            cpu_requests: 20_000,
         }
     };
     let (small_l, large_l) = (count_label(s.small), count_label(s.large));
@@ -461,6 +466,14 @@ pub async fn run(args: &super::BenchArgs) -> anyhow::Result<serde_json::Value> {
     let missed = want.saturating_sub(delivery.len() as u64);
     let (w50, w99) = super::percentiles(delivery);
 
+    // 2d. CPU time per request, which load on the machine does not distort: closed loops of
+    // GETs of stored Pods (body read as text, not decoded) and, as the floor that TLS, HTTP and
+    // the client cost, of `/version`; the difference is the server's work for a GET.
+    let get_paths: Vec<String> =
+        (0..s.small).map(|i| format!("{}/pod-{i}", Pod::url_path(&(), Some(NS)))).collect();
+    let cpu_get_us = cpu_per_request(&client, &get_paths, s.cpu_requests).await;
+    let cpu_floor_us = cpu_per_request(&client, &["/version".to_string()], s.cpu_requests).await;
+
     // 3. Fill up to the large set (watchers closed); memory with it stored.
     let (have, _) = stored_pods(&store).await;
     let (filled, fill_failures, fill_s, fill_err) =
@@ -540,11 +553,45 @@ pub async fn run(args: &super::BenchArgs) -> anyhow::Result<serde_json::Value> {
         json!(bytes_large.checked_div(stored_large).unwrap_or(0)),
     );
     put("idle_rkube_server_rss_mib".into(), json!(r2(idle)));
+    put("get_cpu_us_per_request".into(), json!(r2(cpu_get_us)));
+    put("version_cpu_us_per_request".into(), json!(r2(cpu_floor_us)));
+    put("get_server_cpu_us_over_floor".into(), json!(r2(cpu_get_us - cpu_floor_us)));
     put("goal_write_p99_ms".into(), json!(50));
     put("goal_get_p99_ms".into(), json!(10));
     put("goal_list_10k_pods_p99_ms".into(), json!(300));
     put("goal_rss_per_serialized_byte".into(), json!(3));
     Ok(serde_json::Value::Object(f))
+}
+
+/// CPU time of this process (server and client) per request, in microseconds, over `n` GETs of
+/// `paths` in turn from 4 concurrent tasks; each response is read whole, not decoded.
+async fn cpu_per_request(client: &Client, paths: &[String], n: usize) -> f64 {
+    const TASKS: usize = 4;
+    if paths.is_empty() || n == 0 {
+        return 0.0;
+    }
+    let next = Arc::new(AtomicU64::new(0));
+    let cpu0 = super::cpu_seconds(std::process::id());
+    let mut handles = Vec::new();
+    for _ in 0..TASKS {
+        let (client, next, paths) = (client.clone(), next.clone(), paths.to_vec());
+        handles.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if i >= n {
+                    break;
+                }
+                let Ok(req) = http::Request::get(&paths[i % paths.len()]).body(Vec::new()) else {
+                    break;
+                };
+                let _ = client.request_text(req).await;
+            }
+        }));
+    }
+    for h in handles {
+        let _ = h.await;
+    }
+    (super::cpu_seconds(std::process::id()) - cpu0) * 1e6 / n as f64
 }
 
 /// RSS of a fresh `rkube server --disable-controllers` after it settles.
