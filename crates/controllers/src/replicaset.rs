@@ -17,7 +17,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::informer::{Informers, next_pass};
-use crate::util::{controller_uid, is_active, is_available, is_ready};
+use crate::util::{controller_uid_ref, is_active, is_available, is_ready};
 
 /// Pods this controller created or deleted that the informer has not reflected yet.
 #[derive(Default)]
@@ -70,11 +70,16 @@ async fn reconcile(
     let ns = rs.namespace().unwrap_or_default();
     let uid = rs.uid().unwrap_or_default();
     let pods_api: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let all: Vec<std::sync::Arc<Pod>> =
-        inf.pods.state().into_iter().filter(|p| p.namespace().as_deref() == Some(&ns)).collect();
+    // Borrowed comparisons only: a pass runs on every pod change, over every pod.
+    let all: Vec<std::sync::Arc<Pod>> = inf
+        .pods
+        .state()
+        .into_iter()
+        .filter(|p| p.metadata.namespace.as_deref() == Some(ns.as_str()))
+        .collect();
     // Adopt orphans that match the selector; owned pods that no longer match are released.
     for p in &all {
-        let owner = controller_uid(p.metadata.owner_references.as_ref());
+        let owner = controller_uid_ref(p.metadata.owner_references.as_ref());
         if owner.is_none() && is_active(p) && selector_matches(rs, p) {
             let patch = json!({"metadata": {"ownerReferences": [owner_ref(rs)], "uid": p.uid()}});
             let _ = pods_api
@@ -85,7 +90,7 @@ async fn reconcile(
     let mut owned: Vec<std::sync::Arc<Pod>> = all
         .iter()
         .filter(|p| {
-            controller_uid(p.metadata.owner_references.as_ref()).as_deref() == Some(&uid)
+            controller_uid_ref(p.metadata.owner_references.as_ref()) == Some(uid.as_str())
                 && is_active(p)
         })
         .cloned()
@@ -93,19 +98,25 @@ async fn reconcile(
     // Expectations: count our own recent creates the informer has not seen, and skip pods we
     // already deleted.
     let now = Instant::now();
-    // Looked up by name once per pass: up to 500 expectations against 10,000 pods.
-    let seen: HashSet<&str> = all.iter().filter_map(|p| p.metadata.name.as_deref()).collect();
+    // Looked up by name once per pass (up to 500 expectations against 10,000 pods), and only
+    // while there are expectations: most passes have none.
     let creates = exp.creates.entry(uid.clone()).or_default();
-    creates.retain(|(name, t)| {
-        now.duration_since(*t) < EXPECTATION_TTL && !seen.contains(name.as_str())
-    });
-    let owned_names: HashSet<&str> =
-        owned.iter().filter_map(|p| p.metadata.name.as_deref()).collect();
+    if !creates.is_empty() {
+        let seen: HashSet<&str> = all.iter().filter_map(|p| p.metadata.name.as_deref()).collect();
+        creates.retain(|(name, t)| {
+            now.duration_since(*t) < EXPECTATION_TTL && !seen.contains(name.as_str())
+        });
+    }
     let deletes = exp.deletes.entry(uid.clone()).or_default();
-    deletes.retain(|(name, t)| {
-        now.duration_since(*t) < EXPECTATION_TTL && owned_names.contains(name.as_str())
-    });
-    owned.retain(|p| !deletes.iter().any(|(n, _)| *n == p.name_any()));
+    if !deletes.is_empty() {
+        let owned_names: HashSet<&str> =
+            owned.iter().filter_map(|p| p.metadata.name.as_deref()).collect();
+        deletes.retain(|(name, t)| {
+            now.duration_since(*t) < EXPECTATION_TTL && owned_names.contains(name.as_str())
+        });
+        let gone: HashSet<&str> = deletes.iter().map(|(n, _)| n.as_str()).collect();
+        owned.retain(|p| !gone.contains(p.metadata.name.as_deref().unwrap_or("")));
+    }
     let in_flight = creates.len();
     let want = rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1).max(0) as usize;
     let have = owned.len() + in_flight;
