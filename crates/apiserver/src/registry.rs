@@ -996,9 +996,11 @@ impl Registry {
                     let (existed, before) = match prev {
                         None => (false, false),
                         Some(_) if everything => (true, true),
-                        Some(p) => match decode(&p.value, p.mod_revision) {
-                            Ok(old) => (true, matches(&old)),
-                            Err(_) => (false, false),
+                        // The previous value was usually decoded for the watchers when it
+                        // was written: shared, it is not decoded again per selective watcher.
+                        Some(p) => match shared_object(&cache, &p.key, &p.value, p.mod_revision) {
+                            Some(old) => (true, matches(&old.value)),
+                            None => (false, false),
                         },
                     };
                     match (existed, before, now) {
@@ -1108,5 +1110,72 @@ mod splice_tests {
                 String::from_utf8_lossy(raw)
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod watch_tests {
+    use super::*;
+    use futures::StreamExt;
+
+    /// A selective watch sees an object entering its selection as ADDED, changing inside it as
+    /// MODIFIED, leaving it as DELETED; writes outside it are not seen at all.
+    #[tokio::test]
+    async fn selective_watches_follow_objects_in_and_out_of_their_selection() {
+        let reg = Registry::new(Arc::new(rkube_store::memory::MemoryStore::new()), 300);
+        let r = rkube_api::resources::find("", "v1", "nodes").unwrap();
+        let from = reg.store.current_revision().await.unwrap();
+        let params = |sel: &str| ListParams {
+            labels: crate::selector::LabelSelector::parse(sel).unwrap(),
+            fields: Default::default(),
+            limit: None,
+            continue_token: None,
+            resource_version: None,
+        };
+        let mut picked = reg.watch(r, None, params("pick=yes"), from).await.unwrap();
+        let mut all = reg.watch(r, None, params(""), from).await.unwrap();
+        let node = |labels: Value, note: &str| {
+            json!({"apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": "n1", "labels": labels, "annotations": {"note": note}}})
+        };
+        let set = |labels: Value, note: &'static str| {
+            let reg = &reg;
+            async move {
+                reg.guaranteed_update(
+                    r,
+                    None,
+                    "n1",
+                    false,
+                    |_| Ok(node(labels.clone(), note)),
+                    None,
+                )
+                .await
+                .unwrap();
+            }
+        };
+        reg.create(r, None, node(json!({"pick": "no"}), "0"), false).await.unwrap();
+        set(json!({"pick": "yes"}), "1").await;
+        set(json!({"pick": "yes"}), "2").await;
+        set(json!({"pick": "no"}), "3").await;
+        set(json!({"pick": "no"}), "4").await;
+        set(json!({"pick": "yes"}), "5").await;
+        let next = async |s: &mut BoxStream<'static, WatchOut>| {
+            let (kind, o) = tokio::time::timeout(std::time::Duration::from_secs(5), s.next())
+                .await
+                .expect("an event")
+                .expect("the stream goes on");
+            (kind, o.value["metadata"]["annotations"]["note"].as_str().unwrap().to_string())
+        };
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            got.push(next(&mut picked).await);
+        }
+        let want = [("ADDED", "1"), ("MODIFIED", "2"), ("DELETED", "3"), ("ADDED", "5")];
+        assert_eq!(got, want.map(|(k, n)| (k, n.to_string())));
+        let mut got = Vec::new();
+        for _ in 0..6 {
+            got.push(next(&mut all).await.0);
+        }
+        assert_eq!(got, ["ADDED", "MODIFIED", "MODIFIED", "MODIFIED", "MODIFIED", "MODIFIED"]);
     }
 }

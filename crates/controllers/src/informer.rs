@@ -25,10 +25,28 @@ pub struct Informers {
     pub leases: Store<Lease>,
     pub namespaces: Store<Namespace>,
     pub serviceaccounts: Store<ServiceAccount>,
+    /// Bumped on any change of any kind above.
     pub changed: watch::Receiver<u64>,
+    /// Bumped on node changes only: for a controller that reads nothing else, so pod churn does
+    /// not wake it.
+    pub nodes_changed: watch::Receiver<u64>,
 }
 
 fn start<K>(api: Api<K>, tx: watch::Sender<u64>, shutdown: CancellationToken) -> Store<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    start_with(api, vec![tx], shutdown)
+}
+
+/// An informer that bumps every counter of `txs` on each event.
+fn start_with<K>(api: Api<K>, txs: Vec<watch::Sender<u64>>, shutdown: CancellationToken) -> Store<K>
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -49,7 +67,9 @@ where
             let ev = tokio::select! { _ = shutdown.cancelled() => return, e = s.next() => e };
             match ev {
                 Some(Ok(_)) => {
-                    tx.send_modify(|n| *n += 1);
+                    for tx in &txs {
+                        tx.send_modify(|n| *n += 1);
+                    }
                 }
                 Some(Err(e)) => {
                     tracing::debug!("informer: {e}");
@@ -65,6 +85,7 @@ where
 impl Informers {
     pub fn start(client: Client, shutdown: CancellationToken) -> Informers {
         let (tx, rx) = watch::channel(0u64);
+        let (nodes_tx, nodes_rx) = watch::channel(0u64);
         Informers {
             pods: start(Api::<Pod>::all(client.clone()), tx.clone(), shutdown.clone()),
             replicasets: start(
@@ -78,7 +99,11 @@ impl Informers {
                 shutdown.clone(),
             ),
             daemonsets: start(Api::<DaemonSet>::all(client.clone()), tx.clone(), shutdown.clone()),
-            nodes: start(Api::<Node>::all(client.clone()), tx.clone(), shutdown.clone()),
+            nodes: start_with(
+                Api::<Node>::all(client.clone()),
+                vec![tx.clone(), nodes_tx],
+                shutdown.clone(),
+            ),
             services: start(Api::<Service>::all(client.clone()), tx.clone(), shutdown.clone()),
             // Node leases are renewed every 10 s by every node (500 a second for 5,000 nodes)
             // and only the node lifecycle controller reads them, on its own timer: a renewal
@@ -91,6 +116,7 @@ impl Informers {
             namespaces: start(Api::<Namespace>::all(client.clone()), tx.clone(), shutdown.clone()),
             serviceaccounts: start(Api::<ServiceAccount>::all(client), tx, shutdown),
             changed: rx,
+            nodes_changed: nodes_rx,
         }
     }
 

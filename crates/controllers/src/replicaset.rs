@@ -5,6 +5,8 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -15,7 +17,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::informer::{Informers, next_pass};
-use crate::util::{controller_uid, is_active, is_available, is_ready};
+use crate::util::{controller_uid_ref, is_active, is_available, is_ready};
 
 /// Pods this controller created or deleted that the informer has not reflected yet.
 #[derive(Default)]
@@ -68,11 +70,16 @@ async fn reconcile(
     let ns = rs.namespace().unwrap_or_default();
     let uid = rs.uid().unwrap_or_default();
     let pods_api: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let all: Vec<std::sync::Arc<Pod>> =
-        inf.pods.state().into_iter().filter(|p| p.namespace().as_deref() == Some(&ns)).collect();
+    // Borrowed comparisons only: a pass runs on every pod change, over every pod.
+    let all: Vec<std::sync::Arc<Pod>> = inf
+        .pods
+        .state()
+        .into_iter()
+        .filter(|p| p.metadata.namespace.as_deref() == Some(ns.as_str()))
+        .collect();
     // Adopt orphans that match the selector; owned pods that no longer match are released.
     for p in &all {
-        let owner = controller_uid(p.metadata.owner_references.as_ref());
+        let owner = controller_uid_ref(p.metadata.owner_references.as_ref());
         if owner.is_none() && is_active(p) && selector_matches(rs, p) {
             let patch = json!({"metadata": {"ownerReferences": [owner_ref(rs)], "uid": p.uid()}});
             let _ = pods_api
@@ -83,7 +90,7 @@ async fn reconcile(
     let mut owned: Vec<std::sync::Arc<Pod>> = all
         .iter()
         .filter(|p| {
-            controller_uid(p.metadata.owner_references.as_ref()).as_deref() == Some(&uid)
+            controller_uid_ref(p.metadata.owner_references.as_ref()) == Some(uid.as_str())
                 && is_active(p)
         })
         .cloned()
@@ -91,84 +98,117 @@ async fn reconcile(
     // Expectations: count our own recent creates the informer has not seen, and skip pods we
     // already deleted.
     let now = Instant::now();
-    // Looked up by name once per pass: up to 500 expectations against 10,000 pods.
-    let seen: HashSet<&str> = all.iter().filter_map(|p| p.metadata.name.as_deref()).collect();
+    // Looked up by name once per pass (up to 500 expectations against 10,000 pods), and only
+    // while there are expectations: most passes have none.
     let creates = exp.creates.entry(uid.clone()).or_default();
-    creates.retain(|(name, t)| {
-        now.duration_since(*t) < EXPECTATION_TTL && !seen.contains(name.as_str())
-    });
-    let owned_names: HashSet<&str> =
-        owned.iter().filter_map(|p| p.metadata.name.as_deref()).collect();
+    if !creates.is_empty() {
+        let seen: HashSet<&str> = all.iter().filter_map(|p| p.metadata.name.as_deref()).collect();
+        creates.retain(|(name, t)| {
+            now.duration_since(*t) < EXPECTATION_TTL && !seen.contains(name.as_str())
+        });
+    }
     let deletes = exp.deletes.entry(uid.clone()).or_default();
-    deletes.retain(|(name, t)| {
-        now.duration_since(*t) < EXPECTATION_TTL && owned_names.contains(name.as_str())
-    });
-    owned.retain(|p| !deletes.iter().any(|(n, _)| *n == p.name_any()));
+    if !deletes.is_empty() {
+        let owned_names: HashSet<&str> =
+            owned.iter().filter_map(|p| p.metadata.name.as_deref()).collect();
+        deletes.retain(|(name, t)| {
+            now.duration_since(*t) < EXPECTATION_TTL && owned_names.contains(name.as_str())
+        });
+        let gone: HashSet<&str> = deletes.iter().map(|(n, _)| n.as_str()).collect();
+        owned.retain(|p| !gone.contains(p.metadata.name.as_deref().unwrap_or("")));
+    }
     let in_flight = creates.len();
     let want = rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1).max(0) as usize;
     let have = owned.len() + in_flight;
     if have < want {
         let template = rs.spec.as_ref().and_then(|s| s.template.clone()).unwrap_or_default();
-        for _ in 0..(want - have).min(500) {
+        let pod = |_: usize| {
             let mut meta = template.metadata.clone().unwrap_or_default();
             meta.name = None;
             meta.generate_name = Some(format!("{}-", rs.name_any()));
             meta.namespace = Some(ns.clone());
             meta.owner_references = Some(vec![owner_ref(rs)]);
-            let pod = Pod { metadata: meta, spec: template.spec.clone(), status: None };
-            match pods_api.create(&PostParams::default(), &pod).await {
-                Ok(created) => {
-                    let name = created.name_any();
-                    exp.creates
-                        .entry(uid.clone())
-                        .or_default()
-                        .push((name.clone(), Instant::now()));
-                    recorder
-                        .record(
-                            &reference(rs),
-                            "Normal",
-                            "SuccessfulCreate",
-                            &format!("Created pod: {name}"),
-                        )
-                        .await;
-                }
-                Err(e) => {
-                    recorder
-                        .record(
-                            &reference(rs),
-                            "Warning",
-                            "FailedCreate",
-                            &format!("Error creating: {e}"),
-                        )
-                        .await;
-                    break;
+            Pod { metadata: meta, spec: template.spec.clone(), status: None }
+        };
+        let rs_ref = reference(rs);
+        let created = slow_start((want - have).min(BURST_REPLICAS), |i| {
+            let (pods_api, rs_ref, pod) = (&pods_api, &rs_ref, pod(i));
+            async move {
+                match pods_api.create(&PostParams::default(), &pod).await {
+                    Ok(created) => {
+                        let name = created.name_any();
+                        recorder
+                            .record(
+                                rs_ref,
+                                "Normal",
+                                "SuccessfulCreate",
+                                &format!("Created pod: {name}"),
+                            )
+                            .await;
+                        Some(name)
+                    }
+                    Err(e) => {
+                        recorder
+                            .record(
+                                rs_ref,
+                                "Warning",
+                                "FailedCreate",
+                                &format!("Error creating: {e}"),
+                            )
+                            .await;
+                        None
+                    }
                 }
             }
-        }
+        })
+        .await;
+        // Every acknowledged create is expected before the next pass looks at the pods: the
+        // passes run one at a time, so none counts the pods while creates are in flight.
+        let now = Instant::now();
+        exp.creates.entry(uid.clone()).or_default().extend(created.into_iter().map(|n| (n, now)));
     } else if owned.len() > want && in_flight == 0 {
         let mut victims = owned.clone();
         victims.sort_by_key(|p| deletion_rank(p));
-        for p in victims.iter().take(owned.len() - want) {
-            let name = p.name_any();
-            match pods_api.delete(&name, &DeleteParams::default()).await {
-                Ok(_) => {
-                    exp.deletes
-                        .entry(uid.clone())
-                        .or_default()
-                        .push((name.clone(), Instant::now()));
-                    recorder
-                        .record(
-                            &reference(rs),
-                            "Normal",
-                            "SuccessfulDelete",
-                            &format!("Deleted pod: {name}"),
-                        )
-                        .await;
+        // All deletions at once (upstream issues them concurrently too), bounded in flight.
+        let rs_ref = reference(rs);
+        let names: Vec<String> = victims
+            .iter()
+            .take((owned.len() - want).min(BURST_REPLICAS))
+            .map(|p| p.name_any())
+            .collect();
+        let deletes: Vec<_> = names
+            .into_iter()
+            .map(|name| {
+                let (pods_api, rs_ref) = (&pods_api, &rs_ref);
+                async move {
+                    match pods_api.delete(&name, &DeleteParams::default()).await {
+                        Ok(_) => {
+                            recorder
+                                .record(
+                                    rs_ref,
+                                    "Normal",
+                                    "SuccessfulDelete",
+                                    &format!("Deleted pod: {name}"),
+                                )
+                                .await;
+                            Some(name)
+                        }
+                        Err(kube::Error::Api(e)) if e.code == 404 => None,
+                        Err(e) => {
+                            tracing::debug!("deleting {name}: {e}");
+                            None
+                        }
+                    }
                 }
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => tracing::debug!("deleting {name}: {e}"),
-            }
-        }
+            })
+            .collect();
+        let deleted: Vec<String> = futures::stream::iter(deletes)
+            .buffer_unordered(CREATES_IN_FLIGHT)
+            .filter_map(futures::future::ready)
+            .collect()
+            .await;
+        let now = Instant::now();
+        exp.deletes.entry(uid.clone()).or_default().extend(deleted.into_iter().map(|n| (n, now)));
     }
     // Status.
     let min_ready = rs.spec.as_ref().and_then(|s| s.min_ready_seconds).unwrap_or(0);
@@ -215,6 +255,39 @@ async fn reconcile(
     Ok(())
 }
 
+/// Creates at most this many pods per pass (upstream's burstReplicas).
+const BURST_REPLICAS: usize = 500;
+
+/// Requests in flight at once (within a create batch, or deleting): the client speaks HTTP/1.1, one connection (and
+/// TLS handshake) per concurrent request.
+const CREATES_IN_FLIGHT: usize = 64;
+
+/// Upstream's slow start: calls `f` for `0..count` in batches of 1, 2, 4, … issued concurrently,
+/// and stops after a batch in which any call failed, so a failing create (quota, admission)
+/// costs a few calls instead of `count`. Returns the results of the successful calls.
+async fn slow_start<T, F, Fut>(count: usize, mut f: F) -> Vec<T>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let mut done = Vec::with_capacity(count);
+    let (mut start, mut batch) = (0, 1);
+    while start < count {
+        let n = batch.min(count - start);
+        let calls: Vec<Fut> = (start..start + n).map(&mut f).collect();
+        let results: Vec<Option<T>> =
+            futures::stream::iter(calls).buffer_unordered(CREATES_IN_FLIGHT).collect().await;
+        let failed = results.iter().any(Option::is_none);
+        done.extend(results.into_iter().flatten());
+        if failed {
+            break;
+        }
+        start += n;
+        batch *= 2;
+    }
+    done
+}
+
 fn owner_ref(rs: &ReplicaSet) -> OwnerReference {
     OwnerReference {
         api_version: "apps/v1".into(),
@@ -223,5 +296,54 @@ fn owner_ref(rs: &ReplicaSet) -> OwnerReference {
         uid: rs.uid().unwrap_or_default(),
         controller: Some(true),
         block_owner_deletion: Some(true),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[tokio::test]
+    async fn slow_start_issues_doubling_batches_one_after_another() {
+        // Each call notes how many calls had finished when it started: within a batch all
+        // calls start together, after every earlier batch finished.
+        let finished = Mutex::new(0usize);
+        let seen = Mutex::new(Vec::new());
+        let ok = slow_start(20, |i| {
+            seen.lock().unwrap().push(*finished.lock().unwrap());
+            let finished = &finished;
+            async move {
+                tokio::task::yield_now().await;
+                *finished.lock().unwrap() += 1;
+                Some(i)
+            }
+        })
+        .await;
+        let mut ok = ok;
+        ok.sort();
+        assert_eq!(ok, (0..20).collect::<Vec<_>>());
+        let want: Vec<usize> = [(0, 1), (1, 2), (3, 4), (7, 8), (15, 5)]
+            .iter()
+            .flat_map(|&(done, n)| std::iter::repeat_n(done, n))
+            .collect();
+        assert_eq!(seen.into_inner().unwrap(), want, "batches of 1, 2, 4, 8, then the last 5");
+    }
+
+    #[tokio::test]
+    async fn slow_start_stops_after_the_batch_in_which_a_call_failed() {
+        // Call 5 (in the third batch, 3..7) fails: that batch finishes, no later one starts.
+        let started = Mutex::new(Vec::new());
+        let ok = slow_start(100, |i| {
+            started.lock().unwrap().push(i);
+            async move { (i != 5).then_some(i) }
+        })
+        .await;
+        let mut started = started.into_inner().unwrap();
+        started.sort();
+        assert_eq!(started, (0..7).collect::<Vec<_>>(), "batches of 1, 2 and 4, nothing after");
+        let mut ok = ok;
+        ok.sort();
+        assert_eq!(ok, vec![0, 1, 2, 3, 4, 6], "every successful call is returned");
     }
 }

@@ -8,6 +8,11 @@ pub fn controller_uid(refs: Option<&Vec<OwnerReference>>) -> Option<String> {
     refs?.iter().find(|r| r.controller == Some(true)).map(|r| r.uid.clone())
 }
 
+/// The controller owner's uid, borrowed (for loops over every pod).
+pub fn controller_uid_ref(refs: Option<&Vec<OwnerReference>>) -> Option<&str> {
+    refs?.iter().find(|r| r.controller == Some(true)).map(|r| r.uid.as_str())
+}
+
 pub fn is_active(p: &Pod) -> bool {
     p.metadata.deletion_timestamp.is_none()
         && !matches!(

@@ -604,3 +604,67 @@ async fn a_node_that_never_posted_its_status_gets_the_startup_grace_then_is_unkn
     stop.cancel();
     let _ = beat.await;
 }
+
+/// Pods of the ReplicaSet `rs` that are not being deleted.
+async fn live_pods(pods: &Api<Pod>, rs: &str) -> usize {
+    let list = pods.list(&Default::default()).await.expect("pods");
+    list.items
+        .iter()
+        .filter(|p| {
+            p.metadata.deletion_timestamp.is_none()
+                && p.owner_references().iter().any(|o| o.name == rs && o.controller == Some(true))
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn a_replicaset_creates_exactly_its_replicas_in_batches_and_scales_down_exactly() {
+    let c = cluster(Default::default()).await;
+    let rss: Api<ReplicaSet> = Api::namespaced(c.client.clone(), "default");
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), "default");
+    let rs: ReplicaSet = serde_json::from_value(json!({
+        "metadata": {"name": "many"},
+        "spec": {"replicas": 300, "selector": {"matchLabels": {"app": "many"}},
+                 "template": {"metadata": {"labels": {"app": "many"}},
+                              "spec": {"containers": [{"name": "c", "image": "nginx"}]}}}
+    }))
+    .expect("replicaset");
+    rss.create(&PostParams::default(), &rs).await.expect("replicaset");
+    eventually("300 pods", Duration::from_secs(60), async || {
+        (live_pods(&pods, "many").await >= 300).then_some(())
+    })
+    .await;
+    // Later passes (the informer catching up, resyncs) never add to them.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(live_pods(&pods, "many").await, 300, "never more pods than replicas");
+    eventually("status.replicas 300", Duration::from_secs(30), async || {
+        let rs = rss.get("many").await.ok()?;
+        (rs.status?.replicas == 300).then_some(())
+    })
+    .await;
+    // Every create has its event.
+    let events: Api<k8s_openapi::api::core::v1::Event> =
+        Api::namespaced(c.client.clone(), "default");
+    let created = events
+        .list(&Default::default())
+        .await
+        .expect("events")
+        .items
+        .iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some("SuccessfulCreate")
+                && e.involved_object.name.as_deref() == Some("many")
+        })
+        .count();
+    assert_eq!(created, 300, "one SuccessfulCreate event per pod");
+
+    rss.patch("many", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 20}})))
+        .await
+        .expect("scale down");
+    eventually("20 pods", Duration::from_secs(60), async || {
+        (live_pods(&pods, "many").await == 20).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(live_pods(&pods, "many").await, 20, "never fewer pods than replicas");
+}
