@@ -13,13 +13,14 @@
 //! changes at 100/s must then leave the table with exactly as many chains and map elements as
 //! before, as listed from the kernel.
 //!
-//! Where the time goes (nft 1.0.6, kernel 6.18, 10,000 Services): an `nft` run lists every
-//! chain of the table into its cache before applying even a one-element change (~0.5 s with
-//! 60,000 chains), so changes go over netlink instead (`rkube_proxy::nl`); what is left is the
-//! kernel checking the whole table for loops on every change that adds a jump, a goto or a
-//! DNAT (~60 ms with a chain per endpoint, ~15 ms with endpoints DNATed from a map in the
-//! Service's chain, as now), and rendering only the changed Service. Loading the table whole
-//! (start, hourly) still goes through nft and takes the kernel tens of seconds.
+//! Where the time goes (nft 1.0.6, kernel 6.18): an `nft` run lists every chain of the table
+//! into its cache before applying even a one-element change (~0.5 s with 60,000 chains), so
+//! changes go over netlink instead (`rkube_proxy::nl`). The proxy renders only the changed
+//! Service and adjusts the merged maps and sets by its entries (~0.1 ms at 1,000 Services, and a
+//! unit test holds one change among 10,000 to its own five steps). What is left is the watch
+//! delivering the write and the kernel's commit: a change that replaces a rule holding a DNAT
+//! makes nf_tables check the whole table for loops (~1 ms at 1,000 Services; ~15 ms at 10,000
+//! when last measured). Loading the table whole (start, hourly) still goes through nft.
 
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
