@@ -11,6 +11,7 @@
 //! nf_tables over netlink when `Config::netlink` says where (`nl`: nft would first list the
 //! whole table, half a second at 10,000 Services), else to `nft -f -` as text.
 
+mod cache;
 pub mod cidr;
 pub mod cli;
 pub mod nl;
@@ -21,7 +22,6 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
@@ -33,8 +33,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use cidr::Ipv4Cidr;
 pub use rules::{
-    AffinityEntry, Change, Model, RulesConfig, Ruleset, UdpBackend, UdpFront, change, changes,
-    render, render_model,
+    AffinityEntry, Change, Model, RulesConfig, Ruleset, ServiceObjects, UdpBackend, UdpFront,
+    change, changes, render, render_model,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -145,10 +145,11 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) ->
 pub struct Applied {
     /// Successful applies so far.
     pub applies: u64,
-    /// The highest `resourceVersion` among the Services and EndpointSlices the applied rules
-    /// were rendered from: a write acknowledged with a version at or below it is in the kernel
-    /// (versions are one global counter). A deletion leaves no object to carry its version,
-    /// so it is not seen here.
+    /// The highest `resourceVersion` among the watch events (Service and EndpointSlice
+    /// changes, deletions too) the applied rules include. Versions are one global counter, but
+    /// the two watches deliver independently: a write acknowledged with a version at or below
+    /// it is in the kernel only if it was of the same kind as the newest, or both watches have
+    /// caught up. The benchmark checks traffic instead.
     pub resource_version: u64,
     /// Whether the last apply replaced the whole table (rather than changing parts of it).
     pub full: bool,
@@ -170,62 +171,69 @@ pub async fn run_reporting(
     status: watch::Sender<Applied>,
 ) -> Result<()> {
     let (tx, mut changed) = watch::channel(0u64);
-    let services: Store<Service> =
-        start_reflector(Api::all(client.clone()), tx.clone(), shutdown.clone());
-    let slices: Store<EndpointSlice> = start_reflector(Api::all(client), tx, shutdown.clone());
-    tokio::select! {
-        _ = shutdown.cancelled() => return Ok(()),
-        _ = async {
-            let _ = services.wait_until_ready().await;
-            let _ = slices.wait_until_ready().await;
-        } => {}
+    let objects = std::sync::Arc::new(cache::Cache::default());
+    let services = Api::<Service>::all(client.clone());
+    start_watch(services, &objects, cache::Cache::service_event, tx.clone(), &shutdown);
+    let slices = Api::<EndpointSlice>::all(client);
+    start_watch(slices, &objects, cache::Cache::slice_event, tx, &shutdown);
+    // Nothing is applied before both watches have listed everything once.
+    while !objects.listed() {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            r = changed.changed() => if r.is_err() { return Ok(()) },
+        }
     }
     tracing::info!(table = %config.rules.table, node = %config.rules.node_name, "proxy: watches synced");
 
-    // What the kernel holds, as far as this loop knows; None: replace the table whole.
-    let mut applied: Option<rules::Model> = None;
+    // What the rules should be: kept up to date with the objects, Service by Service.
+    let mut model = rules::Model::default();
+    // Whether the kernel holds `model` (as of the last apply); false: replace the table whole.
+    let mut in_kernel = false;
     let mut last_full: Option<Instant> = None;
     let mut reported_skips: Vec<String> = Vec::new();
     let mut last_apply: Option<Instant> = None;
     let mut failures: u32 = 0;
-    // UDP front/endpoint pairs of the last applied rules (empty at start: flows from before a
+    // UDP front/endpoint pairs of the rules in the kernel (empty at start: flows from before a
     // restart are not cleared).
     let mut udp_backends = std::collections::BTreeSet::new();
     let mut conntrack_missing_reported = false;
     // The netlink socket for in-place changes, opened on first use.
     let mut socket = NetlinkSocket::default();
-    let empty = rules::Model::default();
     loop {
         changed.borrow_and_update();
         let rendering = Instant::now();
-        let svcs = services.state();
-        let eps = slices.state();
-        // Only Services whose objects changed since the applied rules are rendered again.
-        let model = rules::render_model_from(
-            applied.as_ref().unwrap_or(&empty),
-            svcs.iter().map(|s| s.as_ref()),
-            eps.iter().map(|s| s.as_ref()),
-            &config.rules,
-        );
-        if model.skipped != reported_skips {
-            for s in &model.skipped {
+        // Only Services whose objects changed are rendered again.
+        let (taken, resource_version) = objects.take();
+        let delta = match &taken {
+            cache::Taken::All { services, slices } => model.update(
+                services.iter().map(|s| s.as_ref()),
+                slices.iter().map(|s| s.as_ref()),
+                &config.rules,
+            ),
+            cache::Taken::Changed(changed) => model.update_services(
+                changed.iter().map(|(key, svc, slices)| {
+                    (key.clone(), svc.as_deref(), slices.iter().map(|s| s.as_ref()).collect())
+                }),
+                &config.rules,
+            ),
+        };
+        drop(taken);
+        let skipped = model.skipped();
+        if skipped != reported_skips {
+            for s in &skipped {
                 tracing::warn!("proxy: left out of the rules: {s}");
             }
-            reported_skips = model.skipped.clone();
+            reported_skips = skipped;
         }
         // A full replace now and then clears whatever else changed the table (upstream's
         // FullSyncPeriod); otherwise only the difference from what was applied is sent.
         let full_due = last_full.is_none_or(|t| t.elapsed() >= config.full_sync_period);
-        let incremental = match &applied {
-            Some(old) if !full_due => rules::change(old, &model),
-            _ => None,
-        };
+        let incremental = delta.filter(|_| in_kernel && !full_due);
         let render_time = rendering.elapsed();
         let mut wait = config.check_period;
         if !incremental.as_ref().is_some_and(Change::is_empty) {
             let started = Instant::now();
             last_apply = Some(started);
-            let resource_version = newest_version(&svcs, &eps);
             let (result, bytes, via_netlink) = match &incremental {
                 Some(change) => apply_change(&config, &mut socket, change).await,
                 None => {
@@ -245,22 +253,34 @@ pub async fn run_reporting(
                         s.netlink = via_netlink;
                         s.render_time = render_time;
                     });
+                    let stale: Vec<rules::UdpBackend> = match &incremental {
+                        Some(change) => {
+                            udp_backends.extend(change.udp_came.iter().copied());
+                            change.udp_gone.clone()
+                        }
+                        None => {
+                            let now = model.udp_backends();
+                            let stale = udp_backends.difference(&now).copied().collect();
+                            udp_backends = now;
+                            stale
+                        }
+                    };
+                    for b in &stale {
+                        udp_backends.remove(b);
+                    }
                     if full {
                         last_full = Some(started);
                         tracing::info!(
-                            services = svcs.len(),
-                            endpoint_slices = eps.len(),
+                            services = model.service_count(),
+                            chains = model.chain_count(),
                             bytes,
                             "proxy: replaced the nftables table"
                         );
                     } else {
                         tracing::debug!(bytes, "proxy: updated the nftables table");
                     }
-                    let stale: Vec<rules::UdpBackend> =
-                        udp_backends.difference(model.udp_backends()).copied().collect();
                     clear_udp_flows(&config, &stale, &mut conntrack_missing_reported).await;
-                    udp_backends = model.udp_backends().clone();
-                    applied = Some(model);
+                    in_kernel = true;
                     failures = 0;
                 }
                 Err(e) => {
@@ -274,21 +294,30 @@ pub async fn run_reporting(
                         "proxy: apply nftables rules: {e}"
                     );
                     // The table's state is now uncertain: the retry replaces it whole.
-                    applied = None;
+                    in_kernel = false;
                 }
             }
+        } else {
+            // Nothing to change; the versions seen are in the kernel all the same.
+            status.send_if_modified(|s| {
+                let newer = s.resource_version < resource_version && in_kernel;
+                if newer {
+                    s.resource_version = resource_version;
+                }
+                newer
+            });
         }
 
         tokio::select! {
             _ = shutdown.cancelled() => break,
             r = changed.changed() => {
-                // Both reflector tasks ended: only on shutdown.
+                // Both watch tasks ended: only on shutdown.
                 if r.is_err() { break; }
             }
             _ = tokio::time::sleep(wait) => {
-                if applied.is_some() && !table_exists(&config).await {
+                if in_kernel && !table_exists(&config).await {
                     tracing::warn!(table = %config.rules.table, "proxy: table vanished; re-applying");
-                    applied = None;
+                    in_kernel = false;
                 }
             }
         }
@@ -309,16 +338,6 @@ pub async fn run_reporting(
     Ok(())
 }
 
-/// The highest resourceVersion among `svcs` and `eps` (0 when none parses as a number).
-fn newest_version(svcs: &[std::sync::Arc<Service>], eps: &[std::sync::Arc<EndpointSlice>]) -> u64 {
-    let rv = |m: &kube::api::ObjectMeta| -> u64 {
-        m.resource_version.as_deref().and_then(|v| v.parse().ok()).unwrap_or(0)
-    };
-    let a = svcs.iter().map(|s| rv(&s.metadata)).max().unwrap_or(0);
-    let b = eps.iter().map(|s| rv(&s.metadata)).max().unwrap_or(0);
-    a.max(b)
-}
-
 /// `min_sync_period` doubled per consecutive failure, capped at `retry_period_max`.
 fn retry_delay(config: &Config, failures: u32) -> Duration {
     let factor = 1u32.checked_shl(failures.saturating_sub(1).min(16)).unwrap_or(u32::MAX);
@@ -329,11 +348,15 @@ fn retry_delay(config: &Config, failures: u32) -> Duration {
         .min(config.retry_period_max)
 }
 
-/// A reflector on `api` whose store is returned; every change bumps `tx`. Events during a
-/// relist (Init, InitApply) are not signalled: the store only swaps at InitDone, so rendering
-/// before then would see the old state anyway.
-fn start_reflector<K>(api: Api<K>, tx: watch::Sender<u64>, shutdown: CancellationToken) -> Store<K>
-where
+/// A watch on `api` whose events go into `cache` through `take_in`; every event that may
+/// change the rules bumps `tx`.
+fn start_watch<K>(
+    api: Api<K>,
+    cache: &std::sync::Arc<cache::Cache>,
+    take_in: fn(&cache::Cache, watcher::Event<K>) -> bool,
+    tx: watch::Sender<u64>,
+    shutdown: &CancellationToken,
+) where
     K: Resource<DynamicType = ()>
         + Clone
         + DeserializeOwned
@@ -342,30 +365,24 @@ where
         + Sync
         + 'static,
 {
-    let (reader, writer) = reflector::store();
     let kind = K::kind(&());
+    let (cache, shutdown) = (std::sync::Arc::clone(cache), shutdown.clone());
     tokio::spawn(async move {
-        let mut events = reflector::reflector(
-            writer,
-            watcher(api, watcher::Config::default()).default_backoff(),
-        )
-        .boxed();
+        let mut events = watcher(api, watcher::Config::default()).default_backoff().boxed();
         loop {
             let ev = tokio::select! { _ = shutdown.cancelled() => return, e = events.next() => e };
             match ev {
-                Some(Ok(
-                    watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone,
-                )) => {
-                    tx.send_modify(|n| *n = n.wrapping_add(1));
+                Some(Ok(event)) => {
+                    if take_in(&cache, event) {
+                        tx.send_modify(|n| *n = n.wrapping_add(1));
+                    }
                 }
-                Some(Ok(_)) => {}
                 // The watcher retries with backoff by itself; this is only news.
                 Some(Err(e)) => tracing::warn!(%kind, "proxy: watch: {e}"),
                 None => return,
             }
         }
     });
-    reader
 }
 
 /// Runs the configured nft with `args`, feeding `stdin`, and returns its stdout; bounded by

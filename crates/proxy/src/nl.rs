@@ -129,6 +129,8 @@ const NFT_FIB_RESULT_ADDRTYPE: u32 = 3;
 const NFTA_FIB_F_SADDR: u32 = 1;
 const RTN_LOCAL: u32 = 2;
 
+/// The name template of a rule's anonymous map (the kernel numbers it).
+const ANONYMOUS_MAP: &str = "__map%d";
 /// What marks packets for masquerading (a skeleton chain).
 const MARK_CHAIN: &str = "mark-for-masquerade";
 
@@ -278,6 +280,48 @@ impl Buf {
         self.cmp(NFT_CMP_EQ, &RTN_LOCAL.to_ne_bytes());
     }
 
+    fn immediate(&mut self, reg: u32, data: &[u8]) {
+        self.expr("immediate", |b| {
+            b.u32(1, reg); // NFTA_IMMEDIATE_DREG
+            b.value(2, data); // NFTA_IMMEDIATE_DATA
+        });
+    }
+
+    /// `numgen random mod n` looked up in the batch's anonymous map `id`, the result in `dreg`.
+    fn random_lookup(&mut self, n: usize, id: u32, dreg: u32) {
+        let modulus = u32::try_from(n).unwrap_or(u32::MAX);
+        self.expr("numgen", |b| {
+            b.u32(1, NFT_REG_1); // NFTA_NG_DREG
+            b.u32(2, modulus); // NFTA_NG_MODULUS
+            b.u32(3, NFT_NG_RANDOM); // NFTA_NG_TYPE
+            b.u32(4, 0); // NFTA_NG_OFFSET
+        });
+        self.expr("lookup", |b| {
+            b.str(1, ANONYMOUS_MAP); // NFTA_LOOKUP_SET
+            b.u32(4, id); // NFTA_LOOKUP_SET_ID
+            b.u32(2, NFT_REG_1); // NFTA_LOOKUP_SREG
+            b.u32(3, dreg); // NFTA_LOOKUP_DREG
+        });
+    }
+
+    /// `dnat to` the address in `addr` and the port in `port`; `range` spells the (one-value)
+    /// range out as nft does for map lookups.
+    fn dnat(&mut self, addr: u32, port: u32, range: bool) {
+        self.expr("nat", |b| {
+            b.u32(1, NFT_NAT_DNAT); // NFTA_NAT_TYPE
+            b.u32(2, u32::from(NFPROTO_IPV4)); // NFTA_NAT_FAMILY
+            b.u32(3, addr); // NFTA_NAT_REG_ADDR_MIN
+            if range {
+                b.u32(4, addr); // NFTA_NAT_REG_ADDR_MAX
+            }
+            b.u32(5, port); // NFTA_NAT_REG_PROTO_MIN
+            if range {
+                b.u32(6, port); // NFTA_NAT_REG_PROTO_MAX
+                b.u32(7, NF_NAT_RANGE_MAP_IPS | NF_NAT_RANGE_PROTO_SPECIFIED); // NFTA_NAT_FLAGS
+            }
+        });
+    }
+
     fn jump_or_goto(&mut self, code: i32, chain: &str) {
         self.expr("immediate", |b| {
             b.u32(1, NFT_REG_VERDICT); // NFTA_IMMEDIATE_DREG
@@ -351,205 +395,219 @@ impl Batch {
 
 /// Encodes `change` for table `ip TABLE`; sequence numbers start at `seq`.
 pub fn encode(change: &Change, table: &str, seq: u32) -> Result<Batch, Error> {
-    let mut b = Buf::default();
-    let mut seq = seq;
-    let mut next = || {
-        seq = seq.wrapping_add(1);
-        seq
-    };
-    let begin_seq = next();
-    let s = b.msg(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, begin_seq, 0, NFNL_SUBSYS_NFTABLES);
-    b.end_msg(s);
-    let mut messages: Vec<(u32, String)> = Vec::new();
-    let mut set_id: u32 = 0;
-    let ty = |m: u16| (NFNL_SUBSYS_NFTABLES << 8) | m;
-    let req = NLM_F_REQUEST | NLM_F_ACK;
+    let mut e = Encoder { b: Buf::default(), seq, messages: Vec::new(), set_id: 0, table };
+    let begin_seq = e.next_seq();
+    let s = e.b.msg(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, begin_seq, 0, NFNL_SUBSYS_NFTABLES);
+    e.b.end_msg(s);
     for op in &change.ops {
         match op {
             Op::AddAffinitySet { name, timeout } => {
-                let seq = next();
-                let s = b.msg(ty(NFT_MSG_NEWSET), req | NLM_F_CREATE, seq, NFPROTO_IPV4, 0);
-                b.str(NFTA_SET_TABLE, table);
-                b.str(NFTA_SET_NAME, name);
-                b.u32(NFTA_SET_FLAGS, NFT_SET_TIMEOUT | NFT_SET_EVAL);
-                b.u32(NFTA_SET_KEY_TYPE, NFT_TYPE_IPADDR);
-                b.u32(NFTA_SET_KEY_LEN, 4);
-                set_id += 1;
-                b.u32(NFTA_SET_ID, set_id);
+                let id = e.new_set_id();
                 let ms = u64::try_from(*timeout).unwrap_or(0).saturating_mul(1000);
-                b.attr(NFTA_SET_TIMEOUT, &ms.to_be_bytes());
-                b.end_msg(s);
-                messages.push((seq, format!("add set {name}")));
+                e.message(NFT_MSG_NEWSET, NLM_F_CREATE, format!("add set {name}"), |b| {
+                    b.str(NFTA_SET_TABLE, table);
+                    b.str(NFTA_SET_NAME, name);
+                    b.u32(NFTA_SET_FLAGS, NFT_SET_TIMEOUT | NFT_SET_EVAL);
+                    b.u32(NFTA_SET_KEY_TYPE, NFT_TYPE_IPADDR);
+                    b.u32(NFTA_SET_KEY_LEN, 4);
+                    b.u32(NFTA_SET_ID, id);
+                    b.attr(NFTA_SET_TIMEOUT, &ms.to_be_bytes());
+                    Ok(())
+                })?;
             }
             Op::AddChain(name) => {
-                let seq = next();
-                let s = b.msg(ty(NFT_MSG_NEWCHAIN), req | NLM_F_CREATE, seq, NFPROTO_IPV4, 0);
-                b.str(NFTA_CHAIN_TABLE, table);
-                b.str(NFTA_CHAIN_NAME, name);
-                b.end_msg(s);
-                messages.push((seq, format!("add chain {name}")));
+                e.named(NFT_MSG_NEWCHAIN, NLM_F_CREATE, NFTA_CHAIN_NAME, name, "add chain")?
             }
+            // Deleting a chain's rules without naming one flushes it.
             Op::FlushChain(name) => {
-                let seq = next();
-                let s = b.msg(ty(NFT_MSG_DELRULE), req, seq, NFPROTO_IPV4, 0);
-                b.str(NFTA_RULE_TABLE, table);
-                b.str(NFTA_RULE_CHAIN, name);
-                b.end_msg(s);
-                messages.push((seq, format!("flush chain {name}")));
-            }
-            Op::AddRule { chain, rule } => {
-                // A random pick needs its anonymous verdict map first, filled, then bound
-                // by the rule's lookup (the kernel frees it with the rule).
-                let mut map = None;
-                if let Rule::DnatPick(_, eps) = rule {
-                    set_id += 1;
-                    map = Some(set_id);
-                    let seq = next();
-                    let s = b.msg(ty(NFT_MSG_NEWSET), req | NLM_F_CREATE, seq, NFPROTO_IPV4, 0);
-                    b.str(NFTA_SET_TABLE, table);
-                    b.str(NFTA_SET_NAME, "__map%d");
-                    b.u32(NFTA_SET_FLAGS, NFT_SET_ANONYMOUS | NFT_SET_CONSTANT | NFT_SET_MAP);
-                    b.u32(NFTA_SET_KEY_TYPE, NFT_TYPE_INTEGER);
-                    b.u32(NFTA_SET_KEY_LEN, 4);
-                    b.u32(NFTA_SET_DATA_TYPE, NFT_TYPE_IPADDR_SERVICE);
-                    b.u32(NFTA_SET_DATA_LEN, 8);
-                    b.u32(NFTA_SET_ID, set_id);
-                    let mut udata = vec![NFTNL_UDATA_SET_KEYBYTEORDER, 4];
-                    udata.extend_from_slice(&NFT_BYTEORDER_HOST_ENDIAN.to_ne_bytes());
-                    b.attr(NFTA_SET_USERDATA, &udata);
-                    b.end_msg(s);
-                    messages.push((seq, format!("add the endpoint map of chain {chain}")));
-                    let seq = next();
-                    let s = b.msg(ty(NFT_MSG_NEWSETELEM), req | NLM_F_CREATE, seq, NFPROTO_IPV4, 0);
-                    b.str(NFTA_SET_ELEM_LIST_TABLE, table);
-                    b.str(NFTA_SET_ELEM_LIST_SET, "__map%d");
-                    b.u32(NFTA_SET_ELEM_LIST_SET_ID, set_id);
-                    b.nest(NFTA_SET_ELEM_LIST_ELEMENTS, |b| {
-                        for (i, (ip, port)) in eps.iter().enumerate() {
-                            let i = u32::try_from(i).unwrap_or(u32::MAX);
-                            let mut data = ip.octets().to_vec();
-                            data.extend_from_slice(&port.to_be_bytes());
-                            data.extend_from_slice(&[0, 0]);
-                            b.nest(NFTA_LIST_ELEM, |b| {
-                                b.value(NFTA_SET_ELEM_KEY, &i.to_ne_bytes());
-                                b.value(NFTA_SET_ELEM_DATA, &data);
-                            });
-                        }
-                    });
-                    b.end_msg(s);
-                    messages.push((seq, format!("fill the endpoint map of chain {chain}")));
-                }
-                if let Rule::Pick(chains) = rule {
-                    set_id += 1;
-                    map = Some(set_id);
-                    let seq = next();
-                    let s = b.msg(ty(NFT_MSG_NEWSET), req | NLM_F_CREATE, seq, NFPROTO_IPV4, 0);
-                    b.str(NFTA_SET_TABLE, table);
-                    b.str(NFTA_SET_NAME, "__map%d");
-                    b.u32(NFTA_SET_FLAGS, NFT_SET_ANONYMOUS | NFT_SET_CONSTANT | NFT_SET_MAP);
-                    b.u32(NFTA_SET_KEY_TYPE, NFT_TYPE_INTEGER);
-                    b.u32(NFTA_SET_KEY_LEN, 4);
-                    b.u32(NFTA_SET_DATA_TYPE, NFT_DATA_VERDICT);
-                    b.u32(NFTA_SET_ID, set_id);
-                    let mut udata = vec![NFTNL_UDATA_SET_KEYBYTEORDER, 4];
-                    udata.extend_from_slice(&NFT_BYTEORDER_HOST_ENDIAN.to_ne_bytes());
-                    b.attr(NFTA_SET_USERDATA, &udata);
-                    b.end_msg(s);
-                    messages.push((seq, format!("add the random pick map of chain {chain}")));
-                    let seq = next();
-                    let s = b.msg(ty(NFT_MSG_NEWSETELEM), req | NLM_F_CREATE, seq, NFPROTO_IPV4, 0);
-                    b.str(NFTA_SET_ELEM_LIST_TABLE, table);
-                    b.str(NFTA_SET_ELEM_LIST_SET, "__map%d");
-                    b.u32(NFTA_SET_ELEM_LIST_SET_ID, set_id);
-                    b.nest(NFTA_SET_ELEM_LIST_ELEMENTS, |b| {
-                        for (i, target) in chains.iter().enumerate() {
-                            let i = u32::try_from(i).unwrap_or(u32::MAX);
-                            b.nest(NFTA_LIST_ELEM, |b| {
-                                b.value(NFTA_SET_ELEM_KEY, &i.to_ne_bytes());
-                                b.verdict(NFTA_SET_ELEM_DATA, NFT_GOTO, Some(target));
-                            });
-                        }
-                    });
-                    b.end_msg(s);
-                    messages.push((seq, format!("fill the random pick map of chain {chain}")));
-                }
-                let seq = next();
-                let flags = req | NLM_F_CREATE | NLM_F_APPEND;
-                let s = b.msg(ty(NFT_MSG_NEWRULE), flags, seq, NFPROTO_IPV4, 0);
-                b.str(NFTA_RULE_TABLE, table);
-                b.str(NFTA_RULE_CHAIN, chain);
-                let mut unsupported = None;
-                b.nest(NFTA_RULE_EXPRESSIONS, |b| {
-                    if let Err(e) = encode_rule(b, rule, map) {
-                        unsupported = Some(e);
-                    }
-                });
-                if let Some(e) = unsupported {
-                    return Err(e);
-                }
-                b.end_msg(s);
-                messages.push((seq, format!("add rule {chain} {rule}")));
-            }
-            Op::Elements { add, set, elems } => {
-                let seq = next();
-                let (m, flags) = if *add {
-                    (NFT_MSG_NEWSETELEM, req | NLM_F_CREATE)
-                } else {
-                    (NFT_MSG_DELSETELEM, req)
-                };
-                let s = b.msg(ty(m), flags, seq, NFPROTO_IPV4, 0);
-                b.str(NFTA_SET_ELEM_LIST_TABLE, table);
-                b.str(NFTA_SET_ELEM_LIST_SET, set);
-                let mut bad = None;
-                b.nest(NFTA_SET_ELEM_LIST_ELEMENTS, |b| {
-                    for e in elems {
-                        b.nest(NFTA_LIST_ELEM, |b| {
-                            b.value(NFTA_SET_ELEM_KEY, &key_bytes(e));
-                            let verdict = match e {
-                                Elem::Addr(_, v) | Elem::Port(_, v) => v.as_deref(),
-                                Elem::Ip(_) | Elem::Pair(_) => None,
-                            };
-                            if let Some(v) = verdict.filter(|_| *add) {
-                                match parse_verdict(v) {
-                                    Ok((code, chain)) => b.verdict(NFTA_SET_ELEM_DATA, code, chain),
-                                    Err(e) => bad = Some(e),
-                                }
-                            }
-                        });
-                    }
-                });
-                if let Some(e) = bad {
-                    return Err(e);
-                }
-                b.end_msg(s);
-                let verb = if *add { "add" } else { "delete" };
-                messages.push((seq, format!("{verb} {} elements of {set}", elems.len())));
+                e.named(NFT_MSG_DELRULE, 0, NFTA_RULE_CHAIN, name, "flush chain")?
             }
             Op::DeleteChain(name) => {
-                let seq = next();
-                let s = b.msg(ty(NFT_MSG_DELCHAIN), req, seq, NFPROTO_IPV4, 0);
-                b.str(NFTA_CHAIN_TABLE, table);
-                b.str(NFTA_CHAIN_NAME, name);
-                b.end_msg(s);
-                messages.push((seq, format!("delete chain {name}")));
+                e.named(NFT_MSG_DELCHAIN, 0, NFTA_CHAIN_NAME, name, "delete chain")?
             }
-            Op::DeleteSet(name) => {
-                let seq = next();
-                let s = b.msg(ty(NFT_MSG_DELSET), req, seq, NFPROTO_IPV4, 0);
-                b.str(NFTA_SET_TABLE, table);
-                b.str(NFTA_SET_NAME, name);
-                b.end_msg(s);
-                messages.push((seq, format!("delete set {name}")));
+            Op::DeleteSet(name) => e.named(NFT_MSG_DELSET, 0, NFTA_SET_NAME, name, "delete set")?,
+            Op::AddRule { chain, rule } => {
+                // A random pick needs its anonymous map first, filled, then bound by the rule's
+                // lookup (the kernel frees it with the rule).
+                let map = match rule {
+                    Rule::DnatPick(_, eps) => Some(e.anonymous_map(
+                        &format!("the endpoint map of chain {chain}"),
+                        Some((NFT_TYPE_IPADDR_SERVICE, 8)),
+                        eps.len(),
+                        |b, i| {
+                            let (ip, port) = eps[i];
+                            let mut data = [0u8; 8];
+                            data[..4].copy_from_slice(&ip.octets());
+                            data[4..6].copy_from_slice(&port.to_be_bytes());
+                            b.value(NFTA_SET_ELEM_DATA, &data);
+                        },
+                    )?),
+                    Rule::Pick(chains) => Some(e.anonymous_map(
+                        &format!("the random pick map of chain {chain}"),
+                        None,
+                        chains.len(),
+                        |b, i| b.verdict(NFTA_SET_ELEM_DATA, NFT_GOTO, Some(&chains[i])),
+                    )?),
+                    _ => None,
+                };
+                let flags = NLM_F_CREATE | NLM_F_APPEND;
+                e.message(NFT_MSG_NEWRULE, flags, format!("add rule {chain} {rule}"), |b| {
+                    b.str(NFTA_RULE_TABLE, table);
+                    b.str(NFTA_RULE_CHAIN, chain);
+                    let mut result = Ok(());
+                    b.nest(NFTA_RULE_EXPRESSIONS, |b| result = encode_rule(b, rule, map));
+                    result
+                })?;
+            }
+            Op::Elements { add, set, elems } => {
+                let (m, flags, verb) = if *add {
+                    (NFT_MSG_NEWSETELEM, NLM_F_CREATE, "add")
+                } else {
+                    (NFT_MSG_DELSETELEM, 0, "delete")
+                };
+                let what = format!("{verb} {} elements of {set}", elems.len());
+                e.message(m, flags, what, |b| {
+                    b.str(NFTA_SET_ELEM_LIST_TABLE, table);
+                    b.str(NFTA_SET_ELEM_LIST_SET, set);
+                    let mut result = Ok(());
+                    b.nest(NFTA_SET_ELEM_LIST_ELEMENTS, |b| {
+                        for el in elems {
+                            b.nest(NFTA_LIST_ELEM, |b| {
+                                b.value(NFTA_SET_ELEM_KEY, &key_bytes(el));
+                                let verdict = match el {
+                                    Elem::Addr(_, v) | Elem::Port(_, v) => v.as_deref(),
+                                    Elem::Ip(_) | Elem::Pair(_) => None,
+                                };
+                                if let Some(v) = verdict.filter(|_| *add) {
+                                    match parse_verdict(v) {
+                                        Ok((code, chain)) => {
+                                            b.verdict(NFTA_SET_ELEM_DATA, code, chain)
+                                        }
+                                        Err(err) => result = Err(err),
+                                    }
+                                }
+                            });
+                        }
+                    });
+                    result
+                })?;
             }
         }
     }
-    let s = b.msg(NFNL_MSG_BATCH_END, NLM_F_REQUEST, next(), 0, NFNL_SUBSYS_NFTABLES);
-    b.end_msg(s);
-    Ok(Batch { bytes: b.b, messages, begin_seq })
+    let end_seq = e.next_seq();
+    let s = e.b.msg(NFNL_MSG_BATCH_END, NLM_F_REQUEST, end_seq, 0, NFNL_SUBSYS_NFTABLES);
+    e.b.end_msg(s);
+    Ok(Batch { bytes: e.b.b, messages: e.messages, begin_seq })
 }
 
-/// The expressions of one rule; `map` is the batch id of a [`Rule::Pick`]'s verdict map.
+/// A batch being encoded: its buffer, the last sequence number used, what each acknowledged
+/// message does, and the last batch-local set id.
+struct Encoder<'t> {
+    b: Buf,
+    seq: u32,
+    messages: Vec<(u32, String)>,
+    set_id: u32,
+    table: &'t str,
+}
+
+impl Encoder<'_> {
+    fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        self.seq
+    }
+
+    fn new_set_id(&mut self) -> u32 {
+        self.set_id += 1;
+        self.set_id
+    }
+
+    /// One acknowledged nf_tables message of type `m` (`flags` besides request and ack), its
+    /// attributes written by `attrs`; `what` says what it does, in errors.
+    fn message(
+        &mut self,
+        m: u16,
+        flags: u16,
+        what: String,
+        attrs: impl FnOnce(&mut Buf) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let seq = self.next_seq();
+        let ty = (NFNL_SUBSYS_NFTABLES << 8) | m;
+        let s = self.b.msg(ty, NLM_F_REQUEST | NLM_F_ACK | flags, seq, NFPROTO_IPV4, 0);
+        attrs(&mut self.b)?;
+        self.b.end_msg(s);
+        self.messages.push((seq, what));
+        Ok(())
+    }
+
+    /// A message naming one chain or set of the table.
+    fn named(
+        &mut self,
+        m: u16,
+        flags: u16,
+        name_attr: u16,
+        name: &str,
+        verb: &str,
+    ) -> Result<(), Error> {
+        const _: () =
+            assert!(NFTA_CHAIN_TABLE == NFTA_RULE_TABLE && NFTA_RULE_TABLE == NFTA_SET_TABLE);
+        let table = self.table;
+        self.message(m, flags, format!("{verb} {name}"), |b| {
+            b.str(NFTA_CHAIN_TABLE, table);
+            b.str(name_attr, name);
+            Ok(())
+        })
+    }
+
+    /// An anonymous constant map keyed `0..n` (host byte order, as numgen yields), mapping to
+    /// data of `(type, length)` (None: verdicts), each element's data written by `data(b, i)`;
+    /// returns its batch-local id for the rule's lookup.
+    fn anonymous_map(
+        &mut self,
+        what: &str,
+        data_type: Option<(u32, u32)>,
+        n: usize,
+        data: impl Fn(&mut Buf, usize),
+    ) -> Result<u32, Error> {
+        let (id, table) = (self.new_set_id(), self.table);
+        self.message(NFT_MSG_NEWSET, NLM_F_CREATE, format!("add {what}"), |b| {
+            b.str(NFTA_SET_TABLE, table);
+            b.str(NFTA_SET_NAME, ANONYMOUS_MAP);
+            b.u32(NFTA_SET_FLAGS, NFT_SET_ANONYMOUS | NFT_SET_CONSTANT | NFT_SET_MAP);
+            b.u32(NFTA_SET_KEY_TYPE, NFT_TYPE_INTEGER);
+            b.u32(NFTA_SET_KEY_LEN, 4);
+            let (ty, len) = data_type.unwrap_or((NFT_DATA_VERDICT, 0));
+            b.u32(NFTA_SET_DATA_TYPE, ty);
+            if data_type.is_some() {
+                b.u32(NFTA_SET_DATA_LEN, len);
+            }
+            b.u32(NFTA_SET_ID, id);
+            let mut udata = vec![NFTNL_UDATA_SET_KEYBYTEORDER, 4];
+            udata.extend_from_slice(&NFT_BYTEORDER_HOST_ENDIAN.to_ne_bytes());
+            b.attr(NFTA_SET_USERDATA, &udata);
+            Ok(())
+        })?;
+        self.message(NFT_MSG_NEWSETELEM, NLM_F_CREATE, format!("fill {what}"), |b| {
+            b.str(NFTA_SET_ELEM_LIST_TABLE, table);
+            b.str(NFTA_SET_ELEM_LIST_SET, ANONYMOUS_MAP);
+            b.u32(NFTA_SET_ELEM_LIST_SET_ID, id);
+            b.nest(NFTA_SET_ELEM_LIST_ELEMENTS, |b| {
+                for i in 0..n {
+                    let key = u32::try_from(i).unwrap_or(u32::MAX);
+                    b.nest(NFTA_LIST_ELEM, |b| {
+                        b.value(NFTA_SET_ELEM_KEY, &key.to_ne_bytes());
+                        data(b, i);
+                    });
+                }
+            });
+            Ok(())
+        })?;
+        Ok(id)
+    }
+}
+
+/// The expressions of one rule; `map` is the batch id of a pick's anonymous map.
 fn encode_rule(b: &mut Buf, rule: &Rule, map: Option<u32>) -> Result<(), Error> {
+    let need_map = || map.ok_or_else(|| Error::Unsupported(format!("{rule} without its map")));
     match rule {
         Rule::RememberClient(set) => {
             b.ip_saddr();
@@ -561,42 +619,16 @@ fn encode_rule(b: &mut Buf, rule: &Rule, map: Option<u32>) -> Result<(), Error> 
         }
         Rule::Dnat(proto, ip, port) => {
             b.l4proto(*proto);
-            immediate(b, NFT_REG_1, &ip.octets());
-            immediate(b, NFT_REG_2, &port.to_be_bytes());
-            b.expr("nat", |b| {
-                b.u32(1, NFT_NAT_DNAT); // NFTA_NAT_TYPE
-                b.u32(2, u32::from(NFPROTO_IPV4)); // NFTA_NAT_FAMILY
-                b.u32(3, NFT_REG_1); // NFTA_NAT_REG_ADDR_MIN
-                b.u32(5, NFT_REG_2); // NFTA_NAT_REG_PROTO_MIN
-            });
+            b.immediate(NFT_REG_1, &ip.octets());
+            b.immediate(NFT_REG_2, &port.to_be_bytes());
+            b.dnat(NFT_REG_1, NFT_REG_2, false);
         }
         Rule::DnatPick(proto, eps) => {
-            let Some(id) = map else {
-                return Err(Error::Unsupported("a random DNAT without its map".into()));
-            };
+            let id = need_map()?;
             b.l4proto(*proto);
-            let modulus = u32::try_from(eps.len()).unwrap_or(u32::MAX);
-            b.expr("numgen", |b| {
-                b.u32(1, NFT_REG_1); // NFTA_NG_DREG
-                b.u32(2, modulus); // NFTA_NG_MODULUS
-                b.u32(3, NFT_NG_RANDOM); // NFTA_NG_TYPE
-                b.u32(4, 0); // NFTA_NG_OFFSET
-            });
-            b.expr("lookup", |b| {
-                b.str(1, "__map%d"); // NFTA_LOOKUP_SET
-                b.u32(4, id); // NFTA_LOOKUP_SET_ID
-                b.u32(2, NFT_REG_1); // NFTA_LOOKUP_SREG
-                b.u32(3, NFT_REG_1); // NFTA_LOOKUP_DREG: address, then port in the next word
-            });
-            b.expr("nat", |b| {
-                b.u32(1, NFT_NAT_DNAT); // NFTA_NAT_TYPE
-                b.u32(2, u32::from(NFPROTO_IPV4)); // NFTA_NAT_FAMILY
-                b.u32(3, NFT_REG_1); // NFTA_NAT_REG_ADDR_MIN
-                b.u32(4, NFT_REG_1); // NFTA_NAT_REG_ADDR_MAX
-                b.u32(5, NFT_REG32_01); // NFTA_NAT_REG_PROTO_MIN
-                b.u32(6, NFT_REG32_01); // NFTA_NAT_REG_PROTO_MAX
-                b.u32(7, NF_NAT_RANGE_MAP_IPS | NF_NAT_RANGE_PROTO_SPECIFIED); // NFTA_NAT_FLAGS
-            });
+            // Address in register 1, port in its second word.
+            b.random_lookup(eps.len(), id, NFT_REG_1);
+            b.dnat(NFT_REG_1, NFT_REG32_01, true);
         }
         Rule::MarkServiceTraffic { ip, proto, port, unless_from } => {
             b.ip_daddr();
@@ -619,22 +651,8 @@ fn encode_rule(b: &mut Buf, rule: &Rule, map: Option<u32>) -> Result<(), Error> 
             b.jump_or_goto(NFT_GOTO, chain);
         }
         Rule::Pick(chains) => {
-            let Some(id) = map else {
-                return Err(Error::Unsupported("a random pick without its map".into()));
-            };
-            let modulus = u32::try_from(chains.len()).unwrap_or(u32::MAX);
-            b.expr("numgen", |b| {
-                b.u32(1, NFT_REG_1); // NFTA_NG_DREG
-                b.u32(2, modulus); // NFTA_NG_MODULUS
-                b.u32(3, NFT_NG_RANDOM); // NFTA_NG_TYPE
-                b.u32(4, 0); // NFTA_NG_OFFSET
-            });
-            b.expr("lookup", |b| {
-                b.str(1, "__map%d"); // NFTA_LOOKUP_SET
-                b.u32(4, id); // NFTA_LOOKUP_SET_ID
-                b.u32(2, NFT_REG_1); // NFTA_LOOKUP_SREG
-                b.u32(3, NFT_REG_VERDICT); // NFTA_LOOKUP_DREG
-            });
+            let id = need_map()?;
+            b.random_lookup(chains.len(), id, NFT_REG_VERDICT);
         }
         Rule::FromGoto(c, chain) => {
             b.saddr_in(*c, NFT_CMP_EQ);
@@ -655,13 +673,6 @@ fn encode_rule(b: &mut Buf, rule: &Rule, map: Option<u32>) -> Result<(), Error> 
         Rule::DropUnlessFrom(_) => return Err(Error::Unsupported(rule.to_string())),
     }
     Ok(())
-}
-
-fn immediate(b: &mut Buf, reg: u32, data: &[u8]) {
-    b.expr("immediate", |b| {
-        b.u32(1, reg); // NFTA_IMMEDIATE_DREG
-        b.value(2, data); // NFTA_IMMEDIATE_DATA
-    });
 }
 
 /// A NETLINK_NETFILTER socket, in the proxy's network namespace.
@@ -820,6 +831,7 @@ mod tests {
                 Op::AddChain("c".into()),
                 Op::AddRule { chain: "c".into(), rule: Rule::Pick(vec!["a".into(), "b".into()]) },
             ],
+            ..Change::default()
         };
         let batch = encode(&change, "rkube", 100).expect("encodes");
         // Chain, pick map, its elements, the rule; begin and end are not acknowledged.
@@ -837,6 +849,7 @@ mod tests {
                 chain: "f".into(),
                 rule: Rule::DropUnlessFrom(vec!["10.0.0.0/8".parse().expect("cidr")]),
             }],
+            ..Change::default()
         };
         assert!(matches!(encode(&fw, "rkube", 1), Err(Error::Unsupported(_))));
     }

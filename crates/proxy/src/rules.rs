@@ -357,21 +357,22 @@ pub fn render<'a>(
 
 /// What the proxy's table holds besides its fixed skeleton (base chains, dispatch chains, the
 /// maps' declarations), as [`render`] computes it: the input to both a full transaction
-/// ([`Model::ruleset`]) and an incremental one ([`changes`]).
+/// ([`Model::ruleset`]) and an incremental one ([`Model::update`], [`change`]).
 ///
-/// Kept per Service, each part with the versions of the objects it was rendered from, so
-/// [`render_model_from`] re-renders only Services whose objects changed and [`change`] only
-/// compares their chains: at 10,000 Services a change costs milliseconds, not a full render.
+/// Kept per Service (a part: its chains and the map entries it claims, with the versions of
+/// the objects it was rendered from) and merged (every map key with each Service claiming it,
+/// every set element with how many Services use it). [`Model::update_services`] re-renders only
+/// the Services it is given, and only when their objects changed, and adjusts the merged maps
+/// by their entries alone: a change costs what the changed Services hold, not what the table
+/// holds.
 #[derive(Clone, Debug, Default)]
 pub struct Model {
     /// Per Service (`namespace/name`): what it contributes on its own. Its chains are only
-    /// here; its map entries are merged into `tables`.
+    /// here; its map entries are merged into `merged`.
     parts: BTreeMap<String, Arc<Part>>,
-    /// The parts' map and set entries merged (a key two Services claim goes to the first in
-    /// name order), affinity sets and UDP backends; no chains.
-    tables: Tables,
-    /// As [`Ruleset::skipped`].
-    pub skipped: Vec<String>,
+    merged: Merged,
+    /// As [`Ruleset::skipped`], each sentence with how many times it is said.
+    skipped: BTreeMap<String, usize>,
     /// What the parts were rendered with: a different configuration reuses none of them.
     config: Option<RulesConfig>,
 }
@@ -380,7 +381,7 @@ pub struct Model {
 /// from.
 impl PartialEq for Model {
     fn eq(&self, other: &Model) -> bool {
-        self.tables == other.tables
+        self.merged == other.merged
             && self.skipped == other.skipped
             && self.parts.len() == other.parts.len()
             && self.parts.iter().zip(&other.parts).all(|((ka, a), (kb, b))| {
@@ -391,30 +392,78 @@ impl PartialEq for Model {
 
 impl Eq for Model {}
 
-/// One Service's contribution.
+/// One Service's contribution (or, without the Service, what its slices had to report).
 #[derive(Debug, Default)]
 struct Part {
-    /// The Service's resourceVersion, then each of its slices' name and resourceVersion in
-    /// name order; None when some object has no version (never reused then).
-    inputs: Option<(String, Vec<(String, String)>)>,
+    /// The Service's resourceVersion (None: no Service), then each of its slices' name and
+    /// resourceVersion in name order; None when some object has no version (never reused then).
+    inputs: Option<Inputs>,
     tables: Tables,
     skipped: Vec<String>,
+}
+
+/// A Service's resourceVersion (None: no Service), and its slices' names and versions.
+type Inputs = (Option<String>, Vec<(String, String)>);
+
+impl Part {
+    /// Contributes nothing at all.
+    fn is_empty(&self) -> bool {
+        self.skipped.is_empty() && self.tables == Tables::default()
+    }
+}
+
+/// One Service as the caller sees it now, for [`Model::update_services`]: its key
+/// (`namespace/name`), the Service (None: there is none, or no longer) and every EndpointSlice
+/// labelled with its name.
+pub type ServiceObjects<'a> = (String, Option<&'a Service>, Vec<&'a EndpointSlice>);
+
+/// A map's keys, each with every part claiming it (part key → verdict and owner, for
+/// reports). The first claimant in part-key order has the key; the others are reported.
+type Claims<K> = BTreeMap<K, BTreeMap<String, (String, String)>>;
+
+type AddrKey = (Ipv4Addr, Proto, u16);
+type PortKey = (Proto, u16);
+
+/// The parts' map and set entries merged.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Merged {
+    service_ips: Claims<AddrKey>,
+    no_endpoint_services: Claims<AddrKey>,
+    service_nodeports: Claims<PortKey>,
+    no_endpoint_nodeports: Claims<PortKey>,
+    firewall_ips: Claims<AddrKey>,
+    /// Set elements with the number of parts using each.
+    cluster_ips: BTreeMap<Ipv4Addr, usize>,
+    hairpin: BTreeMap<Ipv4Addr, usize>,
+    udp_backends: BTreeMap<UdpBackend, usize>,
+    /// Affinity set name → timeout in seconds (a name holds its Service's, so one part each).
+    affinity_sets: BTreeMap<String, i32>,
 }
 
 impl Model {
     /// The full transaction that replaces the table with this content.
     pub fn ruleset(&self, config: &RulesConfig) -> Ruleset {
         Ruleset {
-            text: self.tables.write(config, &self.chains()),
-            skipped: self.skipped.clone(),
-            affinity_sets: self.tables.affinity_sets.clone(),
-            udp_backends: self.tables.udp_backends.clone(),
+            text: self.merged.write(config, &self.chains()),
+            skipped: self.skipped(),
+            affinity_sets: self.merged.affinity_sets.clone(),
+            udp_backends: self.udp_backends(),
         }
     }
 
+    /// As [`Ruleset::skipped`].
+    pub fn skipped(&self) -> Vec<String> {
+        self.skipped.keys().cloned().collect()
+    }
+
     /// As [`Ruleset::udp_backends`].
-    pub fn udp_backends(&self) -> &BTreeSet<UdpBackend> {
-        &self.tables.udp_backends
+    pub fn udp_backends(&self) -> BTreeSet<UdpBackend> {
+        self.merged.udp_backends.keys().copied().collect()
+    }
+
+    /// Services (and other objects' groups) the model holds something for.
+    pub fn service_count(&self) -> usize {
+        self.parts.len()
     }
 
     /// Chains beyond the fixed skeleton: one per Service port policy, and per endpoint in use by
@@ -426,6 +475,264 @@ impl Model {
     /// Every chain of every part, sorted by name.
     fn chains(&self) -> BTreeMap<&String, &Vec<Rule>> {
         self.parts.values().flat_map(|p| p.tables.chains.iter()).collect()
+    }
+
+    /// Brings the model to `services` and `slices` (all there are), rendering again only
+    /// Services whose objects' resourceVersions changed (objects without one always are).
+    /// Returns the steps that turn a table holding the model as it was into one holding it as
+    /// it is now (see [`change`]), or None when the table must be replaced whole. Costs a pass
+    /// over every object; [`Model::update_services`] costs only what changed.
+    pub fn update<'a>(
+        &mut self,
+        services: impl IntoIterator<Item = &'a Service>,
+        slices: impl IntoIterator<Item = &'a EndpointSlice>,
+        config: &RulesConfig,
+    ) -> Option<Change> {
+        let mut by_service: BTreeMap<String, (Option<&Service>, Vec<&EndpointSlice>)> =
+            BTreeMap::new();
+        // Objects no Service can be found for: only reported (under the key "").
+        let mut loose_slices: Vec<&EndpointSlice> = Vec::new();
+        let mut loose_services = 0;
+        for svc in services {
+            match (svc.metadata.namespace.as_deref(), svc.metadata.name.as_deref()) {
+                (Some(ns), Some(name)) => {
+                    by_service.entry(format!("{ns}/{name}")).or_default().0 = Some(svc)
+                }
+                _ => loose_services += 1,
+            }
+        }
+        for slice in slices {
+            let meta = &slice.metadata;
+            match (meta.namespace.as_deref(), service_of(slice)) {
+                (Some(ns), Some(svc)) => {
+                    by_service.entry(format!("{ns}/{svc}")).or_default().1.push(slice)
+                }
+                // Slices without the label belong to no Service (someone's own bookkeeping).
+                (Some(_), None) => {}
+                (None, _) => loose_slices.push(slice),
+            }
+        }
+        let gone: Vec<String> = self
+            .parts
+            .keys()
+            .filter(|k| !k.is_empty() && !by_service.contains_key(k.as_str()))
+            .cloned()
+            .collect();
+        let mut loose = render_part(None, &loose_slices, config);
+        loose.inputs = None;
+        loose.skipped.extend(std::iter::repeat_n(
+            "Service without namespace or name".to_string(),
+            loose_services,
+        ));
+        let loose = (!loose.is_empty()).then(|| Arc::new(loose));
+        let all = by_service
+            .into_iter()
+            .map(|(key, (svc, slices))| (key, svc, slices))
+            .chain(gone.into_iter().map(|key| (key, None, Vec::new())));
+        self.apply(all, Some(loose), config)
+    }
+
+    /// [`Model::update`] for the Services named in `changed` only: each is rendered again unless
+    /// its objects have the versions it was rendered from, and one that no longer has a Service
+    /// or slices leaves the model. Services not named are left as they are, so the caller must
+    /// name every Service whose Service or EndpointSlice objects changed, appeared or went (a
+    /// slice that moved to another Service: both).
+    ///
+    /// A configuration other than the model's empties the model first and returns None.
+    pub fn update_services<'a>(
+        &mut self,
+        changed: impl IntoIterator<Item = ServiceObjects<'a>>,
+        config: &RulesConfig,
+    ) -> Option<Change> {
+        self.apply(changed, None, config)
+    }
+
+    /// The work of [`Model::update`] and [`Model::update_services`]; `loose` (when given)
+    /// replaces the part of objects belonging to no Service.
+    fn apply<'a>(
+        &mut self,
+        changed: impl IntoIterator<Item = ServiceObjects<'a>>,
+        loose: Option<Option<Arc<Part>>>,
+        config: &RulesConfig,
+    ) -> Option<Change> {
+        let reset = self.config.as_ref() != Some(config);
+        if reset {
+            *self = Model { config: Some(config.clone()), ..Model::default() };
+        }
+        let mut delta = Delta::default();
+        for (key, svc, mut slices) in changed {
+            slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+            let old = self.parts.get(&key);
+            if old.is_some_and(|p| same_inputs(p, svc, &slices)) {
+                continue;
+            }
+            let part = render_part(svc, &slices, config);
+            let part = (!part.is_empty()).then(|| Arc::new(part));
+            if old.is_none() && part.is_none() {
+                continue;
+            }
+            self.set_part(&key, part, &mut delta);
+        }
+        if let Some(loose) = loose {
+            self.set_part("", loose, &mut delta);
+        }
+        let change = delta.finish(&self.merged);
+        if reset { None } else { change }
+    }
+
+    /// Puts `new` in place of part `key` (None: removes it), noting in `delta` what that changes
+    /// in the table.
+    fn set_part(&mut self, key: &str, new: Option<Arc<Part>>, delta: &mut Delta) {
+        let old = match &new {
+            Some(p) => self.parts.insert(key.to_string(), Arc::clone(p)),
+            None => self.parts.remove(key),
+        };
+        if let (Some(o), Some(n)) = (&old, &new)
+            && Arc::ptr_eq(o, n)
+        {
+            return;
+        }
+        delta.chains(
+            old.as_deref().map(|p| &p.tables.chains),
+            new.as_deref().map(|p| &p.tables.chains),
+        );
+        if let Some(o) = &old {
+            self.contribute(key, o, false, delta);
+        }
+        if let Some(n) = &new {
+            self.contribute(key, n, true, delta);
+        }
+    }
+
+    /// Adds (`add`) or withdraws part `key`'s map entries, set elements and reports.
+    fn contribute(&mut self, key: &str, part: &Part, add: bool, d: &mut Delta) {
+        for s in &part.skipped {
+            say(&mut self.skipped, s, add);
+        }
+        let (m, t, sk) = (&mut self.merged, &part.tables, &mut self.skipped);
+        reclaim(&mut m.service_ips, &t.service_ips, key, add, &mut d.service_ips, sk);
+        reclaim(
+            &mut m.service_nodeports,
+            &t.service_nodeports,
+            key,
+            add,
+            &mut d.service_nodeports,
+            sk,
+        );
+        reclaim(
+            &mut m.no_endpoint_services,
+            &t.no_endpoint_services,
+            key,
+            add,
+            &mut d.no_endpoint_services,
+            sk,
+        );
+        reclaim(&mut m.firewall_ips, &t.firewall_ips, key, add, &mut d.firewall_ips, sk);
+        reclaim(
+            &mut m.no_endpoint_nodeports,
+            &t.no_endpoint_nodeports,
+            key,
+            add,
+            &mut d.no_endpoint_nodeports,
+            sk,
+        );
+        count(&mut m.cluster_ips, &t.cluster_ips, add, &mut d.cluster_ips);
+        count(&mut m.hairpin, &t.hairpin, add, &mut d.hairpin);
+        count(&mut m.udp_backends, &t.udp_backends, add, &mut d.udp_backends);
+        for (name, timeout) in &t.affinity_sets {
+            d.affinity_sets
+                .entry(name.clone())
+                .or_insert_with(|| m.affinity_sets.get(name).copied());
+            if add {
+                m.affinity_sets.insert(name.clone(), *timeout);
+            } else {
+                m.affinity_sets.remove(name);
+            }
+        }
+    }
+}
+
+/// The Service an EndpointSlice belongs to (its `kubernetes.io/service-name` label).
+pub fn service_of(slice: &EndpointSlice) -> Option<&str> {
+    slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)).map(String::as_str)
+}
+
+/// Counts `message` once more (`add`) or once less in `skipped`.
+fn say(skipped: &mut BTreeMap<String, usize>, message: &str, add: bool) {
+    if add {
+        *skipped.entry(message.to_string()).or_default() += 1;
+    } else if let Some(n) = skipped.get_mut(message) {
+        *n -= 1;
+        if *n == 0 {
+            skipped.remove(message);
+        }
+    }
+}
+
+/// The verdict key `k` has in the table: its first claimant's.
+fn winner<K: Ord>(claims: &Claims<K>, k: &K) -> Option<String> {
+    claims.get(k).and_then(|c| c.values().next()).map(|(v, _)| v.clone())
+}
+
+/// What claimants of `k` other than the first are told.
+fn conflicts<K: std::fmt::Debug>(
+    k: &K,
+    claimants: &BTreeMap<String, (String, String)>,
+) -> Vec<String> {
+    let mut it = claimants.values();
+    let Some((_, first)) = it.next() else { return Vec::new() };
+    it.map(|(_, owner)| format!("{owner}: {k:?} is already used by {first}")).collect()
+}
+
+/// Adds (`add`) or withdraws part `part`'s claims on the keys of `from`, noting in `touched`
+/// each key's verdict before it was first touched, and keeping the reports of keys two parts
+/// claim current in `skipped`.
+fn reclaim<K: Ord + Copy + std::fmt::Debug>(
+    claims: &mut Claims<K>,
+    from: &BTreeMap<K, (String, String)>,
+    part: &str,
+    add: bool,
+    touched: &mut BTreeMap<K, Option<String>>,
+    skipped: &mut BTreeMap<String, usize>,
+) {
+    for (k, (verdict, owner)) in from {
+        touched.entry(*k).or_insert_with(|| winner(claims, k));
+        let claimants = claims.entry(*k).or_default();
+        for m in conflicts(k, claimants) {
+            say(skipped, &m, false);
+        }
+        if add {
+            claimants.insert(part.to_string(), (verdict.clone(), owner.clone()));
+        } else {
+            claimants.remove(part);
+        }
+        for m in conflicts(k, claimants) {
+            say(skipped, &m, true);
+        }
+        if claimants.is_empty() {
+            claims.remove(k);
+        }
+    }
+}
+
+/// Counts every element of `from` once more (`add`) or once less in `set`, noting in `touched`
+/// whether each was in the set before it was first touched.
+fn count<K: Ord + Copy>(
+    set: &mut BTreeMap<K, usize>,
+    from: &BTreeSet<K>,
+    add: bool,
+    touched: &mut BTreeMap<K, bool>,
+) {
+    for k in from {
+        touched.entry(*k).or_insert_with(|| set.contains_key(k));
+        if add {
+            *set.entry(*k).or_default() += 1;
+        } else if let Some(n) = set.get_mut(k) {
+            *n -= 1;
+            if *n == 0 {
+                set.remove(k);
+            }
+        }
     }
 }
 
@@ -439,84 +746,23 @@ pub fn render_model<'a>(
 }
 
 /// [`render_model`], reusing the parts of `prev` whose Service and EndpointSlices have the
-/// same resourceVersions as now (objects without one are always rendered afresh).
+/// same resourceVersions as now (objects without one are always rendered afresh). Copies
+/// `prev`: [`Model::update`] changes a model in place.
 pub fn render_model_from<'a>(
     prev: &Model,
     services: impl IntoIterator<Item = &'a Service>,
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
     config: &RulesConfig,
 ) -> Model {
-    let reuse = prev.config.as_ref() == Some(config);
-    // Slices by the Service they belong to; the others are only checked for what to report.
-    let mut by_service: std::collections::HashMap<(&str, &str), Vec<&EndpointSlice>> =
-        std::collections::HashMap::new();
-    let mut orphans: Vec<&EndpointSlice> = Vec::new();
-    for slice in slices {
-        let meta = &slice.metadata;
-        let svc = meta.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL));
-        match (meta.namespace.as_deref(), svc) {
-            (Some(ns), Some(svc)) => by_service.entry((ns, svc.as_str())).or_default().push(slice),
-            _ => orphans.push(slice),
-        }
-    }
-    let mut parts: BTreeMap<String, Arc<Part>> = BTreeMap::new();
-    let mut skipped = Vec::new();
-    for svc in services {
-        let meta = &svc.metadata;
-        let (Some(ns), Some(name)) = (meta.namespace.as_deref(), meta.name.as_deref()) else {
-            skipped.push("Service without namespace or name".to_string());
-            continue;
-        };
-        let mut mine = by_service.remove(&(ns, name)).unwrap_or_default();
-        mine.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-        let key = format!("{ns}/{name}");
-        let old = prev.parts.get(&key).filter(|_| reuse);
-        let part = match old {
-            Some(p) if same_inputs(p, svc, &mine) => Arc::clone(p),
-            _ => Arc::new(render_part(svc, &mine, config)),
-        };
-        parts.insert(key, part);
-    }
-    // Slices of Services that do not exist (yet): nothing to route, but malformed ones are
-    // still reported.
-    orphans.extend(by_service.into_values().flatten());
-    index_endpoints(orphans, &config.node_name, &mut skipped);
-
-    let mut tables = Tables::default();
-    for part in parts.values() {
-        skipped.extend(part.skipped.iter().cloned());
-        let t = &part.tables;
-        merge_claims(&mut tables.service_ips, &t.service_ips, &mut skipped);
-        merge_claims(&mut tables.no_endpoint_services, &t.no_endpoint_services, &mut skipped);
-        merge_claims(&mut tables.firewall_ips, &t.firewall_ips, &mut skipped);
-        merge_claims(&mut tables.service_nodeports, &t.service_nodeports, &mut skipped);
-        merge_claims(&mut tables.no_endpoint_nodeports, &t.no_endpoint_nodeports, &mut skipped);
-        tables.cluster_ips.extend(t.cluster_ips.iter().copied());
-        tables.affinity_sets.extend(t.affinity_sets.iter().map(|(k, v)| (k.clone(), *v)));
-        tables.udp_backends.extend(t.udp_backends.iter().copied());
-        tables.hairpin.extend(t.hairpin.iter().copied());
-    }
-    skipped.sort();
-    skipped.dedup();
-    Model { parts, tables, skipped, config: Some(config.clone()) }
-}
-
-/// Claims every key of `from` in `into`, in key order: a key some earlier part holds stays
-/// with it (see [`claim`]).
-fn merge_claims<K: Ord + Copy + std::fmt::Debug>(
-    into: &mut BTreeMap<K, (String, String)>,
-    from: &BTreeMap<K, (String, String)>,
-    skipped: &mut Vec<String>,
-) {
-    for (k, (verdict, owner)) in from {
-        claim(into, *k, verdict.clone(), owner, skipped);
-    }
+    let mut model = prev.clone();
+    let _ = model.update(services, slices, config);
+    model
 }
 
 /// Whether `part` was rendered from `svc` and `slices` as they are now (by resourceVersion).
-fn same_inputs(part: &Part, svc: &Service, slices: &[&EndpointSlice]) -> bool {
+fn same_inputs(part: &Part, svc: Option<&Service>, slices: &[&EndpointSlice]) -> bool {
     let Some((svc_rv, slice_rvs)) = &part.inputs else { return false };
-    svc.metadata.resource_version.as_deref() == Some(svc_rv.as_str())
+    svc.map(|s| s.metadata.resource_version.as_deref()) == svc_rv.as_ref().map(|v| Some(v.as_str()))
         && slice_rvs.len() == slices.len()
         && slice_rvs.iter().zip(slices).all(|((name, rv), s)| {
             s.metadata.name.as_deref() == Some(name.as_str())
@@ -524,10 +770,14 @@ fn same_inputs(part: &Part, svc: &Service, slices: &[&EndpointSlice]) -> bool {
         })
 }
 
-/// One Service's chains and map entries, from the Service and its slices alone.
-fn render_part(svc: &Service, slices: &[&EndpointSlice], config: &RulesConfig) -> Part {
+/// One Service's chains and map entries, from the Service and its slices alone (without the
+/// Service: only what the slices had to report).
+fn render_part(svc: Option<&Service>, slices: &[&EndpointSlice], config: &RulesConfig) -> Part {
     let inputs = (|| {
-        let rv = svc.metadata.resource_version.clone()?;
+        let rv = match svc {
+            Some(s) => Some(s.metadata.resource_version.clone()?),
+            None => None,
+        };
         let slice_rvs = slices
             .iter()
             .map(|s| Some((s.metadata.name.clone()?, s.metadata.resource_version.clone()?)))
@@ -536,10 +786,11 @@ fn render_part(svc: &Service, slices: &[&EndpointSlice], config: &RulesConfig) -
     })();
     let mut skipped = Vec::new();
     let index = index_endpoints(slices.iter().copied(), &config.node_name, &mut skipped);
+    let mut tables = Tables::default();
+    let Some(svc) = svc else { return Part { inputs, tables, skipped } };
     let mut ports = service_ports(svc, &mut skipped);
     ports.sort_by(|a, b| (&a.port_name, a.proto).cmp(&(&b.port_name, b.proto)));
     let empty = BTreeMap::new();
-    let mut tables = Tables::default();
     for sp in &ports {
         let eps = index
             .get(&(sp.namespace.clone(), sp.name.clone()))
@@ -550,7 +801,6 @@ fn render_part(svc: &Service, slices: &[&EndpointSlice], config: &RulesConfig) -
     }
     Part { inputs, tables, skipped }
 }
-
 /// The transaction that turns a table holding `old` (as applied by [`Model::ruleset`] or by
 /// earlier `changes`) into one holding `new`, touching only what differs, as upstream
 /// kube-proxy's partial syncs do: map and set elements are added and deleted one by one, and
@@ -572,6 +822,10 @@ pub fn changes(old: &Model, new: &Model, config: &RulesConfig) -> Option<String>
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Change {
     pub(crate) ops: Vec<Op>,
+    /// UDP front/endpoint pairs the rules no longer use, and newly use (see
+    /// [`Ruleset::udp_backends`]).
+    pub udp_gone: Vec<UdpBackend>,
+    pub udp_came: Vec<UdpBackend>,
 }
 
 /// One step of a [`Change`].
@@ -663,119 +917,172 @@ impl Change {
     }
 }
 
-/// The steps [`changes`] writes out; `None` when the table must be replaced whole.
+/// The steps [`changes`] writes out; `None` when the table must be replaced whole. Costs a
+/// copy of `old`; the proxy's loop uses [`Model::update_services`], which changes a model in
+/// place and returns the same steps.
 pub fn change(old: &Model, new: &Model) -> Option<Change> {
-    let (o, n) = (&old.tables, &new.tables);
-    if n.affinity_sets
-        .iter()
-        .any(|(name, timeout)| o.affinity_sets.get(name).is_some_and(|x| x != timeout))
-    {
-        return None;
-    }
-    let mut ops = Vec::new();
-    for (name, timeout) in &n.affinity_sets {
-        if !o.affinity_sets.contains_key(name) {
-            ops.push(Op::AddAffinitySet { name: name.clone(), timeout: *timeout });
+    let mut m = old.clone();
+    let mut delta = Delta::default();
+    for (key, part) in &new.parts {
+        if old.parts.get(key).is_none_or(|p| !Arc::ptr_eq(p, part)) {
+            m.set_part(key, Some(Arc::clone(part)), &mut delta);
         }
     }
-    // Chains are compared only for Services whose part was rendered afresh.
-    let empty = BTreeMap::new();
-    fn chains_of<'m>(
-        p: Option<&'m Arc<Part>>,
-        empty: &'m BTreeMap<String, Vec<Rule>>,
-    ) -> &'m BTreeMap<String, Vec<Rule>> {
-        p.map_or(empty, |p| &p.tables.chains)
+    for key in old.parts.keys().filter(|k| !new.parts.contains_key(*k)) {
+        m.set_part(key, None, &mut delta);
     }
-    let mut fills: Vec<Op> = Vec::new();
-    let mut removed: Vec<String> = Vec::new();
-    let mut compare = |a: Option<&Arc<Part>>, b: Option<&Arc<Part>>| {
-        let (oc, nc) = (chains_of(a, &empty), chains_of(b, &empty));
+    delta.finish(&m.merged)
+}
+
+/// What parts put in place of others change in the table, gathered while the merged maps are
+/// adjusted: chains as the parts' own chains differ, and for every map key and set element
+/// touched its state before (compared at the end with its state after, so a key one part lets
+/// go and another takes is one step, or none).
+#[derive(Default)]
+struct Delta {
+    add_chains: Vec<Op>,
+    fills: Vec<Op>,
+    removed_chains: Vec<String>,
+    service_ips: BTreeMap<AddrKey, Option<String>>,
+    service_nodeports: BTreeMap<PortKey, Option<String>>,
+    no_endpoint_services: BTreeMap<AddrKey, Option<String>>,
+    firewall_ips: BTreeMap<AddrKey, Option<String>>,
+    no_endpoint_nodeports: BTreeMap<PortKey, Option<String>>,
+    cluster_ips: BTreeMap<Ipv4Addr, bool>,
+    hairpin: BTreeMap<Ipv4Addr, bool>,
+    udp_backends: BTreeMap<UdpBackend, bool>,
+    affinity_sets: BTreeMap<String, Option<i32>>,
+}
+
+impl Delta {
+    /// A part's chains `old` became `new`: chains that came are added, chains whose rules
+    /// differ are flushed, and both filled; chains that went are removed at the end.
+    fn chains(
+        &mut self,
+        old: Option<&BTreeMap<String, Vec<Rule>>>,
+        new: Option<&BTreeMap<String, Vec<Rule>>>,
+    ) {
+        let empty = BTreeMap::new();
+        let (oc, nc) = (old.unwrap_or(&empty), new.unwrap_or(&empty));
         for (name, rules) in nc {
             match oc.get(name) {
                 Some(before) if before == rules => continue,
-                Some(_) => fills.push(Op::FlushChain(name.clone())),
-                None => ops.push(Op::AddChain(name.clone())),
+                Some(_) => self.fills.push(Op::FlushChain(name.clone())),
+                None => self.add_chains.push(Op::AddChain(name.clone())),
             }
             for r in rules {
-                fills.push(Op::AddRule { chain: name.clone(), rule: r.clone() });
+                self.fills.push(Op::AddRule { chain: name.clone(), rule: r.clone() });
             }
         }
-        removed.extend(oc.keys().filter(|c| !nc.contains_key(*c)).cloned());
-    };
-    for (key, part) in &new.parts {
-        match old.parts.get(key) {
-            Some(before) if Arc::ptr_eq(before, part) => {}
-            before => compare(before, Some(part)),
+        self.removed_chains.extend(oc.keys().filter(|c| !nc.contains_key(*c)).cloned());
+    }
+
+    /// The steps, in an order that keeps every reference valid at each step of the (atomic)
+    /// transaction; `m` is the merged state after. None: an affinity set's timeout changed.
+    fn finish(self, m: &Merged) -> Option<Change> {
+        let mut ops = Vec::new();
+        let mut delete_sets = Vec::new();
+        for (name, before) in &self.affinity_sets {
+            match (before, m.affinity_sets.get(name)) {
+                (Some(a), Some(b)) if a != b => return None,
+                (None, Some(t)) => ops.push(Op::AddAffinitySet { name: name.clone(), timeout: *t }),
+                (Some(_), None) => delete_sets.push(Op::DeleteSet(name.clone())),
+                _ => {}
+            }
         }
-    }
-    for (key, part) in &old.parts {
-        if !new.parts.contains_key(key) {
-            compare(Some(part), None);
+        ops.extend(self.add_chains);
+        ops.extend(self.fills);
+        map_ops(&mut ops, "service-ips", self.service_ips, &m.service_ips, Elem::Addr);
+        map_ops(
+            &mut ops,
+            "service-nodeports",
+            self.service_nodeports,
+            &m.service_nodeports,
+            Elem::Port,
+        );
+        map_ops(
+            &mut ops,
+            "no-endpoint-services",
+            self.no_endpoint_services,
+            &m.no_endpoint_services,
+            Elem::Addr,
+        );
+        map_ops(&mut ops, "firewall-ips", self.firewall_ips, &m.firewall_ips, Elem::Addr);
+        map_ops(
+            &mut ops,
+            "no-endpoint-nodeports",
+            self.no_endpoint_nodeports,
+            &m.no_endpoint_nodeports,
+            Elem::Port,
+        );
+        set_ops(&mut ops, "cluster-ips", self.cluster_ips, &m.cluster_ips, Elem::Ip);
+        set_ops(&mut ops, "hairpin", self.hairpin, &m.hairpin, Elem::Pair);
+        // Flushed first, all of them: a chain about to go may still be the target of another
+        // chain that goes too.
+        for name in &self.removed_chains {
+            ops.push(Op::FlushChain(name.clone()));
         }
+        for name in self.removed_chains {
+            ops.push(Op::DeleteChain(name));
+        }
+        ops.extend(delete_sets);
+        let (mut udp_gone, mut udp_came) = (Vec::new(), Vec::new());
+        for (b, before) in self.udp_backends {
+            match (before, m.udp_backends.contains_key(&b)) {
+                (true, false) => udp_gone.push(b),
+                (false, true) => udp_came.push(b),
+                _ => {}
+            }
+        }
+        Some(Change { ops, udp_gone, udp_came })
     }
-    ops.extend(fills);
-    diff_map(&mut ops, "service-ips", &o.service_ips, &n.service_ips, Elem::Addr);
-    diff_map(&mut ops, "service-nodeports", &o.service_nodeports, &n.service_nodeports, Elem::Port);
-    diff_map(
-        &mut ops,
-        "no-endpoint-services",
-        &o.no_endpoint_services,
-        &n.no_endpoint_services,
-        Elem::Addr,
-    );
-    diff_map(&mut ops, "firewall-ips", &o.firewall_ips, &n.firewall_ips, Elem::Addr);
-    diff_map(
-        &mut ops,
-        "no-endpoint-nodeports",
-        &o.no_endpoint_nodeports,
-        &n.no_endpoint_nodeports,
-        Elem::Port,
-    );
-    let gone: Vec<Elem> =
-        o.cluster_ips.difference(&n.cluster_ips).map(|ip| Elem::Ip(*ip)).collect();
-    let came: Vec<Elem> =
-        n.cluster_ips.difference(&o.cluster_ips).map(|ip| Elem::Ip(*ip)).collect();
-    push_elements(&mut ops, false, "cluster-ips", gone);
-    push_elements(&mut ops, true, "cluster-ips", came);
-    let gone: Vec<Elem> = o.hairpin.difference(&n.hairpin).map(|ip| Elem::Pair(*ip)).collect();
-    let came: Vec<Elem> = n.hairpin.difference(&o.hairpin).map(|ip| Elem::Pair(*ip)).collect();
-    push_elements(&mut ops, false, "hairpin", gone);
-    push_elements(&mut ops, true, "hairpin", came);
-    // Flushed first, all of them: a chain about to go may still be the target of another
-    // chain that goes too.
-    for name in &removed {
-        ops.push(Op::FlushChain(name.clone()));
-    }
-    for name in &removed {
-        ops.push(Op::DeleteChain(name.clone()));
-    }
-    for name in o.affinity_sets.keys().filter(|s| !n.affinity_sets.contains_key(*s)) {
-        ops.push(Op::DeleteSet(name.clone()));
-    }
-    Some(Change { ops })
 }
 
 /// `delete element` for keys that went or whose verdict changed, then `add element` for keys
-/// that came or changed: nft cannot overwrite a map element's verdict in place.
-fn diff_map<K: Ord + Clone>(
+/// that came or changed (nft cannot overwrite a map element's verdict in place); `touched`
+/// holds each key's verdict before.
+fn map_ops<K: Ord + Copy>(
     ops: &mut Vec<Op>,
     map: &'static str,
-    old: &BTreeMap<K, (String, String)>,
-    new: &BTreeMap<K, (String, String)>,
+    touched: BTreeMap<K, Option<String>>,
+    claims: &Claims<K>,
     elem: fn(K, Option<String>) -> Elem,
 ) {
-    let gone: Vec<Elem> = old
-        .iter()
-        .filter(|(k, (v, _))| new.get(*k).is_none_or(|(nv, _)| nv != v))
-        .map(|(k, _)| elem(k.clone(), None))
-        .collect();
-    let came: Vec<Elem> = new
-        .iter()
-        .filter(|(k, (v, _))| old.get(*k).is_none_or(|(ov, _)| ov != v))
-        .map(|(k, (v, _))| elem(k.clone(), Some(v.clone())))
-        .collect();
+    let (mut gone, mut came) = (Vec::new(), Vec::new());
+    for (k, before) in touched {
+        let now = winner(claims, &k);
+        if before == now {
+            continue;
+        }
+        if before.is_some() {
+            gone.push(elem(k, None));
+        }
+        if let Some(v) = now {
+            came.push(elem(k, Some(v)));
+        }
+    }
     push_elements(ops, false, map, gone);
     push_elements(ops, true, map, came);
+}
+
+/// As [`map_ops`] for a set; `touched` holds whether each element was in it before.
+fn set_ops<K: Ord + Copy>(
+    ops: &mut Vec<Op>,
+    set: &'static str,
+    touched: BTreeMap<K, bool>,
+    now: &BTreeMap<K, usize>,
+    elem: fn(K) -> Elem,
+) {
+    let (mut gone, mut came) = (Vec::new(), Vec::new());
+    for (k, before) in touched {
+        match (before, now.contains_key(&k)) {
+            (true, false) => gone.push(elem(k)),
+            (false, true) => came.push(elem(k)),
+            _ => {}
+        }
+    }
+    push_elements(ops, false, set, gone);
+    push_elements(ops, true, set, came);
 }
 
 fn push_elements(ops: &mut Vec<Op>, add: bool, set: &'static str, elems: Vec<Elem>) {
@@ -783,7 +1090,6 @@ fn push_elements(ops: &mut Vec<Op>, add: bool, set: &'static str, elems: Vec<Ele
         ops.push(Op::Elements { add, set, elems });
     }
 }
-
 /// A map key of `address . protocol . port`, as nft writes it.
 fn addr_elem(k: &(Ipv4Addr, Proto, u16)) -> String {
     format!("{} . {} . {}", k.0, k.1.nft(), k.2)
@@ -1259,7 +1565,7 @@ fn add_service_port(
     }
 }
 
-impl Tables {
+impl Merged {
     /// The full transaction: this table's sets and maps, the skeleton, and `chains`.
     fn write(&self, config: &RulesConfig, chains: &BTreeMap<&String, &Vec<Rule>>) -> String {
         let table = &config.table;
@@ -1273,11 +1579,18 @@ impl Tables {
 
         let addr_key = "ipv4_addr . inet_proto . inet_service";
         let port_key = "inet_proto . inet_service";
-        let elems = |m: &BTreeMap<(Ipv4Addr, Proto, u16), (String, String)>| -> Vec<String> {
-            m.iter().map(|(k, (v, _))| format!("{} : {v}", addr_elem(k))).collect()
+        // Each key with its first claimant's verdict.
+        let elems = |m: &Claims<AddrKey>| -> Vec<String> {
+            m.iter()
+                .filter_map(|(k, c)| c.values().next().map(|(v, _)| (k, v)))
+                .map(|(k, v)| format!("{} : {v}", addr_elem(k)))
+                .collect()
         };
-        let port_elems = |m: &BTreeMap<(Proto, u16), (String, String)>| -> Vec<String> {
-            m.iter().map(|(k, (v, _))| format!("{} : {v}", port_elem(k))).collect()
+        let port_elems = |m: &Claims<PortKey>| -> Vec<String> {
+            m.iter()
+                .filter_map(|(k, c)| c.values().next().map(|(v, _)| (k, v)))
+                .map(|(k, v)| format!("{} : {v}", port_elem(k)))
+                .collect()
         };
         write_set(
             &mut out,
@@ -1319,9 +1632,9 @@ impl Tables {
             &[],
             &port_elems(&self.no_endpoint_nodeports),
         );
-        let ips: Vec<String> = self.cluster_ips.iter().map(ToString::to_string).collect();
+        let ips: Vec<String> = self.cluster_ips.keys().map(ToString::to_string).collect();
         write_set(&mut out, "set", "cluster-ips", "ipv4_addr", &[], &ips);
-        let pairs: Vec<String> = self.hairpin.iter().map(|ip| format!("{ip} . {ip}")).collect();
+        let pairs: Vec<String> = self.hairpin.keys().map(|ip| format!("{ip} . {ip}")).collect();
         write_set(&mut out, "set", "hairpin", "ipv4_addr . ipv4_addr", &[], &pairs);
         for (name, timeout) in &self.affinity_sets {
             let extra = ["flags dynamic,timeout".to_string(), format!("timeout {timeout}s")];
@@ -2225,6 +2538,45 @@ mod tests {
         assert!(took < Duration::from_secs(2), "took {took:?}");
     }
 
+    #[test]
+    fn a_change_among_ten_thousand_services_costs_only_that_service() {
+        let c = config();
+        let mk = |i: u32, first: u32| {
+            let s = svc(
+                json!({"metadata": {"namespace": "ns", "name": format!("s{i}"), "resourceVersion": "1"},
+                "spec": {"clusterIP": Ipv4Addr::from(0x0a60_0000 + i).to_string(), "ports": [{"port": 80}]}}),
+            );
+            let eps: Vec<Value> = (0..5u32)
+                .map(
+                    |j| json!({"addresses": [Ipv4Addr::from(0x0af4_0000 + first + j).to_string()]}),
+                )
+                .collect();
+            let sl = slice(
+                json!({"metadata": {"namespace": "ns", "name": format!("s{i}-1"), "resourceVersion": first.to_string(),
+                    "labels": {"kubernetes.io/service-name": format!("s{i}")}},
+                "addressType": "IPv4", "endpoints": eps, "ports": [{"port": 8080}]}),
+            );
+            (s, sl)
+        };
+        let (svcs, slices): (Vec<Service>, Vec<EndpointSlice>) =
+            (0..10_000u32).map(|i| mk(i, i * 5)).unzip();
+        let mut m = model(&svcs, &slices);
+        // Service 4242's five endpoints are all replaced.
+        let (s, sl) = mk(4242, 60_000);
+        let start = std::time::Instant::now();
+        let ch = m
+            .update_services([("ns/s4242".to_string(), Some(&s), vec![&sl])], &c)
+            .expect("in place");
+        let took = start.elapsed();
+        let text = ch.text("rkube");
+        // The Service's chain refilled (its two rules), five hairpin pairs out and five in:
+        // nothing else.
+        assert_eq!(text.lines().count(), 5, "{text}");
+        assert_eq!(ch.ops.len(), 5, "{text}");
+        assert!(took < Duration::from_millis(50), "took {took:?}");
+        eprintln!("one Service changed among 10,000: {took:?}");
+    }
+
     fn model(services: &[Service], slices: &[EndpointSlice]) -> Model {
         render_model(services, slices, &config())
     }
@@ -2279,14 +2631,62 @@ mod tests {
         assert_eq!(next.ruleset(&c).text, fresh.ruleset(&c).text);
         // Both claim node port 30000: a (first by name) has it. When a goes, b gets it,
         // although b itself did not change.
-        assert!(next.skipped.iter().any(|s| s.contains("already used by Service default/a")));
+        assert!(next.skipped().iter().any(|s| s.contains("already used by Service default/a")));
         let without_a = render_model_from(&next, std::slice::from_ref(&b), &[a_slice, b2], &c);
-        assert!(without_a.skipped.is_empty(), "{:?}", without_a.skipped);
+        assert!(without_a.skipped().is_empty(), "{:?}", without_a.skipped());
         let text = changes(&next, &without_a, &c).expect("in place");
         assert!(
             text.contains("add element ip rkube service-nodeports { tcp . 30000 : goto external-default/b/tcp/http }"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn updating_only_changed_services_in_place_equals_rendering_everything() {
+        let c = config();
+        let (a, a_slice) = np_service("a", 1, 10);
+        let (b, b_slice) = np_service("b", 2, 20);
+        let mut m = model(&[a.clone(), b.clone()], &[a_slice.clone(), b_slice.clone()]);
+        let before = m.clone();
+        // a goes (its slice stays until collected): b takes over the node port a had.
+        let ch = m
+            .update_services([("default/a".to_string(), None, vec![&a_slice])], &c)
+            .expect("in place");
+        let fresh = model(std::slice::from_ref(&b), &[a_slice.clone(), b_slice.clone()]);
+        assert_eq!(m, fresh);
+        assert_eq!(Some(ch.text("rkube")), changes(&before, &fresh, &c));
+        assert!(
+            ch.text("rkube").contains("add element ip rkube service-nodeports { tcp . 30000 : goto external-default/b/tcp/http }"),
+            "{}",
+            ch.text("rkube")
+        );
+        assert!(m.skipped().is_empty(), "{:?}", m.skipped());
+        // a comes back: the node port returns to it, and b is told again.
+        let ch = m
+            .update_services([("default/a".to_string(), Some(&a), vec![&a_slice])], &c)
+            .expect("in place");
+        assert_eq!(m, before);
+        assert!(ch.text("rkube").contains("goto external-default/a/tcp/http"));
+        assert_eq!(m.skipped().len(), 1);
+        // b's endpoint moves; its hairpin pair follows, a's stays.
+        let mut b2 = b_slice.clone();
+        b2.endpoints[0].addresses = vec!["10.244.1.9".into()];
+        let b2 = versioned(b2, 30);
+        let ch = m.update_services([("default/b".to_string(), Some(&b), vec![&b2])], &c);
+        let text = ch.expect("in place").text("rkube");
+        assert!(
+            text.contains("add element ip rkube hairpin { 10.244.1.9 . 10.244.1.9 }"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("delete element ip rkube hairpin"),
+            "a still uses 10.244.1.5: {text}"
+        );
+        assert_eq!(m, model(&[a.clone(), b.clone()], &[a_slice.clone(), b2.clone()]));
+        // Nothing named, nothing changes; a named Service with the same versions is not redone.
+        assert_eq!(m.update_services([], &c).map(|c| c.is_empty()), Some(true));
+        let ch = m.update_services([("default/b".to_string(), Some(&b), vec![&b2])], &c);
+        assert_eq!(ch.map(|c| c.is_empty()), Some(true));
     }
 
     #[test]
