@@ -163,6 +163,17 @@ pub trait Reserve: Plugin {
     fn unreserve(&self, state: &CycleState, pod: &PodInfo, node: &str);
 }
 
+/// The binding cycle's last step: makes the placement real. `None` when this binder leaves the
+/// pod to the next one (upstream's Skip); `Some(Err(why))` when binding failed, and the pod goes
+/// back through back-off.
+pub trait Bind: Plugin {
+    fn bind<'a>(
+        &'a self,
+        pod: &'a k8s_openapi::api::core::v1::Pod,
+        node: &'a str,
+    ) -> futures::future::BoxFuture<'a, Option<Result<(), String>>>;
+}
+
 /// The plugins of each extension point, in the order they run, and each score's weight.
 pub struct Profile {
     pub pre_filter: Vec<Arc<dyn PreFilter>>,

@@ -559,6 +559,9 @@ async fn schedule_while(client: Client, config: &Config, shutdown: CancellationT
     let cache = Arc::new(Mutex::new(Cache::default()));
     let queue = Arc::new(Queue::new());
     let binds = Arc::new(tokio::sync::Semaphore::new(BINDS_IN_FLIGHT));
+    // The Bind extension point: upstream's DefaultBinder is the only binder.
+    let binders: Arc<[Arc<dyn framework::Bind>]> =
+        Arc::new([Arc::new(DefaultBinder { client: client.clone() }) as Arc<dyn framework::Bind>]);
     let recorder = Recorder::new(client.clone(), "default-scheduler", None);
 
     let nodes: Api<Node> = Api::all(client.clone());
@@ -779,7 +782,7 @@ async fn schedule_while(client: Client, config: &Config, shutdown: CancellationT
             Decision::Skip => queue.forget(&k).await,
             Decision::Bind { pod, node } => {
                 queue.forget(&k).await;
-                spawn_bind(&client, &cache, &recorder, &queue, &binds, pod, node);
+                spawn_bind(&binders, &cache, &recorder, &queue, &binds, pod, node);
             }
             Decision::Unschedulable { pod, message, preempt, clear_nomination } => {
                 queue.unschedulable(&k, seq).await;
@@ -805,7 +808,7 @@ const BINDS_IN_FLIGHT: usize = 64;
 /// The binding cycle, asynchronous as upstream's: the pod is assumed on the node, so the next
 /// cycles already count it; a failed bind forgets it and sends the pod back through back-off.
 fn spawn_bind(
-    client: &Client,
+    binders: &Arc<[Arc<dyn framework::Bind>]>,
     cache: &Arc<Mutex<Cache>>,
     recorder: &Recorder,
     queue: &Arc<Queue>,
@@ -813,28 +816,21 @@ fn spawn_bind(
     pod: Arc<Pod>,
     node: String,
 ) {
-    let (client, cache, recorder, queue, binds) =
-        (client.clone(), cache.clone(), recorder.clone(), queue.clone(), binds.clone());
+    let (binders, cache, recorder, queue, binds) =
+        (binders.clone(), cache.clone(), recorder.clone(), queue.clone(), binds.clone());
     tokio::spawn(async move {
         let _permit = binds.acquire_owned().await;
         let ns = pod.metadata.namespace.clone().unwrap_or_default();
         let name = pod.metadata.name.clone().unwrap_or_default();
-        let api: Api<Pod> = Api::namespaced(client, &ns);
-        let binding = serde_json::json!({
-            "apiVersion": "v1", "kind": "Binding",
-            "metadata": {"name": name, "namespace": ns, "uid": pod.metadata.uid},
-            "target": {"apiVersion": "v1", "kind": "Node", "name": node},
-        });
-        match api
-            .create_subresource::<serde_json::Value, serde_json::Value>(
-                "binding",
-                &name,
-                &PostParams::default(),
-                &binding,
-            )
-            .await
-        {
-            Ok(_) => {
+        let mut outcome = Err("no bind plugin bound the pod".to_string());
+        for b in binders.iter() {
+            if let Some(r) = b.bind(&pod, &node).await {
+                outcome = r;
+                break;
+            }
+        }
+        match outcome {
+            Ok(()) => {
                 recorder
                     .record(
                         &reference(&*pod),
@@ -857,6 +853,46 @@ fn spawn_bind(
             }
         }
     });
+}
+
+/// Upstream's DefaultBinder: the pods/binding subresource, carrying the pod's uid so a pod
+/// deleted and created again under the same name is never bound by mistake.
+struct DefaultBinder {
+    client: Client,
+}
+
+impl framework::Plugin for DefaultBinder {
+    fn name(&self) -> &'static str {
+        "DefaultBinder"
+    }
+}
+
+impl framework::Bind for DefaultBinder {
+    fn bind<'a>(
+        &'a self,
+        pod: &'a Pod,
+        node: &'a str,
+    ) -> futures::future::BoxFuture<'a, Option<Result<(), String>>> {
+        Box::pin(async move {
+            let ns = pod.metadata.namespace.clone().unwrap_or_default();
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
+            let binding = serde_json::json!({
+                "apiVersion": "v1", "kind": "Binding",
+                "metadata": {"name": name, "namespace": ns, "uid": pod.metadata.uid},
+                "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+            });
+            let r = api
+                .create_subresource::<serde_json::Value, serde_json::Value>(
+                    "binding",
+                    &name,
+                    &PostParams::default(),
+                    &binding,
+                )
+                .await;
+            Some(r.map(|_| ()).map_err(|e| e.to_string()))
+        })
+    }
 }
 
 /// FailedScheduling: the event, the PodScheduled condition (and nominatedNodeName); with a
