@@ -188,12 +188,19 @@ pub struct Profile {
 /// pod-to-pod filters last, InterPodAffinity before PodTopologySpread), with its score weights.
 impl Default for Profile {
     fn default() -> Profile {
+        Profile::with_strategy(crate::plugins::ScoringStrategy::default())
+    }
+}
+
+impl Profile {
+    /// The default profile with NodeResourcesFit scoring by `strategy`.
+    pub fn with_strategy(strategy: crate::plugins::ScoringStrategy) -> Profile {
         use crate::interpod::{InterPodAffinity, PodTopologySpread};
         use crate::plugins::{
             BalancedAllocation, NodeAffinity, NodeName, NodePorts, NodeResourcesFit,
             NodeUnschedulable, TaintToleration,
         };
-        let fit = Arc::new(NodeResourcesFit);
+        let fit = Arc::new(NodeResourcesFit { strategy });
         let taints = Arc::new(TaintToleration);
         let node_affinity = Arc::new(NodeAffinity);
         let pod_affinity = Arc::new(InterPodAffinity);

@@ -43,6 +43,8 @@ pub struct Config {
     /// Identity in the leader lease.
     pub identity: String,
     pub lease_duration: Duration,
+    /// How NodeResourcesFit scores nodes (upstream's scoringStrategy; LeastAllocated).
+    pub scoring_strategy: plugins::ScoringStrategy,
 }
 
 impl Default for Config {
@@ -51,6 +53,7 @@ impl Default for Config {
             scheduler_name: "default-scheduler".into(),
             identity: format!("{}_{}", hostname(), uuid_like()),
             lease_duration: Duration::from_secs(15),
+            scoring_strategy: plugins::ScoringStrategy::default(),
         }
     }
 }
@@ -556,7 +559,10 @@ pub async fn run_with_client(
 
 /// Informers and the scheduling loop, until `shutdown`.
 async fn schedule_while(client: Client, config: &Config, shutdown: CancellationToken) {
-    let cache = Arc::new(Mutex::new(Cache::default()));
+    let cache = Arc::new(Mutex::new(Cache {
+        profile: framework::Profile::with_strategy(config.scoring_strategy),
+        ..Cache::default()
+    }));
     let queue = Arc::new(Queue::new());
     let binds = Arc::new(tokio::sync::Semaphore::new(BINDS_IN_FLIGHT));
     // The Bind extension point: upstream's DefaultBinder is the only binder.

@@ -450,6 +450,10 @@ fn least_allocated(cpu: f64, mem: f64) -> i64 {
     (((1.0 - cpu) + (1.0 - mem)) / 2.0 * 100.0) as i64
 }
 
+fn most_allocated(cpu: f64, mem: f64) -> i64 {
+    ((cpu + mem) / 2.0 * 100.0) as i64
+}
+
 fn balanced(cpu: f64, mem: f64) -> i64 {
     ((1.0 - (cpu - mem).abs()) * 100.0) as i64
 }
@@ -501,7 +505,30 @@ plugin!(NodeName, "NodeName");
 plugin!(TaintToleration, "TaintToleration");
 plugin!(NodeAffinity, "NodeAffinity");
 plugin!(NodePorts, "NodePorts");
-plugin!(NodeResourcesFit, "NodeResourcesFit");
+
+/// How NodeResourcesFit scores a feasible node (upstream's `scoringStrategy`): spread pods over
+/// the least used nodes (LeastAllocated, the default) or pack them onto the most used ones
+/// (MostAllocated, which leaves whole nodes free).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ScoringStrategy {
+    #[default]
+    #[value(name = "LeastAllocated")]
+    LeastAllocated,
+    #[value(name = "MostAllocated")]
+    MostAllocated,
+}
+
+/// The NodeResourcesFit plugin: filters on requests, scores with its strategy.
+#[derive(Default)]
+pub struct NodeResourcesFit {
+    pub strategy: ScoringStrategy,
+}
+
+impl Plugin for NodeResourcesFit {
+    fn name(&self) -> &'static str {
+        "NodeResourcesFit"
+    }
+}
 plugin!(BalancedAllocation, "NodeResourcesBalancedAllocation");
 
 impl Filter for NodeUnschedulable {
@@ -552,11 +579,14 @@ impl Filter for NodeResourcesFit {
     }
 }
 
-/// NodeResourcesFit's score: the LeastAllocated strategy.
+/// NodeResourcesFit's score: cpu and memory weighted equally, as upstream's default resources.
 impl Score for NodeResourcesFit {
     fn score(&self, _: &CycleState, pod: &PodInfo, node: &NodeInfo) -> i64 {
         let (cpu, mem) = fractions(pod, &node.alloc, &node.usage);
-        least_allocated(cpu, mem)
+        match self.strategy {
+            ScoringStrategy::LeastAllocated => least_allocated(cpu, mem),
+            ScoringStrategy::MostAllocated => most_allocated(cpu, mem),
+        }
     }
 }
 
@@ -696,6 +726,137 @@ mod tests {
                 "0/3 nodes are available: 1 node(s) had untolerated taint(s), 2 Insufficient cpu."
             ),
             "{m}"
+        );
+    }
+
+    fn info(pod: Pod) -> PodInfo {
+        PodInfo::new(Arc::new(pod))
+    }
+
+    fn node_info(n: Node) -> NodeInfo {
+        NodeInfo::new(Arc::new(n))
+    }
+
+    #[test]
+    fn an_unschedulable_node_refuses_pods_unless_they_tolerate_it() {
+        let mut n = node("cordoned", "4", None);
+        n.spec.as_mut().unwrap().unschedulable = Some(true);
+        let r = filter(&pod_with(&[]), &n, &NodeUsage::default()).unwrap_err();
+        assert_eq!(r.reasons, ["node(s) were unschedulable"]);
+        assert!(!r.resolvable);
+        let mut pod = pod_with(&[]);
+        pod.spec.as_mut().unwrap().tolerations = Some(vec![Toleration {
+            key: Some("node.kubernetes.io/unschedulable".into()),
+            operator: Some("Exists".into()),
+            effect: Some("NoSchedule".into()),
+            ..Default::default()
+        }]);
+        assert!(filter(&pod, &n, &NodeUsage::default()).is_ok());
+    }
+
+    #[test]
+    fn a_pod_naming_a_node_fits_only_that_node() {
+        let mut pod = pod_with(&[]);
+        pod.spec.as_mut().unwrap().node_name = Some("n2".into());
+        let r = filter(&pod, &node("n1", "4", None), &NodeUsage::default()).unwrap_err();
+        assert_eq!(r.reasons, ["node(s) didn't match the requested node name"]);
+        assert!(filter(&pod, &node("n2", "4", None), &NodeUsage::default()).is_ok());
+    }
+
+    #[test]
+    fn node_selector_and_required_affinity_must_match_the_labels() {
+        let mut ssd = node("ssd", "4", None);
+        ssd.metadata.labels = Some([("disk".to_string(), "ssd".to_string())].into());
+        let hdd = node("hdd", "4", None);
+        let mut pod = pod_with(&[]);
+        pod.spec.as_mut().unwrap().node_selector = Some([("disk".into(), "ssd".into())].into());
+        assert!(filter(&pod, &ssd, &NodeUsage::default()).is_ok());
+        let r = filter(&pod, &hdd, &NodeUsage::default()).unwrap_err();
+        assert_eq!(r.reasons, ["node(s) didn't match Pod's node affinity/selector"]);
+        let mut pod = pod_with(&[]);
+        pod.spec.as_mut().unwrap().affinity = Some(serde_json::from_value(serde_json::json!({
+            "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "disk", "operator": "NotIn", "values": ["ssd"]}]}]}}
+        })).unwrap());
+        assert!(filter(&pod, &hdd, &NodeUsage::default()).is_ok());
+        assert!(filter(&pod, &ssd, &NodeUsage::default()).is_err());
+    }
+
+    #[test]
+    fn a_host_port_in_use_refuses_the_node_and_preemption_may_help() {
+        let with_port = || -> Pod {
+            serde_json::from_value(serde_json::json!({"spec": {"containers": [
+                {"name": "c", "ports": [{"containerPort": 80, "hostPort": 8080}]}]}}))
+            .unwrap()
+        };
+        let mut usage = NodeUsage::default();
+        let n = node("n", "4", None);
+        assert!(filter(&with_port(), &n, &usage).is_ok());
+        usage.add(&with_port());
+        let r = filter(&with_port(), &n, &usage).unwrap_err();
+        assert_eq!(r.reasons, ["node(s) didn't have free ports for the requested pod ports"]);
+        assert!(r.resolvable);
+    }
+
+    #[test]
+    fn a_full_node_says_too_many_pods_and_every_short_resource() {
+        let mut n = node("small", "1", None);
+        n.status
+            .as_mut()
+            .unwrap()
+            .allocatable
+            .as_mut()
+            .unwrap()
+            .insert("pods".into(), Quantity("1".into()));
+        let mut usage = NodeUsage::default();
+        usage.add(&pod_with(&[("cpu", "500m")]));
+        let r = filter(&pod_with(&[("cpu", "600m"), ("memory", "9Gi")]), &n, &usage).unwrap_err();
+        assert_eq!(r.reasons, ["Too many pods", "Insufficient cpu", "Insufficient memory"]);
+        assert!(r.resolvable);
+    }
+
+    #[test]
+    fn least_allocated_prefers_the_emptier_node_and_most_allocated_the_fuller() {
+        let pod = info(pod_with(&[("cpu", "1"), ("memory", "1Gi")]));
+        let empty = node_info(node("empty", "4", None));
+        let mut busy = node_info(node("busy", "4", None));
+        busy.usage.add(&pod_with(&[("cpu", "2"), ("memory", "4Gi")]));
+        let state = CycleState::new();
+        let least = NodeResourcesFit { strategy: ScoringStrategy::LeastAllocated };
+        let most = NodeResourcesFit { strategy: ScoringStrategy::MostAllocated };
+        // empty: cpu 1/4, memory 1/8 → least (0.75 + 0.875) / 2; busy: 3/4 and 5/8.
+        assert_eq!(least.score(&state, &pod, &empty), 81);
+        assert_eq!(least.score(&state, &pod, &busy), 31);
+        assert_eq!(most.score(&state, &pod, &empty), 18);
+        assert_eq!(most.score(&state, &pod, &busy), 68);
+    }
+
+    #[test]
+    fn balanced_allocation_prefers_equal_cpu_and_memory_fractions() {
+        let pod = info(pod_with(&[("cpu", "2"), ("memory", "4Gi")]));
+        let even = node_info(node("even", "4", None));
+        let mut skewed = node_info(node("skewed", "4", None));
+        skewed.usage.add(&pod_with(&[("cpu", "2")]));
+        let state = CycleState::new();
+        assert_eq!(BalancedAllocation.score(&state, &pod, &even), 100);
+        assert_eq!(BalancedAllocation.score(&state, &pod, &skewed), 50);
+    }
+
+    #[test]
+    fn prefer_no_schedule_taints_lower_the_score_without_refusing() {
+        let mut n = node("n", "4", None);
+        n.spec.as_mut().unwrap().taints = Some(vec![Taint {
+            key: "spot".into(),
+            effect: "PreferNoSchedule".into(),
+            ..Default::default()
+        }]);
+        let pod = pod_with(&[]);
+        assert!(filter(&pod, &n, &NodeUsage::default()).is_ok());
+        let state = CycleState::new();
+        assert_eq!(TaintToleration.score(&state, &info(pod.clone()), &node_info(n.clone())), 75);
+        assert_eq!(
+            TaintToleration.score(&state, &info(pod), &node_info(node("m", "4", None))),
+            100
         );
     }
 }
