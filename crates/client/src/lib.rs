@@ -12,6 +12,15 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use tokio_util::sync::CancellationToken;
 
 /// `now` as Kubernetes writes timestamps (RFC 3339, seconds).
+/// A Node's Ready condition status ("True", "False", "Unknown"); empty when it has none yet.
+pub fn node_ready(node: &k8s_openapi::api::core::v1::Node) -> &str {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .map_or("", |c| c.status.as_str())
+}
+
 pub fn now_time() -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
     k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now())
 }

@@ -49,15 +49,6 @@ fn last_heartbeat(renewals: &HashMap<String, i64>, node: &Node) -> Option<i64> {
     lease.max(ready).or(node.metadata.creation_timestamp.as_ref().map(|t| ts(&t.0)))
 }
 
-/// The node's Ready status; empty while it has never posted one (just registered).
-fn ready_status(node: &Node) -> String {
-    node.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|c| c.iter().find(|c| c.type_ == "Ready").map(|c| c.status.clone()))
-        .unwrap_or_default()
-}
-
 pub async fn run(
     client: Client,
     inf: Informers,
@@ -92,7 +83,7 @@ pub async fn run(
                     .await;
             }
             let hb = last_heartbeat(&renewals, node).unwrap_or(now);
-            let ready = ready_status(node);
+            let ready = rkube_client::node_ready(node).to_string();
             // A node that registered but never posted its status gets the startup grace (as
             // upstream): until then it is neither Ready nor lost, and gets no taint.
             let never_posted = ready.is_empty();

@@ -374,15 +374,6 @@ async fn heartbeat_at(client: &Client, node: &str, at: jiff::Timestamp) {
         .expect("post the node status");
 }
 
-fn ready_of(n: &Node) -> String {
-    n.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
-        .map(|c| c.status.clone())
-        .unwrap_or_default()
-}
-
 /// (name, node, being deleted) of every pod of the namespace.
 async fn placement(pods: &Api<Pod>) -> Vec<(String, String, bool)> {
     pods.list(&Default::default())
@@ -467,13 +458,18 @@ async fn with_upstream_timings_a_silent_node_is_lost_after_50_s_and_its_pods_mov
         tokio::time::sleep(Duration::from_millis(400)).await;
     };
     step(50).await;
-    assert_eq!(ready_of(&nodes.get(victim).await.expect("node")), "True", "at grace: not yet lost");
+    assert_eq!(
+        rkube_client::node_ready(&nodes.get(victim).await.expect("node")),
+        "True",
+        "at grace: not yet lost"
+    );
     step(1).await;
     let lost_at = hand.now();
     let node =
         eventually("the victim Unknown at grace + 1 s", Duration::from_secs(10), async || {
             let n = nodes.get(victim).await.ok()?;
-            (ready_of(&n) == "Unknown" && lifecycle_taints(&n).len() == 2).then_some(n)
+            (rkube_client::node_ready(&n) == "Unknown" && lifecycle_taints(&n).len() == 2)
+                .then_some(n)
         })
         .await;
     assert_eq!(
@@ -490,7 +486,11 @@ async fn with_upstream_timings_a_silent_node_is_lost_after_50_s_and_its_pods_mov
         .expect("timeAdded");
     assert_eq!(added.0.as_second(), lost_at.as_second(), "tainted when found lost");
     for n in &survivors {
-        assert_eq!(ready_of(&nodes.get(n).await.expect("node")), "True", "{n} keeps beating");
+        assert_eq!(
+            rkube_client::node_ready(&nodes.get(n).await.expect("node")),
+            "True",
+            "{n} keeps beating"
+        );
     }
 
     step(299).await;
@@ -580,12 +580,12 @@ async fn a_node_that_never_posted_its_status_gets_the_startup_grace_then_is_unkn
     while created.elapsed() < Duration::from_millis(2500) {
         let fresh = nodes.get("fresh").await.expect("node");
         assert!(lifecycle_taints(&fresh).is_empty(), "tainted within the startup grace");
-        assert_eq!(ready_of(&fresh), "", "marked within the startup grace");
+        assert_eq!(rkube_client::node_ready(&fresh), "", "marked within the startup grace");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let fresh = eventually("the silent new node Unknown", Duration::from_secs(10), async || {
         let n = nodes.get("fresh").await.ok()?;
-        (ready_of(&n) == "Unknown"
+        (rkube_client::node_ready(&n) == "Unknown"
             && lifecycle_taints(&n)
                 == [
                     "node.kubernetes.io/unreachable:NoExecute",

@@ -66,6 +66,27 @@ async fn pod_dir(ctx: &Ctx, ns: &str, pod: &str) -> Result<(Pod, PathBuf), Respo
     Ok((p, ctx.config.data_dir.join("pods").join(uid)))
 }
 
+/// The pod, its directory and its app container `container` (exec and attach), or the
+/// error response when either is missing.
+async fn app_container(
+    ctx: &Ctx,
+    ns: &str,
+    pod: &str,
+    container: &str,
+) -> Result<(Pod, PathBuf, k8s_openapi::api::core::v1::Container), Response> {
+    let (p, dir) = pod_dir(ctx, ns, pod).await?;
+    let c =
+        p.spec.as_ref().and_then(|s| s.containers.iter().find(|c| c.name == container).cloned());
+    match c {
+        Some(c) => Ok((p, dir, c)),
+        None => Err(status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            format!("container {container} is not valid for pod {pod}"),
+        )),
+    }
+}
+
 /// One CRI log line split into (timestamp, message).
 fn parse_line(line: &str) -> (&str, &str) {
     let mut parts = line.splitn(4, ' ');
@@ -206,18 +227,9 @@ async fn exec(
     axum::extract::RawQuery(raw): axum::extract::RawQuery,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let (p, dir) = match pod_dir(&ctx, &ns, &pod).await {
+    let (p, dir, c) = match app_container(&ctx, &ns, &pod, &container).await {
         Ok(x) => x,
         Err(r) => return r,
-    };
-    let Some(c) =
-        p.spec.as_ref().and_then(|s| s.containers.iter().find(|c| c.name == container).cloned())
-    else {
-        return status(
-            StatusCode::BAD_REQUEST,
-            "BadRequest",
-            format!("container {container} is not valid for pod {pod}"),
-        );
     };
     let StreamQuery { command, stdin, tty, .. } = StreamQuery::parse(raw.as_deref());
     if command.is_empty() {
@@ -321,18 +333,9 @@ async fn attach(
     axum::extract::RawQuery(raw): axum::extract::RawQuery,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let (p, dir) = match pod_dir(&ctx, &ns, &pod).await {
+    let (p, dir, c) = match app_container(&ctx, &ns, &pod, &container).await {
         Ok(x) => x,
         Err(r) => return r,
-    };
-    let Some(c) =
-        p.spec.as_ref().and_then(|s| s.containers.iter().find(|c| c.name == container).cloned())
-    else {
-        return status(
-            StatusCode::BAD_REQUEST,
-            "BadRequest",
-            format!("container {container} is not valid for pod {pod}"),
-        );
     };
     let q = StreamQuery::parse(raw.as_deref());
     if !q.stdin && !q.stdout && !q.stderr {

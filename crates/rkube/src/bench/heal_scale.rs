@@ -29,15 +29,6 @@ struct Kubelet {
     task: tokio::task::JoinHandle<()>,
 }
 
-fn ready_of(n: &Node) -> String {
-    n.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
-        .map(|c| c.status.clone())
-        .unwrap_or_default()
-}
-
 fn node_of(p: &Pod) -> String {
     p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default()
 }
@@ -161,7 +152,7 @@ async fn scenario(
             .await?
             .items
             .iter()
-            .filter(|n| ready_of(n) == "True")
+            .filter(|n| rkube_client::node_ready(n) == "True")
             .count();
         if ready == NODES {
             break;
@@ -235,7 +226,7 @@ async fn scenario(
         let now = t0.elapsed().as_secs_f64();
         if not_ready_s.is_none() || tainted_s.is_none() {
             let n = nodes.get(&victim).await?;
-            if not_ready_s.is_none() && ready_of(&n) == "Unknown" {
+            if not_ready_s.is_none() && rkube_client::node_ready(&n) == "Unknown" {
                 not_ready_s = Some(now);
             }
             let taints = n.spec.and_then(|s| s.taints).unwrap_or_default();
