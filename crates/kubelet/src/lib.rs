@@ -12,6 +12,7 @@ mod pods;
 mod portforward;
 mod probes;
 pub mod procinit;
+mod remotecommand;
 pub mod runtime;
 mod server;
 mod spdy;

@@ -218,7 +218,7 @@ where
 {
     let (mut rd, wr) = tokio::io::split(io);
     let (out, out_rx) = mpsc::channel::<Frame>(64);
-    let writer = tokio::spawn(write_frames(wr, out_rx));
+    let writer = tokio::spawn(spdy::write_frames(wr, out_rx));
     let mut inflate = spdy::Inflater::new();
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut streams: HashMap<u32, StreamIn> = HashMap::new();
@@ -397,27 +397,6 @@ async fn forward_spdy(
     }
     drop(error);
     (data_id, error_id)
-}
-
-/// Encodes frames in order (the header compressor is one stream) and writes them, coalescing
-/// what is queued into one write.
-async fn write_frames<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Frame>) {
-    let mut deflate = spdy::Deflater::new();
-    let mut buf = BytesMut::new();
-    while let Some(f) = rx.recv().await {
-        spdy::encode(&f, &mut deflate, &mut buf);
-        while buf.len() < 256 * 1024 {
-            match rx.try_recv() {
-                Ok(f) => spdy::encode(&f, &mut deflate, &mut buf),
-                Err(_) => break,
-            }
-        }
-        if wr.write_all(&buf).await.is_err() || wr.flush().await.is_err() {
-            return;
-        }
-        buf.clear();
-    }
-    let _ = wr.shutdown().await;
 }
 
 /// SPDY tunnelled in a WebSocket: binary messages are arbitrary slices of the byte stream.

@@ -1,7 +1,8 @@
 //! The kubelet's own HTTP endpoint, which the API server proxies `kubectl logs`, `kubectl exec`,
 //! `kubectl attach` and `kubectl port-forward` to: container logs (follow, tail, since,
 //! timestamps, previous), exec and attach over the Kubernetes WebSocket channel protocol
-//! (v4/v5.channel.k8s.io) and port forwarding (SPDY/3.1, plain or in a WebSocket, and WebSocket
+//! (v4/v5.channel.k8s.io) or SPDY/3.1 streams (kubectl before 1.30; one session, two transports:
+//! see `remotecommand`) and port forwarding (SPDY/3.1, plain or in a WebSocket, and WebSocket
 //! channels; see `portforward`).
 
 use std::collections::HashMap;
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -22,6 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::Config;
+use crate::remotecommand::{Input, Output, Transport, Upgrade, Wanted, Ws};
 
 #[derive(Clone)]
 struct Ctx {
@@ -225,13 +227,14 @@ async fn exec(
     State(ctx): State<Ctx>,
     Path((ns, pod, container)): Path<(String, String, String)>,
     axum::extract::RawQuery(raw): axum::extract::RawQuery,
-    ws: WebSocketUpgrade,
+    req: axum::extract::Request,
 ) -> Response {
     let (p, dir, c) = match app_container(&ctx, &ns, &pod, &container).await {
         Ok(x) => x,
         Err(r) => return r,
     };
-    let StreamQuery { command, stdin, tty, .. } = StreamQuery::parse(raw.as_deref());
+    let q = StreamQuery::parse(raw.as_deref());
+    let (command, stdin, tty) = (q.command.clone(), q.stdin, q.tty);
     if command.is_empty() {
         return status(
             StatusCode::BAD_REQUEST,
@@ -277,15 +280,33 @@ async fn exec(
             }
         }
     }
-    ws.protocols(["v5.channel.k8s.io", "v4.channel.k8s.io", "channel.k8s.io"]).on_upgrade(
-        move |socket| async move {
-            if tty {
-                run_tty(socket, command, prefix, env, workdir).await
-            } else {
-                run_exec(socket, command, prefix, env, workdir, stdin).await
-            }
-        },
-    )
+    let job = ExecJob { command, prefix, env, workdir, stdin, tty };
+    match Upgrade::from_request(req).await {
+        Ok(Upgrade::Ws(ws)) => ws.on_upgrade(move |socket| job.run(Ws(socket))),
+        Ok(Upgrade::Spdy(up)) => up.serve(q.wanted(), move |t| job.run(t)),
+        Err(r) => r,
+    }
+}
+
+/// One `kubectl exec` command, run once the client's connection is upgraded.
+struct ExecJob {
+    command: Vec<String>,
+    prefix: Vec<String>,
+    env: Vec<(String, String)>,
+    workdir: PathBuf,
+    stdin: bool,
+    tty: bool,
+}
+
+impl ExecJob {
+    async fn run<T: Transport>(self, t: T) {
+        let ExecJob { command, prefix, env, workdir, stdin, tty } = self;
+        if tty {
+            run_tty(t, command, prefix, env, workdir).await
+        } else {
+            run_exec(t, command, prefix, env, workdir, stdin).await
+        }
+    }
 }
 
 /// The query of exec and attach: `command` repeats (command=sh&command=-c&command=echo ok).
@@ -321,6 +342,11 @@ impl StreamQuery {
         }
         q
     }
+
+    /// The SPDY streams the client opens for this query.
+    fn wanted(&self) -> Wanted {
+        Wanted { stdin: self.stdin, stdout: self.stdout, stderr: self.stderr, tty: self.tty }
+    }
 }
 
 /// `kubectl attach`: the running container's output from now on, and its stdin when the
@@ -331,7 +357,7 @@ async fn attach(
     State(ctx): State<Ctx>,
     Path((ns, pod, container)): Path<(String, String, String)>,
     axum::extract::RawQuery(raw): axum::extract::RawQuery,
-    ws: WebSocketUpgrade,
+    req: axum::extract::Request,
 ) -> Response {
     let (p, dir, c) = match app_container(&ctx, &ns, &pod, &container).await {
         Ok(x) => x,
@@ -394,15 +420,22 @@ async fn attach(
         Err(_) => return not_running(),
     };
     let (stdout, stderr) = (q.stdout, q.stderr);
-    ws.protocols(["v5.channel.k8s.io", "v4.channel.k8s.io", "channel.k8s.io"])
-        .on_upgrade(move |socket| relay_attach(socket, conn, tty, stdout, stderr))
+    match Upgrade::from_request(req).await {
+        Ok(Upgrade::Ws(ws)) => {
+            ws.on_upgrade(move |socket| relay_attach(Ws(socket), conn, tty, stdout, stderr))
+        }
+        Ok(Upgrade::Spdy(up)) => {
+            up.serve(q.wanted(), move |t| relay_attach(t, conn, tty, stdout, stderr))
+        }
+        Err(r) => r,
+    }
 }
 
 /// Relays one attach session: the container's output to channels 1 and 2 (1 only for a
 /// terminal), channel 0 to its stdin, channel 4 (terminal size) to its terminal; a close of
 /// channel 0 ends this session's stdin. When the container ends, a Success status on channel 3.
-async fn relay_attach(
-    mut socket: WebSocket,
+async fn relay_attach<T: Transport>(
+    mut t: T,
     conn: tokio::net::UnixStream,
     tty: bool,
     stdout: bool,
@@ -414,51 +447,36 @@ async fn relay_attach(
         tokio::select! {
             out = attach::read_output(&mut from_hub) => match out {
                 Some((stream, data)) => {
-                    let ch = if tty { attach::STDOUT } else { stream };
-                    if (ch == attach::STDOUT && !stdout) || (ch == attach::STDERR && !stderr) {
+                    let to = if tty || stream == attach::STDOUT { Output::Stdout } else { Output::Stderr };
+                    if (to == Output::Stdout && !stdout) || (to == Output::Stderr && !stderr) {
                         continue;
                     }
-                    let mut f = Vec::with_capacity(data.len() + 1);
-                    f.push(ch);
-                    f.extend_from_slice(&data);
-                    if socket.send(Message::Binary(f.into())).await.is_err() {
+                    if !t.send(to, &data).await {
                         break false;
                     }
                 }
                 None => break true,
             },
-            msg = socket.recv() => match msg {
-                Some(Ok(Message::Binary(b))) if !b.is_empty() => match b[0] {
-                    0 => {
-                        for chunk in b[1..].chunks(u16::MAX as usize) {
-                            if to_hub.write_all(&attach::client_frame(attach::STDIN, chunk)).await.is_err() {
-                                break;
-                            }
+            input = t.recv() => match input {
+                Input::Stdin(b) => {
+                    for chunk in b.chunks(u16::MAX as usize) {
+                        if to_hub.write_all(&attach::client_frame(attach::STDIN, chunk)).await.is_err() {
+                            break;
                         }
                     }
-                    4 => {
-                        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b[1..]) {
-                            let w = v["Width"].as_u64().unwrap_or(80) as u16;
-                            let h = v["Height"].as_u64().unwrap_or(24) as u16;
-                            let _ = to_hub.write_all(&attach::resize_frame(w, h)).await;
-                        }
-                    }
-                    255 if b.get(1) == Some(&0) => {
-                        let _ = to_hub.shutdown().await;
-                    }
-                    _ => {}
-                },
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break false,
-                _ => {}
+                }
+                Input::Resize { width, height } => {
+                    let _ = to_hub.write_all(&attach::resize_frame(width, height)).await;
+                }
+                Input::StdinEnd => {
+                    let _ = to_hub.shutdown().await;
+                }
+                Input::Gone => break false,
             },
         }
     };
     if ended {
-        let st = serde_json::json!({"metadata": {}, "status": "Success"});
-        let mut frame = vec![3u8];
-        frame.extend_from_slice(st.to_string().as_bytes());
-        let _ = socket.send(Message::Binary(frame.into())).await;
-        close(&mut socket).await;
+        t.finish(serde_json::json!({"metadata": {}, "status": "Success"})).await;
     }
 }
 
@@ -636,8 +654,8 @@ fn exec_command(
     }
 }
 
-async fn run_exec(
-    mut socket: WebSocket,
+async fn run_exec<T: Transport>(
+    mut t: T,
     command: Vec<String>,
     prefix: Vec<String>,
     env: Vec<(String, String)>,
@@ -651,10 +669,7 @@ async fn run_exec(
         .kill_on_drop(true);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
-        Err(e) => {
-            fail_start(&mut socket, &command[0], e).await;
-            return;
-        }
+        Err(e) => return t.finish(start_failure(&command[0], e)).await,
     };
     let mut stdin = child.stdin.take();
     let mut stdout = child.stdout.take();
@@ -668,26 +683,21 @@ async fn run_exec(
             n = async { match stdout.as_mut() { Some(s) => s.read(&mut out_buf).await, None => std::future::pending().await } }, if out_open => {
                 match n {
                     Ok(0) | Err(_) => { out_open = false; }
-                    Ok(n) => { let mut f = vec![1u8]; f.extend_from_slice(&out_buf[..n]); if socket.send(Message::Binary(f.into())).await.is_err() { break None; } }
+                    Ok(n) => if !t.send(Output::Stdout, &out_buf[..n]).await { break None; },
                 }
             }
             n = async { match stderr.as_mut() { Some(s) => s.read(&mut err_buf).await, None => std::future::pending().await } }, if err_open => {
                 match n {
                     Ok(0) | Err(_) => { err_open = false; }
-                    Ok(n) => { let mut f = vec![2u8]; f.extend_from_slice(&err_buf[..n]); if socket.send(Message::Binary(f.into())).await.is_err() { break None; } }
+                    Ok(n) => if !t.send(Output::Stderr, &err_buf[..n]).await { break None; },
                 }
             }
-            msg = socket.recv() => {
-                match msg {
-                    Some(Ok(Message::Binary(b))) if !b.is_empty() => match b[0] {
-                        0 => { if let Some(s) = stdin.as_mut() && s.write_all(&b[1..]).await.is_err() { stdin = None; } }
-                        255 if b.get(1) == Some(&0) => { stdin = None; }
-                        _ => {}
-                    },
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break None,
-                    _ => {}
-                }
-            }
+            input = t.recv() => match input {
+                Input::Stdin(b) => { if let Some(s) = stdin.as_mut() && s.write_all(&b).await.is_err() { stdin = None; } }
+                Input::StdinEnd => { stdin = None; }
+                Input::Resize { .. } => {}
+                Input::Gone => break None,
+            },
             st = child.wait(), if !out_open && !err_open => break st.ok(),
         }
     };
@@ -695,28 +705,18 @@ async fn run_exec(
         let _ = child.kill().await;
         return;
     }
-    let _ = socket.send(Message::Binary(status_frame(exit, &command).into())).await;
-    close(&mut socket).await;
+    t.finish(exit_status(exit, &command)).await;
 }
 
-/// Tells the client the command could not start (status channel 3), then closes.
-async fn fail_start(socket: &mut WebSocket, program: &str, e: std::io::Error) {
-    let st = serde_json::json!({"metadata": {}, "status": "Failure", "message": format!("failed to exec in container: exec: \"{program}\": {e}"), "reason": "InternalError"});
-    let mut frame = vec![3u8];
-    frame.extend_from_slice(st.to_string().as_bytes());
-    let _ = socket.send(Message::Binary(frame.into())).await;
-    close(socket).await;
+/// The status of a command that could not start.
+fn start_failure(program: &str, e: std::io::Error) -> serde_json::Value {
+    serde_json::json!({"metadata": {}, "status": "Failure", "message": format!("failed to exec in container: exec: \"{program}\": {e}"), "reason": "InternalError"})
 }
 
-/// A normal closure (code 1000): kubectl treats a close without status as an error.
-async fn close(socket: &mut WebSocket) {
-    let _ = socket
-        .send(Message::Close(Some(axum::extract::ws::CloseFrame { code: 1000, reason: "".into() })))
-        .await;
-}
-
-fn status_frame(exit: Option<std::process::ExitStatus>, command: &[String]) -> Vec<u8> {
-    let st = match exit {
+/// The final status of a command: Success, or the exit code as upstream's NonZeroExitCode
+/// (which kubectl turns into its own exit code).
+fn exit_status(exit: Option<std::process::ExitStatus>, command: &[String]) -> serde_json::Value {
+    match exit {
         Some(s) if s.success() => serde_json::json!({"metadata": {}, "status": "Success"}),
         Some(s) => {
             let code = s.code().unwrap_or(137);
@@ -725,16 +725,13 @@ fn status_frame(exit: Option<std::process::ExitStatus>, command: &[String]) -> V
         None => {
             serde_json::json!({"metadata": {}, "status": "Failure", "message": "command was killed", "reason": "InternalError"})
         }
-    };
-    let mut frame = vec![3u8];
-    frame.extend_from_slice(st.to_string().as_bytes());
-    frame
+    }
 }
 
-/// `exec -t`: the command runs on a pseudo-terminal; channel 1 carries the terminal's output,
-/// channel 0 its input and channel 4 window resizes.
-async fn run_tty(
-    mut socket: WebSocket,
+/// `exec -t`: the command runs on a pseudo-terminal; its output goes to stdout, stdin is typed
+/// on it, and resizes set its size.
+async fn run_tty<T: Transport>(
+    mut t: T,
     command: Vec<String>,
     prefix: Vec<String>,
     env: Vec<(String, String)>,
@@ -754,10 +751,7 @@ async fn run_tty(
     };
     let (mut child, master) = match spawn() {
         Ok(x) => x,
-        Err(e) => {
-            fail_start(&mut socket, &command[0], e).await;
-            return;
-        }
+        Err(e) => return t.finish(start_failure(&command[0], e)).await,
     };
     let resize_fd = match master.try_clone() {
         Ok(f) => f,
@@ -776,36 +770,22 @@ async fn run_tty(
                 // EIO on the master: the terminal's last user closed it (the command exited).
                 Ok(0) | Err(_) => out_open = false,
                 Ok(n) => {
-                    let mut f = vec![1u8];
-                    f.extend_from_slice(&buf[..n]);
-                    if socket.send(Message::Binary(f.into())).await.is_err() {
+                    if !t.send(Output::Stdout, &buf[..n]).await {
                         break None;
                     }
                 }
             },
-            msg = socket.recv() => match msg {
-                Some(Ok(Message::Binary(b))) if !b.is_empty() => match b[0] {
-                    0 => { let _ = writer.write_all(&b[1..]).await; let _ = writer.flush().await; }
-                    4 => {
-                        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b[1..]) {
-                            let w = v["Width"].as_u64().unwrap_or(80) as u16;
-                            let h = v["Height"].as_u64().unwrap_or(24) as u16;
-                            crate::tty::resize(&resize_fd, w, h);
-                        }
-                    }
-                    _ => {}
-                },
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break None,
-                _ => {}
+            input = t.recv() => match input {
+                Input::Stdin(b) => { let _ = writer.write_all(&b).await; let _ = writer.flush().await; }
+                Input::Resize { width, height } => crate::tty::resize(&resize_fd, width, height),
+                Input::StdinEnd => {}
+                Input::Gone => break None,
             },
             st = child.wait() => {
                 // Drain what the terminal still holds, then report.
                 let _ = tokio::time::timeout(Duration::from_millis(200), async {
                     while let Ok(n) = reader.read(&mut buf).await {
-                        if n == 0 { break; }
-                        let mut f = vec![1u8];
-                        f.extend_from_slice(&buf[..n]);
-                        if socket.send(Message::Binary(f.into())).await.is_err() { break; }
+                        if n == 0 || !t.send(Output::Stdout, &buf[..n]).await { break; }
                     }
                 }).await;
                 break st.ok();
@@ -816,8 +796,5 @@ async fn run_tty(
         let _ = child.kill().await;
         return;
     }
-    let _ = socket.send(Message::Binary(status_frame(exit, &command).into())).await;
-    let _ = socket
-        .send(Message::Close(Some(axum::extract::ws::CloseFrame { code: 1000, reason: "".into() })))
-        .await;
+    t.finish(exit_status(exit, &command)).await;
 }

@@ -1,4 +1,5 @@
-//! SPDY/3.1 framing, as far as `kubectl port-forward` needs it (the server side).
+//! SPDY/3.1 framing, as far as `kubectl port-forward`, `exec` and `attach` need it (the server
+//! side).
 //!
 //! A frame is an 8-byte header and a payload. Control frames start with the control bit, the
 //! version (3) and a type; data frames with a 31-bit stream id. Both carry 8 bits of flags and a
@@ -11,6 +12,8 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
 
 /// The SPDY/3 header-compression dictionary (draft-mbelshe-httpbis-spdy-00 §2.6.10.1).
 pub const DICTIONARY: &[u8] = include_bytes!("spdy3.dict");
@@ -408,6 +411,27 @@ pub fn encode(frame: &Frame, deflate: &mut Deflater, out: &mut BytesMut) {
         }
         Frame::Unknown { .. } => {}
     }
+}
+
+/// Encodes frames in order (the header compressor is one stream) and writes them, coalescing
+/// what is queued into one write; shuts the writing side down when every sender is gone.
+pub async fn write_frames<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Frame>) {
+    let mut deflate = Deflater::new();
+    let mut buf = BytesMut::new();
+    while let Some(f) = rx.recv().await {
+        encode(&f, &mut deflate, &mut buf);
+        while buf.len() < 256 * 1024 {
+            match rx.try_recv() {
+                Ok(f) => encode(&f, &mut deflate, &mut buf),
+                Err(_) => break,
+            }
+        }
+        if wr.write_all(&buf).await.is_err() || wr.flush().await.is_err() {
+            return;
+        }
+        buf.clear();
+    }
+    let _ = wr.shutdown().await;
 }
 
 #[cfg(test)]
