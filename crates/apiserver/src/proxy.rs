@@ -1,7 +1,7 @@
 //! The API server's side of `kubectl logs`, `kubectl exec`, `kubectl attach` and
 //! `kubectl port-forward`: find the pod's node, then relay the request to that node's kubelet
-//! (an HTTP stream for logs, a WebSocket for exec and attach, the upgraded connection as it is
-//! for port-forward).
+//! (an HTTP stream for logs; for exec, attach and port-forward a WebSocket relayed message by
+//! message, or a plain SPDY/3.1 upgrade relayed byte for byte).
 
 use std::collections::HashMap;
 
@@ -51,6 +51,16 @@ async fn kubelet_of(reg: &Registry, ns: &str, pod: &str) -> Result<(String, Valu
 
 fn default_container(p: &Value, q: &HashMap<String, String>) -> Result<String> {
     if let Some(c) = q.get("container").filter(|c| !c.is_empty()) {
+        // Upstream checks the name against every kind of container the pod has.
+        let known = ["containers", "initContainers", "ephemeralContainers"].iter().any(|kind| {
+            p["spec"][kind].as_array().into_iter().flatten().any(|x| x["name"] == c.as_str())
+        });
+        if !known {
+            return Err(Error::bad_request(format!(
+                "container {c} is not valid for pod {}",
+                p["metadata"]["name"].as_str().unwrap_or("")
+            )));
+        }
         return Ok(c.clone());
     }
     let cs: Vec<&str> = p["spec"]["containers"]
@@ -110,18 +120,17 @@ pub async fn exec(
     q: &HashMap<String, String>,
 ) -> Result<Response> {
     let (mut parts, _body) = req.into_parts();
+    let upgrade = header_tokens(&parts.headers, "upgrade");
+    if upgrade.iter().any(|u| u == "spdy/3.1") {
+        // kubectl before 1.30: the upgraded connection is relayed to the kubelet as it is.
+        let (addr, p) = kubelet_of(reg, ns, pod).await?;
+        let container = default_container(&p, q)?;
+        let path = format!("/{sub}/{ns}/{pod}/{container}?{raw_query}");
+        return relay_spdy(&addr, &path, parts).await;
+    }
     let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
         Ok(ws) => ws,
-        Err(_) => {
-            return Err(Error::Status {
-                code: 400,
-                reason: "BadRequest",
-                message: format!(
-                    "{sub} needs a WebSocket upgrade (v5.channel.k8s.io or v4.channel.k8s.io); SPDY is not supported"
-                ),
-                details: None,
-            });
-        }
+        Err(_) => return Err(Error::bad_request("Upgrade request required")),
     };
     let (addr, p) = kubelet_of(reg, ns, pod).await?;
     let container = default_container(&p, q)?;
@@ -256,6 +265,14 @@ pub async fn portforward(
         return Err(Error::bad_request("Upgrade request required"));
     }
     let (addr, _) = kubelet_of(reg, ns, pod).await?;
+    relay_spdy(&addr, &format!("/portForward/{ns}/{pod}?{raw_query}"), parts).await
+}
+
+/// A plain `Upgrade: SPDY/3.1` request (exec, attach, port-forward of kubectl before 1.30/1.31):
+/// asks the kubelet at `addr` for the same upgrade on `path` with the client's subprotocols and,
+/// once it agrees, relays the two upgraded connections byte for byte. A refusal goes back as it
+/// is.
+async fn relay_spdy(addr: &str, path: &str, mut parts: http::request::Parts) -> Result<Response> {
     let unavailable = |e: &dyn std::fmt::Display| {
         Error::status(
             503,
@@ -263,7 +280,7 @@ pub async fn portforward(
             format!("connecting to the kubelet at {addr}: {e}"),
         )
     };
-    let tcp = tokio::net::TcpStream::connect(&addr).await.map_err(|e| unavailable(&e))?;
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| unavailable(&e))?;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
             .await
@@ -273,8 +290,8 @@ pub async fn portforward(
     });
     let mut up = http::Request::builder()
         .method(parts.method.clone())
-        .uri(format!("/portForward/{ns}/{pod}?{raw_query}"))
-        .header(http::header::HOST, &addr)
+        .uri(path)
+        .header(http::header::HOST, addr)
         .header(http::header::CONNECTION, "Upgrade")
         .header(http::header::UPGRADE, "SPDY/3.1");
     for v in parts.headers.get_all("x-stream-protocol-version") {

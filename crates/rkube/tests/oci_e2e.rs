@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::Server;
+use common::{Server, versioned_kubectl};
 
 /// These tests each run a whole cluster with real containers; one at a time keeps a 2-core CI
 /// machine from turning their timings into noise.
@@ -722,6 +722,38 @@ spec:
     let out = s.kubectl_with("kubectl", &["attach", "-i", "term"], Some("hi\n"));
     let printed = String::from_utf8_lossy(&out.stdout);
     assert!(printed.contains("got hi on a terminal"), "{printed}");
+
+    // kubectl 1.27 speaks SPDY/3.1 for exec and attach: `runc exec` with stdin and the exit
+    // code, and attach to the shim's output.
+    match versioned_kubectl(27) {
+        Some(old) => {
+            let old = old.to_str().unwrap();
+            let out = s.kubectl_with(
+                old,
+                &["exec", "-i", "ticker", "--", "sh", "-c", "cat; echo in-runc >&2; exit 4"],
+                Some("typed\n"),
+            );
+            assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+            assert_eq!(String::from_utf8_lossy(&out.stdout), "typed\n");
+            assert!(String::from_utf8_lossy(&out.stderr).starts_with("in-runc\n"));
+            let out = Command::new("nsenter")
+                .arg(format!("--net={}", machine.path().display()))
+                .args(["timeout", "3", old, "--kubeconfig"])
+                .arg(&s.kubeconfig)
+                .args(["attach", "ticker"])
+                .env("HOME", &s.dir)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let n = text.lines().filter(|l| l.starts_with("tick-")).count();
+            assert!(n >= 3, "kubectl 1.27 attach printed {text:?}");
+        }
+        None => {
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "kubectl.1.27 is required");
+            eprintln!("SKIPPED: kubectl.1.27 is not available");
+        }
+    }
 
     s.ok(&["delete", "pod", "ticker", "echo", "term"]);
     let node_dir = s.dir.join("node-1");
