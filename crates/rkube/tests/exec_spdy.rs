@@ -162,11 +162,15 @@ fn kubectl_127_exec_and_attach_over_spdy() {
     assert!(out.status.success(), "attach -i: {}{}", text(&out.stderr), text(&out.stdout));
     assert_eq!(text(&out.stdout), "hello attach\n");
 
-    // A container the pod does not have: the API server's error, as upstream words it.
-    let out = k(&["exec", "shell", "-c", "nope", "--", "true"], None);
-    assert!(!out.status.success());
-    assert_eq!(
-        text(&out.stderr).trim(),
-        "Error from server (BadRequest): container nope is not valid for pod shell"
-    );
+    // A container the pod does not have: the API server's error, as upstream words it, with
+    // kubectl 1.27 (SPDY) and the current kubectl (WebSocket) alike.
+    for binary in [old_s, "kubectl"] {
+        let out = s.kubectl_with(binary, &["exec", "shell", "-c", "nope", "--", "true"], None);
+        assert!(!out.status.success(), "{binary}");
+        assert_eq!(
+            text(&out.stderr).trim(),
+            "Error from server (BadRequest): container nope is not valid for pod shell",
+            "{binary}"
+        );
+    }
 }
