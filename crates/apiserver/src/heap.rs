@@ -6,16 +6,33 @@
 //! values) scattered through them, so the process would keep its peak footprint after the burst.
 //! `malloc_trim` releases every whole free page inside the arenas; the server runs it every few
 //! seconds.
+//!
+//! A program with another global allocator registers that allocator's release function with
+//! [`set_release`] (the `rkube` binary uses mimalloc, whose idle threads would otherwise keep
+//! pages whose purge is only due at their next allocation).
 #![allow(unsafe_code)]
 
+use std::sync::OnceLock;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// How often freed pages are released.
 pub const TRIM_EVERY: Duration = Duration::from_secs(5);
 
-/// Releases free heap pages to the system now (glibc on Linux; elsewhere a no-op).
+static RELEASE: OnceLock<fn()> = OnceLock::new();
+
+/// Makes [`trim`] call `release` instead of glibc's `malloc_trim` (set once, by the program that
+/// chose the global allocator).
+pub fn set_release(release: fn()) {
+    let _ = RELEASE.set(release);
+}
+
+/// Releases free heap pages to the system now (the registered allocator's release, else glibc's
+/// `malloc_trim` on Linux; elsewhere a no-op).
 pub fn trim() {
+    if let Some(release) = RELEASE.get() {
+        return release();
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim takes no pointers and only walks the allocator's own free lists,
     // under the allocator's locks; it is safe to call from any thread at any time.
