@@ -189,6 +189,10 @@ impl Scorer {
         };
         let mut ignored = HashSet::new();
         let mut pair_counts: HashMap<(usize, String), i64> = HashMap::new();
+        // The pairs a score reads: those of feasible nodes that carry the label. A node without
+        // it still makes a domain ("") for the weights, as upstream, but its count is never
+        // read unless some node carries the label with an empty value.
+        let mut read = HashSet::new();
         let mut sizes = vec![0usize; constraints.len()];
         for ni in feasible {
             if require_all && !has_all(ni) {
@@ -200,6 +204,10 @@ impl Scorer {
                     continue;
                 }
                 let pair = (i, value(ni, &c.topology_key));
+                if ni.node.metadata.labels.as_ref().is_some_and(|l| l.contains_key(&c.topology_key))
+                {
+                    read.insert(pair.clone());
+                }
                 if let std::collections::hash_map::Entry::Vacant(e) = pair_counts.entry(pair) {
                     e.insert(0);
                     sizes[i] += 1;
@@ -219,7 +227,7 @@ impl Scorer {
             })
             .collect();
         let ns = pod.metadata.namespace.clone().unwrap_or_default();
-        if !pair_counts.is_empty() {
+        if !read.is_empty() {
             for ni in all {
                 if require_all && !has_all(ni) {
                     continue;
@@ -232,8 +240,11 @@ impl Scorer {
                     if c.topology_key == HOSTNAME {
                         continue;
                     }
-                    if let Some(n) = pair_counts.get_mut(&(i, value(ni, &c.topology_key))) {
-                        *n += count_matching(ni, &c.selector, &ns);
+                    let pair = (i, value(ni, &c.topology_key));
+                    if read.contains(&pair) {
+                        if let Some(n) = pair_counts.get_mut(&pair) {
+                            *n += count_matching(ni, &c.selector, &ns);
+                        }
                     }
                 }
             }
@@ -412,6 +423,23 @@ mod tests {
         // a2 holds no replica but its zone does: it scores below b1, above a1.
         assert!(s[2] > s[1] && s[1] > s[0], "{s:?}");
         assert_eq!(s[2], 100);
+    }
+
+    #[test]
+    fn zone_counts_are_read_only_for_labelled_domains_but_stay_upstream_exact() {
+        // No node carries the zone label: nothing is counted for it (a score never reads it).
+        let (mut n1, n2) = (node("n1", None), node("n2", None));
+        place(&mut n1, pod("web-1", Some("web-rs"), serde_json::json!({})));
+        let p = pod("web-2", Some("web-rs"), serde_json::json!({}));
+        let (cs, sys) = constraints(&p, &owners());
+        let s = Scorer::new(&p, cs, sys, &[&n1, &n2], &[&n1, &n2]).unwrap();
+        assert_eq!(s.pair_counts.get(&(1, String::new())), Some(&0));
+        // A node labelled with an empty zone shares the "" domain with unlabelled nodes, as
+        // upstream counts it: the replica on the unlabelled n1 counts for it.
+        let e = node("e", Some(""));
+        let (cs, sys) = constraints(&p, &owners());
+        let s = Scorer::new(&p, cs, sys, &[&e, &n2], &[&n1, &e, &n2]).unwrap();
+        assert_eq!(s.pair_counts.get(&(1, String::new())), Some(&1));
     }
 
     #[test]
