@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
-use tokio::sync::Mutex;
+use tokio::sync::mpsc;
 
 /// Messages are cut at 1024 characters with " ...", as upstream.
 pub fn truncate(msg: &str) -> String {
@@ -24,53 +24,107 @@ type EventKey = (String, String, String);
 /// (event name, namespace, count) of an event already written.
 type Recorded = (String, String, i32);
 
+/// Writers per recorder: events go to a writer by their key, so one event's repeats are
+/// written in order by one writer while different events are written concurrently.
+const WRITERS: usize = 8;
+/// Events queued per writer before `record` waits (backpressure, never a silent drop).
+const QUEUE: usize = 1024;
+
+/// An event to write, stamped when it was recorded.
+struct Pending {
+    obj: ObjectReference,
+    type_: String,
+    reason: String,
+    message: String,
+    at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+}
+
+/// Records events without waiting for them to be written, as upstream's broadcaster: `record`
+/// queues the event (stamped with the time of the call) and returns; writers started on first
+/// use write it, and finish their queues when the last clone of the recorder is dropped.
 #[derive(Clone)]
 pub struct Recorder {
+    writer: Arc<Writer>,
+    queues: Arc<std::sync::OnceLock<Vec<mpsc::Sender<Pending>>>>,
+}
+
+struct Writer {
     client: Client,
     component: String,
     host: Option<String>,
-    seen: Arc<Mutex<HashMap<EventKey, Recorded>>>,
 }
 
 impl Recorder {
     pub fn new(client: Client, component: &str, host: Option<&str>) -> Recorder {
         Recorder {
-            client,
-            component: component.to_string(),
-            host: host.map(String::from),
-            seen: Arc::new(Mutex::new(HashMap::new())),
+            writer: Arc::new(Writer {
+                client,
+                component: component.to_string(),
+                host: host.map(String::from),
+            }),
+            queues: Arc::default(),
         }
     }
 
-    /// Records `reason`/`message` about `obj` (type "Normal" or "Warning"); failures are logged,
-    /// never returned: an event is best effort, as upstream.
+    /// Records `reason`/`message` about `obj` (type "Normal" or "Warning"). The event is
+    /// written in the background; failures are logged, never returned: an event is best
+    /// effort, as upstream.
     pub async fn record(&self, obj: &ObjectReference, type_: &str, reason: &str, message: &str) {
-        if let Err(e) = self.try_record(obj, type_, reason, message).await {
-            tracing::debug!("event {reason} for {:?} not recorded: {e}", obj.name);
+        let message = truncate(message);
+        let key = (obj.uid.clone().unwrap_or_default(), reason.to_string(), message.clone());
+        let queues = self.queues.get_or_init(|| {
+            (0..WRITERS)
+                .map(|_| {
+                    let (tx, rx) = mpsc::channel(QUEUE);
+                    tokio::spawn(write_all(self.writer.clone(), rx));
+                    tx
+                })
+                .collect()
+        });
+        let shard = {
+            use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+            BuildHasherDefault::<DefaultHasher>::default().hash_one(&key) as usize % WRITERS
+        };
+        let pending = Pending {
+            obj: obj.clone(),
+            type_: type_.to_string(),
+            reason: reason.to_string(),
+            message,
+            at: crate::now_time(),
+        };
+        if queues[shard].send(pending).await.is_err() {
+            tracing::debug!("event {reason} for {:?} not recorded: writer gone", obj.name);
         }
     }
+}
 
-    async fn try_record(
+/// One writer: its events in the order recorded, with the repeats it has written folded.
+async fn write_all(w: Arc<Writer>, mut rx: mpsc::Receiver<Pending>) {
+    let mut seen: HashMap<EventKey, Recorded> = HashMap::new();
+    while let Some(p) = rx.recv().await {
+        if let Err(e) = w.write(&mut seen, &p).await {
+            tracing::debug!("event {} for {:?} not recorded: {e}", p.reason, p.obj.name);
+        }
+    }
+}
+
+impl Writer {
+    async fn write(
         &self,
-        obj: &ObjectReference,
-        type_: &str,
-        reason: &str,
-        message: &str,
+        seen: &mut HashMap<EventKey, Recorded>,
+        p: &Pending,
     ) -> Result<(), kube::Error> {
+        let obj = &p.obj;
         let ns =
             obj.namespace.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| "default".into());
         let api: Api<Event> = Api::namespaced(self.client.clone(), &ns);
-        let message = truncate(message);
-        let key = (obj.uid.clone().unwrap_or_default(), reason.to_string(), message.clone());
-        let now = crate::now_time();
-        // The lock covers only the bookkeeping, never an API call: events about different
-        // objects are written concurrently (the scheduler records one per binding).
-        let known = self.seen.lock().await.get(&key).cloned();
-        if let Some((name, _ns, count)) = known {
+        let key = (obj.uid.clone().unwrap_or_default(), p.reason.clone(), p.message.clone());
+        let now = p.at.clone();
+        if let Some((name, _ns, count)) = seen.get(&key).cloned() {
             let patch = serde_json::json!({"count": count + 1, "lastTimestamp": now});
             match api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
                 Ok(_) => {
-                    self.seen.lock().await.insert(key, (name, ns, count + 1));
+                    seen.insert(key, (name, ns, count + 1));
                     return Ok(());
                 }
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
@@ -90,9 +144,9 @@ impl Recorder {
                 ..Default::default()
             },
             involved_object: obj.clone(),
-            reason: Some(reason.to_string()),
-            message: Some(message),
-            type_: Some(type_.to_string()),
+            reason: Some(p.reason.clone()),
+            message: Some(p.message.clone()),
+            type_: Some(p.type_.clone()),
             first_timestamp: Some(now.clone()),
             last_timestamp: Some(now),
             count: Some(1),
@@ -105,7 +159,6 @@ impl Recorder {
             ..Default::default()
         };
         api.create(&PostParams::default(), &ev).await?;
-        let mut seen = self.seen.lock().await;
         if seen.len() > 4096 {
             seen.clear();
         }

@@ -68,7 +68,7 @@ pub fn selector_matches(sel: &LabelSelector, labels: &BTreeMap<String, String>) 
     let ml = sel.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
     let me = sel.match_expressions.iter().flatten().all(|e| {
         let v = labels.get(&e.key);
-        let vals = e.values.clone().unwrap_or_default();
+        let vals = e.values.as_deref().unwrap_or_default();
         match e.operator.as_str() {
             "In" => v.is_some_and(|v| vals.contains(v)),
             "NotIn" => v.is_none_or(|v| !vals.contains(v)),
