@@ -1,6 +1,7 @@
 //! The Kubernetes API server: the hub every component talks to and the only one that touches
 //! the store. Request pipeline: TLS + authentication → discovery/OpenAPI → registry → store.
 
+pub mod allocation;
 pub mod certs;
 pub mod cli;
 pub mod discovery;

@@ -10,6 +10,7 @@ use rkube_api::resources::{self, ResourceInfo};
 use rkube_store::{ListOptions, ReadAt, Revision, Store, WatchEvent};
 use serde_json::{Value, json};
 
+use crate::allocation::{self, held_keys};
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::strategy;
 use crate::{Error, Result};
@@ -35,7 +36,6 @@ pub struct Registry {
     pub default_toleration_seconds: i64,
     pub service_cidr: (u32, u8),
     pub node_port_range: (u16, u16),
-    alloc_lock: tokio::sync::Mutex<()>,
     /// Decoded watch objects shared by this registry's watchers. Per registry, never global:
     /// (key, revision) names an object only within one store, and tests run several API
     /// servers in one process.
@@ -345,7 +345,6 @@ impl Registry {
             default_toleration_seconds,
             service_cidr: (u32::from(std::net::Ipv4Addr::new(10, 96, 0, 0)), 12),
             node_port_range: (30000, 32767),
-            alloc_lock: tokio::sync::Mutex::new(()),
             watch_objects: Default::default(),
         }
     }
@@ -536,27 +535,39 @@ impl Registry {
             }
             let name = o["metadata"]["name"].as_str().unwrap_or("").to_string();
             let key = r.key(ns, &name);
-            let _guard =
-                if r.plural == "services" { Some(self.alloc_lock.lock().await) } else { None };
-            if r.plural == "services" {
-                self.allocate_service(&mut o).await?;
-            }
+            // A Service's ClusterIP and node ports are claimed before it is written, and
+            // released again if the write fails.
+            let claimed = if r.plural == "services" {
+                self.allocate_service(&mut o, None, dry_run).await?
+            } else {
+                Vec::new()
+            };
             if dry_run {
                 if self.store.get(&key, ReadAt::Latest).await?.is_some() {
                     return Err(Error::already_exists(&qualified(r), &name));
                 }
                 return Ok(o);
             }
-            match self.store.create(&key, encode(&o)?).await {
+            let written = match encode(&o) {
+                Ok(bytes) => self.store.create(&key, bytes).await.map_err(Error::from),
+                Err(e) => Err(e),
+            };
+            let err = match written {
                 Ok(rev) => {
                     o["metadata"]["resourceVersion"] = json!(rev.0.to_string());
                     return Ok(o);
                 }
-                Err(rkube_store::Error::AlreadyExists) if generated && attempt < 7 => continue,
-                Err(rkube_store::Error::AlreadyExists) => {
+                Err(e) => e,
+            };
+            self.release(&claimed, &allocation::Owner::of(&o)).await;
+            match err {
+                Error::Store(rkube_store::Error::AlreadyExists) if generated && attempt < 7 => {
+                    continue;
+                }
+                Error::Store(rkube_store::Error::AlreadyExists) => {
                     return Err(Error::already_exists(&qualified(r), &name));
                 }
-                Err(e) => return Err(e.into()),
+                e => return Err(e),
             }
         }
         Err(Error::internal("could not generate a unique name"))
@@ -613,106 +624,6 @@ impl Registry {
                 }
                 if o["spec"]["preemptionPolicy"].is_null() {
                     o["spec"]["preemptionPolicy"] = json!("PreemptLowerPriority");
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// ClusterIP and NodePort allocation, unique among existing Services.
-    async fn allocate_service(&self, o: &mut Value) -> Result<()> {
-        let svc =
-            resources::find("", "v1", "services").ok_or_else(|| Error::internal("no services"))?;
-        let page = self.store.list(&svc.key_prefix(None), ListOptions::default()).await?;
-        let mut used_ips = std::collections::HashSet::new();
-        let mut used_ports = std::collections::HashSet::new();
-        for kv in &page.items {
-            let s: Value = serde_json::from_slice(&kv.value).unwrap_or_default();
-            if let Some(ip) = s["spec"]["clusterIP"].as_str() {
-                used_ips.insert(ip.to_string());
-            }
-            for p in s["spec"]["ports"].as_array().into_iter().flatten() {
-                if let Some(np) = p["nodePort"].as_i64() {
-                    used_ports.insert(np);
-                }
-            }
-        }
-        let name = o["metadata"]["name"].as_str().unwrap_or("").to_string();
-        let ty = o["spec"]["type"].as_str().unwrap_or("ClusterIP").to_string();
-        if ty != "ExternalName" {
-            match o["spec"]["clusterIP"].as_str() {
-                Some("None") => o["spec"]["clusterIPs"] = json!(["None"]),
-                Some(ip) if !ip.is_empty() => {
-                    if used_ips.contains(ip) {
-                        return Err(Error::invalid(
-                            "Service",
-                            &name,
-                            vec![(
-                                "spec.clusterIPs".into(),
-                                format!(
-                                    "Invalid value: []string{{\"{ip}\"}}: failed to allocate IP {ip}: provided IP is already allocated"
-                                ),
-                            )],
-                        ));
-                    }
-                    o["spec"]["clusterIPs"] = json!([ip]);
-                }
-                _ => {
-                    let (base, bits) = self.service_cidr;
-                    let size = 1u32 << (32 - bits);
-                    let first_pick = (o["metadata"]["namespace"] == "default"
-                        && name == "kubernetes")
-                        .then_some(1u32);
-                    let mut chosen = None;
-                    let start = first_pick.unwrap_or_else(|| rand::random_range(10..size - 1));
-                    for i in 0..size - 2 {
-                        let off = 1 + (start - 1 + i) % (size - 2);
-                        let ip = std::net::Ipv4Addr::from(base + off).to_string();
-                        if !used_ips.contains(&ip) {
-                            chosen = Some(ip);
-                            break;
-                        }
-                    }
-                    let ip = chosen
-                        .ok_or_else(|| Error::internal("no ClusterIP left in the service range"))?;
-                    o["spec"]["clusterIP"] = json!(ip);
-                    o["spec"]["clusterIPs"] = json!([ip]);
-                }
-            }
-        }
-        if matches!(ty.as_str(), "NodePort" | "LoadBalancer") {
-            let (lo, hi) = self.node_port_range;
-            if let Some(ports) =
-                o.get_mut("spec").and_then(|s| s.get_mut("ports")).and_then(Value::as_array_mut)
-            {
-                for p in ports {
-                    match p["nodePort"].as_i64() {
-                        Some(np) if np != 0 => {
-                            if used_ports.contains(&np) {
-                                return Err(Error::invalid(
-                                    "Service",
-                                    &name,
-                                    vec![(
-                                        "spec.ports[0].nodePort".into(),
-                                        format!(
-                                            "Invalid value: {np}: provided port is already allocated"
-                                        ),
-                                    )],
-                                ));
-                            }
-                            used_ports.insert(np);
-                        }
-                        _ => {
-                            let span = (hi - lo + 1) as i64;
-                            let start = rand::random_range(0..span);
-                            let np = (0..span)
-                                .map(|i| lo as i64 + (start + i) % span)
-                                .find(|np| !used_ports.contains(np))
-                                .ok_or_else(|| Error::internal("no NodePort left"))?;
-                            used_ports.insert(np);
-                            p["nodePort"] = json!(np);
-                        }
-                    }
                 }
             }
         }
@@ -806,41 +717,85 @@ impl Registry {
             let mut cmp_old = old.clone();
             cmp_new["metadata"]["resourceVersion"] = Value::Null;
             cmp_old["metadata"]["resourceVersion"] = Value::Null;
-            if cmp_new == cmp_old || dry_run {
+            let noop = cmp_new == cmp_old;
+            if noop && !dry_run {
                 // No-op updates do not write (and do not bump resourceVersion), as upstream.
-                return Ok(if dry_run { new } else { old });
+                return Ok(old);
             }
-            // Removing the last finalizer of an object being deleted finishes the deletion.
-            let finalizers_empty =
-                new["metadata"]["finalizers"].as_array().is_none_or(|f| f.is_empty());
-            if new["metadata"]["deletionTimestamp"].is_string()
-                && finalizers_empty
-                && !(r.plural == "pods"
-                    && new["metadata"]["deletionGracePeriodSeconds"].as_i64().unwrap_or(0) > 0)
-                && r.plural != "namespaces"
-            {
-                match self.store.delete(&key, Some(kv.mod_revision)).await {
-                    Ok((rev, _)) => {
-                        new["metadata"]["resourceVersion"] = json!(rev.0.to_string());
-                        return Ok(new);
+            // A Service update claims the addresses it adds (a node port for a new port or a
+            // change to type NodePort) before writing; what it drops is released after.
+            let claimed = if r.plural == "services" && sub != Some("status") && !noop {
+                self.allocate_service(&mut new, Some(&old), dry_run).await?
+            } else {
+                Vec::new()
+            };
+            if dry_run {
+                return Ok(new);
+            }
+            let owner = (r.plural == "services").then(|| allocation::Owner::of(&new));
+            let written = self.write_update(r, &key, name, &mut new, kv.mod_revision).await;
+            if let Some(owner) = &owner {
+                match &written {
+                    // Gone: it holds nothing any more.
+                    Ok(Written::Deleted) => {
+                        let mut dropped = held_keys(&old);
+                        dropped.extend(claimed);
+                        self.release(&dropped, owner).await;
                     }
-                    Err(rkube_store::Error::Conflict { .. }) => continue,
-                    Err(e) => return Err(e.into()),
+                    // Updated: it holds `new`'s keys only.
+                    Ok(Written::Updated) => {
+                        let kept = held_keys(&new);
+                        let dropped: Vec<String> =
+                            held_keys(&old).into_iter().filter(|k| !kept.contains(k)).collect();
+                        self.release(&dropped, owner).await;
+                    }
+                    Ok(Written::Moved) | Err(_) => self.release(&claimed, owner).await,
                 }
             }
-            match self.store.update(&key, encode(&new)?, kv.mod_revision).await {
-                Ok(rev) => {
-                    new["metadata"]["resourceVersion"] = json!(rev.0.to_string());
-                    return Ok(new);
-                }
-                Err(rkube_store::Error::Conflict { .. }) => continue,
-                Err(rkube_store::Error::NotFound) => {
-                    return Err(Error::not_found(&qualified(r), name));
-                }
-                Err(e) => return Err(e.into()),
+            match written? {
+                Written::Updated | Written::Deleted => return Ok(new),
+                Written::Moved => continue,
             }
         }
         Err(Error::conflict(&qualified(r), name))
+    }
+
+    /// The write at the end of `guaranteed_update`.
+    async fn write_update(
+        &self,
+        r: &ResourceInfo,
+        key: &str,
+        name: &str,
+        new: &mut Value,
+        expected: Revision,
+    ) -> Result<Written> {
+        // Removing the last finalizer of an object being deleted finishes the deletion.
+        let finalizers_empty =
+            new["metadata"]["finalizers"].as_array().is_none_or(|f| f.is_empty());
+        if new["metadata"]["deletionTimestamp"].is_string()
+            && finalizers_empty
+            && !(r.plural == "pods"
+                && new["metadata"]["deletionGracePeriodSeconds"].as_i64().unwrap_or(0) > 0)
+            && r.plural != "namespaces"
+        {
+            match self.store.delete(key, Some(expected)).await {
+                Ok((rev, _)) => {
+                    new["metadata"]["resourceVersion"] = json!(rev.0.to_string());
+                    return Ok(Written::Deleted);
+                }
+                Err(rkube_store::Error::Conflict { .. }) => return Ok(Written::Moved),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        match self.store.update(key, encode(new)?, expected).await {
+            Ok(rev) => {
+                new["metadata"]["resourceVersion"] = json!(rev.0.to_string());
+                Ok(Written::Updated)
+            }
+            Err(rkube_store::Error::Conflict { .. }) => Ok(Written::Moved),
+            Err(rkube_store::Error::NotFound) => Err(Error::not_found(&qualified(r), name)),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Deletes an object, honouring finalizers and graceful pod termination. Returns the object
@@ -943,7 +898,12 @@ impl Registry {
                     return Ok((obj, true));
                 }
                 match self.store.delete(&key, Some(kv.mod_revision)).await {
-                    Ok(_) => return Ok((obj, true)),
+                    Ok(_) => {
+                        if r.plural == "services" {
+                            self.release(&held_keys(&obj), &allocation::Owner::of(&obj)).await;
+                        }
+                        return Ok((obj, true));
+                    }
                     Err(rkube_store::Error::Conflict { .. }) => continue,
                     Err(rkube_store::Error::NotFound) => {
                         return Err(Error::not_found(&qualified(r), name));
@@ -1034,6 +994,15 @@ impl Registry {
         });
         Ok(out.boxed())
     }
+}
+
+/// How the write of an update went.
+enum Written {
+    Updated,
+    /// The update removed the last finalizer of an object being deleted.
+    Deleted,
+    /// The object changed since it was read: read it again.
+    Moved,
 }
 
 pub fn gone_status() -> Value {

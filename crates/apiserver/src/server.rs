@@ -210,6 +210,20 @@ impl ApiServer {
 
     async fn bootstrap(&self) -> Result<()> {
         let reg = &self.inner.registry;
+        // ClusterIP/NodePort reservations made whole before anything is allocated: created for
+        // Services written before they existed (or by a crash), removed where no Service holds
+        // the address.
+        let repair = reg.repair_service_allocations().await?;
+        if repair.created + repair.released + repair.duplicates > 0 {
+            tracing::info!(
+                "service allocations repaired: {} Services, {} reservations, {} created, {} released, {} held twice",
+                repair.services,
+                repair.reservations,
+                repair.created,
+                repair.released,
+                repair.duplicates
+            );
+        }
         let ns = res("", "namespaces")?;
         for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             ensure(reg.create(ns, None, json!({"metadata": {"name": name}}), false).await)?;

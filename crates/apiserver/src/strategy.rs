@@ -450,11 +450,18 @@ pub fn prepare_update(r: &ResourceInfo, new: &mut Value, old: &Value) -> Result<
                     vec![("spec.clusterIPs[0]".into(), "Invalid value: field is immutable".into())],
                 ));
             }
-            // Keep allocated node ports the update did not mention.
-            if let (Some(nps), Some(ops)) = (
-                new.get_mut("spec").and_then(|s| s.get_mut("ports")).and_then(Value::as_array_mut),
-                old["spec"]["ports"].as_array(),
-            ) {
+            // Keep allocated node ports the update did not mention, while the type uses them
+            // (a change to ClusterIP releases them).
+            let uses_node_ports =
+                matches!(new["spec"]["type"].as_str(), Some("NodePort" | "LoadBalancer"));
+            if uses_node_ports
+                && let (Some(nps), Some(ops)) = (
+                    new.get_mut("spec")
+                        .and_then(|s| s.get_mut("ports"))
+                        .and_then(Value::as_array_mut),
+                    old["spec"]["ports"].as_array(),
+                )
+            {
                 for p in nps {
                     if p["nodePort"].is_null()
                         && let Some(op) = ops
