@@ -117,24 +117,29 @@ pub struct RepairReport {
 
 impl Registry {
     async fn claim(&self, key: &str, owner: &Owner, dry_run: bool) -> Result<Claim> {
-        let existing = if dry_run {
-            self.store.get(key, ReadAt::Latest).await?
-        } else {
-            match self.store.create(key, owner.encode()).await {
-                Ok(_) => return Ok(Claim::Made),
-                Err(rkube_store::Error::AlreadyExists) => {
-                    self.store.get(key, ReadAt::Latest).await?
+        // A few rounds: the key can be released between a refused create and the read.
+        for _ in 0..3 {
+            let existing = if dry_run {
+                self.store.get(key, ReadAt::Latest).await?
+            } else {
+                match self.store.create(key, owner.encode()).await {
+                    Ok(_) => return Ok(Claim::Made),
+                    Err(rkube_store::Error::AlreadyExists) => {
+                        self.store.get(key, ReadAt::Latest).await?
+                    }
+                    Err(e) => return Err(e.into()),
                 }
-                Err(e) => return Err(e.into()),
+            };
+            match existing {
+                None if dry_run => return Ok(Claim::Made),
+                None => continue,
+                Some(kv) if Owner::decode(&kv.value).as_ref() == Some(owner) => {
+                    return Ok(Claim::Mine);
+                }
+                Some(_) => return Ok(Claim::Taken),
             }
-        };
-        Ok(match existing {
-            None if dry_run => Claim::Made,
-            // Released between the create and the read: someone is taking it, so let them.
-            None => Claim::Taken,
-            Some(kv) if Owner::decode(&kv.value).as_ref() == Some(owner) => Claim::Mine,
-            Some(_) => Claim::Taken,
-        })
+        }
+        Ok(Claim::Taken)
     }
 
     /// Deletes those of `keys` that still name `owner` (best effort: what a failure leaves
