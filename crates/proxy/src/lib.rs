@@ -315,7 +315,7 @@ pub async fn run_reporting(
                 if r.is_err() { break; }
             }
             _ = tokio::time::sleep(wait) => {
-                if in_kernel && !table_exists(&config).await {
+                if in_kernel && !table_exists(&config, &mut socket).await {
                     tracing::warn!(table = %config.rules.table, "proxy: table vanished; re-applying");
                     in_kernel = false;
                 }
@@ -440,6 +440,28 @@ struct NetlinkSocket {
     open_failed: bool,
 }
 
+impl NetlinkSocket {
+    /// The socket, opened on first use, taken out for one request (put it back after);
+    /// `None` when netlink is not configured or cannot be opened.
+    fn open(&mut self, config: &Config) -> Option<nl::Socket> {
+        let target = config.netlink.as_ref()?;
+        if self.socket.is_none() && !self.open_failed {
+            let path = match target {
+                Netlink::Current => None,
+                Netlink::Netns(p) => Some(p.as_path()),
+            };
+            match nl::Socket::open(path) {
+                Ok(s) => self.socket = Some(s),
+                Err(e) => {
+                    tracing::warn!("proxy: netlink unavailable, changes go through nft: {e}");
+                    self.open_failed = true;
+                }
+            }
+        }
+        self.socket.take()
+    }
+}
+
 /// Applies an in-place change: over netlink when configured and possible, else as text through
 /// nft. Returns the outcome, the transaction's size and whether it went over netlink.
 async fn apply_change(
@@ -447,41 +469,28 @@ async fn apply_change(
     socket: &mut NetlinkSocket,
     change: &Change,
 ) -> (Result<()>, usize, bool) {
-    if let Some(target) = config.netlink.as_ref().filter(|_| change.ops.len() <= nl::MAX_MESSAGES) {
-        if socket.socket.is_none() && !socket.open_failed {
-            let path = match target {
-                Netlink::Current => None,
-                Netlink::Netns(p) => Some(p.as_path()),
-            };
-            match nl::Socket::open(path) {
-                Ok(s) => socket.socket = Some(s),
-                Err(e) => {
-                    tracing::warn!("proxy: netlink unavailable, changes go through nft: {e}");
-                    socket.open_failed = true;
-                }
+    if change.ops.len() <= nl::MAX_MESSAGES
+        && let Some(mut sock) = socket.open(config)
+    {
+        let (table, timeout, change2) =
+            (config.rules.table.clone(), config.nft_timeout, change.clone());
+        let joined = tokio::task::spawn_blocking(move || {
+            let r = sock.commit(&change2, &table, timeout);
+            (sock, r)
+        })
+        .await;
+        match joined {
+            Ok((sock, Ok(bytes))) => {
+                socket.socket = Some(sock);
+                return (Ok(()), bytes, true);
             }
-        }
-        if let Some(mut sock) = socket.socket.take() {
-            let (table, timeout, change2) =
-                (config.rules.table.clone(), config.nft_timeout, change.clone());
-            let joined = tokio::task::spawn_blocking(move || {
-                let r = sock.commit(&change2, &table, timeout);
-                (sock, r)
-            })
-            .await;
-            match joined {
-                Ok((sock, Ok(bytes))) => {
-                    socket.socket = Some(sock);
-                    return (Ok(()), bytes, true);
-                }
-                Ok((sock, Err(nl::Error::Unsupported(what)))) => {
-                    socket.socket = Some(sock);
-                    tracing::debug!("proxy: change sent through nft: {what}");
-                }
-                // The socket may hold late answers: the next change opens a new one.
-                Ok((_, Err(e))) => return (Err(Error::Netlink(e)), 0, true),
-                Err(e) => return (Err(Error::Netlink(nl::Error::Join(e.to_string()))), 0, true),
+            Ok((sock, Err(nl::Error::Unsupported(what)))) => {
+                socket.socket = Some(sock);
+                tracing::debug!("proxy: change sent through nft: {what}");
             }
+            // The socket may hold late answers: the next change opens a new one.
+            Ok((_, Err(e))) => return (Err(Error::Netlink(e)), 0, true),
+            Err(e) => return (Err(Error::Netlink(nl::Error::Join(e.to_string()))), 0, true),
         }
     }
     let text = change.text(&config.rules.table);
@@ -567,8 +576,28 @@ async fn clear_udp_flows(
 
 /// Whether the proxy's table is present: its smallest chain is listed rather than the whole
 /// table, which can be large.
-async fn table_exists(config: &Config) -> bool {
+async fn table_exists(config: &Config, socket: &mut NetlinkSocket) -> bool {
     let t = &config.rules.table;
+    // Over netlink when it is configured: one chain looked up by name. `nft list chain` reads
+    // the whole table first, which at 10,000 Services holds the loop (and every change
+    // waiting on it) for seconds.
+    if let Some(mut sock) = socket.open(config) {
+        let (table, timeout) = (t.clone(), config.nft_timeout);
+        let joined = tokio::task::spawn_blocking(move || {
+            let r = sock.chain_exists(&table, "reject-chain", timeout);
+            (sock, r)
+        })
+        .await;
+        match joined {
+            Ok((sock, Ok(exists))) => {
+                socket.socket = Some(sock);
+                return exists;
+            }
+            // The socket may hold a late answer: the next use opens a new one.
+            Ok((_, Err(e))) => tracing::debug!("proxy: netlink table check: {e}"),
+            Err(e) => tracing::debug!("proxy: netlink table check: {e}"),
+        }
+    }
     nft(config, &["list", "chain", "ip", t, "reject-chain"], None).await.is_ok()
 }
 

@@ -107,6 +107,28 @@ async fn every_feature_renders_text_that_nft_applies_repeatedly_and_cleanup_remo
     cleanup(&config).await.expect("cleanup is idempotent");
 }
 
+/// The proxy's check that its table is still there asks the kernel for one chain by name over
+/// netlink, and tells a present chain from a missing chain or table.
+#[test]
+fn netlink_finds_a_chain_by_name_and_reports_missing_ones() {
+    let Some(ns) = common::Netns::create("netlink_finds_a_chain_by_name") else {
+        return;
+    };
+    let path = std::path::PathBuf::from(format!("/run/netns/{}", ns.name));
+    let mut sock = rkube_proxy::nl::Socket::open(Some(&path)).expect("netlink socket");
+    let limit = Duration::from_secs(10);
+    assert!(!sock.chain_exists("rkube", "reject-chain", limit).expect("no table"));
+    let out = ns.exec(&["nft", "add table ip rkube; add chain ip rkube reject-chain"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(sock.chain_exists("rkube", "reject-chain", limit).expect("present"));
+    assert!(!sock.chain_exists("rkube", "other-chain", limit).expect("missing chain"));
+    // The same socket answers again (each request waits for its own reply).
+    assert!(sock.chain_exists("rkube", "reject-chain", limit).expect("present again"));
+    let out = ns.exec(&["nft", "delete table ip rkube"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!sock.chain_exists("rkube", "reject-chain", limit).expect("table gone"));
+}
+
 /// `nft -j list table ip rkube` in `ns`, made comparable between two tables built by different
 /// transactions: handles (allocation order) are dropped, set and map elements sorted (the
 /// kernel lists hash sets in no fixed order), sets and chains sorted by name; rules keep their
