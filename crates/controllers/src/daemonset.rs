@@ -20,7 +20,8 @@ use crate::util::{controller_uid, is_active, is_available, is_ready};
 const GENERATION_LABEL: &str = "pod-template-generation";
 
 pub async fn run(client: Client, inf: Informers, recorder: Recorder, shutdown: CancellationToken) {
-    let mut changed = inf.changed.clone();
+    // Reads nodes too: a new node (or a node's labels or taints) may want a daemon pod.
+    let mut changed = inf.any_changed.clone();
     loop {
         for ds in inf.daemonsets.state() {
             if let Err(e) = reconcile(&client, &inf, &recorder, &ds).await {

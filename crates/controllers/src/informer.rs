@@ -25,8 +25,13 @@ pub struct Informers {
     pub leases: Store<Lease>,
     pub namespaces: Store<Namespace>,
     pub serviceaccounts: Store<ServiceAccount>,
-    /// Bumped on any change of any kind above.
+    /// Bumped on any change of any kind above but nodes and leases: the controllers that read
+    /// no node wait on it, so node status heartbeats (5,000 nodes post one every 5 minutes each:
+    /// 17 a second) do not wake them for a full pass over every pod.
     pub changed: watch::Receiver<u64>,
+    /// Bumped on any change of any kind above but leases, nodes included: for a controller that
+    /// reads nodes and other kinds.
+    pub any_changed: watch::Receiver<u64>,
     /// Bumped on node changes only: for a controller that reads nothing else, so pod churn does
     /// not wake it.
     pub nodes_changed: watch::Receiver<u64>,
@@ -85,26 +90,28 @@ where
 impl Informers {
     pub fn start(client: Client, shutdown: CancellationToken) -> Informers {
         let (tx, rx) = watch::channel(0u64);
+        let (any_tx, any_rx) = watch::channel(0u64);
         let (nodes_tx, nodes_rx) = watch::channel(0u64);
+        let both = || vec![tx.clone(), any_tx.clone()];
         Informers {
-            pods: start(Api::<Pod>::all(client.clone()), tx.clone(), shutdown.clone()),
-            replicasets: start(
+            pods: start_with(Api::<Pod>::all(client.clone()), both(), shutdown.clone()),
+            replicasets: start_with(
                 Api::<ReplicaSet>::all(client.clone()),
-                tx.clone(),
+                both(),
                 shutdown.clone(),
             ),
-            deployments: start(
+            deployments: start_with(
                 Api::<Deployment>::all(client.clone()),
-                tx.clone(),
+                both(),
                 shutdown.clone(),
             ),
-            daemonsets: start(Api::<DaemonSet>::all(client.clone()), tx.clone(), shutdown.clone()),
+            daemonsets: start_with(Api::<DaemonSet>::all(client.clone()), both(), shutdown.clone()),
             nodes: start_with(
                 Api::<Node>::all(client.clone()),
-                vec![tx.clone(), nodes_tx],
+                vec![any_tx.clone(), nodes_tx],
                 shutdown.clone(),
             ),
-            services: start(Api::<Service>::all(client.clone()), tx.clone(), shutdown.clone()),
+            services: start_with(Api::<Service>::all(client.clone()), both(), shutdown.clone()),
             // Node leases are renewed every 10 s by every node (500 a second for 5,000 nodes)
             // and only the node lifecycle controller reads them, on its own timer: a renewal
             // wakes no controller.
@@ -113,9 +120,10 @@ impl Informers {
                 watch::channel(0u64).0,
                 shutdown.clone(),
             ),
-            namespaces: start(Api::<Namespace>::all(client.clone()), tx.clone(), shutdown.clone()),
-            serviceaccounts: start(Api::<ServiceAccount>::all(client), tx, shutdown),
+            namespaces: start_with(Api::<Namespace>::all(client.clone()), both(), shutdown.clone()),
+            serviceaccounts: start_with(Api::<ServiceAccount>::all(client), both(), shutdown),
             changed: rx,
+            any_changed: any_rx,
             nodes_changed: nodes_rx,
         }
     }
