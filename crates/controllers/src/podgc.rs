@@ -134,11 +134,15 @@ pub async fn run(
     loop {
         let pods = inf.pods.state();
         let nodes = inf.nodes.state();
-        // Nodes past quarantine are confirmed with a GET before their pods go.
+        // Nodes past quarantine are confirmed with a GET before their pods go. A set of the
+        // node names, not a scan of every node per pod (10,000 pods on 5,000 nodes).
+        let known: HashSet<&str> =
+            nodes.iter().filter_map(|n| n.metadata.name.as_deref()).collect();
         let mut suspects: Vec<String> = pods
             .iter()
-            .map(|p| node_name(p).to_string())
-            .filter(|n| !n.is_empty() && !nodes.iter().any(|x| x.name_any() == *n))
+            .map(|p| node_name(p))
+            .filter(|n| !n.is_empty() && !known.contains(n))
+            .map(String::from)
             .collect();
         suspects.sort();
         suspects.dedup();

@@ -34,7 +34,7 @@ pub fn is_available(p: &Pod, min_ready: i32) -> bool {
         .status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
-        .and_then(|c| c.iter().find(|c| c.type_ == "Ready" && c.status == "True").cloned())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready" && c.status == "True"))
     else {
         return false;
     };
@@ -42,6 +42,7 @@ pub fn is_available(p: &Pod, min_ready: i32) -> bool {
         return true;
     }
     cond.last_transition_time
+        .as_ref()
         .is_some_and(|t| jiff::Timestamp::now().as_second() - t.0.as_second() >= min_ready as i64)
 }
 
