@@ -53,8 +53,11 @@ pub enum Transition {
 
 /// Upstream's zone key: region and zone labels, "" when a node has neither.
 pub fn zone_key(node: &Node) -> String {
-    let labels = node.metadata.labels.clone().unwrap_or_default();
-    let get = |k: &str, old: &str| labels.get(k).or(labels.get(old)).cloned().unwrap_or_default();
+    // Borrowed: this runs for every node every second.
+    let labels = node.metadata.labels.as_ref();
+    let get = |k: &str, old: &str| {
+        labels.and_then(|l| l.get(k).or(l.get(old))).map(String::as_str).unwrap_or_default()
+    };
     let region = get("topology.kubernetes.io/region", "failure-domain.beta.kubernetes.io/region");
     let zone = get("topology.kubernetes.io/zone", "failure-domain.beta.kubernetes.io/zone");
     if region.is_empty() && zone.is_empty() {

@@ -5,12 +5,14 @@
 //! (see `disruption.rs`). Timer-driven every `node_monitor_period`, so a node is declared lost
 //! within grace + 1 s.
 
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod, Taint};
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use rkube_client::events::{Recorder, reference};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::Config;
@@ -25,27 +27,27 @@ fn ts(s: &jiff::Timestamp) -> i64 {
     s.as_second()
 }
 
-/// Every node Lease's last renewal, by node name.
-fn renewals(inf: &Informers) -> HashMap<String, i64> {
-    inf.leases
-        .state()
-        .into_iter()
+/// Every node Lease's last renewal, by node name (borrowed from `leases`: this runs every
+/// second over every node).
+fn renewals(leases: &[Arc<Lease>]) -> HashMap<&str, i64> {
+    leases
+        .iter()
         .filter_map(|l| {
             let t = l.spec.as_ref().and_then(|s| s.renew_time.as_ref()).map(|t| ts(&t.0))?;
-            Some((l.name_any(), t))
+            Some((l.metadata.name.as_deref()?, t))
         })
         .collect()
 }
 
 /// When the node last proved it was alive: its Lease renewal or Ready heartbeat.
-fn last_heartbeat(renewals: &HashMap<String, i64>, node: &Node) -> Option<i64> {
-    let lease = node.metadata.name.as_ref().and_then(|n| renewals.get(n)).copied();
+fn last_heartbeat(renewals: &HashMap<&str, i64>, node: &Node) -> Option<i64> {
+    let lease = node.metadata.name.as_deref().and_then(|n| renewals.get(n)).copied();
     let ready = node
         .status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
-        .and_then(|c| c.iter().find(|c| c.type_ == "Ready").cloned())
-        .and_then(|c| c.last_heartbeat_time.map(|t| ts(&t.0)));
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .and_then(|c| c.last_heartbeat_time.as_ref().map(|t| ts(&t.0)));
     lease.max(ready).or(node.metadata.creation_timestamp.as_ref().map(|t| ts(&t.0)))
 }
 
@@ -67,7 +69,8 @@ pub async fn run(
     loop {
         let now = config.clock.now().as_second();
         let nodes = inf.nodes.state();
-        let renewals = renewals(&inf);
+        let leases = inf.leases.state();
+        let renewals = renewals(&leases);
         // What each node's Ready condition is (or is about to be, once marked Unknown).
         let mut status: HashMap<String, String> = HashMap::new();
         for node in &nodes {
