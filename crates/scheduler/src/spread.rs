@@ -241,10 +241,10 @@ impl Scorer {
                         continue;
                     }
                     let pair = (i, value(ni, &c.topology_key));
-                    if read.contains(&pair) {
-                        if let Some(n) = pair_counts.get_mut(&pair) {
-                            *n += count_matching(ni, &c.selector, &ns);
-                        }
+                    if read.contains(&pair)
+                        && let Some(n) = pair_counts.get_mut(&pair)
+                    {
+                        *n += count_matching(ni, &c.selector, &ns);
                     }
                 }
             }
