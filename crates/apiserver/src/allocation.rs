@@ -208,22 +208,19 @@ impl Registry {
                     let ip = ip.to_string();
                     let key = ip_key(&ip);
                     if !held.contains(&key) {
-                        match self.claim(&key, owner, dry_run).await? {
-                            Claim::Made if !dry_run => made.push(key.clone()),
-                            Claim::Made | Claim::Mine => {}
-                            Claim::Taken => {
-                                return Err(Error::invalid(
-                                    "Service",
-                                    &name,
-                                    vec![(
-                                        "spec.clusterIPs".into(),
-                                        format!(
-                                            "Invalid value: []string{{\"{ip}\"}}: failed to allocate IP {ip}: provided IP is already allocated"
-                                        ),
-                                    )],
-                                ));
-                            }
-                        }
+                        self.claim_specified(&key, owner, dry_run, made, || {
+                            Error::invalid(
+                                "Service",
+                                &name,
+                                vec![(
+                                    "spec.clusterIPs".into(),
+                                    format!(
+                                        "Invalid value: []string{{\"{ip}\"}}: failed to allocate IP {ip}: provided IP is already allocated"
+                                    ),
+                                )],
+                            )
+                        })
+                        .await?;
                     }
                     picked.insert(key);
                     o["spec"]["clusterIPs"] = json!([ip]);
@@ -264,22 +261,19 @@ impl Registry {
                         if held.contains(&key) || picked.contains(&key) {
                             continue;
                         }
-                        match self.claim(&key, owner, dry_run).await? {
-                            Claim::Made if !dry_run => made.push(key.clone()),
-                            Claim::Made | Claim::Mine => {}
-                            Claim::Taken => {
-                                return Err(Error::invalid(
-                                    "Service",
-                                    &name,
-                                    vec![(
-                                        format!("spec.ports[{i}].nodePort"),
-                                        format!(
-                                            "Invalid value: {np}: provided port is already allocated"
-                                        ),
-                                    )],
-                                ));
-                            }
-                        }
+                        self.claim_specified(&key, owner, dry_run, made, || {
+                            Error::invalid(
+                                "Service",
+                                &name,
+                                vec![(
+                                    format!("spec.ports[{i}].nodePort"),
+                                    format!(
+                                        "Invalid value: {np}: provided port is already allocated"
+                                    ),
+                                )],
+                            )
+                        })
+                        .await?;
                         picked.insert(key);
                     }
                     _ => {
@@ -293,6 +287,24 @@ impl Registry {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Claims `key`, an address the Service names itself: `taken()` is the error when another
+    /// Service holds it. A key made (not in a dry run) is recorded in `made`.
+    async fn claim_specified(
+        &self,
+        key: &str,
+        owner: &Owner,
+        dry_run: bool,
+        made: &mut Vec<String>,
+        taken: impl FnOnce() -> Error,
+    ) -> Result<()> {
+        match self.claim(key, owner, dry_run).await? {
+            Claim::Made if !dry_run => made.push(key.to_string()),
+            Claim::Made | Claim::Mine => {}
+            Claim::Taken => return Err(taken()),
         }
         Ok(())
     }

@@ -6,9 +6,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Server, available};
 
@@ -80,34 +78,8 @@ fn kubectl_attach_streams_output_and_passes_stdin() {
         s.ok(&["logs", "ticker"]).contains("tick-5").then_some(())
     });
     let before = s.ok(&["logs", "ticker"]).lines().count();
-    let mut attach = Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(&s.kubeconfig)
-        .args(["attach", "ticker"])
-        .env("HOME", s.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let out = attach.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while seen.len() < 3 && Instant::now() < deadline {
-        if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
-            seen.push(l);
-        }
-    }
-    let _ = attach.kill();
-    let status = attach.wait().unwrap();
+    let (seen, status) =
+        s.kubectl_first_lines("kubectl", &["attach", "ticker"], 3, Duration::from_secs(20));
     assert_eq!(seen.len(), 3, "attach printed {seen:?} (exit {status})");
     let first: usize = seen[0].strip_prefix("tick-").and_then(|n| n.parse().ok()).unwrap();
     assert!(first + 1 >= before, "attach replayed old output: first {first}, log had {before}");

@@ -6,10 +6,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Server, available, versioned_kubectl};
 
@@ -122,36 +121,12 @@ fn kubectl_127_exec_and_attach_over_spdy() {
     }
 
     // attach: the running container's output.
-    let mut attach = Command::new(&old)
-        .arg("--kubeconfig")
-        .arg(&s.kubeconfig)
-        .arg("--cache-dir")
-        .arg(s.path().join("kcache-attach"))
-        .args(["attach", "ticker"])
-        .env("HOME", s.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stdout = attach.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while seen.len() < 3 && Instant::now() < deadline {
-        if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
-            seen.push(l);
-        }
-    }
-    let _ = attach.kill();
-    let _ = attach.wait();
+    let (seen, _) = s.kubectl_first_lines(
+        &old.to_string_lossy(),
+        &["attach", "ticker"],
+        3,
+        Duration::from_secs(20),
+    );
     assert_eq!(seen.len(), 3, "attach printed {seen:?}");
     let first: usize = seen[0].strip_prefix("tick-").and_then(|n| n.parse().ok()).unwrap();
     for (i, l) in seen.iter().enumerate() {

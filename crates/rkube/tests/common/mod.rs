@@ -199,6 +199,51 @@ impl Server {
         }
     }
 
+    /// Runs kubectl (`binary`) with `args` until it has printed `n` lines or `limit` passed,
+    /// then kills it: for commands that stream until stopped (`attach`, `logs -f`). Returns the
+    /// lines read and how the process ended.
+    pub fn kubectl_first_lines(
+        &self,
+        binary: &str,
+        args: &[&str],
+        n: usize,
+        limit: Duration,
+    ) -> (Vec<String>, std::process::ExitStatus) {
+        use std::io::{BufRead, BufReader};
+        let mut child = self
+            .command(binary)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("--cache-dir")
+            .arg(self.dir.join(format!("kcache-{}", binary.replace('/', "_"))))
+            .args(args)
+            .env("HOME", &self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + limit;
+        while seen.len() < n && Instant::now() < deadline {
+            if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+                seen.push(l);
+            }
+        }
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        (seen, status)
+    }
+
     pub fn kubectl(&self, args: &[&str]) -> Output {
         self.kubectl_with("kubectl", args, None)
     }
