@@ -37,44 +37,6 @@ pub struct Informers {
     pub nodes_changed: watch::Receiver<u64>,
 }
 
-/// Retry delays for a broken watch: 200 ms doubling to at most 2 s, reset once events flow.
-/// kube-rs's default climbs to 30 s and resets only after 120 s without an error; a watch the
-/// server closes as too slow a few times in a burst would then leave the store stale for half
-/// a minute — long enough for the node lifecycle controller to read healthy nodes' Leases as
-/// expired.
-#[derive(Default)]
-struct ShortBackoff(Option<Duration>);
-
-impl Iterator for ShortBackoff {
-    type Item = Duration;
-
-    fn next(&mut self) -> Option<Duration> {
-        let next =
-            self.0.map_or(Duration::from_millis(200), |d| (d * 2).min(Duration::from_secs(2)));
-        self.0 = Some(next);
-        Some(next)
-    }
-}
-
-impl kube::runtime::utils::Backoff for ShortBackoff {
-    fn reset(&mut self) {
-        self.0 = None;
-    }
-}
-
-fn start<K>(api: Api<K>, tx: watch::Sender<u64>, shutdown: CancellationToken) -> Store<K>
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    start_with(api, vec![tx], shutdown)
-}
-
 /// An informer that bumps every counter of `txs` on each event.
 fn start_with<K>(api: Api<K>, txs: Vec<watch::Sender<u64>>, shutdown: CancellationToken) -> Store<K>
 where
@@ -90,7 +52,7 @@ where
     tokio::spawn(async move {
         let mut s = reflector::reflector(
             writer,
-            watcher(api, watcher::Config::default()).backoff(ShortBackoff::default()),
+            watcher(api, watcher::Config::default()).backoff(rkube_client::WatchBackoff::default()),
         )
         .boxed();
         loop {
@@ -140,9 +102,9 @@ impl Informers {
             // Node leases are renewed every 10 s by every node (500 a second for 5,000 nodes)
             // and only the node lifecycle controller reads them, on its own timer: a renewal
             // wakes no controller.
-            leases: start(
+            leases: start_with(
                 Api::<Lease>::namespaced(client.clone(), "kube-node-lease"),
-                watch::channel(0u64).0,
+                Vec::new(),
                 shutdown.clone(),
             ),
             namespaces: start_with(Api::<Namespace>::all(client.clone()), both(), shutdown.clone()),
@@ -181,19 +143,4 @@ pub async fn next_pass(
     tokio::time::sleep(Duration::from_millis(20)).await;
     changed.borrow_and_update();
     !shutdown.is_cancelled()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use kube::runtime::utils::Backoff;
-
-    #[test]
-    fn watch_retries_back_off_to_two_seconds_and_start_over_after_a_reset() {
-        let mut b = ShortBackoff::default();
-        let first: Vec<u64> = (&mut b).take(6).map(|d| d.as_millis() as u64).collect();
-        assert_eq!(first, vec![200, 400, 800, 1600, 2000, 2000]);
-        b.reset();
-        assert_eq!(b.next(), Some(Duration::from_millis(200)));
-    }
 }
