@@ -66,7 +66,9 @@ async fn run<K>(api: Api<K>, index: Arc<RwLock<Index>>, shutdown: CancellationTo
 where
     K: Kind + kube::Resource<DynamicType = ()> + serde::de::DeserializeOwned + Sync,
 {
-    let mut events = watch(api, watcher::Config::default()).default_backoff().boxed();
+    let mut events = watch(api, watcher::Config::default())
+        .backoff(rkube_client::WatchBackoff::default())
+        .boxed();
     // A relist's objects, held until it is complete so queries never see half of one.
     let mut relist: Vec<(String, String, K::Digest)> = Vec::new();
     loop {

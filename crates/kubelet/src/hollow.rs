@@ -510,7 +510,7 @@ async fn heartbeats(h: Arc<Hollow>, shutdown: CancellationToken) {
 async fn watch_nodes(h: Arc<Hollow>, shutdown: CancellationToken) {
     let api: Api<Node> = Api::all(h.client.clone());
     let wc = watcher::Config::default().labels(&format!("{HOLLOW_LABEL}=true"));
-    let mut stream = watcher(api, wc).default_backoff().boxed();
+    let mut stream = watcher(api, wc).backoff(rkube_client::WatchBackoff::default()).boxed();
     let mut seen: HashSet<usize> = HashSet::new();
     let mut init_began = Instant::now();
     loop {
@@ -830,7 +830,7 @@ impl Pods {
 async fn watch_pods(h: Arc<Hollow>, shutdown: CancellationToken) {
     let api: Api<Pod> = Api::all(h.client.clone());
     let wc = watcher::Config::default().fields("spec.nodeName!=");
-    let mut stream = watcher(api, wc).default_backoff().boxed();
+    let mut stream = watcher(api, wc).backoff(rkube_client::WatchBackoff::default()).boxed();
     let mut pods = Pods::new(h.config.count);
     let mut seen_in_init: HashSet<String> = HashSet::new();
     let mut out: Writes = Vec::new();

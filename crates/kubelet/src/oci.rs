@@ -100,7 +100,7 @@ async fn routes(
     let (reader, writer) = kube::runtime::reflector::store();
     let mut stream = kube::runtime::reflector(
         writer,
-        watcher(api, watcher::Config::default()).default_backoff(),
+        watcher(api, watcher::Config::default()).backoff(rkube_client::WatchBackoff::default()),
     )
     .boxed();
     let mut installed: BTreeMap<String, String> = BTreeMap::new();

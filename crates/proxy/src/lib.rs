@@ -368,7 +368,9 @@ fn start_watch<K>(
     let kind = K::kind(&());
     let (cache, shutdown) = (std::sync::Arc::clone(cache), shutdown.clone());
     tokio::spawn(async move {
-        let mut events = watcher(api, watcher::Config::default()).default_backoff().boxed();
+        let mut events = watcher(api, watcher::Config::default())
+            .backoff(rkube_client::WatchBackoff::default())
+            .boxed();
         loop {
             let ev = tokio::select! { _ = shutdown.cancelled() => return, e = events.next() => e };
             match ev {
