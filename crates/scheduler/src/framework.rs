@@ -266,6 +266,7 @@ impl Profile {
                     alloc: node.alloc.clone(),
                     usage,
                     pods: HashMap::new(),
+                    match_counts: Default::default(),
                 };
                 self.filters(state, pod, &with)
             }

@@ -1033,11 +1033,22 @@ mod tests {
             .unwrap();
             c.apply_node(n);
         }
+        // Owned by a ReplicaSet, as the bench's Deployment pods are: default spreading applies.
+        let sel: k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector =
+            serde_json::from_value(json!({"matchLabels": {"app": "web"}})).unwrap();
+        c.owners.replica_sets.entry("default".into()).or_default().insert("web-1".into(), sel);
         let res =
             json!([{"name": "c", "resources": {"requests": {"cpu": "100m", "memory": "500Mi"}}}]);
         let n = 20_000;
         for i in 0..n {
-            c.apply_pod(pod(&format!("p-{i}"), None, json!({"containers": res})));
+            let mut p = pod(&format!("p-{i}"), None, json!({"containers": res}));
+            p.metadata.owner_references = Some(vec![
+                serde_json::from_value(json!({
+                "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-1", "uid": "u",
+                "controller": true}))
+                .unwrap(),
+            ]);
+            c.apply_pod(p);
         }
         let t = std::time::Instant::now();
         for i in 0..n {

@@ -174,6 +174,10 @@ pub struct NodeInfo {
     pub alloc: Alloc,
     pub usage: NodeUsage,
     pub pods: HashMap<String, Arc<PodInfo>>,
+    /// How many of `pods` a few recent selectors matched (selector key, count), so that a
+    /// burst of replicas of one Deployment does not match every node's pods again each cycle.
+    /// Emptied whenever `pods` changes; see `spread::count_matching`.
+    pub match_counts: std::sync::Mutex<Vec<(Arc<str>, i64)>>,
 }
 
 impl NodeInfo {
@@ -183,7 +187,12 @@ impl NodeInfo {
             node,
             usage: NodeUsage::default(),
             pods: HashMap::new(),
+            match_counts: Default::default(),
         }
+    }
+
+    fn pods_changed(&mut self) {
+        self.match_counts.get_mut().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     pub fn set_node(&mut self, node: Arc<Node>) {
@@ -196,11 +205,13 @@ impl NodeInfo {
             self.usage.remove_info(&old);
         }
         self.usage.add_info(&pi);
+        self.pods_changed();
     }
 
     pub fn remove(&mut self, key: &str) {
         if let Some(old) = self.pods.remove(key) {
             self.usage.remove_info(&old);
+            self.pods_changed();
         }
     }
 

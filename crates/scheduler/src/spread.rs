@@ -10,6 +10,7 @@
 //! scores 100. Weight 2 in the default profile.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -44,6 +45,13 @@ fn label_selector_empty(s: &LabelSelector) -> bool {
 }
 
 impl Selector {
+    /// A text naming this selector in namespace `ns`: equal texts match the same pods.
+    fn key(&self, ns: &str) -> String {
+        let sels: Vec<String> =
+            self.selectors.iter().map(|s| serde_json::to_string(s).unwrap_or_default()).collect();
+        format!("{ns}\n{:?}\n{sels:?}\n{}", self.equal, self.nothing)
+    }
+
     fn is_empty(&self) -> bool {
         !self.nothing && self.equal.is_empty() && self.selectors.iter().all(label_selector_empty)
     }
@@ -144,26 +152,56 @@ fn default_selector(pod: &Pod, owners: &Owners) -> Selector {
     sel
 }
 
-fn count_matching(ni: &NodeInfo, sel: &Selector, ns: &str) -> i64 {
+/// The pods on `ni` in namespace `ns` that `sel` matches, not being deleted. `key` names the
+/// pair (ns, sel): the count is remembered on the node until its pods change.
+fn count_matching(ni: &NodeInfo, key: &Arc<str>, sel: &Selector, ns: &str) -> i64 {
+    let mut memo = ni.match_counts.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, n)) = memo.iter().find(|(k, _)| k == key) {
+        return *n;
+    }
     let empty = BTreeMap::new();
-    ni.pods
+    let n = ni
+        .pods
         .values()
-        .filter(|p: &&std::sync::Arc<PodInfo>| {
+        .filter(|p| {
             let m = &p.pod.metadata;
             m.deletion_timestamp.is_none()
                 && m.namespace.as_deref().unwrap_or("") == ns
                 && sel.matches(m.labels.as_ref().unwrap_or(&empty))
         })
-        .count() as i64
+        .count() as i64;
+    // A few selectors are remembered: one Deployment's burst, or several interleaved.
+    if memo.len() >= 4 {
+        memo.remove(0);
+    }
+    memo.push((key.clone(), n));
+    n
+}
+
+/// The value of node label `key`, if the node carries it.
+fn label<'a>(ni: &'a NodeInfo, key: &str) -> Option<&'a str> {
+    ni.node.metadata.labels.as_ref().and_then(|l| l.get(key)).map(|v| v.as_str())
+}
+
+/// One domain's count of matching pods, and whether a score reads it.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Domain {
+    count: i64,
+    read: bool,
 }
 
 /// PreScore's result for one pod: per-domain counts over the whole cluster and per-constraint
 /// weights, from which every feasible node is scored.
 pub struct Scorer {
     constraints: Vec<Constraint>,
+    /// Per constraint: whether its topology key is the hostname.
+    hostname: Vec<bool>,
     ns: String,
+    /// Per constraint: the key its (namespace, selector) pair is remembered under on nodes.
+    keys: Vec<Arc<str>>,
     weights: Vec<f64>,
-    pair_counts: HashMap<(usize, String), i64>,
+    /// Per constraint: its domains by topology value (hostname constraints keep none).
+    domains: Vec<HashMap<String, Domain>>,
     ignored: HashSet<String>,
 }
 
@@ -184,50 +222,47 @@ impl Scorer {
             let labels = ni.node.metadata.labels.as_ref();
             constraints.iter().all(|c| labels.is_some_and(|l| l.contains_key(&c.topology_key)))
         };
-        let value = |ni: &NodeInfo, key: &str| {
-            ni.node.metadata.labels.as_ref().and_then(|l| l.get(key)).cloned().unwrap_or_default()
-        };
         let mut ignored = HashSet::new();
-        let mut pair_counts: HashMap<(usize, String), i64> = HashMap::new();
-        // The pairs a score reads: those of feasible nodes that carry the label. A node without
-        // it still makes a domain ("") for the weights, as upstream, but its count is never
-        // read unless some node carries the label with an empty value.
-        let mut read = HashSet::new();
-        let mut sizes = vec![0usize; constraints.len()];
+        // The domains of the feasible nodes. A node without the label still makes a domain
+        // ("") for the weights, as upstream, but its count is read (and so counted) only when
+        // some feasible node carries the label with an empty value.
+        let mut domains: Vec<HashMap<String, Domain>> = vec![HashMap::new(); constraints.len()];
+        let mut any_read = false;
+        // Hostname constraints need no domains: each node is its own.
+        let by_domain: Vec<usize> =
+            (0..constraints.len()).filter(|&i| constraints[i].topology_key != HOSTNAME).collect();
         for ni in feasible {
             if require_all && !has_all(ni) {
                 ignored.insert(ni.name().to_string());
                 continue;
             }
-            for (i, c) in constraints.iter().enumerate() {
-                if c.topology_key == HOSTNAME {
-                    continue;
+            for &i in &by_domain {
+                let value = label(ni, &constraints[i].topology_key);
+                let d = &mut domains[i];
+                let v = value.unwrap_or("");
+                if !d.contains_key(v) {
+                    d.insert(v.to_string(), Domain::default());
                 }
-                let pair = (i, value(ni, &c.topology_key));
-                if ni.node.metadata.labels.as_ref().is_some_and(|l| l.contains_key(&c.topology_key))
+                if value.is_some()
+                    && let Some(d) = d.get_mut(v)
                 {
-                    read.insert(pair.clone());
-                }
-                if let std::collections::hash_map::Entry::Vacant(e) = pair_counts.entry(pair) {
-                    e.insert(0);
-                    sizes[i] += 1;
+                    d.read = true;
+                    any_read = true;
                 }
             }
         }
-        let weights = constraints
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let size = if c.topology_key == HOSTNAME {
-                    feasible.len() - ignored.len()
-                } else {
-                    sizes[i]
-                };
+        let hostname: Vec<bool> = constraints.iter().map(|c| c.topology_key == HOSTNAME).collect();
+        let weights = (0..constraints.len())
+            .map(|i| {
+                let size =
+                    if hostname[i] { feasible.len() - ignored.len() } else { domains[i].len() };
                 ((size + 2) as f64).ln()
             })
             .collect();
         let ns = pod.metadata.namespace.clone().unwrap_or_default();
-        if !read.is_empty() {
+        let keys: Vec<Arc<str>> =
+            constraints.iter().map(|c| Arc::from(c.selector.key(&ns).as_str())).collect();
+        if any_read {
             for ni in all {
                 if require_all && !has_all(ni) {
                     continue;
@@ -236,20 +271,18 @@ impl Scorer {
                 if !matches_node_affinity(pod, &ni.node) {
                     continue;
                 }
-                for (i, c) in constraints.iter().enumerate() {
-                    if c.topology_key == HOSTNAME {
-                        continue;
-                    }
-                    let pair = (i, value(ni, &c.topology_key));
-                    if read.contains(&pair)
-                        && let Some(n) = pair_counts.get_mut(&pair)
+                for &i in &by_domain {
+                    let c = &constraints[i];
+                    let v = label(ni, &c.topology_key).unwrap_or("");
+                    if let Some(d) = domains[i].get_mut(v)
+                        && d.read
                     {
-                        *n += count_matching(ni, &c.selector, &ns);
+                        d.count += count_matching(ni, &keys[i], &c.selector, &ns);
                     }
                 }
             }
         }
-        Some(Scorer { constraints, ns, weights, pair_counts, ignored })
+        Some(Scorer { constraints, hostname, ns, keys, weights, domains, ignored })
     }
 
     /// The raw score of a feasible node (before [`Scorer::normalize`]).
@@ -261,10 +294,10 @@ impl Scorer {
         let mut score = 0.0;
         for (i, c) in self.constraints.iter().enumerate() {
             let Some(v) = labels.and_then(|l| l.get(&c.topology_key)) else { continue };
-            let count = if c.topology_key == HOSTNAME {
-                count_matching(ni, &c.selector, &self.ns)
+            let count = if self.hostname[i] {
+                count_matching(ni, &self.keys[i], &c.selector, &self.ns)
             } else {
-                self.pair_counts.get(&(i, v.clone())).copied().unwrap_or(0)
+                self.domains[i].get(v.as_str()).map_or(0, |d| d.count)
             };
             score += count as f64 * self.weights[i] + f64::from(c.max_skew - 1);
         }
@@ -414,6 +447,27 @@ mod tests {
     }
 
     #[test]
+    fn remembered_counts_follow_the_nodes_pods() {
+        let (mut n1, mut n2) = (node("n1", None), node("n2", None));
+        place(&mut n1, pod("web-1", Some("web-rs"), serde_json::json!({})));
+        let p = pod("web-9", Some("web-rs"), serde_json::json!({}));
+        assert_eq!(scores(&p, &owners(), &[&n1, &n2]).unwrap(), vec![66, 100]);
+        // The counts are remembered per node; a pod placed (or removed) forgets them.
+        place(&mut n2, pod("web-2", Some("web-rs"), serde_json::json!({})));
+        place(&mut n2, pod("web-3", Some("web-rs"), serde_json::json!({})));
+        assert_eq!(scores(&p, &owners(), &[&n1, &n2]).unwrap(), vec![100, 60]);
+        n2.remove("d/web-3");
+        n2.remove("d/web-2");
+        assert_eq!(scores(&p, &owners(), &[&n1, &n2]).unwrap(), vec![66, 100]);
+        // Another namespace's selector is remembered apart.
+        let mut q = p.clone();
+        q.metadata.namespace = Some("other".into());
+        let mut o = owners();
+        o.replica_sets.insert("other".into(), o.replica_sets["d"].clone());
+        assert_eq!(scores(&q, &o, &[&n1, &n2]).unwrap(), vec![100, 100]);
+    }
+
+    #[test]
     fn default_spreading_counts_zones_across_all_nodes() {
         let (mut a1, a2, b1) =
             (node("a1", Some("a")), node("a2", Some("a")), node("b1", Some("b")));
@@ -433,13 +487,13 @@ mod tests {
         let p = pod("web-2", Some("web-rs"), serde_json::json!({}));
         let (cs, sys) = constraints(&p, &owners());
         let s = Scorer::new(&p, cs, sys, &[&n1, &n2], &[&n1, &n2]).unwrap();
-        assert_eq!(s.pair_counts.get(&(1, String::new())), Some(&0));
+        assert_eq!(s.domains[1].get(""), Some(&Domain { count: 0, read: false }));
         // A node labelled with an empty zone shares the "" domain with unlabelled nodes, as
         // upstream counts it: the replica on the unlabelled n1 counts for it.
         let e = node("e", Some(""));
         let (cs, sys) = constraints(&p, &owners());
         let s = Scorer::new(&p, cs, sys, &[&e, &n2], &[&n1, &e, &n2]).unwrap();
-        assert_eq!(s.pair_counts.get(&(1, String::new())), Some(&1));
+        assert_eq!(s.domains[1].get(""), Some(&Domain { count: 1, read: true }));
     }
 
     #[test]
