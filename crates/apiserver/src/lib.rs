@@ -10,6 +10,7 @@ pub mod heap;
 pub mod managed;
 pub mod metrics;
 pub mod openapi;
+mod partial;
 pub mod patch;
 pub mod protobuf;
 mod proxy;

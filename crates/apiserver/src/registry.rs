@@ -1,7 +1,7 @@
 //! The generic registry: create/get/list/update/delete/watch of any resource over the `Store`,
 //! with resourceVersion = store revision and optimistic concurrency (guaranteed update).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -11,6 +11,7 @@ use rkube_store::{ListOptions, ReadAt, Revision, Store, WatchEvent};
 use serde_json::{Value, json};
 
 use crate::allocation::{self, held_keys};
+use crate::partial;
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::strategy;
 use crate::{Error, Result};
@@ -256,21 +257,57 @@ pub struct DeleteParams {
 /// An event for a watcher: ADDED / MODIFIED / DELETED / BOOKMARK / ERROR with its object.
 pub type WatchOut = (&'static str, Arc<SharedObject>);
 
-/// One stored object as every watcher of it sees it: decoded once and serialized once, however
-/// many watchers deliver it (a hundred watchers cost one decode, not a hundred).
+/// One stored object as every watcher of it sees it, built once however many watchers deliver
+/// it: its JSON (for a stored object, the stored bytes with the resourceVersion spliced in, never
+/// decoded), the fields selectors read (decoded alone when a selective watcher asks), and the
+/// whole decoded object only when something needs it all (a watch of tables).
 pub struct SharedObject {
-    pub value: Value,
-    json: std::sync::OnceLock<Bytes>,
+    json: OnceLock<Bytes>,
+    value: OnceLock<Value>,
+    selectable: OnceLock<Value>,
 }
 
 impl SharedObject {
     pub fn new(value: Value) -> Arc<SharedObject> {
-        Arc::new(SharedObject { value, json: std::sync::OnceLock::new() })
+        Arc::new(SharedObject {
+            json: OnceLock::new(),
+            value: OnceLock::from(value),
+            selectable: OnceLock::new(),
+        })
+    }
+
+    /// A stored object at `rev`; `None` if its bytes are not JSON.
+    fn stored(raw: &[u8], rev: Revision) -> Option<Arc<SharedObject>> {
+        match with_resource_version(raw, rev) {
+            Some(json) => Some(Arc::new(SharedObject {
+                json: OnceLock::from(Bytes::from(json)),
+                value: OnceLock::new(),
+                selectable: OnceLock::new(),
+            })),
+            None => decode(raw, rev).ok().map(SharedObject::new),
+        }
     }
 
     /// The object serialized as JSON.
     pub fn json(&self) -> &Bytes {
-        self.json.get_or_init(|| Bytes::from(serde_json::to_vec(&self.value).unwrap_or_default()))
+        self.json.get_or_init(|| {
+            Bytes::from(
+                serde_json::to_vec(self.value.get().unwrap_or(&Value::Null)).unwrap_or_default(),
+            )
+        })
+    }
+
+    /// The whole object.
+    pub fn value(&self) -> &Value {
+        self.value.get_or_init(|| serde_json::from_slice(self.json()).unwrap_or(Value::Null))
+    }
+
+    /// At least the fields `paths` names (all of them, when the whole object is decoded already).
+    fn selectable(&self, paths: &partial::Paths) -> &Value {
+        if let Some(v) = self.value.get() {
+            return v;
+        }
+        self.selectable.get_or_init(|| partial::decode(self.json(), paths).unwrap_or(Value::Null))
     }
 }
 
@@ -316,7 +353,7 @@ fn shared_object(
     if let Some(o) = cache.lock().unwrap_or_else(|p| p.into_inner()).map.get(&id) {
         return Some(o.clone());
     }
-    let obj = SharedObject::new(decode(value, rev).ok()?);
+    let obj = SharedObject::stored(value, rev)?;
     let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
     if c.map.insert(id.clone(), obj.clone()).is_none() {
         c.order.push_back((id, std::time::Instant::now()));
@@ -938,10 +975,14 @@ impl Registry {
         let prefix = r.key_prefix(ns.as_deref());
         let stream = self.store.watch(&prefix, from).await?;
         let everything = p.labels.is_empty() && p.fields.is_empty();
-        let matches = move |o: &Value| {
-            everything
-                || (p.labels.matches(&o["metadata"]["labels"])
-                    && p.fields.matches(r.group, r.plural, o))
+        // Selectors read a few fields: only those are decoded (once, for every watcher).
+        let paths = partial::Paths::new(crate::selector::selectable_paths(r.group, r.plural));
+        let matches = move |o: &SharedObject| {
+            if everything {
+                return true;
+            }
+            let o = o.selectable(&paths);
+            p.labels.matches(&o["metadata"]["labels"]) && p.fields.matches(r.group, r.plural, o)
         };
         let cache = self.watch_objects.clone();
         let out = stream.filter_map(move |ev| {
@@ -951,7 +992,7 @@ impl Registry {
                     else {
                         return futures::future::ready(None);
                     };
-                    let now = matches(&new.value);
+                    let now = matches(&new);
                     // Without selectors the previous value need not be read at all.
                     let (existed, before) = match prev {
                         None => (false, false),
@@ -959,7 +1000,7 @@ impl Registry {
                         // The previous value was usually decoded for the watchers when it
                         // was written: shared, it is not decoded again per selective watcher.
                         Some(p) => match shared_object(&cache, &p.key, &p.value, p.mod_revision) {
-                            Some(old) => (true, matches(&old.value)),
+                            Some(old) => (true, matches(&old)),
                             None => (false, false),
                         },
                     };
@@ -973,7 +1014,7 @@ impl Registry {
                 }
                 Ok(WatchEvent::Delete { revision, prev }) => {
                     match shared_object(&cache, &prev.key, &prev.value, revision) {
-                        Some(old) if matches(&old.value) => Some(("DELETED", old)),
+                        Some(old) if matches(&old) => Some(("DELETED", old)),
                         _ => None,
                     }
                 }
@@ -1133,7 +1174,7 @@ mod watch_tests {
                 .await
                 .expect("an event")
                 .expect("the stream goes on");
-            (kind, o.value["metadata"]["annotations"]["note"].as_str().unwrap().to_string())
+            (kind, o.value()["metadata"]["annotations"]["note"].as_str().unwrap().to_string())
         };
         let mut got = Vec::new();
         for _ in 0..4 {

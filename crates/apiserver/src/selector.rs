@@ -197,21 +197,17 @@ fn text(v: &Value) -> String {
     }
 }
 
-/// The value of a selectable field, or `None` when the resource does not support that field.
-pub fn field_value(group: &str, plural: &str, o: &Value, field: &str) -> Option<String> {
-    let at = |p: &str| {
-        let mut cur = o;
-        for seg in p.split('.') {
-            cur = cur.get(seg).unwrap_or(&Value::Null);
-        }
-        text(cur)
-    };
-    match field {
-        "metadata.name" => return Some(at("metadata.name")),
-        "metadata.namespace" => return Some(at("metadata.namespace")),
-        _ => {}
-    }
-    let supported: &[&str] = match (group, plural) {
+/// The fields of a resource a selector can read (its labels, and every field a field selector
+/// supports): watch fan-out decodes only these to filter events.
+pub fn selectable_paths(group: &str, plural: &str) -> Vec<&'static str> {
+    let mut out = vec!["metadata.name", "metadata.namespace", "metadata.labels"];
+    out.extend(supported_fields(group, plural));
+    out
+}
+
+/// The fields (besides metadata.name and metadata.namespace) a field selector supports.
+fn supported_fields(group: &str, plural: &str) -> &'static [&'static str] {
+    match (group, plural) {
         ("", "pods") => &[
             "spec.nodeName",
             "spec.restartPolicy",
@@ -249,8 +245,24 @@ pub fn field_value(group: &str, plural: &str, o: &Value, field: &str) -> Option<
         ("", "namespaces") => &["status.phase"],
         ("apps", "replicasets") => &["status.replicas"],
         _ => &[],
+    }
+}
+
+/// The value of a selectable field, or `None` when the resource does not support that field.
+pub fn field_value(group: &str, plural: &str, o: &Value, field: &str) -> Option<String> {
+    let at = |p: &str| {
+        let mut cur = o;
+        for seg in p.split('.') {
+            cur = cur.get(seg).unwrap_or(&Value::Null);
+        }
+        text(cur)
     };
-    if !supported.contains(&field) {
+    match field {
+        "metadata.name" => return Some(at("metadata.name")),
+        "metadata.namespace" => return Some(at("metadata.namespace")),
+        _ => {}
+    }
+    if !supported_fields(group, plural).contains(&field) {
         return None;
     }
     if field == "source" {

@@ -1863,8 +1863,8 @@ async fn watch_response(
         .map(move |(ty, obj)| {
             let _counted_while_open = &open;
             let line = if table && ty != "ERROR" && ty != "BOOKMARK" {
-                let rv = obj.value["metadata"]["resourceVersion"].clone();
-                let t = table::table(r.plural, r.group, std::slice::from_ref(&obj.value), json!({"resourceVersion": rv}), include, first);
+                let rv = obj.value()["metadata"]["resourceVersion"].clone();
+                let t = table::table(r.plural, r.group, std::slice::from_ref(obj.value()), json!({"resourceVersion": rv}), include, first);
                 first = false;
                 let mut line = serde_json::to_vec(&json!({"type": ty, "object": t})).unwrap_or_default();
                 line.push(b'\n');
