@@ -243,6 +243,19 @@ pub struct ListParams {
     pub resource_version: Option<String>,
 }
 
+impl ListParams {
+    /// Whether a selector narrows the objects.
+    pub fn is_filtered(&self) -> bool {
+        !self.labels.is_empty() || !self.fields.is_empty()
+    }
+
+    /// Whether `obj` (whole, or only its selectable fields) passes the selectors.
+    pub fn matches(&self, r: &ResourceInfo, obj: &Value) -> bool {
+        self.labels.matches(&obj["metadata"]["labels"])
+            && self.fields.matches(r.group, r.plural, obj)
+    }
+}
+
 /// The finalizer a `propagationPolicy: Foreground` delete puts on the owner.
 pub const FOREGROUND_DELETION: &str = "foregroundDeletion";
 
@@ -413,62 +426,57 @@ impl Registry {
         }
     }
 
-    /// A list page: items and list metadata (resourceVersion, continue, remainingItemCount).
-    /// A LIST without selectors as JSON bytes per item (no decode): the fast path of
-    /// `GET …/pods` for API clients, which is what informers do at start.
+    /// A LIST as stored JSON, each item with its resourceVersion spliced in and never decoded
+    /// whole: selectors are matched on the few fields they read (decoded alone).
     pub async fn list_raw(
         &self,
         r: &ResourceInfo,
         ns: Option<&str>,
         p: &ListParams,
     ) -> Result<(Vec<Vec<u8>>, Value)> {
-        let at = match p.resource_version.as_deref() {
-            Some(rv) if !rv.is_empty() && rv != "0" && p.continue_token.is_none() => {
-                ReadAt::Exact(Revision(parse_rv(rv)?))
+        let paths = partial::Paths::new(crate::selector::selectable_paths(r.group, r.plural));
+        self.list_with(r, ns, p, |kv| {
+            if p.is_filtered() {
+                let fields = partial::decode(&kv.value, &paths)
+                    .map_err(|e| Error::internal(format!("stored object is not JSON: {e}")))?;
+                if !p.matches(r, &fields) {
+                    return Ok(None);
+                }
             }
-            _ => ReadAt::Latest,
-        };
-        let page = self
-            .store
-            .list(
-                &r.key_prefix(ns),
-                ListOptions { at, limit: p.limit, continue_token: p.continue_token.clone() },
-            )
-            .await
-            .map_err(|e| match e {
-                rkube_store::Error::Compacted { .. } if p.continue_token.is_some() => Error::gone(
-                    "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter, or use the continue token in this response to retrieve the remainder of the results.",
-                ),
-                other => other.into(),
-            })?;
-        let mut items = Vec::with_capacity(page.items.len());
-        for kv in &page.items {
-            match splice_resource_version(&kv.value, kv.mod_revision) {
-                Some(b) => items.push(b),
-                None => items.push(
-                    serde_json::to_vec(&decode(&kv.value, kv.mod_revision)?)
-                        .map_err(|e| Error::internal(e.to_string()))?,
-                ),
-            }
-        }
-        let mut meta = json!({"resourceVersion": page.revision.0.to_string()});
-        if let Some(t) = page.continue_token {
-            meta["continue"] = json!(t);
-            if let Some(n) = page.remaining.filter(|n| *n > 0) {
-                meta["remainingItemCount"] = json!(n);
-            }
-        }
-        Ok((items, meta))
+            Ok(Some(match splice_resource_version(&kv.value, kv.mod_revision) {
+                Some(b) => b,
+                None => serde_json::to_vec(&decode(&kv.value, kv.mod_revision)?)
+                    .map_err(|e| Error::internal(e.to_string()))?,
+            }))
+        })
+        .await
     }
 
+    /// A LIST, each item decoded.
     pub async fn list(
         &self,
         r: &ResourceInfo,
         ns: Option<&str>,
         p: &ListParams,
     ) -> Result<(Vec<Value>, Value)> {
-        let filtered = !p.labels.is_empty() || !p.fields.is_empty();
-        let at = match p.resource_version.as_deref() {
+        self.list_with(r, ns, p, |kv| {
+            let obj = decode(&kv.value, kv.mod_revision)?;
+            Ok((!p.is_filtered() || p.matches(r, &obj)).then_some(obj))
+        })
+        .await
+    }
+
+    /// The items of a LIST (what `item` makes of each stored object it keeps) and the list's
+    /// metadata. With a selector, pages are read until `limit` items are kept, as upstream does.
+    async fn list_with<T>(
+        &self,
+        r: &ResourceInfo,
+        ns: Option<&str>,
+        p: &ListParams,
+        mut item: impl FnMut(&rkube_store::KeyValue) -> Result<Option<T>>,
+    ) -> Result<(Vec<T>, Value)> {
+        let filtered = p.is_filtered();
+        let mut at = match p.resource_version.as_deref() {
             Some(rv) if !rv.is_empty() && rv != "0" && p.continue_token.is_none() => {
                 ReadAt::Exact(Revision(parse_rv(rv)?))
             }
@@ -477,31 +485,22 @@ impl Registry {
         let prefix = r.key_prefix(ns);
         let mut items = Vec::new();
         let mut token = p.continue_token.clone();
-        let mut at = at;
         let revision;
         let mut remaining = None;
-        // With a selector, keep reading pages until `limit` matches are found, as upstream does.
         loop {
             let page = self
                 .store
                 .list(&prefix, ListOptions { at, limit: p.limit, continue_token: token.clone() })
                 .await
                 .map_err(|e| match e {
+                    // No new token is offered (upstream's text when it has none to give).
                     rkube_store::Error::Compacted { .. } if p.continue_token.is_some() => Error::gone(
-                        "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter, or use the continue token in this response to retrieve the remainder of the results. Continuing with the provided token results in an inconsistent list - objects that were created, modified, or deleted between the time the first chunk was returned and now may show up in the list.",
+                        "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
                     ),
                     other => other.into(),
                 })?;
             for kv in &page.items {
-                // A namespace-less list of a namespaced resource must not match a longer prefix.
-                let obj = decode(&kv.value, kv.mod_revision)?;
-                if filtered
-                    && !(p.labels.matches(&obj["metadata"]["labels"])
-                        && p.fields.matches(r.group, r.plural, &obj))
-                {
-                    continue;
-                }
-                items.push(obj);
+                items.extend(item(kv)?);
             }
             at = ReadAt::Exact(page.revision);
             token = page.continue_token.clone();
@@ -974,16 +973,10 @@ impl Registry {
     ) -> Result<BoxStream<'static, WatchOut>> {
         let prefix = r.key_prefix(ns.as_deref());
         let stream = self.store.watch(&prefix, from).await?;
-        let everything = p.labels.is_empty() && p.fields.is_empty();
+        let everything = !p.is_filtered();
         // Selectors read a few fields: only those are decoded (once, for every watcher).
         let paths = partial::Paths::new(crate::selector::selectable_paths(r.group, r.plural));
-        let matches = move |o: &SharedObject| {
-            if everything {
-                return true;
-            }
-            let o = o.selectable(&paths);
-            p.labels.matches(&o["metadata"]["labels"]) && p.fields.matches(r.group, r.plural, o)
-        };
+        let matches = move |o: &SharedObject| everything || p.matches(r, o.selectable(&paths));
         let cache = self.watch_objects.clone();
         let out = stream.filter_map(move |ev| {
             let res: Option<WatchOut> = match ev {
@@ -1187,5 +1180,59 @@ mod watch_tests {
             got.push(next(&mut all).await.0);
         }
         assert_eq!(got, ["ADDED", "MODIFIED", "MODIFIED", "MODIFIED", "MODIFIED", "MODIFIED"]);
+    }
+
+    #[tokio::test]
+    async fn selective_lists_as_stored_json_are_the_decoded_lists() {
+        let reg = Registry::new(Arc::new(rkube_store::memory::MemoryStore::new()), 300);
+        let ns = rkube_api::resources::find("", "v1", "namespaces").unwrap();
+        let d = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "d"}});
+        reg.create(ns, None, d, false).await.unwrap();
+        let r = rkube_api::resources::find("", "v1", "pods").unwrap();
+        for (i, (app, node)) in
+            [("web", "n1"), ("db", "n1"), ("web", "n2"), ("web", "n1"), ("db", "n2")]
+                .into_iter()
+                .enumerate()
+        {
+            let pod = json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": format!("p{i}"), "namespace": "d", "labels": {"app": app},
+                    "managedFields": [{"manager": "m", "fieldsV1": {"f:spec": {}}}]},
+                "spec": {"nodeName": node, "containers": [{"name": "c", "image": "x"}]}});
+            reg.create(r, Some("d"), pod, false).await.unwrap();
+        }
+        let params =
+            |labels: &str, fields: &str, limit: Option<u32>, token: Option<String>| ListParams {
+                labels: crate::selector::LabelSelector::parse(labels).unwrap(),
+                fields: crate::selector::FieldSelector::parse(fields).unwrap(),
+                limit,
+                continue_token: token,
+                resource_version: None,
+            };
+        for (labels, fields) in
+            [("app=web", ""), ("", "spec.nodeName=n1"), ("app!=web", "spec.nodeName=n2"), ("", "")]
+        {
+            let (raw, raw_meta) =
+                reg.list_raw(r, Some("d"), &params(labels, fields, None, None)).await.unwrap();
+            let (decoded, meta) =
+                reg.list(r, Some("d"), &params(labels, fields, None, None)).await.unwrap();
+            let raw: Vec<Value> = raw.iter().map(|b| serde_json::from_slice(b).unwrap()).collect();
+            assert_eq!(raw, decoded, "{labels} {fields}");
+            assert_eq!(raw_meta, meta);
+        }
+        // Pages of one match each: the selector reads on until it has `limit` items.
+        let (mut names, mut token) = (Vec::new(), None);
+        loop {
+            let (items, meta) =
+                reg.list_raw(r, Some("d"), &params("app=web", "", Some(1), token)).await.unwrap();
+            for b in items {
+                let v: Value = serde_json::from_slice(&b).unwrap();
+                names.push(v["metadata"]["name"].as_str().unwrap().to_string());
+            }
+            token = meta["continue"].as_str().map(String::from);
+            if token.is_none() {
+                break;
+            }
+        }
+        assert_eq!(names, ["p0", "p2", "p3"]);
     }
 }

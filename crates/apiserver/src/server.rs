@@ -914,8 +914,8 @@ async fn handle(st: Arc<Inner>, user: User, req: Request) -> Result<Response> {
                 return watch_response(st.clone(), r, t.ns.clone(), lp, &q, table).await;
             }
             verb_ok("list")?;
-            if !table && lp.labels.is_empty() && lp.fields.is_empty() {
-                // No selector, no Table: the stored JSON goes out as it is (no decode).
+            if !table {
+                // No Table: the stored JSON goes out as it is (selectors read only their fields).
                 let (items, meta) = reg.list_raw(r, ns, &lp).await?;
                 let head = json!({"kind": format!("{}List", r.kind), "apiVersion": r.api_version(), "metadata": meta});
                 let mut body = serde_json::to_vec(&head).unwrap_or_default();
