@@ -2,8 +2,9 @@
 //!
 //! It lists everything once, then follows one watch on the inner store and replays it into an
 //! in-memory MVCC model ([`MemoryStore`]), which fans events out to any number of watchers through
-//! bounded buffers: a watcher that falls behind is closed with `WatcherTooSlow` (the API server
-//! turns that into a 410 and the client re-lists), and never stalls writes or other watchers.
+//! one bounded broadcast: a watcher that falls behind never stalls writes or other watchers; it
+//! catches up from the model's history, and only one behind the cache's [`WINDOW`] of revisions
+//! is ended with `Compacted` (the API server's 410; the client re-lists).
 //!
 //! Consistency is the inner store's: a LIST at the latest revision first asks the inner store for
 //! its current revision and waits until the cache has applied it (upstream's "consistent list from

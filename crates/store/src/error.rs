@@ -17,8 +17,6 @@ pub enum Error {
     ValueTooLarge { size: usize, limit: usize },
     #[error("invalid continue token: {0}")]
     InvalidContinue(String),
-    #[error("watch closed: the watcher fell too far behind")]
-    WatcherTooSlow,
     #[error("store unavailable: {0}")]
     Unavailable(String),
     #[error("store file {path}: {reason}")]

@@ -112,7 +112,7 @@ impl WatchEvent {
 }
 
 /// A stream of watch events. It ends with an `Err` when the watch cannot continue
-/// (for example [`Error::WatcherTooSlow`] or [`Error::Compacted`]); the consumer re-lists.
+/// (for example [`Error::Compacted`]: the history it needs is gone); the consumer re-lists.
 pub type WatchStream = BoxStream<'static, Result<WatchEvent>>;
 
 /// The storage interface every backend implements and the API server builds on.

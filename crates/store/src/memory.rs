@@ -6,11 +6,12 @@ use crate::{
     WatchEvent, WatchStream, continue_token,
 };
 use bytes::Bytes;
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, Weak};
 use tokio::sync::broadcast;
 
-/// Events buffered per watcher before it is closed as too slow.
+/// Events the broadcast holds for its slowest receiver. A watcher that falls further behind is not
+/// closed: it catches up from the history in the log (see [`live_stream`]).
 pub const WATCH_BUFFER: usize = 4096;
 
 /// One version of a key: the revision that wrote it and the value, or `None` for a delete.
@@ -125,9 +126,43 @@ impl State {
     }
 }
 
-pub struct MemoryStore {
+/// The model and its broadcast, shared with the watch streams (which hold it weakly, so a dropped
+/// store ends its streams).
+struct Shared {
     state: Mutex<State>,
     events: broadcast::Sender<WatchEvent>,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The events under `prefix` after revision `after` still in the log, the revision they
+    /// reach, and a subscription to everything written later: taken under one lock, so no event
+    /// falls between the history and the subscription.
+    fn follow(
+        &self,
+        prefix: &str,
+        after: Revision,
+    ) -> Result<(VecDeque<WatchEvent>, Revision, broadcast::Receiver<WatchEvent>)> {
+        let st = self.lock();
+        if after < st.compacted {
+            return Err(Error::Compacted { requested: after, compacted: st.compacted });
+        }
+        let live = self.events.subscribe();
+        let from = st.log.partition_point(|(rev, _)| *rev <= after);
+        let backlog = st.log[from..]
+            .iter()
+            .filter(|(_, key)| key.starts_with(prefix))
+            .filter_map(|(rev, key)| st.event(key, *rev))
+            .collect();
+        Ok((backlog, st.rev, live))
+    }
+}
+
+pub struct MemoryStore {
+    shared: Arc<Shared>,
 }
 
 impl Default for MemoryStore {
@@ -139,11 +174,11 @@ impl Default for MemoryStore {
 impl MemoryStore {
     pub fn new() -> Self {
         let (events, _) = broadcast::channel(WATCH_BUFFER);
-        MemoryStore { state: Mutex::new(State::default()), events }
+        MemoryStore { shared: Arc::new(Shared { state: Mutex::new(State::default()), events }) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.shared.lock()
     }
 
     /// The latest value of `key`, if it exists.
@@ -159,7 +194,7 @@ impl MemoryStore {
             st.record_event(e);
         }
         for e in events {
-            let _ = self.events.send(e.clone());
+            let _ = self.shared.events.send(e.clone());
         }
     }
 
@@ -264,7 +299,7 @@ impl Store for MemoryStore {
         let rev = st.rev;
         let kv = KeyValue { key: key.to_string(), value, create_revision: rev, mod_revision: rev };
         st.record(key, Some(Val { value: kv.value.clone(), create: rev }));
-        let _ = self.events.send(WatchEvent::Put { kv, prev: None });
+        let _ = self.shared.events.send(WatchEvent::Put { kv, prev: None });
         Ok(rev)
     }
 
@@ -281,7 +316,7 @@ impl Store for MemoryStore {
         let kv =
             KeyValue { key: key.to_string(), value, create_revision: create, mod_revision: rev };
         st.record(key, Some(Val { value: kv.value.clone(), create }));
-        let _ = self.events.send(WatchEvent::Put { kv, prev: Some(prev) });
+        let _ = self.shared.events.send(WatchEvent::Put { kv, prev: Some(prev) });
         Ok(rev)
     }
 
@@ -296,26 +331,13 @@ impl Store for MemoryStore {
         st.rev = st.rev.next();
         let rev = st.rev;
         st.record(key, None);
-        let _ = self.events.send(WatchEvent::Delete { revision: rev, prev: prev.clone() });
+        let _ = self.shared.events.send(WatchEvent::Delete { revision: rev, prev: prev.clone() });
         Ok((rev, prev))
     }
 
     async fn watch(&self, prefix: &str, after: Revision) -> Result<WatchStream> {
-        // Subscribe and replay under one lock, so no event falls between the two.
-        let st = self.lock();
-        if after < st.compacted {
-            return Err(Error::Compacted { requested: after, compacted: st.compacted });
-        }
-        let live = self.events.subscribe();
-        let from = st.log.partition_point(|(rev, _)| *rev <= after);
-        let backlog: Vec<WatchEvent> = st.log[from..]
-            .iter()
-            .filter(|(_, key)| key.starts_with(prefix))
-            .filter_map(|(rev, key)| st.event(key, *rev))
-            .collect();
-        let last = st.rev;
-        drop(st);
-        Ok(live_stream(backlog, last, prefix.to_string(), live))
+        let (backlog, last, live) = self.shared.follow(prefix, after)?;
+        Ok(live_stream(Arc::downgrade(&self.shared), backlog, last, prefix.to_string(), live))
     }
 
     async fn compact(&self, up_to: Revision) -> Result<()> {
@@ -356,28 +378,45 @@ impl Store for MemoryStore {
 pub const PROGRESS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Replays `backlog`, then follows the broadcast from revision `last`, filtered by prefix.
-/// Closes with `WatcherTooSlow` when the receiver lagged (its buffer overflowed).
-pub(crate) fn live_stream(
-    backlog: Vec<WatchEvent>,
+///
+/// A watcher that falls more than [`WATCH_BUFFER`] events behind the broadcast (a slow client in
+/// a burst of writes) is not closed: it replays what it missed from the log and subscribes again,
+/// as upstream's watch cache serves a lagging watcher from its history. Only a watcher behind the
+/// log's start (compacted away) ends, with `Compacted`, and its client re-lists.
+fn live_stream(
+    shared: Weak<Shared>,
+    backlog: VecDeque<WatchEvent>,
     last: Revision,
     prefix: String,
     live: broadcast::Receiver<WatchEvent>,
 ) -> WatchStream {
-    use futures::StreamExt;
     struct S {
+        shared: Weak<Shared>,
         live: broadcast::Receiver<WatchEvent>,
         prefix: String,
-        /// Highest revision seen on the broadcast (any prefix).
+        /// Events taken from the log, sent before the broadcast is read again.
+        pending: VecDeque<WatchEvent>,
+        /// Highest revision seen on the broadcast or in the log (any prefix).
         seen: Revision,
         /// Highest revision reported to the consumer.
         reported: Revision,
         done: bool,
     }
-    let reported = backlog.last().map(|e| e.revision()).unwrap_or(Revision::ZERO);
-    let replay = futures::stream::iter(backlog.into_iter().map(Ok));
-    let state = S { live, prefix, seen: last, reported, done: false };
-    let follow = futures::stream::unfold(state, |mut s| async move {
+    let state = S {
+        shared,
+        live,
+        prefix,
+        pending: backlog,
+        seen: last,
+        reported: Revision::ZERO,
+        done: false,
+    };
+    let stream = futures::stream::unfold(state, |mut s| async move {
         loop {
+            if let Some(event) = s.pending.pop_front() {
+                s.reported = event.revision();
+                return Some((Ok(event), s));
+            }
             if s.done {
                 return None;
             }
@@ -401,14 +440,22 @@ pub(crate) fn live_stream(
                     }
                 }
                 Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
-                    s.done = true;
-                    return Some((Err(Error::WatcherTooSlow), s));
+                    let Some(shared) = s.shared.upgrade() else { return None };
+                    match shared.follow(&s.prefix, s.seen) {
+                        Ok((missed, last, live)) => {
+                            (s.pending, s.seen, s.live) = (missed, last, live);
+                        }
+                        Err(e) => {
+                            s.done = true;
+                            return Some((Err(e), s));
+                        }
+                    }
                 }
                 Ok(Err(broadcast::error::RecvError::Closed)) => return None,
             }
         }
     });
-    replay.chain(follow).boxed()
+    Box::pin(stream)
 }
 
 #[cfg(test)]
@@ -454,5 +501,47 @@ mod tests {
         let r5 = s.create("/a", b("5")).await.unwrap();
         let kv = s.get("/a", ReadAt::Latest).await.unwrap().unwrap();
         assert_eq!((kv.create_revision, kv.mod_revision), (r5, r5));
+    }
+
+    #[tokio::test]
+    async fn a_watcher_that_falls_behind_catches_up_from_history() {
+        let s = MemoryStore::new();
+        let start = s.current_revision().await.unwrap();
+        let mut w = s.watch("/a/", start).await.unwrap();
+        // Three broadcast buffers' worth of writes while the watcher reads nothing; every other
+        // one is under another prefix.
+        let n = WATCH_BUFFER * 3;
+        let mut mine = Vec::new();
+        for i in 0..n {
+            let key = if i % 2 == 0 { format!("/a/{i}") } else { format!("/b/{i}") };
+            let rev = s.create(&key, b("x")).await.unwrap();
+            if i % 2 == 0 {
+                mine.push((key, rev));
+            }
+        }
+        for (key, rev) in &mine {
+            let e = tokio::time::timeout(std::time::Duration::from_secs(5), w.next())
+                .await
+                .expect("an event in time")
+                .expect("the stream goes on")
+                .expect("no error: the watcher catches up");
+            assert_eq!((e.key(), e.revision()), (Some(key.as_str()), *rev));
+        }
+        // Live again after catching up.
+        let rev = s.create("/a/late", b("y")).await.unwrap();
+        let e = w.next().await.unwrap().unwrap();
+        assert_eq!((e.key(), e.revision()), (Some("/a/late"), rev));
+
+        // A watcher behind the start of the history ends with Compacted.
+        let mut slow = s.watch("/a/", rev).await.unwrap();
+        let mut last = rev;
+        for i in 0..WATCH_BUFFER * 2 {
+            last = s.create(&format!("/c/{i}"), b("z")).await.unwrap();
+        }
+        s.compact(last).await.unwrap();
+        match slow.next().await {
+            Some(Err(Error::Compacted { .. })) => {}
+            other => panic!("expected Compacted, got {other:?}"),
+        }
     }
 }
