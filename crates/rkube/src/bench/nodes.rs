@@ -210,6 +210,7 @@ async fn measure(
                     "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}}}]}}},
     }))?;
     let t = Instant::now();
+    let burst_cpu0 = (super::cpu_seconds(server_pid), super::cpu_seconds(agent_pid));
     deployments.create(&PostParams::default(), &d).await?;
     let (mut created_s, mut scheduled_s) = (None, None);
     let mut scheduled: HashSet<String> = HashSet::new();
@@ -261,6 +262,10 @@ async fn measure(
             break t.elapsed().as_secs_f64();
         }
     };
+    let burst_cores = (
+        (super::cpu_seconds(server_pid) - burst_cpu0.0) / running_s,
+        (super::cpu_seconds(agent_pid) - burst_cpu0.1) / running_s,
+    );
     drop(pod_events);
     let nodes_used = {
         let list = Api::<Pod>::namespaced(client.clone(), "default")
@@ -318,6 +323,8 @@ async fn measure(
         "pods_scheduled_s": scheduled_s,
         "pods_running_s": running_s,
         "nodes_with_pods": nodes_used,
+        "burst_server_cpu_cores": burst_cores.0,
+        "burst_agent_cpu_cores": burst_cores.1,
         "server_rss_mib_nodes_ready": rss_nodes.0,
         "agent_rss_mib_nodes_ready": rss_nodes.1,
         "server_rss_mib": super::rss_mib(server_pid),
