@@ -440,7 +440,7 @@ fn live_stream(
                     }
                 }
                 Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
-                    let Some(shared) = s.shared.upgrade() else { return None };
+                    let shared = s.shared.upgrade()?;
                     match shared.follow(&s.prefix, s.seen) {
                         Ok((missed, last, live)) => {
                             (s.pending, s.seen, s.live) = (missed, last, live);
