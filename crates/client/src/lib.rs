@@ -1,12 +1,12 @@
 //! The small toolkit every rkube component that talks to the API server shares: resource
 //! quantities, an event recorder that aggregates repeats, and leader leases.
 
-mod backoff;
 pub mod events;
 pub mod lease;
 pub mod quantity;
+pub mod watch;
 
-pub use backoff::WatchBackoff;
+pub use watch::WatchBackoff;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -3,12 +3,11 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
 use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
@@ -48,29 +47,18 @@ where
         + Sync
         + 'static,
 {
-    let (reader, writer) = reflector::store();
-    tokio::spawn(async move {
-        let mut s = reflector::reflector(
-            writer,
-            watcher(api, watcher::Config::default()).backoff(rkube_client::WatchBackoff::default()),
-        )
-        .boxed();
-        loop {
-            let ev = tokio::select! { _ = shutdown.cancelled() => return, e = s.next() => e };
-            match ev {
-                Some(Ok(_)) => {
-                    for tx in &txs {
-                        tx.send_modify(|n| *n += 1);
-                    }
-                }
-                Some(Err(e)) => {
-                    tracing::debug!("informer: {e}");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                None => return,
+    let (reader, mut writer) = reflector::store();
+    tokio::spawn(rkube_client::watch::follow(
+        api,
+        watcher::Config::default(),
+        shutdown,
+        move |ev| {
+            writer.apply_watcher_event(&ev);
+            for tx in &txs {
+                tx.send_modify(|n| *n += 1);
             }
-        }
-    });
+        },
+    ));
     reader
 }
 

@@ -2,13 +2,11 @@
 //! the in-memory zone as events arrive, so queries never wait on the API.
 
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::watcher::{self, Event};
-use kube::runtime::{WatchStreamExt, watcher as watch};
 use kube::{Api, Client, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
@@ -66,26 +64,9 @@ async fn run<K>(api: Api<K>, index: Arc<RwLock<Index>>, shutdown: CancellationTo
 where
     K: Kind + kube::Resource<DynamicType = ()> + serde::de::DeserializeOwned + Sync,
 {
-    let mut events = watch(api, watcher::Config::default())
-        .backoff(rkube_client::WatchBackoff::default())
-        .boxed();
     // A relist's objects, held until it is complete so queries never see half of one.
     let mut relist: Vec<(String, String, K::Digest)> = Vec::new();
-    loop {
-        let event = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            e = events.next() => e,
-        };
-        let event = match event {
-            Some(Ok(e)) => e,
-            Some(Err(e)) => {
-                // The backoff paces retries; the index keeps serving what it last knew.
-                tracing::warn!(kind = %K::kind(&()), "watch: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-            None => return,
-        };
+    rkube_client::watch::follow(api, watcher::Config::default(), shutdown, move |event| {
         let key = |o: &K| (o.namespace().unwrap_or_default(), o.name_any());
         match event {
             Event::Init => relist.clear(),
@@ -115,5 +96,6 @@ where
                 ix.set_serial(serial_now());
             }
         }
-    }
+    })
+    .await
 }

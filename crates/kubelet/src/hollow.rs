@@ -27,7 +27,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec, PodStatus, Taint};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
@@ -510,26 +510,21 @@ async fn heartbeats(h: Arc<Hollow>, shutdown: CancellationToken) {
 async fn watch_nodes(h: Arc<Hollow>, shutdown: CancellationToken) {
     let api: Api<Node> = Api::all(h.client.clone());
     let wc = watcher::Config::default().labels(&format!("{HOLLOW_LABEL}=true"));
-    let mut stream = watcher(api, wc).backoff(rkube_client::WatchBackoff::default()).boxed();
     let mut seen: HashSet<usize> = HashSet::new();
     let mut init_began = Instant::now();
-    loop {
-        let ev = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            e = stream.next() => e,
-        };
+    rkube_client::watch::follow(api, wc, shutdown, move |ev| {
         match ev {
-            Some(Ok(watcher::Event::Init)) => {
+            watcher::Event::Init => {
                 seen.clear();
                 init_began = Instant::now();
             }
-            Some(Ok(watcher::Event::InitApply(n))) => {
+            watcher::Event::InitApply(n) => {
                 if let Some(i) = h.index.get(n.metadata.name.as_deref().unwrap_or("")) {
                     seen.insert(*i);
                     on_node(&h, *i, &n);
                 }
             }
-            Some(Ok(watcher::Event::InitDone)) => {
+            watcher::Event::InitDone => {
                 // Registered before this listing began, yet not in it: deleted meanwhile.
                 for i in 0..h.config.count {
                     let lost = {
@@ -543,12 +538,12 @@ async fn watch_nodes(h: Arc<Hollow>, shutdown: CancellationToken) {
                 }
                 seen = HashSet::new();
             }
-            Some(Ok(watcher::Event::Apply(n))) => {
+            watcher::Event::Apply(n) => {
                 if let Some(i) = h.index.get(n.metadata.name.as_deref().unwrap_or("")) {
                     on_node(&h, *i, &n);
                 }
             }
-            Some(Ok(watcher::Event::Delete(n))) => {
+            watcher::Event::Delete(n) => {
                 if let Some(&i) = h.index.get(n.metadata.name.as_deref().unwrap_or("")) {
                     let was = std::mem::replace(&mut h.node(i).registered, false);
                     if was {
@@ -557,10 +552,9 @@ async fn watch_nodes(h: Arc<Hollow>, shutdown: CancellationToken) {
                     }
                 }
             }
-            Some(Err(e)) => tracing::debug!("hollow node watch: {e}"),
-            None => return,
         }
-    }
+    })
+    .await
 }
 
 fn on_node(h: &Hollow, i: usize, n: &Node) {
@@ -830,7 +824,7 @@ impl Pods {
 async fn watch_pods(h: Arc<Hollow>, shutdown: CancellationToken) {
     let api: Api<Pod> = Api::all(h.client.clone());
     let wc = watcher::Config::default().fields("spec.nodeName!=");
-    let mut stream = watcher(api, wc).backoff(rkube_client::WatchBackoff::default()).boxed();
+    let mut stream = rkube_client::watch::events(api, wc).boxed();
     let mut pods = Pods::new(h.config.count);
     let mut seen_in_init: HashSet<String> = HashSet::new();
     let mut out: Writes = Vec::new();
@@ -849,14 +843,14 @@ async fn watch_pods(h: Arc<Hollow>, shutdown: CancellationToken) {
         };
         match ev {
             None => {}
-            Some(Ok(watcher::Event::Init)) => seen_in_init.clear(),
-            Some(Ok(watcher::Event::InitApply(p) | watcher::Event::Apply(p))) => {
+            Some(watcher::Event::Init) => seen_in_init.clear(),
+            Some(watcher::Event::InitApply(p) | watcher::Event::Apply(p)) => {
                 if let Some(&i) = node_of(&p) {
                     seen_in_init.insert(p.metadata.uid.clone().unwrap_or_default());
                     pods.apply(&h.config, i, &p, &mut out);
                 }
             }
-            Some(Ok(watcher::Event::InitDone)) => {
+            Some(watcher::Event::InitDone) => {
                 let gone: Vec<String> =
                     pods.entries.keys().filter(|u| !seen_in_init.contains(*u)).cloned().collect();
                 for uid in gone {
@@ -864,10 +858,9 @@ async fn watch_pods(h: Arc<Hollow>, shutdown: CancellationToken) {
                 }
                 seen_in_init = HashSet::new();
             }
-            Some(Ok(watcher::Event::Delete(p))) => {
+            Some(watcher::Event::Delete(p)) => {
                 pods.delete(p.metadata.uid.as_deref().unwrap_or(""));
             }
-            Some(Err(e)) => tracing::debug!("hollow pod watch: {e}"),
         }
         for (key, job) in out.drain(..) {
             h.pod_jobs.push(key, job);

@@ -95,14 +95,11 @@ async fn routes(
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     use futures::StreamExt;
-    use kube::runtime::{WatchStreamExt, watcher};
     let api: Api<Node> = Api::all(client);
-    let (reader, writer) = kube::runtime::reflector::store();
-    let mut stream = kube::runtime::reflector(
-        writer,
-        watcher(api, watcher::Config::default()).backoff(rkube_client::WatchBackoff::default()),
-    )
-    .boxed();
+    let (reader, mut writer) = kube::runtime::reflector::store();
+    let mut stream = rkube_client::watch::events(api, kube::runtime::watcher::Config::default())
+        .map(move |ev| writer.apply_watcher_event(&ev))
+        .boxed();
     let mut installed: BTreeMap<String, String> = BTreeMap::new();
     loop {
         tokio::select! {

@@ -58,7 +58,7 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) ->
         _ => None,
     };
     let wc = watcher::Config::default().fields(&format!("spec.nodeName={}", config.node_name));
-    let mut stream = watcher(api, wc).boxed();
+    let mut stream = rkube_client::watch::events(api, wc).boxed();
     let mut workers: HashMap<String, (watch::Sender<Option<Pod>>, tokio::task::JoinHandle<()>)> =
         HashMap::new();
     let mut seen_in_init: Vec<String> = Vec::new();
@@ -68,7 +68,7 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) ->
             e = stream.next() => e,
         };
         match ev {
-            Some(Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p))) => {
+            Some(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
                 let uid = p.metadata.uid.clone().unwrap_or_default();
                 if let Some(u) = seen_in_init.iter().position(|x| *x == uid) {
                     seen_in_init.remove(u);
@@ -91,26 +91,22 @@ pub async fn run(client: Client, config: Config, shutdown: CancellationToken) ->
                     }
                 }
             }
-            Some(Ok(watcher::Event::Delete(p))) => {
+            Some(watcher::Event::Delete(p)) => {
                 let uid = p.metadata.uid.clone().unwrap_or_default();
                 if let Some((tx, _)) = workers.get(&uid) {
                     let _ = tx.send(None);
                 }
             }
-            Some(Ok(watcher::Event::Init)) => {
+            Some(watcher::Event::Init) => {
                 seen_in_init = workers.keys().cloned().collect();
             }
-            Some(Ok(watcher::Event::InitDone)) => {
+            Some(watcher::Event::InitDone) => {
                 // Pods that vanished while the watch was re-listing are gone.
                 for uid in seen_in_init.drain(..) {
                     if let Some((tx, _)) = workers.get(&uid) {
                         let _ = tx.send(None);
                     }
                 }
-            }
-            Some(Err(e)) => {
-                tracing::debug!("{}: pod watch: {e}", config.node_name);
-                tokio::time::sleep(Duration::from_millis(500)).await;
             }
             None => break,
         }

@@ -19,10 +19,9 @@ pub mod rules;
 
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::io::AsyncWriteExt;
@@ -365,26 +364,17 @@ fn start_watch<K>(
         + Sync
         + 'static,
 {
-    let kind = K::kind(&());
     let (cache, shutdown) = (std::sync::Arc::clone(cache), shutdown.clone());
-    tokio::spawn(async move {
-        let mut events = watcher(api, watcher::Config::default())
-            .backoff(rkube_client::WatchBackoff::default())
-            .boxed();
-        loop {
-            let ev = tokio::select! { _ = shutdown.cancelled() => return, e = events.next() => e };
-            match ev {
-                Some(Ok(event)) => {
-                    if take_in(&cache, event) {
-                        tx.send_modify(|n| *n = n.wrapping_add(1));
-                    }
-                }
-                // The watcher retries with backoff by itself; this is only news.
-                Some(Err(e)) => tracing::warn!(%kind, "proxy: watch: {e}"),
-                None => return,
+    tokio::spawn(rkube_client::watch::follow(
+        api,
+        watcher::Config::default(),
+        shutdown,
+        move |ev| {
+            if take_in(&cache, ev) {
+                tx.send_modify(|n| *n = n.wrapping_add(1));
             }
-        }
-    });
+        },
+    ));
 }
 
 /// Runs the configured nft with `args`, feeding `stdin`, and returns its stdout; bounded by

@@ -508,25 +508,16 @@ where
         + Send
         + 'static,
 {
-    tokio::spawn(async move {
-        let mut s = watcher(api, watcher::Config::default()).boxed();
-        loop {
-            let ev = tokio::select! { _ = stop.cancelled() => return, e = s.next() => e };
-            match ev {
-                Some(Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o))) => {
-                    apply(&mut lock(&cache), o, true)
-                }
-                Some(Ok(watcher::Event::Delete(o))) => apply(&mut lock(&cache), o, false),
-                Some(Ok(watcher::Event::Init)) => reset(&mut lock(&cache)),
-                Some(Ok(watcher::Event::InitDone)) => {}
-                Some(Err(e)) => {
-                    tracing::debug!("{} watch: {e}", K::plural(&()));
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                None => return,
+    tokio::spawn(rkube_client::watch::follow(api, watcher::Config::default(), stop, move |ev| {
+        match ev {
+            watcher::Event::Apply(o) | watcher::Event::InitApply(o) => {
+                apply(&mut lock(&cache), o, true)
             }
+            watcher::Event::Delete(o) => apply(&mut lock(&cache), o, false),
+            watcher::Event::Init => reset(&mut lock(&cache)),
+            watcher::Event::InitDone => {}
         }
-    })
+    }))
 }
 
 fn lock(c: &Mutex<Cache>) -> std::sync::MutexGuard<'_, Cache> {
@@ -576,27 +567,27 @@ async fn schedule_while(client: Client, config: &Config, shutdown: CancellationT
     tasks.push({
         let (cache, queue, stop) = (cache.clone(), queue.clone(), shutdown.clone());
         tokio::spawn(async move {
-            let mut s = watcher(nodes, watcher::Config::default()).boxed();
+            let mut s = rkube_client::watch::events(nodes, watcher::Config::default()).boxed();
             let mut listed: Option<HashSet<String>> = None;
             loop {
                 let ev = tokio::select! { _ = stop.cancelled() => return, e = s.next() => e };
                 match ev {
-                    Some(Ok(watcher::Event::Apply(n))) => {
+                    Some(watcher::Event::Apply(n)) => {
                         if lock(&cache).apply_node(n) {
                             queue.move_all_to_active().await;
                         }
                     }
-                    Some(Ok(watcher::Event::InitApply(n))) => {
+                    Some(watcher::Event::InitApply(n)) => {
                         if let Some(l) = listed.as_mut() {
                             l.insert(n.metadata.name.clone().unwrap_or_default());
                         }
                         lock(&cache).apply_node(n);
                     }
-                    Some(Ok(watcher::Event::Delete(n))) => {
+                    Some(watcher::Event::Delete(n)) => {
                         lock(&cache).delete_node(n.metadata.name.as_deref().unwrap_or(""));
                     }
-                    Some(Ok(watcher::Event::Init)) => listed = Some(HashSet::new()),
-                    Some(Ok(watcher::Event::InitDone)) => {
+                    Some(watcher::Event::Init) => listed = Some(HashSet::new()),
+                    Some(watcher::Event::InitDone) => {
                         if let Some(l) = listed.take() {
                             let mut c = lock(&cache);
                             let gone: Vec<String> = c
@@ -611,10 +602,6 @@ async fn schedule_while(client: Client, config: &Config, shutdown: CancellationT
                         }
                         queue.move_all_to_active().await;
                     }
-                    Some(Err(e)) => {
-                        tracing::debug!("node watch: {e}");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
                     None => return,
                 }
             }
@@ -624,12 +611,12 @@ async fn schedule_while(client: Client, config: &Config, shutdown: CancellationT
         let (cache, queue, stop, name) =
             (cache.clone(), queue.clone(), shutdown.clone(), config.scheduler_name.clone());
         tokio::spawn(async move {
-            let mut s = watcher(pods, watcher::Config::default()).boxed();
+            let mut s = rkube_client::watch::events(pods, watcher::Config::default()).boxed();
             let mut listed: Option<HashSet<String>> = None;
             loop {
                 let ev = tokio::select! { _ = stop.cancelled() => return, e = s.next() => e };
                 match ev {
-                    Some(Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p))) => {
+                    Some(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
                         let (k, pi, old) = lock(&cache).apply_pod(p);
                         if let Some(l) = listed.as_mut() {
                             l.insert(k.clone());
@@ -663,7 +650,7 @@ async fn schedule_while(client: Client, config: &Config, shutdown: CancellationT
                             queue.move_all_to_active().await;
                         }
                     }
-                    Some(Ok(watcher::Event::Delete(p))) => {
+                    Some(watcher::Event::Delete(p)) => {
                         let k = key(&p);
                         let was_placed = {
                             let mut c = lock(&cache);
@@ -677,8 +664,8 @@ async fn schedule_while(client: Client, config: &Config, shutdown: CancellationT
                             queue.move_all_to_active().await;
                         }
                     }
-                    Some(Ok(watcher::Event::Init)) => listed = Some(HashSet::new()),
-                    Some(Ok(watcher::Event::InitDone)) => {
+                    Some(watcher::Event::Init) => listed = Some(HashSet::new()),
+                    Some(watcher::Event::InitDone) => {
                         if let Some(l) = listed.take() {
                             let gone: Vec<String> = {
                                 let mut c = lock(&cache);
@@ -693,10 +680,6 @@ async fn schedule_while(client: Client, config: &Config, shutdown: CancellationT
                                 queue.forget(&k).await;
                             }
                         }
-                    }
-                    Some(Err(e)) => {
-                        tracing::debug!("pod watch: {e}");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                     None => return,
                 }

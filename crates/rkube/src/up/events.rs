@@ -45,22 +45,14 @@ pub fn line(event: &Event) -> Option<String> {
 pub async fn stream(client: Client, since: jiff::Timestamp, shutdown: CancellationToken) {
     let api: Api<Event> = Api::all(client);
     let mut seen: HashSet<(String, String)> = HashSet::new();
-    let mut events = watcher(api, watcher::Config::default()).boxed();
+    let mut events = rkube_client::watch::events(api, watcher::Config::default()).boxed();
     loop {
         let next = tokio::select! {
             _ = shutdown.cancelled() => return,
             next = events.next() => next,
         };
         let Some(next) = next else { return };
-        let ev = match next {
-            Ok(watcher::Event::Apply(e) | watcher::Event::InitApply(e)) => e,
-            Ok(_) => continue,
-            // The watcher retries by itself; a restarting API server is not worth a log line.
-            Err(_) => {
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                continue;
-            }
-        };
+        let (watcher::Event::Apply(ev) | watcher::Event::InitApply(ev)) = next else { continue };
         let stamp = ev.last_timestamp.as_ref().map(|t| t.0).or(ev.event_time.as_ref().map(|t| t.0));
         if stamp.is_some_and(|t| t < since) {
             continue;
