@@ -43,7 +43,8 @@ const SPAM_REFILL_PER_SECOND: f64 = 1.0 / 300.0;
 /// they are combined into one event.
 const AGGREGATE_AFTER: usize = 10;
 const AGGREGATE_WINDOW: Duration = Duration::from_secs(600);
-/// Objects the correlator remembers (upstream's LRU holds 4096); past that it starts afresh.
+/// Entries the correlator keeps before it forgets those that no longer matter (upstream's LRU
+/// holds 4096).
 const REMEMBERED: usize = 4096;
 
 /// What the correlator made of a recorded event.
@@ -84,7 +85,9 @@ impl Correlator {
         );
         let uid = obj.uid.clone().unwrap_or_default();
         if self.similar.len() >= REMEMBERED {
-            self.similar.clear();
+            // An entry quiet for the whole window means what no entry means.
+            self.similar.retain(|_, (_, last)| now.duration_since(*last) <= AGGREGATE_WINDOW);
+            forget_least_recent(&mut self.similar, |(_, last)| *last);
         }
         let similar = self
             .similar
@@ -106,7 +109,12 @@ impl Correlator {
             (key, format!("(combined from similar events): {message}"))
         };
         if self.spam.len() >= REMEMBERED {
-            self.spam.clear();
+            // A bucket refilled to the burst means what no bucket means.
+            self.spam.retain(|_, (tokens, at)| {
+                *tokens + now.duration_since(*at).as_secs_f64() * SPAM_REFILL_PER_SECOND
+                    < SPAM_BURST
+            });
+            forget_least_recent(&mut self.spam, |(_, at)| *at);
         }
         let bucket = self.spam.entry(object).or_insert((SPAM_BURST, now));
         let refill = now.duration_since(bucket.1).as_secs_f64() * SPAM_REFILL_PER_SECOND;
@@ -118,6 +126,17 @@ impl Correlator {
         }
         Correlated { key, message: truncate(&message), skip }
     }
+}
+
+/// When `map` is still full, forgets the half used least recently (as an LRU would).
+fn forget_least_recent<K, V>(map: &mut HashMap<K, V>, used: impl Fn(&V) -> Instant) {
+    if map.len() < REMEMBERED {
+        return;
+    }
+    let mut times: Vec<Instant> = map.values().map(&used).collect();
+    let mid = times.len() / 2;
+    let cut = *times.select_nth_unstable(mid).1;
+    map.retain(|_, v| used(v) > cut);
 }
 
 /// An event to write, stamped when it was recorded.
@@ -341,5 +360,27 @@ mod tests {
         let o =
             c.correlate(&rs, "Normal", "SuccessfulCreate", "Created pod: web-0".into(), much_later);
         assert_eq!(o.message, "Created pod: web-0");
+    }
+
+    #[test]
+    fn a_full_correlator_forgets_the_objects_used_least_recently() {
+        let mut c = Correlator::default();
+        let t0 = Instant::now();
+        let hot = pod("hot");
+        for _ in 0..25 {
+            c.correlate(&hot, "Normal", "Pulled", "same".into(), t0);
+        }
+        assert!(c.correlate(&hot, "Normal", "Pulled", "same".into(), t0).skip);
+        for i in 0..REMEMBERED {
+            let at = t0 + Duration::from_millis(i as u64);
+            c.correlate(&pod(&format!("p{i}")), "Normal", "Scheduled", "x".into(), at);
+            if i % 100 == 0 {
+                // Still spent: the hot object's bucket is remembered while it is in use.
+                assert!(c.correlate(&hot, "Normal", "Pulled", "same".into(), at).skip);
+            }
+        }
+        assert!(c.spam.len() < REMEMBERED && c.similar.len() < REMEMBERED);
+        let end = t0 + Duration::from_millis(REMEMBERED as u64);
+        assert!(c.correlate(&hot, "Normal", "Pulled", "same".into(), end).skip);
     }
 }
