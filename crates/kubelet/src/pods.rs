@@ -476,16 +476,34 @@ impl Worker {
             && until > now_i
         {
             let delay = self.ctrs.get(&c.name).map(|x| x.backoff).unwrap_or(BACKOFF_START);
-            let msg = format!(
-                "back-off {}s restarting failed container={} pod={}_{}({})",
-                delay.as_secs(),
-                c.name,
+            // The pod as upstream's format.Pod writes it: name_namespace(uid).
+            let who = format!(
+                "{}_{}({})",
                 pod.metadata.name.as_deref().unwrap_or(""),
                 pod.metadata.namespace.as_deref().unwrap_or(""),
                 pod.metadata.uid.as_deref().unwrap_or("")
             );
-            self.ctr(&c.name).waiting = Some(("CrashLoopBackOff".into(), msg));
+            let msg = format!(
+                "back-off {}s restarting failed container={} pod={who}",
+                delay.as_secs(),
+                c.name
+            );
+            let x = self.ctr(&c.name);
+            let first = x.waiting.as_ref().is_none_or(|(r, _)| r != "CrashLoopBackOff");
+            x.waiting = Some(("CrashLoopBackOff".into(), msg));
+            if first {
+                // Once per back-off period; the recorder folds them into a count.
+                let msg = format!("Back-off restarting failed container {} in pod {who}", c.name);
+                let cref = container_ref(pod, &c.name);
+                self.recorder.record(&cref, "Warning", "BackOff", &msg).await;
+            }
             return;
+        }
+        if let Some(x) = self.ctrs.get_mut(&c.name)
+            && x.backoff_until.take().is_some()
+        {
+            // A wait is over: the next one is twice as long.
+            x.backoff = (x.backoff * 2).min(BACKOFF_MAX);
         }
         if self.ctrs.get(&c.name).and_then(|x| x.retry_at).is_some_and(|t| t > now_i) {
             return;
@@ -1165,15 +1183,18 @@ impl Worker {
         }
     }
 
+    /// After a container ended and is to restart: upstream's back-off. The first restart (or
+    /// the first after one that ran 10 minutes) is at once; each later one waits 10 s, then twice
+    /// as long as the one before, up to 5 minutes (`backoff` is the next wait).
     fn schedule_backoff(&mut self, name: &str) {
         let x = self.ctr(name);
         let ran_long = x.started_instant.is_some_and(|t| t.elapsed() >= BACKOFF_RESET_AFTER);
-        x.backoff = if ran_long || x.backoff.is_zero() {
-            BACKOFF_START
+        if ran_long || x.backoff.is_zero() {
+            x.backoff = BACKOFF_START;
+            x.backoff_until = None;
         } else {
-            (x.backoff * 2).min(BACKOFF_MAX)
-        };
-        x.backoff_until = Some(Instant::now() + x.backoff);
+            x.backoff_until = Some(Instant::now() + x.backoff);
+        }
     }
 
     async fn on_exit(&mut self, pod: &Pod, name: &str, generation: u64, exit: Exit) {
@@ -1208,22 +1229,6 @@ impl Worker {
         };
         if restarts {
             self.schedule_backoff(name);
-            let cref = container_ref(pod, name);
-            if exit.code != 0 {
-                self.recorder
-                    .record(
-                        &cref,
-                        "Warning",
-                        "BackOff",
-                        &format!(
-                            "Back-off restarting failed container {name} in pod {}_{}({})",
-                            pod.metadata.name.as_deref().unwrap_or(""),
-                            pod.metadata.namespace.as_deref().unwrap_or(""),
-                            pod.metadata.uid.as_deref().unwrap_or("")
-                        ),
-                    )
-                    .await;
-            }
         }
     }
 
