@@ -43,6 +43,10 @@ struct ServerArgs {
     /// Run only the API server (no in-process scheduler, controller manager and DNS).
     #[arg(long)]
     disable_controllers: bool,
+    /// Seconds without node heartbeats before the node lifecycle controller marks a node
+    /// NotReady/Unknown (upstream's kube-controller-manager flag).
+    #[arg(long, default_value_t = 50)]
+    node_monitor_grace_period: u64,
     #[command(flatten)]
     dns: up::dns::DnsArgs,
 }
@@ -125,7 +129,13 @@ async fn run(command: Command) -> Result<()> {
     match command {
         Command::Up(args) => up::cluster::up(args).await,
         Command::Server(args) => {
-            up::cluster::server(args.server, !args.disable_controllers, args.dns).await
+            let controllers = (!args.disable_controllers).then(|| rkube_controllers::Config {
+                node_monitor_grace_period: std::time::Duration::from_secs(
+                    args.node_monitor_grace_period,
+                ),
+                ..Default::default()
+            });
+            up::cluster::server(args.server, controllers, args.dns).await
         }
         Command::Scheduler(args) => {
             rkube_scheduler::cli::run(args).await.map_err(|e| anyhow::anyhow!(e))

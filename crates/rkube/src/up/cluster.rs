@@ -748,10 +748,11 @@ async fn detach(args: &UpArgs, paths: &Paths) -> Result<()> {
     }
 }
 
-/// `rkube server`: the API server plus, unless disabled, scheduler and controller manager.
+/// `rkube server`: the API server plus, unless disabled (`None`), scheduler and controller
+/// manager (with this configuration).
 pub async fn server(
     args: rkube_apiserver::cli::Args,
-    with_controllers: bool,
+    controllers: Option<rkube_controllers::Config>,
     dns: super::dns::DnsArgs,
 ) -> Result<()> {
     let store = rkube_apiserver::cli::open_store(&args).await.map_err(|e| anyhow::anyhow!(e))?;
@@ -766,7 +767,7 @@ pub async fn server(
         kubeconfig.display()
     );
     let mut tasks = Vec::new();
-    if with_controllers {
+    if let Some(cm_config) = controllers {
         let client = client_from(&kubeconfig, None).await?;
         tasks.push(spawn_component("scheduler", &kubeconfig, {
             let s = stop.clone();
@@ -777,7 +778,7 @@ pub async fn server(
         tasks.push(spawn_component("controller-manager", &kubeconfig, {
             let s = stop.clone();
             move |c| async move {
-                let _ = rkube_controllers::run_with_client(c, Default::default(), s).await;
+                let _ = rkube_controllers::run_with_client(c, cm_config, s).await;
             }
         })?);
         if let Some(t) = super::dns::start(client, &dns, stop.clone()).await {

@@ -39,14 +39,20 @@ pub struct Server {
 
 impl Server {
     pub fn start() -> Server {
+        Self::start_with(&[])
+    }
+
+    /// A cluster whose `rkube server` gets these flags too.
+    pub fn start_with(server_args: &[&str]) -> Server {
         // The cluster DNS on loopback and a free port: tests never bind the host's addresses.
-        let dns = vec![
+        let mut args = vec![
             "--cluster-dns-address".to_string(),
             "127.0.0.1".to_string(),
             "--cluster-dns-port".to_string(),
             free_port().to_string(),
         ];
-        Self::start_with_prefix(Vec::new(), dns)
+        args.extend(server_args.iter().map(|a| a.to_string()));
+        Self::start_with_prefix(Vec::new(), args)
     }
 
     /// A cluster whose server, agents and kubectl all run inside the network namespace pinned
