@@ -728,6 +728,9 @@ fn exit_status(exit: Option<std::process::ExitStatus>, command: &[String]) -> se
     }
 }
 
+/// How long `exec -t` waits for the client's terminal size before it starts the command anyway.
+const FIRST_SIZE_WAIT: Duration = Duration::from_millis(500);
+
 /// `exec -t`: the command runs on a pseudo-terminal; its output goes to stdout, stdin is typed
 /// on it, and resizes set its size.
 async fn run_tty<T: Transport>(
@@ -737,8 +740,18 @@ async fn run_tty<T: Transport>(
     env: Vec<(String, String)>,
     workdir: PathBuf,
 ) {
+    // kubectl sends the terminal's size as soon as the session is open: wait a moment for it,
+    // so the command starts on a terminal of that size (a first `stty size` must not read 0 0).
+    let mut first = tokio::time::timeout(FIRST_SIZE_WAIT, t.recv()).await.ok();
+    let size = match first {
+        Some(Input::Resize { width, height }) => first.take().map(|_| (width, height)),
+        _ => None,
+    };
     let spawn = || -> std::io::Result<(tokio::process::Child, std::fs::File)> {
         let (master, slave) = crate::tty::open()?;
+        if let Some((width, height)) = size {
+            crate::tty::resize(&master, width, height);
+        }
         let mut cmd = exec_command(&command, &prefix, &env, &workdir);
         cmd.env("TERM", "xterm")
             .stdin(std::process::Stdio::from(slave.try_clone()?))
@@ -775,7 +788,7 @@ async fn run_tty<T: Transport>(
                     }
                 }
             },
-            input = t.recv() => match input {
+            input = async { match first.take() { Some(i) => i, None => t.recv().await } } => match input {
                 Input::Stdin(b) => { let _ = writer.write_all(&b).await; let _ = writer.flush().await; }
                 Input::Resize { width, height } => crate::tty::resize(&resize_fd, width, height),
                 Input::StdinEnd => {}
