@@ -8,21 +8,38 @@ use kube::Api;
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio_util::sync::CancellationToken;
 
+/// A resource rkube watches: typed (kube-rs knows its group, version and kind), decodable, and
+/// movable between tasks.
+pub trait Watched:
+    kube::Resource<DynamicType = ()>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + 'static
+{
+}
+
+impl<T> Watched for T where
+    T: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + 'static
+{
+}
+
 /// How long to wait before looking again for a resource the API server does not serve.
 const NOT_SERVED_RETRY: Duration = Duration::from_secs(60);
 
 /// The events of a watch on `api`, re-listing and re-watching whenever it breaks (errors are
 /// logged, not yielded). A resource the API server does not serve is looked for again only
 /// every minute instead of at the backoff's pace.
-pub fn events<K>(api: Api<K>, config: watcher::Config) -> impl Stream<Item = watcher::Event<K>>
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + 'static,
-{
+pub fn events<K: Watched>(
+    api: Api<K>,
+    config: watcher::Config,
+) -> impl Stream<Item = watcher::Event<K>> {
     watcher(api, config).backoff(WatchBackoff::default()).filter_map(|r| async move {
         match r {
             Ok(event) => Some(event),
@@ -41,19 +58,12 @@ where
 }
 
 /// Feeds every event of a watch on `api` to `on_event` until `stop` (see [`events`]).
-pub async fn follow<K>(
+pub async fn follow<K: Watched>(
     api: Api<K>,
     config: watcher::Config,
     stop: CancellationToken,
     mut on_event: impl FnMut(watcher::Event<K>),
-) where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + 'static,
-{
+) {
     let mut events = std::pin::pin!(events(api, config));
     loop {
         tokio::select! {

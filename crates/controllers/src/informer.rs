@@ -8,8 +8,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
-use kube::{Api, Client, Resource};
-use serde::de::DeserializeOwned;
+use kube::{Api, Client};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -39,13 +38,7 @@ pub struct Informers {
 /// An informer that bumps every counter of `txs` on each event.
 fn start_with<K>(api: Api<K>, txs: Vec<watch::Sender<u64>>, shutdown: CancellationToken) -> Store<K>
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: rkube_client::watch::Watched + Sync,
 {
     let (reader, mut writer) = reflector::store();
     tokio::spawn(rkube_client::watch::follow(

@@ -22,8 +22,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::watcher;
-use kube::{Api, Client, Resource};
-use serde::de::DeserializeOwned;
+use kube::{Api, Client};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 use tokio::sync::watch;
@@ -356,13 +355,7 @@ fn start_watch<K>(
     tx: watch::Sender<u64>,
     shutdown: &CancellationToken,
 ) where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: rkube_client::watch::Watched + Sync,
 {
     let (cache, shutdown) = (std::sync::Arc::clone(cache), shutdown.clone());
     tokio::spawn(rkube_client::watch::follow(

@@ -1,6 +1,8 @@
 //! The seed's lab, for real: `rkube up --detach`, then the real kubectl drives the cluster through
 //! nodes, componentstatuses, a Deployment, a node crash and its healing, and a GPU pod.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -265,21 +267,7 @@ fn seed_lab(runtime: Runtime) {
     });
     eprintln!("all nodes Ready {:?} after rkube up started\n{nodes}", started.elapsed());
     let header: Vec<&str> = nodes.lines().next().unwrap().split_whitespace().collect();
-    assert_eq!(
-        header,
-        [
-            "NAME",
-            "STATUS",
-            "ROLES",
-            "AGE",
-            "VERSION",
-            "INTERNAL-IP",
-            "EXTERNAL-IP",
-            "OS-IMAGE",
-            "KERNEL-VERSION",
-            "CONTAINER-RUNTIME"
-        ]
-    );
+    assert_eq!(header, common::NODES_WIDE_HEADER);
     let cp_line =
         nodes.lines().find(|l| l.contains("control-plane")).expect("a control-plane node");
     let control_plane = cp_line.split_whitespace().next().unwrap().to_string();

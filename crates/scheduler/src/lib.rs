@@ -493,21 +493,13 @@ fn pick_best(
 }
 
 /// Runs a watch on `api` into the cache with `apply` (object, present?) and `reset` on re-list.
-fn watch_into<K>(
+fn watch_into<K: rkube_client::watch::Watched>(
     api: Api<K>,
     cache: Arc<Mutex<Cache>>,
     stop: CancellationToken,
     apply: fn(&mut Cache, K, bool),
     reset: fn(&mut Cache),
-) -> tokio::task::JoinHandle<()>
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + 'static,
-{
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(rkube_client::watch::follow(api, watcher::Config::default(), stop, move |ev| {
         match ev {
             watcher::Event::Apply(o) | watcher::Event::InitApply(o) => {

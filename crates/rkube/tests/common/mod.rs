@@ -21,6 +21,20 @@ pub fn available(program: &str, args: &[&str]) -> bool {
     ok
 }
 
+/// The header of `kubectl get nodes -o wide`.
+pub const NODES_WIDE_HEADER: [&str; 10] = [
+    "NAME",
+    "STATUS",
+    "ROLES",
+    "AGE",
+    "VERSION",
+    "INTERNAL-IP",
+    "EXTERNAL-IP",
+    "OS-IMAGE",
+    "KERNEL-VERSION",
+    "CONTAINER-RUNTIME",
+];
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
