@@ -441,3 +441,23 @@ async fn only_the_lease_holder_schedules_and_a_lost_lease_stops_scheduling() {
     let holder = leases.get("kube-scheduler").await.unwrap().spec.and_then(|s| s.holder_identity);
     assert_eq!(holder.as_deref(), Some(ours.as_str()));
 }
+
+/// The scheduler watches StatefulSets (their selectors spread pods) but this API server does not
+/// serve them: it looks again once a minute, not at the watch back-off's pace.
+#[tokio::test]
+async fn a_resource_the_server_does_not_serve_is_not_polled() {
+    let env = start().await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let req = http::Request::get("/metrics").body(Vec::new()).unwrap();
+    let metrics = env.client.request_text(req).await.expect("metrics");
+    let lists: f64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("apiserver_request_total{")
+                && l.contains(r#"resource="statefulsets""#)
+                && l.contains(r#"verb="LIST""#)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!((1.0..=2.0).contains(&lists), "{lists} LISTs of statefulsets in 5 s");
+}
