@@ -256,6 +256,11 @@ impl ListParams {
     }
 }
 
+/// The fields of `r`'s objects that selectors read, for decoding only those.
+fn selectable(r: &ResourceInfo) -> partial::Paths {
+    partial::Paths::new(crate::selector::selectable_paths(r.group, r.plural))
+}
+
 /// The finalizer a `propagationPolicy: Foreground` delete puts on the owner.
 pub const FOREGROUND_DELETION: &str = "foregroundDeletion";
 
@@ -434,10 +439,10 @@ impl Registry {
         ns: Option<&str>,
         p: &ListParams,
     ) -> Result<(Vec<Vec<u8>>, Value)> {
-        let paths = partial::Paths::new(crate::selector::selectable_paths(r.group, r.plural));
+        let paths = p.is_filtered().then(|| selectable(r));
         self.list_with(r, ns, p, |kv| {
-            if p.is_filtered() {
-                let fields = partial::decode(&kv.value, &paths)
+            if let Some(paths) = &paths {
+                let fields = partial::decode(&kv.value, paths)
                     .map_err(|e| Error::internal(format!("stored object is not JSON: {e}")))?;
                 if !p.matches(r, &fields) {
                     return Ok(None);
@@ -975,7 +980,7 @@ impl Registry {
         let stream = self.store.watch(&prefix, from).await?;
         let everything = !p.is_filtered();
         // Selectors read a few fields: only those are decoded (once, for every watcher).
-        let paths = partial::Paths::new(crate::selector::selectable_paths(r.group, r.plural));
+        let paths = selectable(r);
         let matches = move |o: &SharedObject| everything || p.matches(r, o.selectable(&paths));
         let cache = self.watch_objects.clone();
         let out = stream.filter_map(move |ev| {

@@ -43,7 +43,7 @@ const SPAM_REFILL_PER_SECOND: f64 = 1.0 / 300.0;
 /// they are combined into one event.
 const AGGREGATE_AFTER: usize = 10;
 const AGGREGATE_WINDOW: Duration = Duration::from_secs(600);
-/// Entries the correlator keeps before it forgets those that no longer matter (upstream's LRU
+/// Entries the correlator keeps before it forgets the half used least recently (upstream's LRU
 /// holds 4096).
 const REMEMBERED: usize = 4096;
 
@@ -84,11 +84,7 @@ impl Correlator {
             obj.api_version.as_deref().unwrap_or_default(),
         );
         let uid = obj.uid.clone().unwrap_or_default();
-        if self.similar.len() >= REMEMBERED {
-            // An entry quiet for the whole window means what no entry means.
-            self.similar.retain(|_, (_, last)| now.duration_since(*last) <= AGGREGATE_WINDOW);
-            forget_least_recent(&mut self.similar, |(_, last)| *last);
-        }
+        forget_least_recent(&mut self.similar, |(_, last)| *last);
         let similar = self
             .similar
             .entry((object.clone(), type_.to_string(), reason.to_string()))
@@ -108,14 +104,7 @@ impl Correlator {
             let key = (uid, reason.to_string(), format!("\0combined\0{type_}"));
             (key, format!("(combined from similar events): {message}"))
         };
-        if self.spam.len() >= REMEMBERED {
-            // A bucket refilled to the burst means what no bucket means.
-            self.spam.retain(|_, (tokens, at)| {
-                *tokens + now.duration_since(*at).as_secs_f64() * SPAM_REFILL_PER_SECOND
-                    < SPAM_BURST
-            });
-            forget_least_recent(&mut self.spam, |(_, at)| *at);
-        }
+        forget_least_recent(&mut self.spam, |(_, at)| *at);
         let bucket = self.spam.entry(object).or_insert((SPAM_BURST, now));
         let refill = now.duration_since(bucket.1).as_secs_f64() * SPAM_REFILL_PER_SECOND;
         bucket.0 = (bucket.0 + refill).min(SPAM_BURST);
@@ -128,7 +117,8 @@ impl Correlator {
     }
 }
 
-/// When `map` is still full, forgets the half used least recently (as an LRU would).
+/// When `map` is full, forgets the half used least recently (as an LRU would; entries quiet
+/// for longer than they matter go first).
 fn forget_least_recent<K, V>(map: &mut HashMap<K, V>, used: impl Fn(&V) -> Instant) {
     if map.len() < REMEMBERED {
         return;
@@ -188,7 +178,7 @@ impl Recorder {
             .correlator
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .correlate(obj, type_, reason, truncate(message), Instant::now());
+            .correlate(obj, type_, reason, message.to_string(), Instant::now());
         let queues = self.queues.get_or_init(|| {
             (0..WRITERS)
                 .map(|_| {

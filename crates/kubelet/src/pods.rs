@@ -476,13 +476,7 @@ impl Worker {
             && until > now_i
         {
             let delay = self.ctrs.get(&c.name).map(|x| x.backoff).unwrap_or(BACKOFF_START);
-            // The pod as upstream's format.Pod writes it: name_namespace(uid).
-            let who = format!(
-                "{}_{}({})",
-                pod.metadata.name.as_deref().unwrap_or(""),
-                pod.metadata.namespace.as_deref().unwrap_or(""),
-                pod.metadata.uid.as_deref().unwrap_or("")
-            );
+            let who = crate::hooks::pod_label(pod);
             let msg = format!(
                 "back-off {}s restarting failed container={} pod={who}",
                 delay.as_secs(),

@@ -742,10 +742,11 @@ async fn run_tty<T: Transport>(
 ) {
     // kubectl sends the terminal's size as soon as the session is open: wait a moment for it,
     // so the command starts on a terminal of that size (a first `stty size` must not read 0 0).
-    let mut first = tokio::time::timeout(FIRST_SIZE_WAIT, t.recv()).await.ok();
-    let size = match first {
-        Some(Input::Resize { width, height }) => first.take().map(|_| (width, height)),
-        _ => None,
+    let (size, mut first) = match tokio::time::timeout(FIRST_SIZE_WAIT, t.recv()).await {
+        Ok(Input::Resize { width, height }) => (Some((width, height)), None),
+        // Anything else that came first is handled in order once the command runs.
+        Ok(other) => (None, Some(other)),
+        Err(_) => (None, None),
     };
     let spawn = || -> std::io::Result<(tokio::process::Child, std::fs::File)> {
         let (master, slave) = crate::tty::open()?;

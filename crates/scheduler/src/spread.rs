@@ -194,8 +194,6 @@ struct Domain {
 /// weights, from which every feasible node is scored.
 pub struct Scorer {
     constraints: Vec<Constraint>,
-    /// Per constraint: whether its topology key is the hostname.
-    hostname: Vec<bool>,
     ns: String,
     /// Per constraint: the key its (namespace, selector) pair is remembered under on nodes.
     keys: Vec<Arc<str>>,
@@ -251,11 +249,15 @@ impl Scorer {
                 }
             }
         }
-        let hostname: Vec<bool> = constraints.iter().map(|c| c.topology_key == HOSTNAME).collect();
-        let weights = (0..constraints.len())
-            .map(|i| {
-                let size =
-                    if hostname[i] { feasible.len() - ignored.len() } else { domains[i].len() };
+        let weights = constraints
+            .iter()
+            .zip(&domains)
+            .map(|(c, d)| {
+                let size = if c.topology_key == HOSTNAME {
+                    feasible.len() - ignored.len()
+                } else {
+                    d.len()
+                };
                 ((size + 2) as f64).ln()
             })
             .collect();
@@ -282,7 +284,7 @@ impl Scorer {
                 }
             }
         }
-        Some(Scorer { constraints, hostname, ns, keys, weights, domains, ignored })
+        Some(Scorer { constraints, ns, keys, weights, domains, ignored })
     }
 
     /// The raw score of a feasible node (before [`Scorer::normalize`]).
@@ -294,7 +296,7 @@ impl Scorer {
         let mut score = 0.0;
         for (i, c) in self.constraints.iter().enumerate() {
             let Some(v) = labels.and_then(|l| l.get(&c.topology_key)) else { continue };
-            let count = if self.hostname[i] {
+            let count = if c.topology_key == HOSTNAME {
                 count_matching(ni, &self.keys[i], &c.selector, &self.ns)
             } else {
                 self.domains[i].get(v.as_str()).map_or(0, |d| d.count)

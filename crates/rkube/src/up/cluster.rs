@@ -60,7 +60,7 @@ pub async fn client_from(path: &Path, cable: Option<&Cable>) -> Result<kube::Cli
 /// own: the kernel then shares the cores between it and a busy API server, instead of the
 /// component waiting behind every request task in the server's runtime queues (a 10,000-pod
 /// burst showed the scheduler getting a third of a core that way). The handle ends with it.
-pub(crate) fn spawn_component<F, Fut>(
+fn spawn_component<F, Fut>(
     name: &str,
     kubeconfig: &Path,
     run: F,
@@ -87,6 +87,28 @@ where
     Ok(tokio::spawn(async move {
         let _ = finished.await;
     }))
+}
+
+/// The scheduler on a thread of its own (see [`spawn_component`]).
+fn spawn_scheduler(
+    kubeconfig: &Path,
+    config: rkube_scheduler::Config,
+    stop: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>> {
+    spawn_component("scheduler", kubeconfig, move |c| async move {
+        let _ = rkube_scheduler::run_with_client(c, config, stop).await;
+    })
+}
+
+/// The controller manager on a thread of its own (see [`spawn_component`]).
+fn spawn_controller_manager(
+    kubeconfig: &Path,
+    config: rkube_controllers::Config,
+    stop: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>> {
+    spawn_component("controller-manager", kubeconfig, move |c| async move {
+        let _ = rkube_controllers::run_with_client(c, config, stop).await;
+    })
 }
 
 struct NodeHandle {
@@ -444,12 +466,7 @@ async fn run_cluster(
     // instead of waiting for its previous incarnation's leases to expire.
     let identity = format!("rkube-up-{}", paths.root.display());
     let sched_config = rkube_scheduler::Config { identity: identity.clone(), ..Default::default() };
-    let sched = spawn_component("scheduler", &admin_kubeconfig, {
-        let stop = stop.clone();
-        move |c| async move {
-            let _ = rkube_scheduler::run_with_client(c, sched_config, stop).await;
-        }
-    })?;
+    let sched = spawn_scheduler(&admin_kubeconfig, sched_config, stop.clone())?;
     done(&pb, "scheduler", t);
     let t = Instant::now();
     let pb = spinner(&mp, "controller manager");
@@ -458,12 +475,7 @@ async fn run_cluster(
         identity,
         ..Default::default()
     };
-    let cm = spawn_component("controller-manager", &admin_kubeconfig, {
-        let stop = stop.clone();
-        move |c| async move {
-            let _ = rkube_controllers::run_with_client(c, cm_config, stop).await;
-        }
-    })?;
+    let cm = spawn_controller_manager(&admin_kubeconfig, cm_config, stop.clone())?;
     done(&pb, "controller manager", t);
     let dns = super::dns::start(client.clone(), &args.dns, stop.clone()).await;
     // One Service proxy for the machine (its nodes share one network namespace) when pods have
@@ -769,18 +781,8 @@ pub async fn server(
     let mut tasks = Vec::new();
     if let Some(cm_config) = controllers {
         let client = client_from(&kubeconfig, None).await?;
-        tasks.push(spawn_component("scheduler", &kubeconfig, {
-            let s = stop.clone();
-            move |c| async move {
-                let _ = rkube_scheduler::run_with_client(c, Default::default(), s).await;
-            }
-        })?);
-        tasks.push(spawn_component("controller-manager", &kubeconfig, {
-            let s = stop.clone();
-            move |c| async move {
-                let _ = rkube_controllers::run_with_client(c, cm_config, s).await;
-            }
-        })?);
+        tasks.push(spawn_scheduler(&kubeconfig, Default::default(), stop.clone())?);
+        tasks.push(spawn_controller_manager(&kubeconfig, cm_config, stop.clone())?);
         if let Some(t) = super::dns::start(client, &dns, stop.clone()).await {
             tasks.push(t);
         }
